@@ -1,0 +1,277 @@
+"""
+Data for SODA: datasets -> batches of views (x_src, x_tgt, label), paper §3.3 and §4.1.
+
+Small sets (CIFAR-10) live in memory as one uint8 tensor; a batch is gathered by index and
+augmented as a whole batch on the training device (one affine grid_sample for crops, flips,
+rotations and shears; elementwise ops for colour). Large sets (ImageNet) are decoded by DataLoader
+workers, then augmented the same batched way. Every random number comes from `Rng`: drawn for the
+global batch and sliced to this process's rows, from a generator seeded by (seed, step). So a
+DDP run equals one process on the same global batch, and resuming at a step replays it exactly.
+This file imports no other project file.
+"""
+import math
+import os
+import pickle
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class DataError(Exception):
+    """A data problem the user can fix; train.py prints it as one line."""
+
+
+class Rng:
+    """Per-sample random numbers for a global batch of `n` samples, of which this process holds
+    `rows`. Every process draws the same numbers, in the same order, from a generator seeded by
+    (seed, step)."""
+
+    def __init__(self, seed, step, n, rows=slice(None), device="cpu"):
+        self.n, self.rows, self.device = n, rows, torch.device(device)
+        self.g = torch.Generator(self.device).manual_seed(seed * 1_000_003 + step)
+
+    def rand(self, *shape):
+        return torch.rand(self.n, *shape, generator=self.g, device=self.device)[self.rows]
+
+    def randn(self, *shape):
+        return torch.randn(self.n, *shape, generator=self.g, device=self.device)[self.rows]
+
+    def randint(self, high, *shape):
+        return torch.randint(high, (self.n, *shape), generator=self.g, device=self.device)[self.rows]
+
+
+# -----------------------------------------------------------------------------
+# Batched augmentations on float images in [0, 1], (B, 3, H, W)
+
+def _affine(x, theta):
+    # theta (B, 2, 3) maps output coords to input coords, in [-1, 1]; reflect at the borders
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def crop_flip_theta(rng, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop + horizontal flip as one affine map per image (B, 2, 3)."""
+    area = scale[0] + (scale[1] - scale[0]) * rng.rand()
+    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * rng.rand()
+    w = (area * logr.exp()).sqrt().clamp(max=1)  # crop size as a fraction of the image
+    h = (area / logr.exp()).sqrt().clamp(max=1)
+    cx, cy = (1 - w) * (2 * rng.rand() - 1), (1 - h) * (2 * rng.rand() - 1)
+    flip = torch.where(rng.rand() < 0.5, -1.0, 1.0)
+    zero = torch.zeros_like(w)
+    return torch.stack([torch.stack([w * flip, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
+
+
+def gray(x):
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def color_jitter(x, rng, b=0.4, c=0.4, s=0.4, h=0.1, p=0.8, p_gray=0.2):
+    """SimCLR colour distortion, per image: brightness, contrast, saturation, hue (a rotation in
+    YIQ space), applied with probability p; then grayscale with probability p_gray."""
+    B = x.shape[0]
+    u = lambda r: (1 - r + 2 * r * rng.rand())[:, None, None, None]  # factor in [1 - r, 1 + r]
+    bf, cf, sf = u(b), u(c), u(s)
+    angle = (2 * rng.rand() - 1) * h * 2 * math.pi
+    on, to_gray = rng.rand()[:, None, None, None] < p, rng.rand()[:, None, None, None] < p_gray
+    y = x * bf
+    y = (y - gray(y).mean(dim=(2, 3), keepdim=True)) * cf + gray(y).mean(dim=(2, 3), keepdim=True)
+    y = gray(y) + (y - gray(y)) * sf
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                       device=x.device)
+    cos, sin = angle.cos(), angle.sin()
+    one, zero = torch.ones_like(cos), torch.zeros_like(cos)
+    rot = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1),
+                       torch.stack([zero, sin, cos], 1)], 1)  # (B, 3, 3)
+    M = torch.linalg.inv(yiq) @ rot @ yiq
+    y = torch.einsum("bij,bjhw->bihw", M, y).clamp(0, 1)
+    y = torch.where(on, y, x)
+    return torch.where(to_gray, gray(y).expand(-1, 3, -1, -1), y)
+
+
+def randaugment(x, rng, n_ops=2, magnitude=9):
+    """RandAugment (Cubuk et al. 2020), batched: each image draws n_ops ops from the list below at
+    a fixed magnitude (of 30), signs at random. Every op runs on the whole batch and each image keeps
+    its own; at 32x32 or on a GPU that is cheaper than a Python loop over images."""
+    m = magnitude / 30
+    ops = ["identity", "brightness", "color", "contrast", "sharpness", "posterize", "solarize",
+           "autocontrast", "rotate", "shear_x", "shear_y", "translate_x", "translate_y"]
+    B = x.shape[0]
+    eye = torch.eye(2, 3, device=x.device).expand(B, 2, 3)
+    for _ in range(n_ops):
+        op = rng.randint(len(ops))
+        sign = torch.where(rng.rand() < 0.5, -1.0, 1.0)[:, None, None, None]
+        f = 1 + sign * 0.9 * m  # enhancement factor
+        mean = gray(x).mean(dim=(2, 3), keepdim=True)
+        blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+        lo, hi = x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)
+        bits = 8 - int(round(4 * m))
+        s = sign.view(B, 1)
+        rot = s * m * math.pi / 6  # up to 30 degrees
+        shear, shift = s * 0.3 * m, s * 0.45 * m
+        thetas = {
+            "rotate": torch.cat([torch.cat([rot.cos(), -rot.sin(), 0 * rot], 1)[:, None],
+                                 torch.cat([rot.sin(), rot.cos(), 0 * rot], 1)[:, None]], 1),
+            "shear_x": eye + F.pad(shear, (1, 1))[:, None, :] * torch.tensor([[1.0], [0.0]], device=x.device),
+            "shear_y": eye + F.pad(shear, (0, 2))[:, None, :] * torch.tensor([[0.0], [1.0]], device=x.device),
+            "translate_x": eye + F.pad(shift, (2, 0))[:, None, :] * torch.tensor([[1.0], [0.0]], device=x.device),
+            "translate_y": eye + F.pad(shift, (2, 0))[:, None, :] * torch.tensor([[0.0], [1.0]], device=x.device),
+        }
+        outs = {
+            "identity": x,
+            "brightness": x * f,
+            "color": gray(x) + (x - gray(x)) * f,
+            "contrast": mean + (x - mean) * f,
+            "sharpness": blur + (x - blur) * f,
+            "posterize": torch.floor(x * 255 / 2 ** (8 - bits)) * 2 ** (8 - bits) / 255,
+            "solarize": torch.where(x >= 1 - m, 1 - x, x),
+            "autocontrast": (x - lo) / (hi - lo).clamp(min=1e-3),
+        }
+        for name, theta in thetas.items():
+            outs[name] = _affine(x, theta)
+        stacked = torch.stack([outs[k] for k in ops])  # (n_ops_total, B, 3, H, W)
+        x = stacked[op, torch.arange(B, device=x.device)].clamp(0, 1)
+    return x
+
+
+def augment(x, aug, rng):
+    """uint8 or [0,1] images (B, 3, H, W) -> augmented images in [0, 1]. aug: 'none' | 'cropflip'
+    (light: crop + flip) | 'simclr' (+ colour jitter) | 'randaugment' (crop + flip + RandAugment)."""
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    if aug == "none":
+        return x
+    if aug not in ("cropflip", "simclr", "randaugment"):
+        raise ValueError(f"aug must be 'none', 'cropflip', 'simclr' or 'randaugment', got {aug!r}")
+    x = _affine(x, crop_flip_theta(rng))
+    if aug == "simclr":
+        x = color_jitter(x, rng)
+    elif aug == "randaugment":
+        x = randaugment(x, rng)
+    return x
+
+
+def make_views(x, views, aug, rng, x_other=None):
+    """A batch of images -> (x_src, x_tgt) in [-1, 1] (§3.3, SPEC §4).
+    'augment': two independent augmentations of each image (novel views);
+    'identical': one augmentation used as both (auto-encoding, the "w/o novel views" ablation);
+    'class': the source is x_other, another image of the same class."""
+    if views == "augment":
+        src, tgt = augment(x, aug, rng), augment(x, aug, rng)
+    elif views == "identical":
+        src = tgt = augment(x, aug, rng)
+    elif views == "class":
+        src, tgt = augment(x_other, aug, rng), augment(x, aug, rng)
+    else:
+        raise ValueError(f"views must be 'augment', 'identical' or 'class', got {views!r}")
+    return src * 2 - 1, tgt * 2 - 1
+
+
+# -----------------------------------------------------------------------------
+# Datasets
+
+CIFAR_HINT = ("CIFAR-10 is read from DATA_DIR/cifar-10-batches-py (torchvision's layout), from "
+              "DATA_DIR/train/<class>/*.png + DATA_DIR/test/<class>/*.png (ImageFolder), or "
+              "downloaded there with --download=True on a machine with internet")
+
+
+def _load_cifar_records(data_dir, train):
+    import torchvision
+
+    class PartialCIFAR10(torchvision.datasets.CIFAR10):
+        def _check_integrity(self):  # a cut copy (like ../shared/data) fails the md5: read it anyway
+            return os.path.isdir(os.path.join(self.root, self.base_folder))
+
+    ds = PartialCIFAR10(data_dir, train=train, download=False)
+    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes
+
+
+def _load_image_folder(root):
+    import torchvision
+    ds = torchvision.datasets.ImageFolder(root)
+    x = torch.stack([torch.from_numpy(np.array(ds.loader(p).convert("RGB"))) for p, _ in ds.samples])
+    return x.permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes
+
+
+def load_cifar10(data_dir, split="train", download=False, n_val=500, seed=0):
+    """CIFAR-10 as (uint8 images (N, 3, 32, 32), labels (N,), class names). split: 'train' | 'val' |
+    'test'; 'val' is n_val images carved from the training set with a fixed seed, 'train' the rest."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    train = split != "test"
+    records = os.path.join(data_dir, "cifar-10-batches-py")
+    folder = os.path.join(data_dir, "train" if train else "test")
+    if os.path.isdir(records):
+        x, y, classes = _load_cifar_records(data_dir, train)
+    elif os.path.isdir(folder) and os.path.isdir(os.path.join(data_dir, "test")):
+        x, y, classes = _load_image_folder(folder)
+    elif download:
+        import torchvision
+        try:
+            torchvision.datasets.CIFAR10(data_dir, train=train, download=True)
+        except Exception as e:
+            raise DataError(f"could not download CIFAR-10 to {data_dir!r} ({e}). {CIFAR_HINT}") from None
+        x, y, classes = _load_cifar_records(data_dir, train)
+    else:
+        raise DataError(f"no CIFAR-10 found in {os.path.abspath(data_dir)!r}. {CIFAR_HINT}")
+    full = 50_000 if train else 10_000
+    if len(x) < full:
+        warnings.warn(f"CIFAR-10 {'train' if train else 'test'}: found {len(x):,} of {full:,} images "
+                      f"in {data_dir!r}; this is a partial copy", stacklevel=2)
+    if x.shape[-2:] != (32, 32):
+        raise DataError(f"CIFAR-10 images in {data_dir!r} are {tuple(x.shape[-2:])}, expected (32, 32)")
+    if train:
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        idx = perm[:n_val] if split == "val" else perm[n_val:]
+        x, y = x[idx], y[idx]
+    return x, y, classes
+
+
+class FolderData(torch.utils.data.Dataset):
+    """ImageNet-style ImageFolder read by DataLoader workers: decode, resize the short side to
+    `image_size`, centre-crop, uint8 (3, S, S). Random crops happen later, batched, on the device."""
+
+    def __init__(self, root, image_size):
+        import torchvision
+        import torchvision.transforms.v2 as T
+        if not os.path.isdir(root):
+            raise DataError(f"no image folder at {os.path.abspath(root)!r}: expected <root>/<class>/*.JPEG "
+                            "(ImageNet: DATA_DIR/train and DATA_DIR/val)")
+        self.ds = torchvision.datasets.ImageFolder(root)
+        self.tf = T.Compose([T.PILToTensor(), T.Resize(image_size, antialias=True), T.CenterCrop(image_size)])
+        self.targets = torch.tensor(self.ds.targets)
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        img, y = self.ds[i]
+        return self.tf(img), y
+
+
+def load(dataset, data_dir, split="train", image_size=32, download=False, n_val=500, seed=0):
+    """dataset name -> either (x uint8 (N,3,H,W), y (N,)) in memory, or a FolderData for big sets."""
+    if dataset == "cifar10":
+        if image_size != 32:
+            raise DataError(f"cifar10 images are 32x32, but image_size={image_size}")
+        x, y, _ = load_cifar10(data_dir, split, download, n_val, seed)
+        return x, y
+    if dataset == "imagenet":
+        return FolderData(os.path.join(data_dir, "val" if split == "test" else "train"), image_size)
+    raise DataError(f"unknown dataset {dataset!r}: 'cifar10' or 'imagenet'")
+
+
+def epoch_order(n, global_batch, seed, epoch):
+    """The global batches of an epoch: a permutation seeded by (seed, epoch), cut into full batches."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return perm[: n // global_batch * global_batch].view(-1, global_batch)
+
+
+def class_partners(idx, y, rng):
+    """For views='class': for each index another index of the same class, drawn by rng."""
+    out = torch.empty_like(idx)
+    r = rng.rand().cpu()
+    for j, i in enumerate(idx.tolist()):
+        same = (y == y[i]).nonzero().squeeze(1)
+        out[j] = same[int(r[j] * len(same)) % len(same)]
+    return out

@@ -1,0 +1,399 @@
+"""
+SODA: the encoder, the z-modulated UNet denoiser, and the module tying them.
+
+Read top to bottom: small pieces (norm, embeddings, blocks), then the ResNet encoder E(x') = z,
+then the UNet decoder D(x_t, logsnr, z), then SODA itself, then the PRESETS dict.
+Paper: Hudson et al., "SODA: Bottleneck Diffusion Models for Representation Learning", CVPR 2024.
+This file imports no other project file; the loss and the samplers live in diffusion.py.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def Norm(ch):
+    # GroupNorm everywhere, the encoder included: no batch statistics, so a DDP run equals one
+    # process, train equals eval, and z is a function of its own image only.
+    return nn.GroupNorm(min(32, ch // 4), ch)
+
+
+def zero_(module):
+    # zero-init (DiT adaLN-Zero / ADM): an untrained block is the identity, an untrained
+    # modulation ignores z (§3.1)
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def sinusoidal(x, dim, min_freq=1e-3):
+    # (B,) -> (B, dim): frequencies from 1 down to min_freq; used on log-SNR in [-20, 20]
+    half = dim // 2
+    freqs = torch.exp(-math.log(1 / min_freq) * torch.arange(half, device=x.device) / half)
+    angles = x.float()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def ray_embed(rays, n_freqs):
+    # (B, 6, H, W) ray origins + directions -> (B, 6 + 12 n_freqs, H, W), NeRF-style positional
+    # encoding of every pixel's ray (§3.3 "Perspective")
+    out = [rays]
+    for k in range(n_freqs):
+        out += [torch.sin(2**k * math.pi * rays), torch.cos(2**k * math.pi * rays)]
+    return torch.cat(out, dim=1)
+
+
+def ray_channels(n_freqs):
+    return 6 + 12 * n_freqs if n_freqs > 0 else 0
+
+
+# -----------------------------------------------------------------------------
+# Encoder: a ResNet, global average pool, then the linear bottleneck to z (§3.2)
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin, width, stride=1):
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
+        self.norm1 = Norm(width)
+        self.conv2 = nn.Conv2d(width, cout, 3, 1, 1, bias=False)
+        self.norm2 = Norm(cout)
+        nn.init.zeros_(self.norm2.weight)  # residual branch starts at zero (Goyal et al. 2017)
+        self.skip = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), Norm(cout))
+
+    def forward(self, x):
+        h = F.relu(self.norm1(self.conv1(x)))
+        return F.relu(self.skip(x) + self.norm2(self.conv2(h)))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin, width, stride=1):
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.norm1 = Norm(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.norm2 = Norm(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.norm3 = Norm(cout)
+        nn.init.zeros_(self.norm3.weight)
+        self.skip = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), Norm(cout))
+
+    def forward(self, x):
+        h = F.relu(self.norm1(self.conv1(x)))
+        h = F.relu(self.norm2(self.conv2(h)))
+        return F.relu(self.skip(x) + self.norm3(self.conv3(h)))
+
+
+class Encoder(nn.Module):
+    """E(x') = z. A ResNet of `widths`/`depths`, pooled, then a linear bottleneck to z_dim."""
+
+    def __init__(self, z_dim, block="basic", widths=(64, 128, 256, 512), depths=(2, 2, 2, 2),
+                 in_ch=3, image_size=32):
+        super().__init__()
+        Block = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
+        w0 = widths[0]
+        if image_size <= 64:  # CIFAR stem: 3x3 stride 1, no max-pool
+            self.stem = nn.Sequential(nn.Conv2d(in_ch, w0, 3, 1, 1, bias=False), Norm(w0), nn.ReLU())
+        else:  # ImageNet stem: 7x7 stride 2 + max-pool
+            self.stem = nn.Sequential(nn.Conv2d(in_ch, w0, 7, 2, 3, bias=False), Norm(w0), nn.ReLU(),
+                                      nn.MaxPool2d(3, 2, 1))
+        stages, cin = [], w0
+        for i, (w, d) in enumerate(zip(widths, depths)):
+            for j in range(d):
+                stages.append(Block(cin, w, stride=2 if (i > 0 and j == 0) else 1))
+                cin = w * Block.expansion
+        self.stages = nn.Sequential(*stages)
+        self.feat_dim = cin
+        self.bottleneck = nn.Linear(cin, z_dim)  # the compact latent (§3.2)
+
+    def forward_features(self, x):
+        pooled = self.stages(self.stem(x)).mean(dim=(2, 3))  # (B, feat_dim)
+        return pooled, self.bottleneck(pooled)
+
+    def forward(self, x):
+        return self.forward_features(x)[1]
+
+
+class Aggregator(nn.Module):
+    """k view latents -> one z (§3.3 "Cardinality"): mean, or a 2-layer transformer read out by a
+    learned token."""
+
+    def __init__(self, z_dim, kind="mean", n_heads=4, n_layers=2):
+        super().__init__()
+        self.kind = kind
+        if kind == "transformer":
+            self.token = nn.Parameter(torch.zeros(1, 1, z_dim))
+            layer = nn.TransformerEncoderLayer(z_dim, n_heads, 2 * z_dim, dropout=0.0,
+                                               batch_first=True, norm_first=True)
+            self.net = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        elif kind != "mean":
+            raise ValueError(f"agg must be 'mean' or 'transformer', got {kind!r}")
+
+    def forward(self, zs):  # (B, k, z_dim) -> (B, z_dim)
+        if self.kind == "mean":
+            return zs.mean(dim=1)
+        tokens = torch.cat([self.token.expand(zs.shape[0], -1, -1), zs], dim=1)
+        return self.net(tokens)[:, 0]
+
+
+# -----------------------------------------------------------------------------
+# UNet decoder (ADM/DDPM style), conditioned on log-SNR and modulated by z
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice. The second norm is AdaGN on the noise level, then scaled and
+    shifted by the block's z section: h = GN(h)(1 + s_t) + b_t ; h = h(1 + s_z) + b_z (§3.1)."""
+
+    def __init__(self, cin, cout, emb_dim, z_sec_dim=0, dropout=0.0):
+        super().__init__()
+        self.norm1 = Norm(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1)
+        self.emb_proj = nn.Linear(emb_dim, 2 * cout)
+        self.z_proj = zero_(nn.Linear(z_sec_dim, 2 * cout)) if z_sec_dim else None
+        self.norm2 = Norm(cout)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_(nn.Conv2d(cout, cout, 3, 1, 1))
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x, emb, z_sec=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        s_t, b_t = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
+        h = self.norm2(h) * (1 + s_t) + b_t
+        if self.z_proj is not None:
+            s_z, b_z = self.z_proj(z_sec)[:, :, None, None].chunk(2, dim=1)
+            h = h * (1 + s_z) + b_z  # layer modulation (§3.2.1), even across the grid
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Self-attention over the pixels, or cross-attention from the pixels to z's tokens when a
+    context is given (§3.3 "Cross Attention"). Output projection zero-initialised."""
+
+    def __init__(self, ch, n_heads=4, ctx_dim=None):
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm = Norm(ch)
+        self.q = nn.Linear(ch, ch)
+        self.kv = nn.Linear(ctx_dim or ch, 2 * ch)
+        self.proj = zero_(nn.Linear(ch, ch))
+
+    def forward(self, x, ctx=None):
+        B, C, H, W = x.shape
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        q = self.q(h)
+        k, v = self.kv(h if ctx is None else ctx).chunk(2, dim=-1)
+        q, k, v = (t.reshape(B, -1, self.n_heads, C // self.n_heads).transpose(1, 2)
+                   for t in (q, k, v))  # (B, nh, T, hs)
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = self.proj(h.transpose(1, 2).reshape(B, H * W, C))  # (B, HW, C)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
+
+
+class Step(nn.Module):
+    """One UNet step: a ResBlock, then self-attention and cross-attention where asked.
+    `section` says which part of z modulates it: down level i and up level i share section i,
+    the middle block gets the last one (§3.2.1)."""
+
+    def __init__(self, cin, cout, emb_dim, section, z_sec_dim, attn, xattn_dim, dropout):
+        super().__init__()
+        self.section = section
+        self.res = ResBlock(cin, cout, emb_dim, z_sec_dim, dropout)
+        self.attn = Attention(cout) if attn else None
+        self.xattn = Attention(cout, ctx_dim=xattn_dim) if (attn and xattn_dim) else None
+
+    def forward(self, h, emb, z_secs, tokens):
+        h = self.res(h, emb, z_secs[self.section])
+        if self.attn is not None:
+            h = self.attn(h)
+        if self.xattn is not None:
+            h = self.xattn(h, tokens)
+        return h
+
+
+class UNet(nn.Module):
+    """D(x_t, logsnr, z): m resolution levels down, a middle, m levels up, skip connections.
+    cond='mod': z split into m+1 sections, one per level pair + the middle (AdaGN, §3.2.1);
+    cond='xattn': z split into n_tokens tokens, cross-attention at the attention resolutions;
+    cond='emb': z only added to the noise-level embedding (the "w/o layer modulation" ablation)."""
+
+    def __init__(self, z_dim, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,),
+                 dropout=0.0, image_size=32, in_ch=3, out_ch=3, cond="mod", n_tokens=8):
+        super().__init__()
+        m = len(ch_mult)
+        self.cond = cond
+        self.n_sections = {"mod": m + 1, "xattn": n_tokens, "emb": 1}[cond]
+        emb_dim = 4 * ch
+        self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        sec_dims = [t.numel() for t in torch.arange(z_dim).tensor_split(self.n_sections)]
+        if cond == "mod":
+            z_secs = sec_dims
+        else:
+            z_secs = [0] * (m + 1)
+        if cond == "xattn":
+            tok_dim = max(sec_dims)  # sections may differ by one: pad to the widest
+            self.tok_dim = tok_dim
+            self.tok_pos = nn.Parameter(torch.randn(1, n_tokens, tok_dim) * 0.02)
+        if cond == "emb":
+            self.z_emb = nn.Linear(z_dim, emb_dim)
+        xattn_dim = self.tok_dim if cond == "xattn" else None
+        step = lambda cin, cout, lvl, attn: Step(cin, cout, emb_dim, lvl, z_secs[lvl], attn, xattn_dim, dropout)
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, 1, 1)
+        self.down, skip_chs, c, res = nn.ModuleList(), [ch], ch, image_size
+        for i, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(step(c, ch * mult, i, res in attn_res))
+                c = ch * mult
+                skip_chs.append(c)
+            if i < m - 1:
+                self.down.append(nn.Conv2d(c, c, 3, 2, 1))  # downsample
+                skip_chs.append(c)
+                res //= 2
+        self.mid = nn.ModuleList([step(c, c, m, True), step(c, c, m, False)])  # ADM: res-attn-res
+        self.up = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(step(c + skip_chs.pop(), ch * mult, i, res in attn_res))
+                c = ch * mult
+            if i > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                             nn.Conv2d(c, c, 3, 1, 1)))
+                res *= 2
+        self.out = nn.Sequential(Norm(c), nn.SiLU(), zero_(nn.Conv2d(c, out_ch, 3, 1, 1)))
+        self.ch, self.sec_dims, self.m = ch, sec_dims, m
+
+    def forward(self, x, logsnr, z):
+        emb = self.emb(sinusoidal(logsnr, self.ch))
+        z_secs, tokens = [None] * (self.m + 1), None
+        if self.cond == "mod":
+            z_secs = list(z.split(self.sec_dims, dim=1))
+        elif self.cond == "xattn":
+            tokens = torch.stack([F.pad(t, (0, self.tok_dim - t.shape[1]))
+                                  for t in z.split(self.sec_dims, dim=1)], dim=1)  # (B, n, tok_dim)
+            tokens = tokens + self.tok_pos
+        else:
+            emb = emb + self.z_emb(z)
+        h = self.conv_in(x)
+        hs = [h]
+        for blk in self.down:
+            h = blk(h, emb, z_secs, tokens) if isinstance(blk, Step) else blk(h)
+            hs.append(h)
+        for blk in self.mid:
+            h = blk(h, emb, z_secs, tokens)
+        for blk in self.up:
+            h = blk(torch.cat([h, hs.pop()], dim=1), emb, z_secs, tokens) if isinstance(blk, Step) else blk(h)
+        return self.out(h)
+
+
+# -----------------------------------------------------------------------------
+# SODA: encoder + bottleneck + aggregation + modulated denoiser
+
+class SODA(nn.Module):
+    """eps_hat = D(x_t, logsnr, z = E(x')). `keep` (B, n_sections) of 0/1 switches sections of z
+    off (zeroed: eps(x_t | 0) is the unconditional model, §3.2.1); `keep_pose` (B,) does the same
+    for the target rays. During training, forward() draws that dropout unless given."""
+
+    def __init__(self, encoder, unet, z_dim=128, image_size=32, cond="mod", n_tokens=8, agg="mean",
+                 ray_freqs=0, p_mask_layer=0.0, p_uncond=0.0, p_uncond_pose=0.0):
+        super().__init__()
+        self.ray_freqs = ray_freqs
+        self.p_mask_layer, self.p_uncond, self.p_uncond_pose = p_mask_layer, p_uncond, p_uncond_pose
+        rc = ray_channels(ray_freqs)  # rays concatenated to the RGB channels (§3.3 "Perspective")
+        self.encoder = Encoder(z_dim, in_ch=3 + rc, image_size=image_size, **encoder)
+        self.agg = Aggregator(z_dim, agg)
+        self.unet = UNet(z_dim, image_size=image_size, in_ch=3 + rc, cond=cond, n_tokens=n_tokens, **unet)
+        self.n_sections = self.unet.n_sections
+
+    def _with_rays(self, x, rays):
+        # RGB and the ray embedding side by side; the first conv is the linear map that mixes them
+        if self.ray_freqs == 0:
+            return x
+        return torch.cat([x, ray_embed(rays, self.ray_freqs)], dim=1)
+
+    def encode_features(self, x_src, rays_src=None):
+        """One view per image: (B, C, H, W) -> (pooled (B, feat_dim), z (B, z_dim)), for probes."""
+        return self.encoder.forward_features(self._with_rays(x_src, rays_src))
+
+    def encode(self, x_src, rays_src=None):
+        """(B, C, H, W) or k views (B, k, C, H, W) -> z (B, z_dim)."""
+        if x_src.dim() == 4 and self.agg.kind == "mean":
+            return self.encode_features(x_src, rays_src)[1]
+        if x_src.dim() == 4:
+            x_src = x_src[:, None]
+            rays_src = rays_src[:, None] if rays_src is not None else None
+        B, k = x_src.shape[:2]
+        flat = lambda t: None if t is None else t.flatten(0, 1)  # (B*k, C, H, W)
+        zs = self.encode_features(flat(x_src), flat(rays_src))[1]
+        return self.agg(zs.view(B, k, -1))
+
+    def mask_z(self, z, keep):
+        # keep (B, n_sections) -> (B, z_dim), sections zeroed where keep is 0
+        return z * keep.to(z.dtype).repeat_interleave(torch.tensor(self.unet.sec_dims, device=z.device), dim=1)
+
+    def denoise(self, x_t, logsnr, z, keep=None, rays_tgt=None, keep_pose=None):
+        """eps_hat for noisy targets x_t at noise level logsnr (B,), given a latent z."""
+        if keep is not None:
+            z = self.mask_z(z, keep)
+        if self.ray_freqs:
+            r = ray_embed(rays_tgt, self.ray_freqs)
+            if keep_pose is not None:
+                r = r * keep_pose.to(r.dtype)[:, None, None, None]
+            x_t = torch.cat([x_t, r], dim=1)
+        return self.unet(x_t, logsnr, z)
+
+    def draw_keep(self, rand):
+        """Training dropout of z (§3.2.1): each section off with p_mask_layer (layer masking), all
+        of z off with p_uncond (classifier-free guidance dropout). rand(*shape) -> uniform (B, *shape)."""
+        keep = (rand(self.n_sections) >= self.p_mask_layer).float()
+        return keep * (rand(1) >= self.p_uncond).float()
+
+    def draw_keep_pose(self, rand):
+        """Pose dropout, independent of the latent's (§3.3 "Guidance")."""
+        return (rand() >= self.p_uncond_pose).float()
+
+    def forward(self, x_t, logsnr, x_src, keep=None, rays_src=None, rays_tgt=None, keep_pose=None):
+        """Training forward: encode the source view(s), then denoise; without an explicit keep,
+        the dropout of z (and of the target pose) is drawn here."""
+        z = self.encode(x_src, rays_src)
+        rand = lambda *shape: torch.rand(x_t.shape[0], *shape, device=x_t.device)
+        if self.training and keep is None:
+            keep = self.draw_keep(rand)
+        if self.training and keep_pose is None and self.ray_freqs:
+            keep_pose = self.draw_keep_pose(rand)
+        return self.denoise(x_t, logsnr, z, keep, rays_tgt, keep_pose)
+
+
+# -----------------------------------------------------------------------------
+# Presets: encoder and UNet sizes by name. The model is SODA(PRESETS["encoder"][e],
+# PRESETS["unet"][u], z_dim=..., ...).
+
+PRESETS = {
+    "encoder": {
+        "tiny": dict(block="basic", widths=(32, 64, 128), depths=(1, 1, 1)),
+        "small": dict(block="basic", widths=(32, 64, 128, 256), depths=(1, 1, 1, 1)),
+        "resnet18": dict(block="basic", widths=(64, 128, 256, 512), depths=(2, 2, 2, 2)),
+        "resnet50": dict(block="bottleneck", widths=(64, 128, 256, 512), depths=(3, 4, 6, 3)),
+        "resnet50x2": dict(block="bottleneck", widths=(128, 256, 512, 1024), depths=(3, 4, 6, 3)),
+    },
+    "unet": {
+        "tiny": dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(8,)),
+        "small": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(8,)),
+        "cifar": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1),  # DDPM CIFAR-10
+        "imagenet": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16, 8), dropout=0.1),  # ~36M as Table 1
+    },
+}
+
+
+def build(encoder="tiny", unet="tiny", **kw):
+    """SODA from preset names; kw go to SODA (z_dim, image_size, cond, ...)."""
+    for kind, name in (("encoder", encoder), ("unet", unet)):
+        if name not in PRESETS[kind]:
+            raise ValueError(f"unknown {kind} preset {name!r}; choose from {sorted(PRESETS[kind])}")
+    return SODA(PRESETS["encoder"][encoder], PRESETS["unet"][unet], **kw)

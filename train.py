@@ -1,0 +1,505 @@
+"""
+Train SODA. One code path for a laptop CPU, one GPU, and many GPUs:
+
+    python train.py configs/cifar10_cpu.py                      # CPU teaching run
+    python train.py configs/cifar10.py --batch_size=256          # one GPU
+    torchrun --nproc_per_node=8 train.py configs/imagenet.py     # 8 GPUs (DDP)
+
+Config files are plain Python assignments to the globals below; `--key=value` flags override
+them. Only existing keys may be set (a typo raises, naming the closest key), values keep their type.
+Importing this file has no side effects: probe.py / sample.py / nvs.py import its helpers
+(configure, load_checkpoint, extract_features, knn_accuracy).
+"""
+import ast
+import copy
+import difflib
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import diffusion as D
+import model as M
+
+# -----------------------------------------------------------------------------
+# default config (a small CPU run); every key can be set by a config file or --key=value
+# I/O
+out_dir = "out"  # checkpoint, log.jsonl and sample grids go here
+init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+log_interval = 20  # steps between log lines (the only host syncs in the loop)
+eval_interval = 500  # steps between evaluations (kNN, z-gap, sample grid); 0 = only at the end
+ckpt_interval = 500  # steps between checkpoints (and one at the end)
+eval_at_start = True  # evaluate the untrained model too: the baseline every figure is compared with
+# data
+dataset = "cifar10"  # 'cifar10' | 'imagenet'
+data_dir = "../shared/data/cifar10-subset"  # CIFAR-10 records, ImageFolder layout, or a download target
+download = False  # let torchvision download CIFAR-10 into data_dir (needs internet)
+image_size = 32
+views = "augment"  # 'augment' (two augmentations: novel views) | 'identical' (auto-encoding) | 'class'
+aug = "cropflip"  # 'none' | 'cropflip' | 'simclr' | 'randaugment'
+n_val = 500  # images held out of the training set for the kNN check and the z-gap
+num_workers = 4  # DataLoader workers (image-folder datasets only)
+# model
+encoder = "tiny"  # model.PRESETS['encoder'] key
+unet = "tiny"  # model.PRESETS['unet'] key
+z_dim = 128  # size of the bottleneck latent z
+cond = "mod"  # 'mod' (layer modulation) | 'xattn' (cross-attention) | 'emb' (z into the noise embedding)
+n_tokens = 8  # tokens of z for cond='xattn'
+agg = "mean"  # aggregation of k source views: 'mean' | 'transformer'
+ray_freqs = 0  # ray positional-encoding frequencies for posed 3D views (0: no poses)
+# SODA training (§3.2.1, §3.4)
+schedule = "inverted"  # training noise schedule: diffusion.get_schedule name
+p_mask_layer = 0.1  # probability of zeroing each section of z (layer masking)
+p_uncond = 0.1  # probability of zeroing all of z (classifier-free guidance dropout)
+enc_noise = 0.05  # std of the Gaussian noise on the encoder input ([-1, 1] images)
+# optimizer
+batch_size = 64  # per process; the global batch is batch_size * world_size
+max_iters = 2000
+lr = 2e-4  # decoder learning rate (peak)
+enc_lr_mult = 1.0  # the encoder's learning rate is lr * enc_lr_mult
+weight_decay = 0.0
+beta2 = 0.99
+warmup_iters = 100
+decay_lr = True  # cosine decay to min_lr_ratio * lr after warm-up
+min_lr_ratio = 0.1
+grad_clip = 1.0  # 0 = off
+ema_halflife_kimg = 50.0  # EMA half-life in thousands of images (EDM)
+ema_rampup = 0.05  # half-life at most this fraction of the images seen so far (EDM); 0 = off
+# sampling for the eval grid
+sample_steps = 50
+sample_schedule = "cosine"
+# system
+device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
+dtype = "bfloat16"  # autocast dtype for the network on CUDA: 'bfloat16' | 'float32'
+cpu_bf16 = False  # also autocast on the CPU (slower on most CPUs; a test uses it)
+compile = False  # torch.compile the model
+channels_last = False  # NHWC memory layout for convolutions
+threads = 0  # CPU threads for torch (0: torch's default)
+seed = 0
+peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = look up bf16 peak by GPU name
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+# -----------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    pass
+
+
+def configure(argv, defaults):
+    """[config.py ...] [--key=value ...] -> a dict of `defaults` overridden. Config files are
+    executed as Python (only the files the user names); unknown keys raise naming the closest one."""
+    cfg = dict(defaults)
+
+    def set_key(k, v, where):
+        if k not in cfg:
+            close = difflib.get_close_matches(k, cfg, n=1)
+            raise ConfigError(f"unknown config key {k!r} in {where}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        old = cfg[k]
+        if isinstance(old, bool) and not isinstance(v, bool) or \
+                not isinstance(v, type(old)) and not (isinstance(old, float) and isinstance(v, int)):
+            raise ConfigError(f"{k} in {where} must be {type(old).__name__}, got {v!r}")
+        cfg[k] = float(v) if isinstance(old, float) else v
+
+    for arg in argv:
+        if arg.startswith("--"):
+            k, sep, v = arg[2:].partition("=")
+            if not sep:
+                raise ConfigError(f"flags look like --key=value, got {arg!r}")
+            try:
+                v = ast.literal_eval(v)
+            except (ValueError, SyntaxError):
+                pass  # a bare string, e.g. --out_dir=out/run1
+            set_key(k, v, arg)
+        else:
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file {arg!r} not found")
+            ns = {}
+            exec(open(arg).read(), {}, ns)
+            for k, v in ns.items():
+                if not k.startswith("_") and not callable(v) and not isinstance(v, type(os)):
+                    set_key(k, v, arg)
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# helpers shared with probe.py, sample.py, nvs.py
+
+class CheckpointError(Exception):
+    pass
+
+
+def save_checkpoint(obj, path):
+    """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint, so an
+    interrupted write leaves the previous checkpoint intact."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """torch.load with weights_only=True (no code runs from the file); one clear error otherwise."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path!r}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"could not read checkpoint {path!r} (corrupted or not a SODA checkpoint): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "ema" not in ckpt:
+        raise CheckpointError(f"{path!r} is not a SODA checkpoint (no config/ema entries)")
+    return ckpt
+
+
+def build_model(cfg):
+    return M.build(cfg["encoder"], cfg["unet"], z_dim=cfg["z_dim"], image_size=cfg["image_size"],
+                   cond=cfg["cond"], n_tokens=cfg["n_tokens"], agg=cfg["agg"], ray_freqs=cfg["ray_freqs"],
+                   p_mask_layer=cfg["p_mask_layer"], p_uncond=cfg["p_uncond"],
+                   p_uncond_pose=cfg.get("p_uncond_pose", 0.0))
+
+
+def model_from_checkpoint(path, device="cpu", which="ema"):
+    """-> (SODA in eval mode with the EMA (or 'model') weights, its config). path='random' is not
+    handled here: scripts build a fresh model from a config for that."""
+    ckpt = load_checkpoint(path, device)
+    net = build_model(ckpt["config"])
+    net.load_state_dict(ckpt[which])
+    return net.to(device).eval(), ckpt["config"]
+
+
+@torch.no_grad()
+def extract_features(net, x, batch=500, rays=None):
+    """uint8 images (N, 3, H, W) -> (pooled (N, F), z (N, z_dim)) on the CPU, from net.encode_features."""
+    dev = next(net.parameters()).device
+    pooled, zs = [], []
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch].to(dev).float() / 127.5 - 1
+        p, z = net.encode_features(xb, None if rays is None else rays[i:i + batch].to(dev))
+        pooled.append(p.float().cpu())
+        zs.append(z.float().cpu())
+    return torch.cat(pooled), torch.cat(zs)
+
+
+def knn_accuracy(train_f, train_y, test_f, test_y, k=20, T=0.07, n_classes=None):
+    """Weighted kNN top-1 (%) on cosine similarity, votes weighted by exp(sim / T) (Wu et al. 2018)."""
+    n_classes = n_classes or int(max(train_y.max(), test_y.max())) + 1
+    train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
+    correct = 0
+    for i in range(0, len(test_f), 1000):
+        sim, idx = (test_f[i:i + 1000] @ train_f.T).topk(min(k, len(train_f)), dim=1)
+        votes = torch.zeros(len(idx), n_classes).scatter_add_(1, train_y[idx], (sim / T).exp())
+        correct += (votes.argmax(1) == test_y[i:i + 1000]).sum().item()
+    return 100.0 * correct / len(test_f)
+
+
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv):
+    cfg = configure(argv, {k: globals()[k] for k in config_keys})
+    globals().update(cfg)  # nanoGPT style: the config becomes this script's globals
+    C = cfg
+
+    # --- distributed setup: torchrun sets RANK; gloo on the CPU so a 2-process test runs anywhere
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if ddp:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if dev.startswith("cuda"):
+            dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(dev)
+        torch.distributed.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+    else:
+        rank, world = 0, 1
+    master = rank == 0
+    cuda = dev.startswith("cuda")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    amp_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    use_amp = amp_dtype != torch.float32 and (cuda or cpu_bf16)
+    autocast = lambda: torch.autocast("cuda" if cuda else "cpu", dtype=amp_dtype, enabled=use_amp)
+    global_batch = batch_size * world
+    rows = slice(rank * batch_size, (rank + 1) * batch_size)  # this process's rows of the global batch
+    os.makedirs(out_dir, exist_ok=True)
+    say = print if master else (lambda *a, **k: None)
+
+    # --- data: the training split, and a validation split held out of it for the kNN / z-gap checks
+    train_set = data.load(dataset, data_dir, "train", image_size, download, n_val, seed)
+    in_memory = isinstance(train_set, tuple)
+    if in_memory:
+        x_train, y_train = (t.to(dev) for t in train_set)
+        n_train = len(x_train)
+        x_val, y_val = data.load(dataset, data_dir, "val", image_size, download, n_val, seed)
+    else:
+        n_train, y_train = len(train_set), train_set.targets
+        x_val = y_val = None  # ImageNet: the kNN check uses probe.py on the val folder instead
+    steps_per_epoch = n_train // global_batch
+    if steps_per_epoch == 0:
+        raise data.DataError(f"the global batch ({global_batch}) is larger than the training set ({n_train})")
+    say(f"data: {dataset} {n_train:,} train images, global batch {global_batch} "
+        f"({batch_size} x {world} processes), {steps_per_epoch} steps per epoch")
+
+    # --- model, EMA, optimizer (identical init on every rank: seeded before building)
+    torch.manual_seed(seed)
+    raw = build_model(C).to(dev)
+    mem = torch.channels_last if channels_last else torch.contiguous_format
+    raw = raw.to(memory_format=mem)
+    ema = copy.deepcopy(raw).eval().requires_grad_(False)
+    n_enc = sum(p.numel() for p in raw.encoder.parameters())
+    n_all = sum(p.numel() for p in raw.parameters())
+    say(f"model: encoder {encoder} {n_enc / 1e6:.2f}M, unet {unet} {(n_all - n_enc) / 1e6:.2f}M params, "
+        f"z_dim {z_dim}, cond {cond}, {raw.n_sections} sections")
+    enc_ids = {id(p) for p in raw.encoder.parameters()}
+    groups = [
+        {"params": [p for p in raw.parameters() if id(p) in enc_ids and p.dim() > 1], "lr_mult": enc_lr_mult, "weight_decay": weight_decay},
+        {"params": [p for p in raw.parameters() if id(p) in enc_ids and p.dim() <= 1], "lr_mult": enc_lr_mult, "weight_decay": 0.0},
+        {"params": [p for p in raw.parameters() if id(p) not in enc_ids and p.dim() > 1], "lr_mult": 1.0, "weight_decay": weight_decay},
+        {"params": [p for p in raw.parameters() if id(p) not in enc_ids and p.dim() <= 1], "lr_mult": 1.0, "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), fused=cuda)
+    step = 0
+    if init_from == "resume":
+        ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), dev)
+        raw.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"])
+        if cuda and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"])
+        np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), *rng["numpy_rest"]))
+        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+        say(f"resumed from step {step} (epoch {step // steps_per_epoch}, batch {step % steps_per_epoch})")
+        del ckpt
+    elif init_from != "scratch":
+        raise ConfigError(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+    net = torch.compile(raw) if compile else raw
+    if ddp:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev] if cuda else None)
+    schedule_fn = D.get_schedule(schedule)
+
+    def lr_at(it):
+        if it < warmup_iters:
+            return lr * (it + 1) / warmup_iters
+        if not decay_lr:
+            return lr
+        frac = (it - warmup_iters) / max(1, max_iters - warmup_iters)
+        return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+    # --- batches: a function of (seed, step) alone, so resume replays exactly
+    if not in_memory:
+        loader_iter = iter(torch.utils.data.DataLoader(
+            train_set, batch_sampler=StepBatches(n_train, global_batch, rows, seed, step, max_iters),
+            num_workers=num_workers, pin_memory=cuda, persistent_workers=num_workers > 0,
+            prefetch_factor=4 if num_workers > 0 else None))
+    order_cache = {}
+
+    def get_batch(it):
+        epoch, i = divmod(it, steps_per_epoch)
+        if in_memory:
+            if epoch not in order_cache:
+                order_cache.clear()
+                order_cache[epoch] = data.epoch_order(n_train, global_batch, seed, epoch).to(dev)
+            idx = order_cache[epoch][i][rows]
+            return x_train[idx], y_train[idx], idx
+        xb, yb = next(loader_iter)
+        return xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True), None
+
+    def views_of(xb, idx, rng):
+        other = None
+        if views == "class":
+            other = x_train[data.class_partners(idx.cpu(), y_train.cpu(), rng).to(dev)]
+        return data.make_views(xb, views, aug, rng, other)
+
+    # --- evaluation: kNN on the held-out split, the z-gap, a sample grid
+    fixed = None
+    if in_memory:
+        fx = x_val[:64].to(dev)
+        frng = data.Rng(seed, -1, len(fx), device=dev)
+        f_src, f_tgt = data.make_views(fx, views if views != "class" else "identical", aug, frng)
+        fixed = (f_src, f_tgt, frng.rand(), frng.randn(3, image_size, image_size))
+
+    @torch.no_grad()
+    def evaluate(it):
+        out = {}
+        if not in_memory:
+            return out
+        with autocast():
+            ftr = extract_features(ema, x_train)[1]
+            fva = extract_features(ema, x_val)[1]
+        out["knn"] = knn_accuracy(ftr, y_train.cpu(), fva, y_val)
+        f_src, f_tgt, u, eps = fixed
+        B, S = len(f_src), ema.n_sections
+        x_t = D.q_sample(f_tgt, schedule_fn(u), eps)
+        losses = []
+        for keep in (torch.ones(B, S, device=dev), torch.zeros(B, S, device=dev)):
+            with autocast():
+                eps_hat = ema.denoise(x_t, schedule_fn(u), ema.encode(f_src), keep)
+            losses.append(F.mse_loss(eps_hat.float(), eps).item())
+        out["loss_z"], out["zgap"] = losses[0], losses[1] - losses[0]  # > 0: the decoder uses z
+        n = 8
+        g = torch.Generator(dev).manual_seed(seed)
+        with autocast():
+            rec = D.ddim(ema, ema.encode(f_src[:n]), f_tgt[:n].shape, steps=sample_steps,
+                         schedule=sample_schedule, generator=g)
+        import torchvision
+        grid = torch.stack([f_src[:n], f_tgt[:n], rec.float()], 1).flatten(0, 1)  # rows: src | tgt | sample
+        path = os.path.join(out_dir, f"samples_{it:06d}.png")
+        torchvision.utils.save_image((grid + 1) / 2, path, nrow=3 * 4, padding=1)
+        out["grid"] = path
+        return out
+
+    def checkpoint(it):
+        if not master:
+            return
+        np_state = np.random.get_state()
+        py_state = random.getstate()
+        save_checkpoint({
+            "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "step": it, "config": C,
+            "data_pos": {"epoch": it // steps_per_epoch, "batch": it % steps_per_epoch},
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None,
+                    "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_rest": list(np_state[2:]),
+                    "python": [py_state[0], list(py_state[1]), py_state[2]]},
+        }, os.path.join(out_dir, "ckpt.pt"))
+
+    def log(rec):
+        if master:
+            with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    flops_per_img = 0.0
+    if cuda and master:
+        flops_per_img = count_flops(raw, image_size, dev, autocast)
+    peak = peak_flops or next((v for k, v in GPU_PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name(dev)), 0.0)
+
+    # --- the loop
+    from tqdm import tqdm
+    if eval_at_start and step == 0 and master:
+        r = evaluate(0)
+        if r:
+            say(f"step 0 (random init): kNN {r['knn']:.2f}% z-gap {r['zgap']:+.4f} grid {r['grid']}")
+            log({"step": 0, **r})
+    bar = tqdm(total=max_iters, initial=step, disable=not master, dynamic_ncols=True, desc="train")
+    bad = torch.zeros((), dtype=torch.long, device=dev) - 1  # first step with a non-finite loss, or -1
+    t0, seen0 = time.time(), step
+    loss_sum = torch.zeros((), device=dev)
+    raw.train()
+    while step < max_iters:
+        # every random number of this step comes from (seed, step); the global RNG too, for dropout
+        torch.manual_seed(seed * 1_000_003 + step * world + rank + 1)
+        rng = data.Rng(seed, step, global_batch, rows, dev)
+        xb, yb, idx = get_batch(step)
+        x_src, x_tgt = views_of(xb, idx, rng)
+        x_src = x_src + enc_noise * rng.randn(*x_src.shape[1:])  # low noise on the encoder input (§3.4)
+        keep = raw.draw_keep(rng.rand)
+        u, eps = rng.rand(), rng.randn(*x_tgt.shape[1:])
+        if channels_last:
+            x_src, x_tgt = x_src.contiguous(memory_format=mem), x_tgt.contiguous(memory_format=mem)
+        lr_now = lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now * group["lr_mult"]
+        with autocast():
+            loss = D.loss(net, x_src, x_tgt, schedule_fn, u=u, eps=eps, keep=keep)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # EMA with a half-life in images; ramped up early so short runs get a useful EMA (EDM)
+        seen = (step + 1) * global_batch
+        half = ema_halflife_kimg * 1000
+        if ema_rampup > 0:
+            half = min(half, seen * ema_rampup)
+        beta = 0.5 ** (global_batch / max(half, 1e-8))
+        torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - beta)
+        bad = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), step, bad)
+        loss_sum += loss.detach()
+        step += 1
+        bar.update(1)
+
+        last = step == max_iters
+        if step % log_interval == 0 or last:
+            if bad.item() >= 0:  # the only sync: at log steps
+                raise FloatingPointError(f"non-finite loss at step {bad.item()}; stopping. The last good "
+                                         f"checkpoint is {os.path.join(out_dir, 'ckpt.pt')} (if any)")
+            if master:
+                dt = time.time() - t0
+                n_steps = step - seen0
+                ips = n_steps * global_batch / dt
+                loss_avg = (loss_sum / n_steps).item()
+                rec = {"step": step, "loss": loss_avg, "lr": lr_now, "img_s": ips}
+                if flops_per_img and peak:
+                    rec["mfu"] = flops_per_img * ips / (peak * world)
+                bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{ips:.0f}",
+                                **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
+                log(rec)
+            t0, seen0 = time.time(), step
+            loss_sum.zero_()
+        if (eval_interval > 0 and step % eval_interval == 0) or last:
+            t_eval = time.time()
+            if master:
+                r = evaluate(step)
+                if r:
+                    tqdm.write(f"step {step}: kNN {r['knn']:.2f}% z-gap {r['zgap']:+.4f} grid {r['grid']}")
+                    log({"step": step, **r})
+            t0 += time.time() - t_eval  # evaluation time is not training time
+        if step % ckpt_interval == 0 or last:
+            checkpoint(step)
+    bar.close()
+    if ddp:
+        torch.distributed.destroy_process_group()
+    say(f"done: {step} steps; checkpoint {os.path.join(out_dir, 'ckpt.pt')}")
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Index batches for DataLoader workers: this process's rows of each global batch, starting at
+    `start` step, in the same (seed, epoch) order as the in-memory path."""
+
+    def __init__(self, n, global_batch, rows, seed, start, stop):
+        self.n, self.gb, self.rows, self.seed, self.start, self.stop = n, global_batch, rows, seed, start, stop
+
+    def __iter__(self):
+        per_epoch, order = self.n // self.gb, (None, None)
+        for it in range(self.start, self.stop):
+            epoch, i = divmod(it, per_epoch)
+            if order[0] != epoch:
+                order = (epoch, data.epoch_order(self.n, self.gb, self.seed, epoch))
+            yield order[1][i][self.rows].tolist()
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+def count_flops(net, image_size, dev, autocast):
+    """Model FLOPs of one training image (forward + backward), counted once (for MFU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(2, 3, image_size, image_size, device=dev)
+    counter = FlopCounterMode(display=False)
+    with counter, autocast():
+        net(x, torch.zeros(2, device=dev), x).float().sum().backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, CheckpointError, data.DataError) as e:
+        sys.exit(f"error: {e}")
