@@ -85,6 +85,7 @@ threads = 0  # CPU threads for torch (0: torch's default)
 seed = 0
 peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = look up bf16 peak by GPU name
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+DEFAULTS = {k: globals()[k] for k in config_keys}  # main() overwrites the globals; these stay
 # -----------------------------------------------------------------------------
 
 
@@ -207,7 +208,7 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "
 # -----------------------------------------------------------------------------
 
 def main(argv):
-    cfg = configure(argv, {k: globals()[k] for k in config_keys})
+    cfg = configure(argv, DEFAULTS)
     globals().update(cfg)  # nanoGPT style: the config becomes this script's globals
     C = cfg
 

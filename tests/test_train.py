@@ -1,0 +1,232 @@
+"""train.py, data.py and the checkpoint helpers: config strictness, a smoke run, bit-exact resume,
+DDP (2 gloo processes) == 1 process, atomic checkpoints, and one-line errors."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data  # noqa: E402
+import train  # noqa: E402
+
+SHARED_CIFAR = os.path.join(ROOT, "..", "shared", "data")
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    """A tiny CIFAR-10 in ImageFolder layout: 10 classes x 12 train / 3 test PNGs, 32x32."""
+    root = tmp_path_factory.mktemp("cifar")
+    rs = np.random.RandomState(0)
+    for split, n in (("train", 12), ("test", 3)):
+        for c in range(10):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = (rs.rand(32, 32, 3) * 60 + c * 19).astype(np.uint8)  # class-dependent colour
+                Image.fromarray(img).save(d / f"{i}.png")
+    return str(root)
+
+
+def base_args(cifar_dir, out_dir, **kw):
+    args = dict(out_dir=str(out_dir), data_dir=cifar_dir, n_val=20, batch_size=8, max_iters=4,
+                warmup_iters=2, log_interval=1, eval_interval=0, ckpt_interval=100, eval_at_start=False,
+                sample_steps=2, z_dim=32, p_mask_layer=0.3, p_uncond=0.2, aug="simclr", threads=1)
+    args.update(kw)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def run_train(argv):
+    with pytest.warns(UserWarning, match="partial copy"):
+        train.main(argv)
+
+
+def state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --- configuration ------------------------------------------------------------
+
+def test_unknown_key_names_the_closest(tmp_path):
+    with pytest.raises(train.ConfigError, match="'batch_size'"):
+        train.configure(["--bacth_size=3"], {"batch_size": 1, "lr": 0.1})
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text("lr = 0.5\nlearning_rate = 3\n")
+    with pytest.raises(train.ConfigError, match="learning_rate"):
+        train.configure([str(cfg_file)], {"batch_size": 1, "lr": 0.1})
+
+
+def test_cli_override_keeps_type(tmp_path):
+    d = {"batch_size": 1, "lr": 0.1, "compile": False, "out_dir": "out"}
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text("batch_size = 7\nout_dir = 'x'\n")
+    cfg = train.configure([str(cfg_file), "--lr=1", "--compile=True", "--out_dir=out/run1"], d)
+    assert cfg == {"batch_size": 7, "lr": 1.0, "compile": True, "out_dir": "out/run1"}
+    assert isinstance(cfg["lr"], float)
+    with pytest.raises(train.ConfigError, match="batch_size"):
+        train.configure(["--batch_size=0.5"], d)
+    with pytest.raises(train.ConfigError, match="compile"):
+        train.configure(["--compile=1"], d)
+
+
+def test_every_config_file_sets_only_known_keys():
+    defaults = train.DEFAULTS
+    configs = os.path.join(ROOT, "configs")
+    names = [f for f in sorted(os.listdir(configs)) if f.endswith(".py")]
+    assert "cifar10_cpu.py" in names and "cifar10.py" in names and "imagenet.py" in names
+    for f in names:
+        train.configure([os.path.join(configs, f)], defaults)
+
+
+# --- data ----------------------------------------------------------------------
+
+def test_shared_cifar_records_load_with_a_count_warning():
+    if not os.path.isdir(os.path.join(SHARED_CIFAR, "cifar-10-batches-py")):
+        pytest.skip("../shared/data not beside the checkout")
+    with pytest.warns(UserWarning, match="found 5,170 of 50,000"):
+        x, y, classes = data.load_cifar10(SHARED_CIFAR, "train", n_val=0)
+    assert x.shape == (5170, 3, 32, 32) and x.dtype == torch.uint8 and len(classes) == 10
+    assert set(y.tolist()) == set(range(10))
+
+
+def test_val_split_is_fixed_and_disjoint(cifar_dir):
+    with pytest.warns(UserWarning):
+        xa, _, _ = data.load_cifar10(cifar_dir, "train", n_val=20, seed=0)
+        xv, _, _ = data.load_cifar10(cifar_dir, "val", n_val=20, seed=0)
+        xv2, _, _ = data.load_cifar10(cifar_dir, "val", n_val=20, seed=0)
+    assert len(xa) == 100 and len(xv) == 20 and torch.equal(xv, xv2)
+    flat = lambda t: {bytes(r.numpy().tobytes()) for r in t}
+    assert not flat(xa) & flat(xv)
+
+
+def test_views_are_deterministic_and_distinct():
+    x = (torch.rand(6, 3, 32, 32) * 255).to(torch.uint8)
+    a = data.make_views(x, "augment", "randaugment", data.Rng(0, 5, 6))
+    b = data.make_views(x, "augment", "randaugment", data.Rng(0, 5, 6))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.allclose(a[0], a[1])  # novel views differ
+    src, tgt = data.make_views(x, "identical", "cropflip", data.Rng(0, 5, 6))
+    assert torch.equal(src, tgt) and src.min() >= -1 and src.max() <= 1
+    # the rows of a global batch are the same numbers whichever process draws them
+    full = data.Rng(0, 3, 8).rand(2)
+    assert torch.equal(data.Rng(0, 3, 8, slice(4, 8)).rand(2), full[4:8])
+
+
+# --- training ------------------------------------------------------------------
+
+def test_smoke_three_steps(cifar_dir, tmp_path):
+    run_train(base_args(cifar_dir, tmp_path, max_iters=3))
+    ck = state(tmp_path / "ckpt.pt")
+    assert ck["step"] == 3 and ck["config"]["max_iters"] == 3
+    assert set(ck) >= {"model", "ema", "optimizer", "rng", "data_pos", "config"}
+    assert not torch.equal(ck["model"]["unet.out.2.weight"], torch.zeros_like(ck["model"]["unet.out.2.weight"]))
+    logs = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert any('"loss"' in l for l in logs) and any('"knn"' in l for l in logs)
+    assert os.path.isfile(tmp_path / "samples_000003.png")
+
+
+def test_resume_is_bit_exact(cifar_dir, tmp_path, monkeypatch):
+    run_train(base_args(cifar_dir, tmp_path / "full"))
+    # a run killed right after its step-2 checkpoint, then resumed to step 4
+    real_save = train.save_checkpoint
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        if obj["step"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(base_args(cifar_dir, tmp_path / "split", ckpt_interval=2))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    run_train(base_args(cifar_dir, tmp_path / "split", init_from="resume"))
+    a, b = state(tmp_path / "full" / "ckpt.pt"), state(tmp_path / "split" / "ckpt.pt")
+    assert a["step"] == b["step"] == 4
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for k in sa:
+            assert torch.equal(sa[k], sb[k])
+
+
+def test_ddp_two_processes_equal_one(cifar_dir, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    common = dict(max_iters=3, p_mask_layer=0.3, aug="simclr", views="augment")
+    one = [sys.executable, "train.py"] + base_args(cifar_dir, tmp_path / "one", batch_size=8, **common)
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "train.py"] + base_args(cifar_dir, tmp_path / "two", batch_size=4, **common)
+    for cmd in (one, two):
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = state(tmp_path / "one" / "ckpt.pt"), state(tmp_path / "two" / "ckpt.pt")
+    moved = 0
+    for name, p in a["model"].items():
+        torch.testing.assert_close(b["model"][name], p, atol=2e-5, rtol=1e-4, msg=name)
+    init = train.build_model(a["config"]).state_dict()
+    moved = sum(not torch.allclose(init[n], a["model"][n]) for n in init)
+    assert moved > 10  # the runs trained: the comparison is not between two untouched inits
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    good = {"config": {"a": 1}, "ema": {"w": torch.ones(3)}, "step": 1}
+    train.save_checkpoint(good, path)
+
+    def dying_save(obj, f):
+        f.write(b"partial bytes")
+        raise KeyboardInterrupt  # killed in the middle of the write
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint({"config": {}, "ema": {}, "step": 2}, path)
+    monkeypatch.undo()
+    ck = train.load_checkpoint(path)
+    assert ck["step"] == 1 and torch.equal(ck["ema"]["w"], torch.ones(3))
+
+
+def one_line_error(cmd, match):
+    r = subprocess.run([sys.executable] + cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    err = r.stderr.strip().splitlines()
+    assert r.returncode != 0
+    assert len(err) == 1 and err[0].startswith("error:") and match in err[0], r.stderr[-2000:]
+
+
+def test_corrupted_checkpoint_gives_one_line(tmp_path):
+    bad = tmp_path / "ckpt.pt"
+    bad.write_bytes(b"this is not a checkpoint" * 10)
+    with pytest.raises(train.CheckpointError, match="corrupted"):
+        train.load_checkpoint(str(bad))
+    one_line_error(["probe.py", f"--ckpt={bad}"], "corrupted")
+
+
+def test_missing_data_dir_gives_one_line(tmp_path):
+    one_line_error(["train.py", f"--data_dir={tmp_path / 'nope'}", f"--out_dir={tmp_path / 'o'}"],
+                   "no CIFAR-10 found")
+
+
+def test_wrong_image_size_gives_one_line(cifar_dir, tmp_path):
+    one_line_error(["train.py", f"--data_dir={cifar_dir}", "--image_size=64", f"--out_dir={tmp_path}"],
+                   "32x32")
+
+
+def test_imagenet_config_builds_and_steps(tmp_path):
+    """configs/imagenet.py at its real model size, one step at batch 2 and 32x32 on the CPU."""
+    root = tmp_path / "imagenet"
+    rs = np.random.RandomState(0)
+    for split in ("train", "val"):
+        for c in range(2):
+            (root / split / f"n0{c}").mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray((rs.rand(80, 96, 3) * 255).astype(np.uint8)).save(root / split / f"n0{c}" / f"{i}.JPEG")
+    argv = [os.path.join(ROOT, "configs", "imagenet.py"), f"--data_dir={root}", f"--out_dir={tmp_path / 'o'}",
+            "--image_size=32", "--batch_size=2", "--max_iters=1", "--num_workers=0", "--compile=False",
+            "--eval_at_start=False", "--threads=2"]
+    train.main(argv)
+    ck = state(tmp_path / "o" / "ckpt.pt")
+    assert ck["step"] == 1 and ck["config"]["encoder"] == "resnet50x2"
