@@ -16,7 +16,10 @@ import torch.nn.functional as F
 def Norm(ch):
     # GroupNorm everywhere, the encoder included: no batch statistics, so a DDP run equals one
     # process, train equals eval, and z is a function of its own image only.
-    return nn.GroupNorm(min(32, ch // 4), ch)
+    groups = min(32, ch // 4)
+    while ch % groups:  # the largest group count <= 32 that divides ch
+        groups -= 1
+    return nn.GroupNorm(groups, ch)
 
 
 def zero_(module):
@@ -28,7 +31,7 @@ def zero_(module):
 
 
 def sinusoidal(x, dim, min_freq=1e-3):
-    # (B,) -> (B, dim): frequencies from 1 down to min_freq; used on log-SNR in [-20, 20]
+    # (B,) -> (B, dim): frequencies from 1 down to min_freq; used on log-SNR in [-15, 15]
     half = dim // 2
     freqs = torch.exp(-math.log(1 / min_freq) * torch.arange(half, device=x.device) / half)
     angles = x.float()[:, None] * freqs[None]
@@ -242,7 +245,7 @@ class UNet(nn.Module):
             self.tok_dim = tok_dim
             self.tok_pos = nn.Parameter(torch.randn(1, n_tokens, tok_dim) * 0.02)
         if cond == "emb":
-            self.z_emb = nn.Linear(z_dim, emb_dim)
+            self.z_emb = zero_(nn.Linear(z_dim, emb_dim))
         xattn_dim = self.tok_dim if cond == "xattn" else None
         step = lambda cin, cout, lvl, attn: Step(cin, cout, emb_dim, lvl, z_secs[lvl], attn, xattn_dim, dropout)
         self.conv_in = nn.Conv2d(in_ch, ch, 3, 1, 1)
@@ -386,7 +389,7 @@ PRESETS = {
         "tiny": dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(8,)),
         "small": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(8,)),
         "cifar": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1),  # DDPM CIFAR-10
-        "imagenet": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16, 8), dropout=0.1),  # ~36M as Table 1
+        "imagenet": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16, 8), dropout=0.1),  # ~40M (Table 1: a 36M decoder)
     },
 }
 
