@@ -113,10 +113,11 @@ def configure(argv, defaults):
             k, sep, v = arg[2:].partition("=")
             if not sep:
                 raise ConfigError(f"flags look like --key=value, got {arg!r}")
-            try:
-                v = ast.literal_eval(v)
-            except (ValueError, SyntaxError):
-                pass  # a bare string, e.g. --out_dir=out/run1
+            if not isinstance(cfg.get(k), str):  # a string key keeps the text as typed (--ws=1,2)
+                try:
+                    v = ast.literal_eval(v)
+                except (ValueError, SyntaxError):
+                    pass  # left a string: set_key then names the type it wanted
             set_key(k, v, arg)
         else:
             if not os.path.isfile(arg):
@@ -436,10 +437,11 @@ def main(argv):
         bar.update(1)
 
         last = step == max_iters
-        if step % log_interval == 0 or last:
-            if bad.item() >= 0:  # the only sync: at log steps
+        if step % log_interval == 0 or step % ckpt_interval == 0 or last:
+            if bad.item() >= 0:  # a host sync, only at log and checkpoint steps: never save a NaN model
                 raise FloatingPointError(f"non-finite loss at step {bad.item()}; stopping. The last good "
                                          f"checkpoint is {os.path.join(out_dir, 'ckpt.pt')} (if any)")
+        if step % log_interval == 0 or last:
             if master:
                 dt = time.time() - t0
                 n_steps = step - seen0
@@ -502,5 +504,5 @@ def count_flops(net, image_size, dev, autocast):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ConfigError, CheckpointError, data.DataError) as e:
+    except (ConfigError, CheckpointError, data.DataError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

@@ -230,3 +230,27 @@ def test_imagenet_config_builds_and_steps(tmp_path):
     train.main(argv)
     ck = state(tmp_path / "o" / "ckpt.pt")
     assert ck["step"] == 1 and ck["config"]["encoder"] == "resnet50x2"
+
+
+def test_non_finite_loss_stops_naming_the_step(cifar_dir, tmp_path, monkeypatch):
+    real_loss = train.D.loss
+
+    def loss_nan_at_step_2(model, *a, **k):
+        out = real_loss(model, *a, **k)
+        loss_nan_at_step_2.calls += 1
+        return out * float("nan") if loss_nan_at_step_2.calls == 3 else out
+    loss_nan_at_step_2.calls = 0
+    monkeypatch.setattr(train.D, "loss", loss_nan_at_step_2)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 2"):
+        run_train(base_args(cifar_dir, tmp_path, max_iters=4, log_interval=4, ckpt_interval=1))
+    assert train.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 2  # the last good one stays
+
+
+def test_cpu_stand_ins_for_gpu_switches(cifar_dir, tmp_path):
+    """torch.compile (inductor on the CPU), bf16 autocast (CPU autocast) and channels_last run the
+    same loop; the checkpoint holds the uncompiled module's names."""
+    run_train(base_args(cifar_dir, tmp_path, max_iters=2, compile=True, cpu_bf16=True, channels_last=True))
+    ck = state(tmp_path / "ckpt.pt")
+    assert ck["step"] == 2 and not any(k.startswith("_orig_mod") for k in ck["model"])
+    log = [l for l in (tmp_path / "log.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert log and all("NaN" not in l for l in log)

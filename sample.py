@@ -1,0 +1,350 @@
+"""
+See what a trained SODA model learned (paper §4.2.1, §4.3): reconstructions with metrics,
+interpolations, latent directions, layer-wise mixing, guided samples.
+
+    python sample.py --ckpt=out/cifar10_cpu/ckpt.pt --mode=recon                  # PSNR/SSIM vs z masked
+    python sample.py --ckpt=out/cifar10_cpu/ckpt.pt --mode=interp --sections=0,1  # A -> B, a PNG and a GIF
+    python sample.py --ckpt=out/cifar10_cpu/ckpt.pt --mode=directions --attr=3    # PCA + probe directions
+    python sample.py --ckpt=out/cifar10_cpu/ckpt.pt --mode=mix                    # sections of A into B
+    python sample.py --ckpt=out/cifar10_cpu/ckpt.pt --mode=random --ws=1,2,3      # unconditional vs guided
+
+Images come from the CIFAR-10 test split; the model is the checkpoint's EMA. Each mode writes a
+labelled PNG grid to out_dir (default <checkpoint dir>/samples) and prints where. Deterministic under
+--seed: every sampler call gets its own torch.Generator, and the columns of a grid (settings being
+compared) reuse one seed, so that along a row only the setting changes. Reconstruction is
+meaningful for a model trained with views='identical' (SPEC §6); a views='augment' model decodes a
+novel view of its source, so its PSNR is lower by design.
+"""
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import data
+import diffusion as D
+from probe import fit_logreg
+from train import CheckpointError, ConfigError, configure, model_from_checkpoint
+
+# -----------------------------------------------------------------------------
+ckpt = "out/cifar10_cpu/ckpt.pt"  # a train.py checkpoint (its EMA weights are used)
+mode = "recon"  # 'recon' | 'interp' | 'directions' | 'mix' | 'random'
+out_dir = ""  # default: <checkpoint dir>/samples
+data_dir = ""  # default: the checkpoint's
+weights_dir = ""  # recon: where LPIPS/FID weights are looked for (default: torch hub's checkpoints dir)
+index = 0  # the first test image used (interp: index and index + 1)
+n = 64  # recon: test images measured
+n_show = 4  # random: source images shown; mix: (A, B) pairs shown
+sampler = "ddim"  # 'ddpm' (eta=1, the paper's) | 'ddim' (eta=0); interp is always DDIM (it inverts)
+steps = 50  # sampler (and inversion) steps
+schedule = "cosine"  # sampling schedule: a diffusion.get_schedule name
+guidance = 1.0  # classifier-free guidance scale w (1: the conditional model alone)
+frames = 8  # interp: frames from A to B
+sections = ""  # interp: sections of z to interpolate, e.g. 0,1 ('': all of z; the rest stay A's)
+n_dirs = 4  # directions: principal components shown
+attr = 0  # directions: the class whose one-vs-rest probe gives the supervised direction
+alphas = "-3,-2,-1,0,1,2,3"  # directions: steps along a direction, in std of z along it
+ws = "1,2,3"  # random: guidance scales shown beside the unconditional samples
+batch = 64  # images per sampler call (recon) and per encoder call
+device = "auto"
+threads = 0  # CPU threads for torch (0: torch's default)
+seed = 0
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+
+
+def parse_list(text, kind=float):
+    try:
+        return [kind(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+# -----------------------------------------------------------------------------
+# Metrics and interpolation: images in [0, 1], (B, C, H, W)
+
+def psnr(x, y):
+    """Peak signal-to-noise ratio in dB per image -> (B,); inf where x == y."""
+    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(1 / mse)).float()
+
+
+def gaussian_window(size=11, sigma=1.5):
+    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-r**2 / (2 * sigma**2))
+    return (g / g.sum())[:, None] * (g / g.sum())[None, :]  # (size, size), sums to 1
+
+
+def ssim(x, y, size=11, sigma=1.5):
+    """Structural similarity (Wang et al. 2004) per image -> (B,): Gaussian window 11 / sigma 1.5,
+    C1 = 0.01^2, C2 = 0.03^2 (data range 1), at every position where the window fits, averaged
+    over positions and channels."""
+    C1, C2 = 0.01**2, 0.03**2
+    x, y, ch = x.double(), y.double(), x.shape[1]
+    win = gaussian_window(size, sigma).to(x.device)[None, None].repeat(ch, 1, 1, 1)  # (C, 1, k, k)
+    blur = lambda t: F.conv2d(t, win, groups=ch)  # local means, channel by channel
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
+    s = (2 * mu_x * mu_y + C1) * (2 * cov + C2) / ((mu_x**2 + mu_y**2 + C1) * (var_x + var_y + C2))
+    return s.flatten(1).mean(1).float()
+
+
+def slerp(a, b, t):
+    """Spherical interpolation of two noises (flattened). x_T ~ N(0, I) has norm ~ sqrt(dim): lerp
+    would shrink it mid-way, handing the sampler an unlikely, too quiet x_T; slerp keeps it."""
+    cos = (a.flatten() @ b.flatten() / (a.norm() * b.norm())).clamp(-1, 1)
+    omega = torch.acos(cos)
+    if omega < 1e-4:  # (nearly) parallel: lerp is as good
+        return (1 - t) * a + t * b
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+
+# LPIPS and FID need pretrained networks; random weights would give numbers that mean nothing.
+PERCEPTUAL = {  # metric -> the files it needs: (name, size, where it comes from)
+    "FID": [("pt_inception-2015-12-05-6726825d.pth", "~91 MB",
+             "github.com/mseitzer/pytorch-fid/releases/download/fid_weights/")],
+    "LPIPS": [("alexnet-owt-7be5be79.pth", "~233 MB", "download.pytorch.org/models/"),
+              ("lpips_alex.pth", "~6 KB", "lpips/weights/v0.1/alex.pth of github.com/richzhang/PerceptualSimilarity")],
+}
+
+
+def perceptual_note(weights_dir):
+    """One line per metric: which weight files are missing and where to put them. The metrics
+    themselves are not computed by this script yet."""
+    where = weights_dir or os.path.join(torch.hub.get_dir(), "checkpoints")
+    lines = []
+    for metric, files in PERCEPTUAL.items():
+        missing = [f for f in files if not os.path.isfile(os.path.join(where, f[0]))]
+        if missing:
+            need = " and ".join(f"{name} ({size}, from {src})" for name, size, src in missing)
+            lines.append(f"{metric}: skipped; put {need} in {where} (or pass --weights_dir=DIR)")
+        else:
+            lines.append(f"{metric}: weights found in {where}, but sample.py does not compute {metric} yet")
+    return lines
+
+
+# -----------------------------------------------------------------------------
+# Sampling and pictures
+
+def decode(net, z, C, seed, keep=None, x_T=None, w=None):
+    """One sampler call with its own generator: the same seed gives the same noise, so calls that
+    differ only in z, keep or w are comparable image by image."""
+    g = torch.Generator(z.device).manual_seed(seed)
+    shape = (len(z), 3, C["image_size"], C["image_size"])
+    return D.sample(net, z, shape, steps=C["steps"], eta=1.0 if C["sampler"] == "ddpm" else 0.0,
+                    schedule=C["schedule"], generator=g, x_T=x_T, progress=True,
+                    w=C["guidance"] if w is None else w, keep=keep)
+
+
+def section_mask(net, secs, z):
+    """(1, z_dim): 1 on the dims of z that belong to the sections `secs`, 0 elsewhere."""
+    keep = torch.zeros(1, net.n_sections, device=z.device)
+    keep[:, list(secs)] = 1
+    return net.mask_z(torch.ones_like(z[:1]), keep)
+
+
+def mix_latents(net, z_a, z_b, from_a):
+    """z with the sections in `from_a` taken from z_a and the others from z_b."""
+    return torch.where(section_mask(net, from_a, z_a).bool(), z_a, z_b)
+
+
+def to_unit(x):
+    # [-1, 1] -> [0, 1] on the 8-bit levels a saved image has
+    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 255
+
+
+def save_grid(path, images, row_labels, col_labels=()):
+    """images (R, C, 3, H, W) in [-1, 1] -> a PNG with a label per row (and column)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torchvision
+    R, Cn, _, H, W = images.shape
+    grid = torchvision.utils.make_grid(to_unit(images.flatten(0, 1)).cpu(), nrow=Cn, padding=1, pad_value=1)
+    fig, ax = plt.subplots(figsize=(2 + 0.7 * Cn, 0.4 + 0.7 * R))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_yticks([1 + i * (H + 1) + H / 2 for i in range(R)], row_labels, fontsize=8)
+    ax.set_xticks([1 + j * (W + 1) + W / 2 for j in range(len(col_labels))], col_labels, fontsize=8)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def save_gif(path, frames, ms=150):
+    """frames (T, 3, H, W) in [-1, 1] -> a looping GIF, there and back, enlarged to >= 128 px."""
+    from PIL import Image
+    s = max(1, 128 // frames.shape[-1])
+    u8 = (to_unit(frames) * 255).round().to(torch.uint8).repeat_interleave(s, -1).repeat_interleave(s, -2)
+    imgs = [Image.fromarray(f.permute(1, 2, 0).cpu().numpy()) for f in u8]
+    imgs = imgs + imgs[-2:0:-1]
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=ms, loop=0)
+    return path
+
+
+def pick(x, i, k):
+    if i < 0 or i + k > len(x):
+        raise data.DataError(f"need test images {i}..{i + k - 1}, but the test split has {len(x)}")
+    return x[i:i + k]
+
+
+# -----------------------------------------------------------------------------
+# Modes: (net, test images in [-1, 1], labels, class names, config, out dir) -> a result dict
+
+def recon(net, x, y, classes, C, out):
+    """§4.2.1: encode, decode, measure. The same images and seeds decoded with z masked (keep = 0,
+    the unconditional model) are the baseline that gives the numbers their meaning."""
+    xs = pick(x, C["index"], C["n"])
+    uncond = torch.zeros(1, net.n_sections, device=x.device)
+    rec, base = [], []
+    for i in range(0, len(xs), C["batch"]):
+        z = net.encode(xs[i:i + C["batch"]])
+        rec.append(decode(net, z, C, C["seed"] + i))
+        base.append(decode(net, z, C, C["seed"] + i, keep=uncond, w=1.0))
+    rec, base, metrics = torch.cat(rec), torch.cat(base), {}
+    for name, r in (("z", rec), ("z_masked", base)):
+        metrics[name] = {"psnr": psnr(to_unit(xs), to_unit(r)).mean().item(),
+                         "ssim": ssim(to_unit(xs), to_unit(r)).mean().item()}
+    how = f"{C['sampler']} {C['steps']} steps, w={C['guidance']:g}, {len(xs)} images"
+    for name, label in (("z", "with z"), ("z_masked", "z masked (baseline)")):
+        print(f"recon {label:20s}: PSNR {metrics[name]['psnr']:6.2f} dB  SSIM {metrics[name]['ssim']:.4f}  ({how})")
+    for line in perceptual_note(C["weights_dir"]):
+        print(line)
+    k = min(len(xs), 16)
+    grid = torch.stack([xs[:k], rec[:k], base[:k]])
+    png = save_grid(os.path.join(out, "recon.png"), grid, ["source", "with z", "z masked"])
+    js = os.path.join(out, "recon.json")
+    with open(js, "w") as f:
+        json.dump({**metrics, "sampler": C["sampler"], "steps": C["steps"], "guidance": C["guidance"],
+                   "n": len(xs), "seed": C["seed"], "ckpt": C["ckpt"]}, f, indent=1)
+    return {"files": [png, js], "metrics": metrics, "images": grid}
+
+
+def interp(net, x, y, classes, C, out):
+    """§4.3: DDIM-invert A and B to x_T (each with its own z), slerp x_T, lerp z (all of it, or the
+    chosen sections while the others stay A's), and decode every frame with DDIM from its x_T."""
+    if C["frames"] < 2:
+        raise ConfigError(f"frames must be >= 2, got {C['frames']}")
+    secs = parse_list(C["sections"], int) or list(range(net.n_sections))
+    if any(not 0 <= s < net.n_sections for s in secs):
+        raise ConfigError(f"sections {secs}: this model's z has {net.n_sections} sections (0..{net.n_sections - 1})")
+    xs = pick(x, C["index"], 2)
+    z = net.encode(xs)
+    x_T = D.ddim_invert(net, xs, z, C["steps"], C["schedule"], progress=True, w=C["guidance"])
+    moves = section_mask(net, secs, z)  # 1 where z goes from A to B
+    ts = torch.linspace(0, 1, C["frames"]).tolist()
+    z_t = torch.cat([z[:1] + t * (z[1:] - z[:1]) * moves for t in ts])  # (frames, z_dim)
+    x_T_t = torch.stack([slerp(x_T[0], x_T[1], t) for t in ts])  # (frames, 3, H, W)
+    frames = D.ddim(net, z_t, x_T_t.shape, steps=C["steps"], schedule=C["schedule"], x_T=x_T_t,
+                    progress=True, w=C["guidance"])
+    what = "z" if len(secs) == net.n_sections else f"z sections {','.join(map(str, secs))}"
+    png = save_grid(os.path.join(out, "interp.png"), torch.cat([xs[:1], frames, xs[1:]])[None],
+                    [f"lerp {what}"], ["A"] + [f"{t:.2f}" for t in ts] + ["B"])
+    gif = save_gif(os.path.join(out, "interp.gif"), frames)
+    return {"files": [png, gif], "frames": frames, "z": z, "z_t": z_t}
+
+
+def pca_directions(zs, k):
+    """The top-k principal directions of z (rows, unit norm), from the SVD of the centred z."""
+    return torch.linalg.svd(zs - zs.mean(0), full_matrices=False)[2][:k]
+
+
+def probe_direction(zs, is_cls, wd=1e-3):
+    """The normal of a one-vs-rest logistic probe, in z units and unit norm: the probe sees z
+    standardised, so its weights are divided by the std to point in z space."""
+    mean, std = zs.mean(0), zs.std(0) + 1e-6
+    W, _ = fit_logreg(((zs - mean) / std).cpu(), is_cls.long().cpu(), 2, wd)
+    return F.normalize((W[:, 1] - W[:, 0]).to(zs.device) / std, dim=0)
+
+
+def directions(net, x, y, classes, C, out):
+    """§4.3: unsupervised (PCA of z over the test set) and supervised (a linear probe of class
+    `attr`) directions; the image at `index` walks along each, z + alpha * std * d, every cell
+    decoded from one fixed x_T, so only z changes across the grid."""
+    if not 0 <= C["attr"] < len(classes) or not (y == C["attr"]).any():
+        raise ConfigError(f"attr must be a class index present in the test split (0..{len(classes) - 1}), got {C['attr']}")
+    pick(x, C["index"], 1)
+    zs = torch.cat([net.encode(x[i:i + C["batch"]]) for i in range(0, len(x), C["batch"])])  # (N, z_dim)
+    dirs = torch.cat([pca_directions(zs, C["n_dirs"]), probe_direction(zs, y == C["attr"])[None]])  # (R, z_dim)
+    labels = [f"PC{i + 1}" for i in range(len(dirs) - 1)] + [f"class {classes[C['attr']]}"]
+    sd = ((zs - zs.mean(0)) @ dirs.T).std(0)[:, None]  # (R, 1): spread of z along each direction
+    R, hw = len(dirs), C["image_size"]
+    g = torch.Generator(x.device).manual_seed(C["seed"])
+    x_T = torch.randn(1, 3, hw, hw, generator=g, device=x.device).expand(R, -1, -1, -1)
+    alphas = parse_list(C["alphas"])
+    z0 = zs[C["index"]]
+    cols = [decode(net, z0 + a * sd * dirs, C, C["seed"], x_T=x_T) for a in alphas]
+    grid = torch.stack([x[C["index"]].expand(R, -1, -1, -1)] + cols, dim=1)  # (R, 1 + alphas, 3, H, W)
+    png = save_grid(os.path.join(out, "directions.png"), grid, labels, ["source"] + [f"{a:+g} sd" for a in alphas])
+    return {"files": [png], "images": grid, "directions": dirs}
+
+
+def mix(net, x, y, classes, C, out):
+    """§4.3 layer-wise mixing: section s from A and the rest from B; and only section s of A with
+    the other sections unconditioned (keep = 0 there: layer-wise guidance, §3.2.1). One seed for
+    every row, so rows differ only in what conditions the decoder."""
+    xs = pick(x, C["index"], 2 * C["n_show"])
+    x_a, x_b = xs[0::2], xs[1::2]
+    z_a, z_b = net.encode(x_a), net.encode(x_b)
+    S = net.n_sections
+    only = lambda s: F.one_hot(torch.tensor([s]), S).float().to(x.device)  # (1, S)
+    rows = [("A", z_a, None), ("B", z_b, None)]
+    rows += [(f"sec {s} from A, rest B", mix_latents(net, z_a, z_b, [s]), None) for s in range(S)]
+    rows += [(f"only sec {s} of A", z_a, only(s)) for s in range(S)]
+    rows += [("unconditional", z_a, torch.zeros(1, S, device=x.device))]
+    samples = [decode(net, z, C, C["seed"], keep=keep) for _, z, keep in rows]
+    grid = torch.stack([x_a, x_b] + samples)  # (2 + rows, pairs, 3, H, W)
+    labels = ["source A", "source B"] + [r[0] for r in rows]
+    png = save_grid(os.path.join(out, "mix.png"), grid, labels, [f"pair {i}" for i in range(len(x_a))])
+    return {"files": [png], "images": grid, "labels": labels}
+
+
+def random_samples(net, x, y, classes, C, out):
+    """Unconditional samples (keep = 0) beside samples guided by each source's z at several
+    scales w (§3.2.1), with the same noise along a row."""
+    xs = pick(x, C["index"], C["n_show"])
+    z = net.encode(xs)
+    uncond = torch.zeros(1, net.n_sections, device=x.device)
+    ws_ = parse_list(C["ws"])
+    cols = [decode(net, z, C, C["seed"], keep=uncond, w=1.0)] + [decode(net, z, C, C["seed"], w=w) for w in ws_]
+    grid = torch.stack([xs] + cols, dim=1)  # (n_show, 2 + len(ws), 3, H, W)
+    png = save_grid(os.path.join(out, "random.png"), grid, [f"image {C['index'] + i}" for i in range(len(xs))],
+                    ["source", "uncond"] + [f"w={w:g}" for w in ws_])
+    return {"files": [png], "images": grid}
+
+
+MODES = {"recon": recon, "interp": interp, "directions": directions, "mix": mix, "random": random_samples}
+
+
+def main(argv):
+    C = configure(argv, DEFAULTS)
+    if C["mode"] not in MODES:
+        raise ConfigError(f"mode must be one of {list(MODES)}, got {C['mode']!r}")
+    if C["sampler"] not in ("ddpm", "ddim"):
+        raise ConfigError(f"sampler must be 'ddpm' or 'ddim', got {C['sampler']!r}")
+    if C["threads"] > 0:
+        torch.set_num_threads(C["threads"])
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if C["device"] == "auto" else C["device"]
+    net, tcfg = model_from_checkpoint(C["ckpt"], dev)
+    C["image_size"] = tcfg["image_size"]  # the decoder's output size
+    if tcfg["dataset"] != "cifar10":
+        raise data.DataError(f"sample.py reads cifar10 so far, the checkpoint was trained on {tcfg['dataset']!r}")
+    x, y, classes = data.load_cifar10(C["data_dir"] or tcfg["data_dir"], "test")
+    x = x.to(dev).float() / 127.5 - 1  # (N, 3, 32, 32) in [-1, 1]
+    out = C["out_dir"] or os.path.join(os.path.dirname(C["ckpt"]) or ".", "samples")
+    os.makedirs(out, exist_ok=True)
+    with torch.no_grad():
+        res = MODES[C["mode"]](net, x, y.to(dev), classes, C, out)
+    for path in res["files"]:
+        print(f"wrote {path}")
+    return res
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, CheckpointError, data.DataError) as e:
+        sys.exit(f"error: {e}")
