@@ -258,7 +258,12 @@ def load(dataset, data_dir, split="train", image_size=32, download=False, n_val=
         return x, y
     if dataset == "imagenet":
         return FolderData(os.path.join(data_dir, "val" if split == "test" else "train"), image_size)
-    raise DataError(f"unknown dataset {dataset!r}: 'cifar10' or 'imagenet'")
+    if dataset == "dsprites":
+        if image_size != 64:
+            raise DataError(f"dsprites images are 64x64, but image_size={image_size}")
+        x, factors = load_dsprites(data_dir, split, n_val=n_val)  # fixed split seed: probe.py's test images stay unseen
+        return x, factors[:, 0]  # shape as the label for the kNN check / views='class'
+    raise DataError(f"unknown dataset {dataset!r}: 'cifar10', 'imagenet' or 'dsprites'")
 
 
 def epoch_order(n, global_batch, seed, epoch):
@@ -275,3 +280,74 @@ def class_partners(idx, y, rng):
         same = (y == y[i]).nonzero().squeeze(1)
         out[j] = same[int(r[j] * len(same)) % len(same)]
     return out
+
+
+# -----------------------------------------------------------------------------
+# Datasets with attributes or factors, for probe.py (CelebA multi-label, dSprites DCI)
+
+CELEBA_HINT = ("expected torchvision's CelebA layout: DATA_DIR/celeba/img_align_celeba/*.jpg, "
+               "DATA_DIR/celeba/list_attr_celeba.txt, DATA_DIR/celeba/list_eval_partition.txt")
+
+
+def load_celeba(data_dir, split="train", image_size=64, n=0):
+    """CelebA as (uint8 images (N, 3, S, S), attributes (N, 40) in {0, 1}, attribute names).
+    split: 'train' | 'val' | 'test' (the official partition 0 / 1 / 2); n > 0 keeps the first n.
+    Images are resized (short side) and centre-cropped to image_size."""
+    import torchvision.transforms.v2 as T
+    from PIL import Image
+    root = os.path.join(data_dir, "celeba")
+    paths = [os.path.join(root, p) for p in ("img_align_celeba", "list_attr_celeba.txt", "list_eval_partition.txt")]
+    for p in paths:
+        if not os.path.exists(p):
+            raise DataError(f"no {os.path.abspath(p)!r}: {CELEBA_HINT}")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    # list_attr_celeba.txt: a count line, a line of 40 names, then "000001.jpg -1  1 ..." rows
+    lines = open(paths[1]).read().split("\n")
+    names = lines[1].split()
+    attrs = {}
+    for line in lines[2:]:
+        if line.strip():
+            f, *v = line.split()
+            if len(v) != len(names):
+                raise DataError(f"{paths[1]!r}: row {f!r} has {len(v)} values for {len(names)} attributes")
+            attrs[f] = [int(a) > 0 for a in v]
+    # list_eval_partition.txt: "000001.jpg 0" rows, 0 train / 1 val / 2 test
+    want = {"train": "0", "val": "1", "test": "2"}[split]
+    files = [f for f, s in (line.split() for line in open(paths[2]) if line.strip()) if s == want]
+    files = files[:n] if n > 0 else files
+    if not files:
+        raise DataError(f"no {split} images listed in {paths[2]!r}")
+    tf = T.Compose([T.PILToTensor(), T.Resize(image_size, antialias=True), T.CenterCrop(image_size)])
+    x = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
+    for i, f in enumerate(files):
+        p = os.path.join(paths[0], f)
+        if not os.path.isfile(p):
+            raise DataError(f"no {os.path.abspath(p)!r}, listed in list_eval_partition.txt: {CELEBA_HINT}")
+        if f not in attrs:
+            raise DataError(f"{f} is listed in list_eval_partition.txt but has no row in {paths[1]!r}")
+        x[i] = tf(Image.open(p).convert("RGB"))
+    return x, torch.tensor([attrs[f] for f in files], dtype=torch.long), names
+
+
+DSPRITES_FACTORS = ("shape", "scale", "orientation", "posX", "posY")
+
+
+def load_dsprites(data_dir, split="train", n=0, n_val=500, seed=0, test_frac=0.1):
+    """dSprites' full coarse factor grid (46,080 images, ../shared/data/dsprites/README.md) as
+    (uint8 images (N, 3, 64, 64) in {0, 255}, factor classes (N, 5): DSPRITES_FACTORS).
+    A fixed seeded permutation splits it: 'test' = test_frac of it, 'val' = the next n_val images,
+    'train' the rest; n > 0 keeps the first n of the split."""
+    path = os.path.join(data_dir, "dsprites_downsampled.npz")
+    if not os.path.isfile(path):
+        raise DataError(f"no dSprites at {os.path.abspath(path)!r}: expected DATA_DIR/dsprites_downsampled.npz "
+                        "with keys imgs (N, 64, 64) and latents_classes (N, 5)")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    d = np.load(path, allow_pickle=True, encoding="latin1")
+    perm = torch.randperm(len(d["imgs"]), generator=torch.Generator().manual_seed(seed))
+    n_test = int(test_frac * len(perm))
+    idx = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}[split]
+    idx = idx[:n] if n > 0 else idx
+    x = torch.from_numpy(d["imgs"])[idx] * 255  # (N, 64, 64) binary -> uint8 image
+    return x[:, None].expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(d["latents_classes"])[idx]

@@ -1,18 +1,23 @@
 """
-Measure the representation of a trained SODA encoder (paper §4.1): a linear probe or a kNN
-classifier on frozen EMA-encoder features.
+Measure the representation of a trained SODA encoder (paper §4.1, §4.3.2, thesis §4.1.2) on frozen
+EMA-encoder features: a linear probe or kNN classifier, a multi-label probe of CelebA's 40
+attributes, 5-way few-shot episodes, or DCI disentanglement on dSprites.
 
     python probe.py --ckpt=out/cifar10_cpu/ckpt.pt                      # linear, pooled features
     python probe.py --ckpt=out/cifar10_cpu/ckpt.pt --features=z --task=knn
     python probe.py --ckpt=out/cifar10_cpu/ckpt.pt --random=True        # same encoder, random init
+    python probe.py --ckpt=out/cifar10_cpu/ckpt.pt --task=fewshot --episodes=2000
+    python probe.py --ckpt=out/celeba/ckpt.pt --task=multilabel --data_dir=data   # data/celeba/...
+    python probe.py --ckpt=out/dsprites_cpu/ckpt.pt --task=dci --features=z
 
 Features are extracted once (no grad, batched) and standardised with training-set statistics.
 The linear probe is a multinomial logistic regression fitted by L-BFGS; its weight decay is chosen
 on a validation split of the training set, then it is refitted on the whole training set and
 measured once on the test split. The last line printed is a machine-readable summary, and the
-same figures go to a JSON file beside the checkpoint.
+same figures go to a JSON file beside the checkpoint (DCI also saves its importance heat map).
 """
 import json
+import math
 import os
 import sys
 
@@ -26,27 +31,33 @@ from train import (CheckpointError, ConfigError, build_model, configure, extract
 # -----------------------------------------------------------------------------
 ckpt = "out/cifar10_cpu/ckpt.pt"  # a train.py checkpoint
 random = False  # True: the same encoder config at random init (the baseline for every figure)
-task = "linear"  # 'linear' | 'knn'
+task = "linear"  # 'linear' | 'knn' | 'fewshot' (cifar10) | 'multilabel' (celeba) | 'dci' (dsprites)
 features = "pool"  # 'pool' (encoder features before the bottleneck) | 'z' (the bottleneck latent)
-dataset = ""  # default: the checkpoint's
-data_dir = ""  # default: the checkpoint's
+dataset = ""  # default: the task's (cifar10, celeba or dsprites)
+data_dir = ""  # default: the checkpoint's, when it was trained on that dataset
 probe_aug = 0  # linear: number of crop+flip copies of the probe's training set (0 = none)
 val_frac = 0.1  # linear: fraction of the training set used to choose the weight decay
+episodes = 2000  # fewshot: episodes per shot count (thesis §4.1.2: 2000)
+n_images = 0  # multilabel, dci: use at most this many images of each split (0 = all)
 device = "auto"
 seed = 0
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+TASK_DATA = {"linear": "cifar10", "knn": "cifar10", "fewshot": "cifar10", "multilabel": "celeba", "dci": "dsprites"}
+WDS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 
 
-def fit_logreg(x, y, n_classes, wd, iters=100):
-    """Multinomial logistic regression, full batch L-BFGS, L2 penalty wd on the weights."""
+def fit_logreg(x, y, n_classes, wd, iters=100, loss_fn=F.cross_entropy):
+    """Multinomial logistic regression, full batch L-BFGS, L2 penalty wd on the weights.
+    loss_fn=F.binary_cross_entropy_with_logits with y (N, n_classes) in {0, 1}: one logistic
+    regression per output."""
     W = torch.zeros(x.shape[1], n_classes, requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(x @ W + b, y) + wd * W.pow(2).sum()
+        loss = loss_fn(x @ W + b, y) + wd * W.pow(2).sum()
         loss.backward()
         return loss
     opt.step(closure)
@@ -57,8 +68,7 @@ def topk(logits, y, k):
     return 100.0 * (logits.topk(min(k, logits.shape[1]), dim=1).indices == y[:, None]).any(1).float().mean().item()
 
 
-def linear_probe(ftr, ytr, fte, yte, n_classes, wds=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2), val_frac=0.1, seed=0,
-                 n_orig=None):
+def linear_probe(ftr, ytr, fte, yte, n_classes, wds=WDS, val_frac=0.1, seed=0, n_orig=None):
     """-> dict(top1, top5, wd). ftr may hold augmented copies after the first n_orig rows; the
     validation rows are taken from the originals and their copies are left out of the fit."""
     n_orig = n_orig or len(ftr)
@@ -80,8 +90,160 @@ def linear_probe(ftr, ytr, fte, yte, n_classes, wds=(1e-6, 1e-5, 1e-4, 1e-3, 1e-
             "val_top1": scores[best]}
 
 
+# -----------------------------------------------------------------------------
+# Multi-label attributes (paper §4.1: CelebA, mean F1 over its 40 attributes)
+
+def f1_per_attribute(pred, target):
+    """{0, 1} predictions and targets (N, A) -> F1 = 2TP / (2TP + FP + FN) per attribute (A,);
+    0 where an attribute has neither positives nor positive predictions (as scikit-learn)."""
+    pred, target = pred.bool(), target.bool()
+    tp = (pred & target).sum(0).float()
+    wrong = (pred ^ target).sum(0).float()  # FP + FN
+    return 2 * tp / (2 * tp + wrong).clamp(min=1)
+
+
+def mean_f1(pred, target):
+    return f1_per_attribute(pred, target).mean().item()
+
+
+def multilabel_probe(ftr, ytr, fva, yva, fte, yte, wds=WDS):
+    """One linear layer, a logistic regression per attribute (BCE); the weight decay with the best
+    mean F1 on the validation split is refitted on train + val and measured on test. -> F1 in %."""
+    mean, std = ftr.mean(0), ftr.std(0) + 1e-6
+    ftr, fva, fte = (ftr - mean) / std, (fva - mean) / std, (fte - mean) / std
+    fit = lambda x, y, wd: fit_logreg(x, y.float(), y.shape[1], wd, loss_fn=F.binary_cross_entropy_with_logits)
+    scores = {}
+    for wd in wds:
+        W, b = fit(ftr, ytr, wd)
+        scores[wd] = 100 * mean_f1(fva @ W + b > 0, yva)
+    best = max(wds, key=lambda wd: (scores[wd], wd))
+    W, b = fit(torch.cat([ftr, fva]), torch.cat([ytr, yva]), best)
+    per_attr = 100 * f1_per_attribute(fte @ W + b > 0, yte)
+    return {"f1": per_attr.mean().item(), "wd": best, "val_f1": scores[best], "f1_per_attribute": per_attr.tolist()}
+
+
+# -----------------------------------------------------------------------------
+# Few-shot episodes (thesis §4.1.2: 5-way 1/5/10-shot, 15 queries per class, 2000 episodes from the
+# test split, a linear head trained 100 epochs by SGD, lr 0.01, weight decay 0.001, batch 4)
+
+def sample_episodes(y, n_episodes, ways=5, shots=1, queries=15, seed=0):
+    """-> support (E, ways * shots) and query (E, ways * queries) indices into y, class-major: in
+    every episode, column c of the support holds class c // shots of its `ways` classes (query:
+    c // queries). Each episode draws `ways` distinct classes, then shots + queries distinct images
+    of each, so no support image is ever a query. Classes with too few images are never drawn."""
+    g = torch.Generator().manual_seed(seed)
+    classes, counts = y.unique(return_counts=True)
+    classes = classes[counts >= shots + queries]
+    if len(classes) < ways:
+        raise data.DataError(f"{ways}-way {shots}-shot needs {ways} classes with >= {shots + queries} "
+                             f"images; found {len(classes)}")
+    members = [(y == c).nonzero().squeeze(1) for c in classes]
+    width = max(len(m) for m in members)
+    table = torch.stack([F.pad(m, (0, width - len(m)), value=-1) for m in members])  # (C, width), -1 = none
+    cls = torch.rand(n_episodes, len(classes), generator=g).argsort(1)[:, :ways]  # (E, ways)
+    cand = table[cls]  # (E, ways, width)
+    keys = torch.rand(cand.shape, generator=g).masked_fill(cand < 0, 2.0)  # padding sorts last
+    pick = cand.gather(2, keys.argsort(2)[:, :, :shots + queries])  # (E, ways, shots + queries), distinct
+    return pick[:, :, :shots].flatten(1), pick[:, :, shots:].flatten(1)
+
+
+def train_heads(fs, ys, n_classes, epochs=100, lr=0.01, wd=0.001, batch=4, seed=0):
+    """A linear head per episode on support features fs (E, S, D) with labels ys (E, S), all E heads
+    at once as one (E, D, n_classes) weight tensor; every episode reshuffles its support each epoch."""
+    E, S, D = fs.shape
+    W = torch.zeros(E, D, n_classes, requires_grad=True)
+    b = torch.zeros(E, 1, n_classes, requires_grad=True)
+    opt = torch.optim.SGD([W, b], lr=lr, weight_decay=wd)
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.arange(E)[:, None]
+    for _ in range(epochs):
+        order = torch.rand(E, S, generator=g).argsort(1)
+        xs, ts = fs[rows, order], ys[rows, order]  # (E, S, D), (E, S): this epoch's order
+        for i in range(0, S, batch):
+            logits = xs[:, i:i + batch] @ W + b  # (E, B, n_classes)
+            # a sum over episodes of each one's mean loss, so every head gets its own SGD step
+            loss = F.cross_entropy(logits.flatten(0, 1), ts[:, i:i + batch].flatten(), reduction="sum")
+            loss = loss / logits.shape[1]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return W.detach(), b.detach()
+
+
+def fewshot_probe(f, y, n_episodes=2000, shots=(1, 5, 10), ways=5, queries=15, seed=0, chunk=1000):
+    """Standardised features f (N, D) of the test split -> accuracy in % per shot count: the mean over
+    episodes and its 95% interval (1.96 standard errors)."""
+    res = {}
+    for k in shots:
+        sup, qry = sample_episodes(y, n_episodes, ways, k, queries, seed)
+        ys = torch.arange(ways).repeat_interleave(k).expand(len(sup), -1)  # (E, ways * shots)
+        yq = torch.arange(ways).repeat_interleave(queries)
+        acc = []
+        for i in range(0, n_episodes, chunk):  # bounds memory: (chunk, ways * queries, D) features
+            W, b = train_heads(f[sup[i:i + chunk]], ys[i:i + chunk], ways, seed=seed)
+            acc.append(((f[qry[i:i + chunk]] @ W + b).argmax(-1) == yq).float().mean(1))
+        acc = 100 * torch.cat(acc)
+        res[f"{k}shot"] = acc.mean().item()
+        res[f"{k}shot_ci95"] = 1.96 * acc.std().item() / math.sqrt(len(acc)) if len(acc) > 1 else float("nan")
+    return res
+
+
+# -----------------------------------------------------------------------------
+# DCI (Eastwood & Williams 2018, "A framework for the quantitative evaluation of disentangled
+# representations"; paper §4.3.2)
+
+def entropy(p, base, dim):
+    """Entropy in the given base of p normalised along dim."""
+    p = p / p.sum(dim, keepdim=True).clamp(min=1e-12)
+    return -(p * p.clamp(min=1e-12).log()).sum(dim) / math.log(base)
+
+
+def dci(ctr, ytr, cte, yte, wd=1e-4):
+    """Codes (N, n_codes) and factor classes (N, n_factors) of a train and a test set -> D, C, I and
+    the importance matrix R (n_codes, n_factors). Factor j's predictor is a multinomial logistic
+    regression on standardised codes; R[i, j] = |weights| of code i summed over j's classes, each
+    column normalised to sum 1 (as the original's tree importances do). I is test accuracy."""
+    mean, std = ctr.mean(0), ctr.std(0) + 1e-6
+    ctr, cte = (ctr - mean) / std, (cte - mean) / std
+    R, acc = [], []
+    for j in range(ytr.shape[1]):
+        n_classes = int(max(ytr[:, j].max(), yte[:, j].max())) + 1
+        W, b = fit_logreg(ctr, ytr[:, j], n_classes, wd)
+        R.append(W.abs().sum(1))
+        acc.append(topk(cte @ W + b, yte[:, j], 1) / 100)
+    R = torch.stack(R, 1)
+    R = R / R.sum(0, keepdim=True).clamp(min=1e-12)
+    n_codes, n_factors = R.shape
+    rho = R.sum(1) / R.sum()  # each code's share of the total importance
+    D = (rho * (1 - entropy(R, n_factors, dim=1))).sum().item()  # does each code capture one factor?
+    C = (1 - entropy(R, n_codes, dim=0)).mean().item()  # is each factor captured by one code?
+    return {"D": D, "C": C, "I": sum(acc) / len(acc), "I_per_factor": acc, "R": R}
+
+
+def save_heatmap(R, names, path):
+    """The importance matrix as a (factors x codes) heat map PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(min(20, 2 + 0.1 * len(R)), 0.4 * len(names) + 1))
+    im = ax.imshow(R.T.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("code")
+    ax.set_title("DCI importance (columns of R sum to 1)")
+    fig.colorbar(im, ax=ax)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+
 def main(argv):
     cfg = configure(argv, DEFAULTS)
+    task = cfg["task"]
+    if task not in TASK_DATA:
+        raise ConfigError(f"task must be one of {', '.join(map(repr, TASK_DATA))}, got {task!r}")
+    if cfg["features"] not in ("pool", "z"):
+        raise ConfigError(f"features must be 'pool' or 'z', got {cfg['features']!r}")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"]
     ck = load_checkpoint(cfg["ckpt"], dev)
     tcfg = ck["config"]
@@ -92,39 +254,62 @@ def main(argv):
     else:
         net.load_state_dict(ck["ema"])
     net = net.to(dev).eval()
-    ds, dd = cfg["dataset"] or tcfg["dataset"], cfg["data_dir"] or tcfg["data_dir"]
-    if ds != "cifar10":
-        raise data.DataError(f"probe.py reads cifar10 so far, got dataset {ds!r}")
-    # the probe trains on the whole training split (train + the held-out val of train.py) and tests on test
-    xtr, ytr, classes = data.load_cifar10(dd, "train", n_val=0)
-    xte, yte, _ = data.load_cifar10(dd, "test")
+    ds = cfg["dataset"] or TASK_DATA[task]
+    if ds != TASK_DATA[task]:
+        raise data.DataError(f"task {task!r} reads {TASK_DATA[task]}, got dataset {ds!r}")
+    dd = cfg["data_dir"] or (tcfg["data_dir"] if tcfg["dataset"] == ds else "")
+    if not dd:
+        raise ConfigError(f"the checkpoint was trained on {tcfg['dataset']}: say where {ds} is with --data_dir")
     which = 0 if cfg["features"] == "pool" else 1
-    if cfg["features"] not in ("pool", "z"):
-        raise ConfigError(f"features must be 'pool' or 'z', got {cfg['features']!r}")
-    ftr = extract_features(net, xtr)[which]
-    fte = extract_features(net, xte)[which]
-    name = f"{cfg['task']} {cfg['features']}{' random-init' if cfg['random'] else ''}"
-    if cfg["task"] == "knn":
+    feats = lambda x: extract_features(net, x)[which]
+    name = f"{task} {cfg['features']}{' random-init' if cfg['random'] else ''}"
+    out = os.path.join(os.path.dirname(cfg["ckpt"]) or ".",
+                       f"probe_{task}_{cfg['features']}{'_random' if cfg['random'] else ''}.json")
+    if ds == "cifar10":
+        # the probe trains on the whole training split (train + the held-out val of train.py) and tests on test
+        xtr, ytr, classes = data.load_cifar10(dd, "train", n_val=0)
+        xte, yte, _ = data.load_cifar10(dd, "test")
+        ftr, fte = feats(xtr), feats(xte)
+    if task == "knn":
         res = {"top1": knn_accuracy(ftr, ytr, fte, yte)}
         summary = f"knn top1 {res['top1']:.2f}"
-    elif cfg["task"] == "linear":
+    elif task == "linear":
         copies = [ftr]
         for c in range(cfg["probe_aug"]):  # crop+flip copies of the training images (paper Table 1)
             rng = data.Rng(cfg["seed"], c, len(xtr))
             xa = (data.augment(xtr, "cropflip", rng) * 255).round().to(torch.uint8)
-            copies.append(extract_features(net, xa)[which])
+            copies.append(feats(xa))
         res = linear_probe(torch.cat(copies), ytr.repeat(len(copies)), fte, yte, len(classes),
                            val_frac=cfg["val_frac"], seed=cfg["seed"], n_orig=len(ftr))
         summary = f"linear top1 {res['top1']:.2f} top5 {res['top5']:.2f}"
-    else:
-        raise ConfigError(f"task must be 'linear' or 'knn', got {cfg['task']!r}")
-    res.update(task=cfg["task"], features=cfg["features"], random_init=cfg["random"], ckpt=cfg["ckpt"],
+    elif task == "fewshot":
+        mean, std = ftr.mean(0), ftr.std(0) + 1e-6
+        res = fewshot_probe((fte - mean) / std, yte, cfg["episodes"], seed=cfg["seed"])
+        res["episodes"] = cfg["episodes"]
+        summary = "fewshot " + " ".join(f"{k}shot {res[f'{k}shot']:.2f}+-{res[f'{k}shot_ci95']:.2f}" for k in (1, 5, 10))
+    elif task == "multilabel":
+        n = cfg["n_images"]
+        xtr, ytr, names = data.load_celeba(dd, "train", tcfg["image_size"], n)
+        xva, yva, _ = data.load_celeba(dd, "val", tcfg["image_size"], n)
+        xte, yte, _ = data.load_celeba(dd, "test", tcfg["image_size"], n)
+        res = multilabel_probe(feats(xtr), ytr, feats(xva), yva, feats(xte), yte)
+        res["attributes"] = names
+        summary = f"multilabel f1 {res['f1']:.2f}"
+    else:  # dci
+        if tcfg["image_size"] != 64:
+            raise data.DataError(f"dSprites images are 64x64, but the checkpoint's image_size is {tcfg['image_size']}")
+        xtr, ctr = data.load_dsprites(dd, "train", cfg["n_images"])
+        xte, cte = data.load_dsprites(dd, "test", cfg["n_images"])
+        res = dci(feats(xtr), ctr, feats(xte), cte)
+        R = res.pop("R")
+        res.update(factors=list(data.DSPRITES_FACTORS), importance=R.tolist(), heatmap=out[:-len(".json")] + ".png")
+        save_heatmap(R, data.DSPRITES_FACTORS, res["heatmap"])
+        summary = f"dci D {res['D']:.2f} C {res['C']:.2f} I {res['I']:.2f}"
+    res.update(task=task, features=cfg["features"], random_init=cfg["random"], ckpt=cfg["ckpt"],
                step=ck["step"], n_train=len(xtr), n_test=len(xte))
-    out = os.path.join(os.path.dirname(cfg["ckpt"]) or ".",
-                       f"probe_{cfg['task']}_{cfg['features']}{'_random' if cfg['random'] else ''}.json")
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
-    print(f"{name}: {json.dumps(res)}")
+    print(f"{name}: {json.dumps({k: v for k, v in res.items() if not isinstance(v, list)})}")  # lists: in the file
     print(summary)
     return res
 

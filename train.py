@@ -38,7 +38,7 @@ eval_interval = 500  # steps between evaluations (kNN, z-gap, sample grid); 0 = 
 ckpt_interval = 500  # steps between checkpoints (and one at the end)
 eval_at_start = True  # evaluate the untrained model too: the baseline every figure is compared with
 # data
-dataset = "cifar10"  # 'cifar10' | 'imagenet'
+dataset = "cifar10"  # 'cifar10' | 'imagenet' | 'dsprites'
 data_dir = "../shared/data/cifar10-subset"  # CIFAR-10 records, ImageFolder layout, or a download target
 download = False  # let torchvision download CIFAR-10 into data_dir (needs internet)
 image_size = 32

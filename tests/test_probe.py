@@ -1,0 +1,235 @@
+"""probe.py: linear / kNN / multi-label / few-shot / DCI on synthetic features with known answers,
+the CelebA reader on a fixture in the real layout, the dSprites reader on the shared copy, and the
+command line end to end on a tiny random-init checkpoint."""
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data  # noqa: E402
+import probe  # noqa: E402
+import train  # noqa: E402
+
+DSPRITES = os.path.join(ROOT, "..", "shared", "data", "dsprites")
+CELEBA_ATTRS = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
+                "Black_Hair Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee "
+                "Gray_Hair Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard "
+                "Oval_Face Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair "
+                "Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young").split()
+
+
+def blobs(n_per, n_classes, dim, sep, seed):
+    """Gaussian clusters: features (n_per * n_classes, dim), labels."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n_classes).repeat_interleave(n_per)
+    mu = torch.randn(n_classes, dim, generator=g) * sep
+    return mu[y] + torch.randn(len(y), dim, generator=g), y
+
+
+# --- linear, kNN ---------------------------------------------------------------
+
+def test_linear_probe_learns_separable_labels_not_shuffled_ones():
+    f, y = blobs(150, 4, 16, 1.0, seed=0)
+    test = torch.arange(len(y)) % 3 == 0
+    ftr, ytr, fte, yte = f[~test], y[~test], f[test], y[test]
+    res = probe.linear_probe(ftr, ytr, fte, yte, 4)
+    assert res["top1"] > 95
+    shuffled = ytr[torch.randperm(len(ytr), generator=torch.Generator().manual_seed(2))]
+    res = probe.linear_probe(ftr, shuffled, fte, yte, 4)
+    assert res["top1"] < 45  # chance is 25
+
+
+def test_knn_on_identical_features_is_perfect():
+    f = torch.randn(60, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 5, (60,), generator=torch.Generator().manual_seed(1))  # random labels: only self-matches help
+    assert train.knn_accuracy(f, y, f, y) == 100.0
+    assert train.knn_accuracy(f, y, f, y.roll(1)) < 60
+
+
+# --- multi-label -----------------------------------------------------------------
+
+def test_mean_f1_hand_computed():
+    target = torch.tensor([[1, 0, 1], [1, 1, 0], [0, 1, 0], [0, 0, 0]])
+    pred = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 1, 0]])
+    # attr 0: TP 1 FP 1 FN 1 -> 2/4; attr 1: TP 2 FP 1 FN 0 -> 4/5; attr 2: TP 0 FN 1 -> 0
+    assert probe.mean_f1(pred, target) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    assert probe.f1_per_attribute(target, target).tolist() == [1.0, 1.0, 1.0]
+    assert probe.f1_per_attribute(torch.zeros(4, 1), torch.zeros(4, 1)).tolist() == [0.0]  # as scikit-learn
+
+
+def test_multilabel_probe_separable():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(900, 16, generator=g)
+    s = x @ torch.randn(16, 6, generator=g)
+    Y = (s > s.quantile(0.8, dim=0)).long()  # 6 attributes, each a half-space holding 20% of the images
+    res = probe.multilabel_probe(x[:600], Y[:600], x[600:750], Y[600:750], x[750:], Y[750:], wds=(1e-5, 1e-3))
+    assert res["f1"] > 90
+    res = probe.multilabel_probe(x[:600], Y[:600].roll(1, 0), x[600:750], Y[600:750], x[750:], Y[750:], wds=(1e-5,))
+    assert res["f1"] < 45  # rows shuffled against features (predicting all positive: 33)
+
+
+def write_celeba(root, colours, partition):
+    """A tiny CelebA in torchvision's layout and the real file formats: 178x218 JPEGs, a count line
+    and a names line above '000001.jpg -1  1 ...' rows, and '000001.jpg 0' partition rows."""
+    d = root / "celeba"
+    (d / "img_align_celeba").mkdir(parents=True)
+    rs = np.random.RandomState(0)
+    attrs = rs.rand(len(colours), 40) < 0.4
+    rows = []
+    for i, (c, a) in enumerate(zip(colours, attrs)):
+        name = f"{i + 1:06d}.jpg"
+        Image.fromarray(np.full((218, 178, 3), c, np.uint8)).save(d / "img_align_celeba" / name, quality=95)
+        rows.append(name + " " + " ".join(f"{1 if v else -1:2d}" for v in a))
+    (d / "list_attr_celeba.txt").write_text(f"{len(colours)}\n{' '.join(CELEBA_ATTRS)} \n" + "\n".join(rows) + "\n")
+    (d / "list_eval_partition.txt").write_text("".join(f"{i + 1:06d}.jpg {p}\n" for i, p in enumerate(partition)))
+    return attrs
+
+
+@pytest.fixture(scope="module")
+def celeba_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("celeba_root")
+    colours = [(20 * i, 255 - 20 * i, 100) for i in range(12)]
+    partition = [0, 0, 1, 0, 2, 0, 0, 1, 2, 0, 1, 2]
+    attrs = write_celeba(root, colours, partition)
+    return str(root), colours, partition, attrs
+
+
+def test_celeba_fixture_round_trip(celeba_dir):
+    root, colours, partition, attrs = celeba_dir
+    for split, code in (("train", 0), ("val", 1), ("test", 2)):
+        x, a, names = data.load_celeba(root, split, image_size=32)
+        rows = [i for i, p in enumerate(partition) if p == code]
+        assert x.shape == (len(rows), 3, 32, 32) and x.dtype == torch.uint8
+        assert names == CELEBA_ATTRS
+        assert a.tolist() == attrs[rows].astype(int).tolist()
+        mean_colour = x.float().mean(dim=(2, 3))
+        assert (mean_colour - torch.tensor([colours[i] for i in rows]).float()).abs().max() < 4  # JPEG loss only
+    assert len(data.load_celeba(root, "train", 16, n=2)[0]) == 2
+
+
+def test_celeba_missing_files_name_the_path_and_layout(tmp_path, celeba_dir):
+    with pytest.raises(data.DataError, match=r"list_attr_celeba\.txt.*img_align_celeba/\*\.jpg"):
+        (tmp_path / "celeba" / "img_align_celeba").mkdir(parents=True)
+        data.load_celeba(str(tmp_path), "train")
+    root = tmp_path / "other"
+    write_celeba(root, [(0, 0, 0)] * 2, [0, 0])
+    os.remove(root / "celeba" / "img_align_celeba" / "000002.jpg")
+    with pytest.raises(data.DataError, match="000002.jpg"):
+        data.load_celeba(str(root), "train")
+
+
+# --- few-shot --------------------------------------------------------------------
+
+def test_episode_sampler_counts_no_overlap_deterministic():
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate([30, 22, 40, 10, 25, 26, 21])])  # class 3 too small
+    y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    ways, shots, queries, E = 5, 5, 15, 300
+    sup, qry = probe.sample_episodes(y, E, ways, shots, queries, seed=1)
+    assert sup.shape == (E, ways * shots) and qry.shape == (E, ways * queries)
+    for s, q in zip(sup.tolist(), qry.tolist()):
+        assert len(set(s) | set(q)) == len(s) + len(q)  # distinct, so no support image is a query
+    ys, yq = y[sup].view(E, ways, shots), y[qry].view(E, ways, queries)
+    assert (ys == ys[:, :, :1]).all() and (yq == ys[:, :, :1]).all()  # class-major blocks agree
+    assert all(len(set(r)) == ways for r in ys[:, :, 0].tolist())  # distinct classes
+    assert (y[sup] != 3).all() and (y[qry] != 3).all()
+    assert len(y[sup].unique()) == 6  # every eligible class turns up
+    assert torch.equal(sup, probe.sample_episodes(y, E, ways, shots, queries, seed=1)[0])
+    assert not torch.equal(sup, probe.sample_episodes(y, E, ways, shots, queries, seed=2)[0])
+    with pytest.raises(data.DataError, match="5 classes"):
+        probe.sample_episodes(y, E, ways, 10, queries)  # only 30 and 40 have >= 25
+
+
+def test_fewshot_separable_features_high_random_features_chance():
+    f, y = blobs(40, 10, 32, 1.5, seed=0)
+    res = probe.fewshot_probe(f, y, n_episodes=100, shots=(1, 5))
+    assert res["1shot"] > 90 and res["5shot"] > 95
+    assert 0 < res["1shot_ci95"] < 3
+    noise = torch.randn(f.shape, generator=torch.Generator().manual_seed(3))
+    res = probe.fewshot_probe(noise, y, n_episodes=100, shots=(5,))
+    assert abs(res["5shot"] - 20) < 5  # 5-way chance
+
+
+# --- DCI -------------------------------------------------------------------------
+
+def test_dci_identity_code_high_rotation_low():
+    g = torch.Generator().manual_seed(0)
+    y = (torch.rand(3000, 4, generator=g) * torch.tensor([3, 4, 5, 4])).long()
+    codes = y.float() + 0.01 * torch.randn(y.shape, generator=g)
+    ident = probe.dci(codes[:2000], y[:2000], codes[2000:], y[2000:])
+    assert ident["D"] > 0.9 and ident["C"] > 0.9 and ident["I"] > 0.95
+    assert ident["R"].shape == (4, 4) and torch.allclose(ident["R"].sum(0), torch.ones(4))
+    Q = torch.linalg.qr(torch.randn(4, 4, generator=g))[0]
+    rot = probe.dci((codes @ Q)[:2000], y[:2000], (codes @ Q)[2000:], y[2000:])
+    assert rot["D"] < 0.5 and rot["D"] < ident["D"] - 0.4
+    assert rot["I"] > 0.95  # the same information, only mixed
+
+
+def test_load_dsprites_splits():
+    xte, cte = data.load_dsprites(DSPRITES, "test")
+    xtr, ctr = data.load_dsprites(DSPRITES, "train", n_val=500)
+    assert xte.shape == (4608, 3, 64, 64) and xte.dtype == torch.uint8 and len(ctr) == 46080 - 4608 - 500
+    assert set(xte[:50].unique().tolist()) == {0, 255} and torch.equal(xte[:, 0], xte[:, 2])
+    assert cte.shape == (4608, 5) and cte.max(0).values.tolist() == [2, 5, 9, 15, 15]
+    key = lambda c: set((c * torch.tensor([2560 * 6, 2560, 256, 16, 1])).sum(1).tolist())  # factors -> grid index
+    assert len(key(cte)) == 4608 and not key(cte) & key(ctr)
+    mass = xte[:, 0].float() / 255  # (N, 64, 64): each image agrees with its factors
+    cx = (mass.sum(1) * torch.arange(64.0)).sum(1) / mass.sum((1, 2))
+    cy = (mass.sum(2) * torch.arange(64.0)).sum(1) / mass.sum((1, 2))
+    corr = lambda a, b: torch.corrcoef(torch.stack([a, b.float()]))[0, 1]
+    assert corr(cx, cte[:, 3]) > 0.95 and corr(cy, cte[:, 4]) > 0.95 and corr(mass.sum((1, 2)), cte[:, 1]) > 0.8
+    x5, c5 = data.load_dsprites(DSPRITES, "test", n=5)
+    assert torch.equal(x5, xte[:5]) and torch.equal(c5, cte[:5])
+    with pytest.raises(data.DataError, match="dsprites_downsampled.npz"):
+        data.load_dsprites(ROOT, "test")
+
+
+# --- command line ----------------------------------------------------------------
+
+def make_ckpt(path, image_size):
+    cfg = dict(train.DEFAULTS, image_size=image_size, z_dim=16, dataset="cifar10", data_dir="nowhere")
+    torch.manual_seed(0)
+    torch.save({"config": cfg, "ema": train.build_model(cfg).state_dict(), "step": 0}, path)
+    return str(path)
+
+
+def last_line(capsys):
+    return capsys.readouterr().out.strip().splitlines()[-1]
+
+
+@pytest.mark.filterwarnings("ignore:.*partial copy")
+def test_cli_fewshot_multilabel_dci(tmp_path, capsys, celeba_dir):
+    cifar = tmp_path / "cifar"
+    rs = np.random.RandomState(0)
+    for split, n in (("train", 2), ("test", 25)):
+        for c in range(6):
+            (cifar / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                img = (rs.rand(32, 32, 3) * 60 + c * 35).astype(np.uint8)
+                Image.fromarray(img).save(cifar / split / f"c{c}" / f"{i}.png")
+    ck32 = make_ckpt(tmp_path / "ck32.pt", 32)
+    probe.main([f"--ckpt={ck32}", "--task=fewshot", "--episodes=20", f"--data_dir={cifar}", "--features=z"])
+    acc = r"\d+\.\d\d\+-\d+\.\d\d"
+    assert re.fullmatch(f"fewshot 1shot {acc} 5shot {acc} 10shot {acc}", last_line(capsys))
+    assert json.load(open(tmp_path / "probe_fewshot_z.json"))["episodes"] == 20
+
+    probe.main([f"--ckpt={ck32}", "--task=multilabel", f"--data_dir={celeba_dir[0]}"])
+    assert re.fullmatch(r"multilabel f1 [\d.]+", last_line(capsys))
+    assert len(json.load(open(tmp_path / "probe_multilabel_pool.json"))["f1_per_attribute"]) == 40
+    with pytest.raises(data.DataError, match="celeba"):
+        probe.main([f"--ckpt={ck32}", "--task=multilabel", f"--data_dir={tmp_path}"])
+    with pytest.raises(train.ConfigError, match="--data_dir"):
+        probe.main([f"--ckpt={ck32}", "--task=dci"])
+
+    ck64 = make_ckpt(tmp_path / "ck64.pt", 64)
+    probe.main([f"--ckpt={ck64}", "--task=dci", "--n_images=40", f"--data_dir={DSPRITES}", "--features=z"])
+    assert re.fullmatch(r"dci D [\d.]+ C [\d.]+ I [\d.]+", last_line(capsys))
+    res = json.load(open(tmp_path / "probe_dci_z.json"))
+    assert np.array(res["importance"]).shape == (16, 5) and res["n_train"] == 40
+    assert os.path.getsize(tmp_path / "probe_dci_z.png") > 1000
