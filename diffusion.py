@@ -53,9 +53,10 @@ def abar_inverted(u, base=abar_cosine, iters=60):
     return (lo + hi) / 2
 
 
-def get_schedule(name):
+def get_schedule(name, shift=0.0):
     """name -> function u -> logsnr. 'linear' | 'cosine' | 'sigmoid' | 'inverted' (= inverted
-    cosine) | 'inverted_<base>'."""
+    cosine) | 'inverted_<base>'. shift adds a constant to logsnr (negative: noisier), as the
+    shifted schedules of Hoogeboom et al. 2023 ("simple diffusion")."""
     if name == "inverted":
         name = "inverted_cosine"
     if name.startswith("inverted_") and name[9:] in BASES:
@@ -68,7 +69,7 @@ def get_schedule(name):
 
     def logsnr_fn(u):
         abar = abar_fn(u.double()).clamp(1e-20, 1 - 1e-16)
-        return (abar.log() - (-abar).log1p()).clamp(LOGSNR_MIN, LOGSNR_MAX).float()
+        return (abar.log() - (-abar).log1p() + shift).clamp(LOGSNR_MIN, LOGSNR_MAX).float()
     return logsnr_fn
 
 
@@ -213,4 +214,5 @@ def plot_schedules(path="schedules.png", n=200_000):
 
 
 if __name__ == "__main__":
-    print(plot_schedules())
+    import sys
+    print(plot_schedules(*sys.argv[1:2]))

@@ -56,6 +56,7 @@ agg = "mean"  # aggregation of k source views: 'mean' | 'transformer'
 ray_freqs = 0  # ray positional-encoding frequencies for posed 3D views (0: no poses)
 # SODA training (§3.2.1, §3.4)
 schedule = "inverted"  # training noise schedule: diffusion.get_schedule name
+logsnr_shift = 0.0  # added to the training schedule's log-SNR (negative: more noise)
 p_mask_layer = 0.1  # probability of zeroing each section of z (layer masking)
 p_uncond = 0.1  # probability of zeroing all of z (classifier-free guidance dropout)
 enc_noise = 0.05  # std of the Gaussian noise on the encoder input ([-1, 1] images)
@@ -84,6 +85,10 @@ channels_last = False  # NHWC memory layout for convolutions
 threads = 0  # CPU threads for torch (0: torch's default)
 seed = 0
 peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = look up bf16 peak by GPU name
+# benchmark (configs/bench.py): synthetic images, no data directory, no checkpoint
+bench_iters = 0  # > 0: time this many training steps after bench_warmup, then DDIM sampling, and exit
+bench_warmup = 5
+bench_sample_n = 64  # images sampled with DDIM for the sampling figure
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 DEFAULTS = {k: globals()[k] for k in config_keys}  # main() overwrites the globals; these stay
 # -----------------------------------------------------------------------------
@@ -241,12 +246,17 @@ def main(argv):
     say = print if master else (lambda *a, **k: None)
 
     # --- data: the training split, and a validation split held out of it for the kNN / z-gap checks
-    train_set = data.load(dataset, data_dir, "train", image_size, download, n_val, seed)
+    if bench_iters > 0:  # synthetic uint8 images of the dataset's shape
+        n_syn = max(4096, 2 * global_batch)
+        train_set = (torch.randint(0, 256, (n_syn, 3, image_size, image_size), dtype=torch.uint8),
+                     torch.randint(0, 10, (n_syn,)))
+    else:
+        train_set = data.load(dataset, data_dir, "train", image_size, download, n_val, seed)
     in_memory = isinstance(train_set, tuple)
     if in_memory:
         x_train, y_train = (t.to(dev) for t in train_set)
         n_train = len(x_train)
-        x_val, y_val = data.load(dataset, data_dir, "val", image_size, download, n_val, seed)
+        x_val, y_val = train_set if bench_iters else data.load(dataset, data_dir, "val", image_size, download, n_val, seed)
     else:
         n_train, y_train = len(train_set), train_set.targets
         x_val = y_val = None  # ImageNet: the kNN check uses probe.py on the val folder instead
@@ -294,7 +304,7 @@ def main(argv):
     net = torch.compile(raw) if compile else raw
     if ddp:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev] if cuda else None)
-    schedule_fn = D.get_schedule(schedule)
+    schedule_fn = D.get_schedule(schedule, logsnr_shift)
 
     def lr_at(it):
         if it < warmup_iters:
@@ -328,6 +338,37 @@ def main(argv):
         if views == "class":
             other = x_train[data.class_partners(idx.cpu(), y_train.cpu(), rng).to(dev)]
         return data.make_views(xb, views, aug, rng, other)
+
+    ema_params, raw_params = list(ema.parameters()), list(raw.parameters())
+
+    def train_step(it):
+        """One optimisation step. Every random number in it comes from (seed, it): the global RNG
+        too (dropout), reseeded per step and rank."""
+        torch.manual_seed(seed * 1_000_003 + it * world + rank + 1)
+        rng = data.Rng(seed, it, global_batch, rows, dev)
+        xb, _, idx = get_batch(it)
+        x_src, x_tgt = views_of(xb, idx, rng)
+        x_src = x_src + enc_noise * rng.randn(*x_src.shape[1:])  # low noise on the encoder input (§3.4)
+        keep = raw.draw_keep(rng.rand)
+        u, eps = rng.rand(), rng.randn(*x_tgt.shape[1:])
+        if channels_last:
+            x_src, x_tgt = x_src.contiguous(memory_format=mem), x_tgt.contiguous(memory_format=mem)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(it) * group["lr_mult"]
+        with autocast():
+            loss = D.loss(net, x_src, x_tgt, schedule_fn, u=u, eps=eps, keep=keep)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw_params, grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # EMA with a half-life in images; ramped up early so short runs get a useful EMA (EDM)
+        half = ema_halflife_kimg * 1000
+        if ema_rampup > 0:
+            half = min(half, (it + 1) * global_batch * ema_rampup)
+        beta = 0.5 ** (global_batch / max(half, 1e-8))
+        torch._foreach_lerp_(ema_params, raw_params, 1 - beta)
+        return loss.detach()
 
     # --- evaluation: kNN on the held-out split, the z-gap, a sample grid
     fixed = None
@@ -391,6 +432,9 @@ def main(argv):
         flops_per_img = count_flops(raw, image_size, dev, autocast)
     peak = peak_flops or next((v for k, v in GPU_PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name(dev)), 0.0)
 
+    if bench_iters > 0:
+        return bench(train_step, get_batch, views_of, ema, x_train, dev, global_batch, flops_per_img, peak, C)
+
     # --- the loop
     from tqdm import tqdm
     if eval_at_start and step == 0 and master:
@@ -404,35 +448,10 @@ def main(argv):
     loss_sum = torch.zeros((), device=dev)
     raw.train()
     while step < max_iters:
-        # every random number of this step comes from (seed, step); the global RNG too, for dropout
-        torch.manual_seed(seed * 1_000_003 + step * world + rank + 1)
-        rng = data.Rng(seed, step, global_batch, rows, dev)
-        xb, yb, idx = get_batch(step)
-        x_src, x_tgt = views_of(xb, idx, rng)
-        x_src = x_src + enc_noise * rng.randn(*x_src.shape[1:])  # low noise on the encoder input (§3.4)
-        keep = raw.draw_keep(rng.rand)
-        u, eps = rng.rand(), rng.randn(*x_tgt.shape[1:])
-        if channels_last:
-            x_src, x_tgt = x_src.contiguous(memory_format=mem), x_tgt.contiguous(memory_format=mem)
+        loss = train_step(step)
+        bad = torch.where((bad < 0) & ~torch.isfinite(loss), step, bad)
+        loss_sum += loss
         lr_now = lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now * group["lr_mult"]
-        with autocast():
-            loss = D.loss(net, x_src, x_tgt, schedule_fn, u=u, eps=eps, keep=keep)
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        # EMA with a half-life in images; ramped up early so short runs get a useful EMA (EDM)
-        seen = (step + 1) * global_batch
-        half = ema_halflife_kimg * 1000
-        if ema_rampup > 0:
-            half = min(half, seen * ema_rampup)
-        beta = 0.5 ** (global_batch / max(half, 1e-8))
-        torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - beta)
-        bad = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), step, bad)
-        loss_sum += loss.detach()
         step += 1
         bar.update(1)
 
@@ -469,6 +488,56 @@ def main(argv):
     if ddp:
         torch.distributed.destroy_process_group()
     say(f"done: {step} steps; checkpoint {os.path.join(out_dir, 'ckpt.pt')}")
+
+
+def bench(train_step, get_batch, views_of, ema, x_train, dev, global_batch, flops_per_img, peak, C):
+    """Throughput of the training step, of the data pipeline alone, and of DDIM sampling; one line
+    and out_dir/bench.json. Timed between device syncs, after warm-up steps (compile happens there)."""
+    cuda = dev.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    w, n = C["bench_warmup"], C["bench_iters"]
+    for it in range(w):
+        train_step(it)
+    sync()
+    t = time.perf_counter()
+    for it in range(w, w + n):
+        loss = train_step(it)
+    loss.item()
+    sync()
+    train_ips = n * global_batch / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for it in range(n):  # gather + augment, the same work as in train_step, without the model
+        xb, _, idx = get_batch(it)
+        views_of(xb, idx, data.Rng(C["seed"], it, global_batch, slice(0, C["batch_size"]), dev))
+    sync()
+    data_ips = n * global_batch / (time.perf_counter() - t)
+    x = x_train[: C["bench_sample_n"]].float() / 127.5 - 1
+    t = time.perf_counter()
+    with torch.no_grad(), torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16,
+                                         enabled=cuda and C["dtype"] == "bfloat16"):
+        D.ddim(ema, ema.encode(x), x.shape, steps=C["sample_steps"], schedule=C["sample_schedule"],
+               generator=torch.Generator(dev).manual_seed(0))
+    sync()
+    sample_s = time.perf_counter() - t
+    if cuda:
+        mem_gb = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        import resource
+        mem_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    res = {"train_img_s": train_ips, "data_img_s": data_ips, "sample_s": sample_s,
+           "sample_img_steps_s": len(x) * C["sample_steps"] / sample_s, "peak_mem_gb": mem_gb,
+           "mfu": flops_per_img * train_ips / peak if flops_per_img and peak else None,
+           "device": torch.cuda.get_device_name(dev) if cuda else f"cpu x{torch.get_num_threads()} threads",
+           **{k: C[k] for k in ("encoder", "unet", "batch_size", "compile", "channels_last", "dtype", "threads")}}
+    with open(os.path.join(C["out_dir"], "bench.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    mfu = f" mfu {res['mfu']:.1%}" if res["mfu"] else ""
+    print(f"bench: train {train_ips:.1f} img/s | data {data_ips:.0f} img/s | DDIM {len(x)} images x "
+          f"{C['sample_steps']} steps {sample_s:.1f} s ({res['sample_img_steps_s']:.0f} img-steps/s) | "
+          f"peak mem {mem_gb:.2f} GB{mfu} | {res['device']}")
+    return res
 
 
 class StepBatches(torch.utils.data.Sampler):

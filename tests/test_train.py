@@ -254,3 +254,13 @@ def test_cpu_stand_ins_for_gpu_switches(cifar_dir, tmp_path):
     assert ck["step"] == 2 and not any(k.startswith("_orig_mod") for k in ck["model"])
     log = [l for l in (tmp_path / "log.jsonl").read_text().splitlines() if '"loss"' in l]
     assert log and all("NaN" not in l for l in log)
+
+
+def test_bench_mode_reports_throughput(tmp_path):
+    """configs/bench.py on top of the teaching config: synthetic data, no data directory needed."""
+    argv = [os.path.join(ROOT, "configs", "cifar10_cpu.py"), os.path.join(ROOT, "configs", "bench.py"),
+            f"--out_dir={tmp_path}", "--data_dir=/nonexistent", "--bench_iters=2", "--bench_warmup=1",
+            "--sample_steps=2", "--bench_sample_n=4", "--threads=1"]
+    res = train.main(argv)
+    assert res["train_img_s"] > 0 and res["data_img_s"] > 0 and res["sample_s"] > 0
+    assert os.path.isfile(tmp_path / "bench.json") and not os.path.exists(tmp_path / "ckpt.pt")
