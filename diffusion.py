@@ -79,18 +79,25 @@ def q_sample(x_0, logsnr, eps):
     return abar.sqrt() * x_0 + (1 - abar).sqrt() * eps
 
 
-def loss(model, x_src, x_tgt, schedule, u=None, eps=None, **cond):
+def loss(model, x_src, x_tgt, schedule, u=None, eps=None, weighting="eps", **cond):
     """The eps-MSE of §3.4 on the target view x_tgt, the model conditioned on the source view x_src.
     u ~ U[0, 1] (the schedule decides which noise levels that means) and eps ~ N(0, I) are drawn
     here unless given (train.py gives them, to make DDP and resume exact). The model may run in
-    bf16 under autocast; the noise and the loss are fp32."""
+    bf16 under autocast; the noise and the loss are fp32. weighting='v' scales each image's
+    eps-MSE by 1 / abar = (1 + SNR) / SNR, the v-prediction loss (Salimans & Ho 2022): more weight
+    on high noise, where the decoder must lean on z."""
     B = x_tgt.shape[0]
     u = torch.rand(B, device=x_tgt.device) if u is None else u
     eps = torch.randn_like(x_tgt, dtype=torch.float32) if eps is None else eps.float()
     logsnr = schedule(u)
     x_t = q_sample(x_tgt.float(), logsnr, eps)
     eps_hat = model(x_t, logsnr, x_src, **cond)
-    return F.mse_loss(eps_hat.float(), eps)
+    if weighting == "eps":
+        return F.mse_loss(eps_hat.float(), eps)
+    if weighting != "v":
+        raise ValueError(f"weighting must be 'eps' or 'v', got {weighting!r}")
+    per_image = (eps_hat.float() - eps).pow(2).mean(dim=(1, 2, 3))
+    return (per_image * (1 + torch.exp(-logsnr))).mean()
 
 
 # -----------------------------------------------------------------------------

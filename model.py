@@ -304,9 +304,9 @@ class SODA(nn.Module):
     for the target rays. During training, forward() draws that dropout unless given."""
 
     def __init__(self, encoder, unet, z_dim=128, image_size=32, cond="mod", n_tokens=8, agg="mean",
-                 ray_freqs=0, p_mask_layer=0.0, p_uncond=0.0, p_uncond_pose=0.0):
+                 ray_freqs=0, p_mask_layer=0.0, p_uncond=0.0, p_uncond_pose=0.0, z_norm=False):
         super().__init__()
-        self.ray_freqs = ray_freqs
+        self.ray_freqs, self.z_norm = ray_freqs, z_norm
         self.p_mask_layer, self.p_uncond, self.p_uncond_pose = p_mask_layer, p_uncond, p_uncond_pose
         rc = ray_channels(ray_freqs)  # rays concatenated to the RGB channels (§3.3 "Perspective")
         self.encoder = Encoder(z_dim, in_ch=3 + rc, image_size=image_size, **encoder)
@@ -342,6 +342,9 @@ class SODA(nn.Module):
 
     def denoise(self, x_t, logsnr, z, keep=None, rays_tgt=None, keep_pose=None):
         """eps_hat for noisy targets x_t at noise level logsnr (B,), given a latent z."""
+        if self.z_norm:  # each section to unit scale before the (zero-init) modulation; per section,
+            # so a masked section cannot leak through shared statistics
+            z = torch.cat([F.layer_norm(t, t.shape[1:]) for t in z.split(self.unet.sec_dims, dim=1)], dim=1)
         if keep is not None:
             z = self.mask_z(z, keep)
         if self.ray_freqs:

@@ -54,9 +54,11 @@ cond = "mod"  # 'mod' (layer modulation) | 'xattn' (cross-attention) | 'emb' (z 
 n_tokens = 8  # tokens of z for cond='xattn'
 agg = "mean"  # aggregation of k source views: 'mean' | 'transformer'
 ray_freqs = 0  # ray positional-encoding frequencies for posed 3D views (0: no poses)
+z_norm = False  # layer-normalise z on its way into the decoder (the encoder's z is unchanged)
 # SODA training (§3.2.1, §3.4)
 schedule = "inverted"  # training noise schedule: diffusion.get_schedule name
 logsnr_shift = 0.0  # added to the training schedule's log-SNR (negative: more noise)
+weighting = "eps"  # 'eps' (the paper's plain eps-MSE) | 'v' (eps-MSE / abar: more weight on high noise)
 p_mask_layer = 0.1  # probability of zeroing each section of z (layer masking)
 p_uncond = 0.1  # probability of zeroing all of z (classifier-free guidance dropout)
 enc_noise = 0.05  # std of the Gaussian noise on the encoder input ([-1, 1] images)
@@ -171,7 +173,7 @@ def build_model(cfg):
     return M.build(cfg["encoder"], cfg["unet"], z_dim=cfg["z_dim"], image_size=cfg["image_size"],
                    cond=cfg["cond"], n_tokens=cfg["n_tokens"], agg=cfg["agg"], ray_freqs=cfg["ray_freqs"],
                    p_mask_layer=cfg["p_mask_layer"], p_uncond=cfg["p_uncond"],
-                   p_uncond_pose=cfg.get("p_uncond_pose", 0.0))
+                   p_uncond_pose=cfg.get("p_uncond_pose", 0.0), z_norm=cfg.get("z_norm", False))
 
 
 def model_from_checkpoint(path, device="cpu", which="ema"):
@@ -356,7 +358,7 @@ def main(argv):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it) * group["lr_mult"]
         with autocast():
-            loss = D.loss(net, x_src, x_tgt, schedule_fn, u=u, eps=eps, keep=keep)
+            loss = D.loss(net, x_src, x_tgt, schedule_fn, u=u, eps=eps, weighting=weighting, keep=keep)
         loss.backward()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_params, grad_clip)

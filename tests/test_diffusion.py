@@ -423,3 +423,26 @@ def test_plot_schedules_writes_png(tmp_path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 5000
+
+
+def test_v_weighting_is_eps_mse_over_abar():
+    class Zero(torch.nn.Module):
+        def forward(self, x_t, logsnr, x_src, **k):
+            return torch.zeros_like(x_t)
+    x = torch.randn(3, 3, 4, 4)
+    u, eps = torch.tensor([0.2, 0.5, 0.8]), torch.randn(3, 3, 4, 4)
+    sched = D.get_schedule("cosine")
+    plain = D.loss(Zero(), x, x, sched, u=u, eps=eps)
+    v = D.loss(Zero(), x, x, sched, u=u, eps=eps, weighting="v")
+    per_image = eps.pow(2).mean(dim=(1, 2, 3))
+    abar = torch.sigmoid(sched(u))
+    torch.testing.assert_close(plain, per_image.mean())
+    torch.testing.assert_close(v, (per_image / abar).mean(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        D.loss(Zero(), x, x, sched, u=u, eps=eps, weighting="x0")
+
+
+def test_logsnr_shift_moves_the_schedule():
+    u = torch.linspace(0.05, 0.95, 19)
+    base, shifted = D.get_schedule("inverted")(u), D.get_schedule("inverted", shift=-2.0)(u)
+    torch.testing.assert_close(shifted, base - 2.0)

@@ -414,3 +414,21 @@ def test_few_adam_steps_lower_loss():
     with torch.no_grad():
         final = objective().item()
     assert final < 0.8 * first.item(), (first.item(), final)
+
+
+def test_z_norm_keeps_masking_exact_and_scales_z():
+    """z_norm normalises each section of z before masking: a masked section still has no
+    influence, and the decoder sees the same thing for z and 10 z (unit scale)."""
+    m = make(z_norm=True)
+    secs = _sections(m)
+    x, logsnr, g = inputs()
+    z = torch.randn(2, Z, generator=g)
+    keep = torch.ones(2, len(secs))
+    keep[:, 0] = 0
+    with torch.no_grad():
+        a = m.denoise(x, logsnr, z, keep)
+        z2 = z.clone()
+        z2[:, secs[0]] = torch.randn(2, secs[0].stop - secs[0].start, generator=g)
+        torch.testing.assert_close(m.denoise(x, logsnr, z2, keep), a)
+        torch.testing.assert_close(m.denoise(x, logsnr, 10 * z, keep), a, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(m.denoise(x, logsnr, z, torch.ones_like(keep)), a, atol=1e-4)
