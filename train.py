@@ -279,12 +279,11 @@ def main(argv):
     say(f"model: encoder {encoder} {n_enc / 1e6:.2f}M, unet {unet} {(n_all - n_enc) / 1e6:.2f}M params, "
         f"z_dim {z_dim}, cond {cond}, {raw.n_sections} sections")
     enc_ids = {id(p) for p in raw.encoder.parameters()}
-    groups = [
-        {"params": [p for p in raw.parameters() if id(p) in enc_ids and p.dim() > 1], "lr_mult": enc_lr_mult, "weight_decay": weight_decay},
-        {"params": [p for p in raw.parameters() if id(p) in enc_ids and p.dim() <= 1], "lr_mult": enc_lr_mult, "weight_decay": 0.0},
-        {"params": [p for p in raw.parameters() if id(p) not in enc_ids and p.dim() > 1], "lr_mult": 1.0, "weight_decay": weight_decay},
-        {"params": [p for p in raw.parameters() if id(p) not in enc_ids and p.dim() <= 1], "lr_mult": 1.0, "weight_decay": 0.0},
-    ]
+    def group(in_encoder, decay):  # the encoder at lr * enc_lr_mult (§3.4); no decay on gains and biases
+        params = [p for p in raw.parameters() if (id(p) in enc_ids) == in_encoder and (p.dim() > 1) == decay]
+        return {"params": params, "lr_mult": enc_lr_mult if in_encoder else 1.0,
+                "weight_decay": weight_decay if decay else 0.0}
+    groups = [group(e, d) for e in (True, False) for d in (True, False)]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), fused=cuda)
     step = 0
     if init_from == "resume":
