@@ -247,11 +247,9 @@ def main(argv):
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"]
     ck = load_checkpoint(cfg["ckpt"], dev)
     tcfg = ck["config"]
+    torch.manual_seed(cfg["seed"])  # --random=True: this seed's init is the baseline
     net = build_model(tcfg)
-    if cfg["random"]:
-        torch.manual_seed(cfg["seed"])
-        net = build_model(tcfg)
-    else:
+    if not cfg["random"]:
         net.load_state_dict(ck["ema"])
     net = net.to(dev).eval()
     ds = cfg["dataset"] or TASK_DATA[task]

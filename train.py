@@ -390,11 +390,14 @@ def main(argv):
         out["knn"] = knn_accuracy(ftr, y_train.cpu(), fva, y_val)
         f_src, f_tgt, u, eps = fixed
         B, S = len(f_src), ema.n_sections
-        x_t = D.q_sample(f_tgt, schedule_fn(u), eps)
+        logsnr = schedule_fn(u)
+        x_t = D.q_sample(f_tgt, logsnr, eps)
+        with autocast():
+            z = ema.encode(f_src)
         losses = []
         for keep in (torch.ones(B, S, device=dev), torch.zeros(B, S, device=dev)):
             with autocast():
-                eps_hat = ema.denoise(x_t, schedule_fn(u), ema.encode(f_src), keep)
+                eps_hat = ema.denoise(x_t, logsnr, z, keep)
             losses.append(F.mse_loss(eps_hat.float(), eps).item())
         out["loss_z"], out["zgap"] = losses[0], losses[1] - losses[0]  # > 0: the decoder uses z
         n = 8
