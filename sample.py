@@ -174,13 +174,14 @@ def save_grid(path, images, row_labels, col_labels=()):
     return path
 
 
-def save_gif(path, frames, ms=150):
-    """frames (T, 3, H, W) in [-1, 1] -> a looping GIF, there and back, enlarged to >= 128 px."""
+def save_gif(path, frames, ms=150, bounce=True):
+    """frames (T, 3, H, W) in [-1, 1] -> a looping GIF (there and back if bounce), enlarged to >= 128 px."""
     from PIL import Image
     s = max(1, 128 // frames.shape[-1])
     u8 = (to_unit(frames) * 255).round().to(torch.uint8).repeat_interleave(s, -1).repeat_interleave(s, -2)
     imgs = [Image.fromarray(f.permute(1, 2, 0).cpu().numpy()) for f in u8]
-    imgs = imgs + imgs[-2:0:-1]
+    if bounce:
+        imgs = imgs + imgs[-2:0:-1]
     imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=ms, loop=0)
     return path
 

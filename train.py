@@ -38,11 +38,13 @@ eval_interval = 500  # steps between evaluations (kNN, z-gap, sample grid); 0 = 
 ckpt_interval = 500  # steps between checkpoints (and one at the end)
 eval_at_start = True  # evaluate the untrained model too: the baseline every figure is compared with
 # data
-dataset = "cifar10"  # 'cifar10' | 'imagenet' | 'dsprites'
+dataset = "cifar10"  # 'cifar10' | 'imagenet' | 'dsprites' | multi-view: 'cars3d' | 'nmr' | 'srn'
 data_dir = "../shared/data/cifar10-subset"  # CIFAR-10 records, ImageFolder layout, or a download target
 download = False  # let torchvision download CIFAR-10 into data_dir (needs internet)
 image_size = 32
 views = "augment"  # 'augment' (two augmentations: novel views) | 'identical' (auto-encoding) | 'class'
+# (multi-view datasets always give 'multiview' batches: k posed source views + 1 posed target view)
+k_max = 2  # multi-view: each step uses k = 1..k_max source views of an object (§3.3 "Cardinality")
 aug = "cropflip"  # 'none' | 'cropflip' | 'simclr' | 'randaugment'
 n_val = 500  # images held out of the training set for the kNN check and the z-gap
 num_workers = 4  # DataLoader workers (image-folder datasets only)
@@ -61,6 +63,7 @@ logsnr_shift = 0.0  # added to the training schedule's log-SNR (negative: more n
 weighting = "eps"  # 'eps' (the paper's plain eps-MSE) | 'v' (eps-MSE / abar: more weight on high noise)
 p_mask_layer = 0.1  # probability of zeroing each section of z (layer masking)
 p_uncond = 0.1  # probability of zeroing all of z (classifier-free guidance dropout)
+p_uncond_pose = 0.1  # multi-view: probability of zeroing the target's rays, independently (§3.3 "Guidance")
 enc_noise = 0.05  # std of the Gaussian noise on the encoder input ([-1, 1] images)
 # optimizer
 batch_size = 64  # per process; the global batch is batch_size * world_size
@@ -173,7 +176,7 @@ def build_model(cfg):
     return M.build(cfg["encoder"], cfg["unet"], z_dim=cfg["z_dim"], image_size=cfg["image_size"],
                    cond=cfg["cond"], n_tokens=cfg["n_tokens"], agg=cfg["agg"], ray_freqs=cfg["ray_freqs"],
                    p_mask_layer=cfg["p_mask_layer"], p_uncond=cfg["p_uncond"],
-                   p_uncond_pose=cfg.get("p_uncond_pose", 0.0), z_norm=cfg.get("z_norm", False))
+                   p_uncond_pose=cfg["p_uncond_pose"] if cfg["ray_freqs"] else 0.0, z_norm=cfg.get("z_norm", False))
 
 
 def model_from_checkpoint(path, device="cpu", which="ema"):
@@ -248,14 +251,23 @@ def main(argv):
     say = print if master else (lambda *a, **k: None)
 
     # --- data: the training split, and a validation split held out of it for the kNN / z-gap checks
-    if bench_iters > 0:  # synthetic uint8 images of the dataset's shape
+    multiview = dataset in data.MULTIVIEW and bench_iters == 0
+    if multiview:  # posed views of objects; the unseen test objects give the evaluation grid
+        if not ray_freqs:
+            raise ConfigError(f"dataset {dataset!r} has camera poses: set ray_freqs > 0 so the model sees them")
+        mv_train = data.load_multiview(dataset, data_dir, "train", image_size)
+        mv_val = data.load_multiview(dataset, data_dir, "test", image_size)
+        train_set = None
+    elif bench_iters > 0:  # synthetic uint8 images of the dataset's shape
         n_syn = max(4096, 2 * global_batch)
         train_set = (torch.randint(0, 256, (n_syn, 3, image_size, image_size), dtype=torch.uint8),
                      torch.randint(0, 10, (n_syn,)))
     else:
         train_set = data.load(dataset, data_dir, "train", image_size, download, n_val, seed)
     in_memory = isinstance(train_set, tuple)
-    if in_memory:
+    if multiview:  # batches come from data.multiview_batch; an "epoch" counts train_images images
+        n_train = mv_train.images.shape[0] * mv_train.images.shape[1]
+    elif in_memory:
         x_train, y_train = (t.to(dev) for t in train_set)
         n_train = len(x_train)
         x_val, y_val = train_set if bench_iters else data.load(dataset, data_dir, "val", image_size, download, n_val, seed)
@@ -267,6 +279,9 @@ def main(argv):
         raise data.DataError(f"the global batch ({global_batch}) is larger than the training set ({n_train})")
     say(f"data: {dataset} {n_train:,} train images, global batch {global_batch} "
         f"({batch_size} x {world} processes), {steps_per_epoch} steps per epoch")
+    if multiview:
+        say(f"multi-view: {mv_train.images.shape[0]} train objects x {mv_train.images.shape[1]} views, "
+            f"1..{k_max} source views per step; {mv_val.images.shape[0]} unseen objects for the eval grid")
 
     # --- model, EMA, optimizer (identical init on every rank: seeded before building)
     torch.manual_seed(seed)
@@ -316,7 +331,7 @@ def main(argv):
         return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
     # --- batches: a function of (seed, step) alone, so resume replays exactly
-    if not in_memory:
+    if not in_memory and not multiview:
         loader_iter = iter(torch.utils.data.DataLoader(
             train_set, batch_sampler=StepBatches(n_train, global_batch, rows, seed, step, max_iters),
             num_workers=num_workers, pin_memory=cuda, persistent_workers=num_workers > 0,
@@ -347,17 +362,23 @@ def main(argv):
         too (dropout), reseeded per step and rank."""
         torch.manual_seed(seed * 1_000_003 + it * world + rank + 1)
         rng = data.Rng(seed, it, global_batch, rows, dev)
-        xb, _, idx = get_batch(it)
-        x_src, x_tgt = views_of(xb, idx, rng)
+        cond = {}
+        if multiview:  # k source views + a target view of one object, with their rays
+            k = 1 + rng.shared_randint(k_max)
+            x_src, rays_src, x_tgt, rays_tgt = data.multiview_batch(mv_train, k, rng)
+            cond = dict(rays_src=rays_src, rays_tgt=rays_tgt, keep_pose=raw.draw_keep_pose(rng.rand))
+        else:
+            xb, _, idx = get_batch(it)
+            x_src, x_tgt = views_of(xb, idx, rng)
         x_src = x_src + enc_noise * rng.randn(*x_src.shape[1:])  # low noise on the encoder input (§3.4)
         keep = raw.draw_keep(rng.rand)
         u, eps = rng.rand(), rng.randn(*x_tgt.shape[1:])
-        if channels_last:
+        if channels_last and not multiview:
             x_src, x_tgt = x_src.contiguous(memory_format=mem), x_tgt.contiguous(memory_format=mem)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it) * group["lr_mult"]
         with autocast():
-            loss = D.loss(net, x_src, x_tgt, schedule_fn, u=u, eps=eps, weighting=weighting, keep=keep)
+            loss = D.loss(net, x_src, x_tgt, schedule_fn, u=u, eps=eps, weighting=weighting, keep=keep, **cond)
         loss.backward()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_params, grad_clip)
@@ -372,39 +393,45 @@ def main(argv):
         return loss.detach()
 
     # --- evaluation: kNN on the held-out split, the z-gap, a sample grid
-    fixed = None
-    if in_memory:
+    fixed = None  # 64 fixed (source, target, u, eps, source rays, target rays) for the z-gap and the grid
+    if multiview:  # one source view of an unseen object -> another view of it
+        frng = data.Rng(seed, -1, 64, device=dev)
+        xs, rs, xt, rt = data.multiview_batch(mv_val, 1, frng)
+        fixed = (xs[:, 0], xt, frng.rand(), frng.randn(3, image_size, image_size), rs[:, 0], rt)
+    elif in_memory:
         fx = x_val[:64].to(dev)
         frng = data.Rng(seed, -1, len(fx), device=dev)
         f_src, f_tgt = data.make_views(fx, views if views != "class" else "identical", aug, frng)
-        fixed = (f_src, f_tgt, frng.rand(), frng.randn(3, image_size, image_size))
+        fixed = (f_src, f_tgt, frng.rand(), frng.randn(3, image_size, image_size), None, None)
 
     @torch.no_grad()
     def evaluate(it):
         out = {}
-        if not in_memory:
+        if fixed is None:
             return out
-        with autocast():
-            ftr = extract_features(ema, x_train)[1]
-            fva = extract_features(ema, x_val)[1]
-        out["knn"] = knn_accuracy(ftr, y_train.cpu(), fva, y_val)
-        f_src, f_tgt, u, eps = fixed
+        if not multiview:  # kNN of z on the held-out split (multi-view sets have no labels)
+            with autocast():
+                ftr = extract_features(ema, x_train)[1]
+                fva = extract_features(ema, x_val)[1]
+            out["knn"] = knn_accuracy(ftr, y_train.cpu(), fva, y_val)
+        f_src, f_tgt, u, eps, r_src, r_tgt = fixed
         B, S = len(f_src), ema.n_sections
         logsnr = schedule_fn(u)
         x_t = D.q_sample(f_tgt, logsnr, eps)
         with autocast():
-            z = ema.encode(f_src)
+            z = ema.encode(f_src, r_src)
         losses = []
         for keep in (torch.ones(B, S, device=dev), torch.zeros(B, S, device=dev)):
             with autocast():
-                eps_hat = ema.denoise(x_t, logsnr, z, keep)
+                eps_hat = ema.denoise(x_t, logsnr, z, keep, r_tgt)
             losses.append(F.mse_loss(eps_hat.float(), eps).item())
         out["loss_z"], out["zgap"] = losses[0], losses[1] - losses[0]  # > 0: the decoder uses z
         n = 8
         g = torch.Generator(dev).manual_seed(seed)
+        first = lambda t: None if t is None else t[:n]
         with autocast():
-            rec = D.ddim(ema, ema.encode(f_src[:n]), f_tgt[:n].shape, steps=sample_steps,
-                         schedule=sample_schedule, generator=g)
+            rec = D.ddim(ema, ema.encode(f_src[:n], first(r_src)), f_tgt[:n].shape, steps=sample_steps,
+                         schedule=sample_schedule, generator=g, rays_tgt=first(r_tgt))
         import torchvision
         grid = torch.stack([f_src[:n], f_tgt[:n], rec.float()], 1).flatten(0, 1)  # rows: src | tgt | sample
         path = os.path.join(out_dir, f"samples_{it:06d}.png")
@@ -444,7 +471,7 @@ def main(argv):
     if eval_at_start and step == 0 and master:
         r = evaluate(0)
         if r:
-            say(f"step 0 (random init): kNN {r['knn']:.2f}% z-gap {r['zgap']:+.4f} grid {r['grid']}")
+            say(f"step 0 (random init): {eval_line(r)}")
             log({"step": 0, **r})
     bar = tqdm(total=max_iters, initial=step, disable=not master, dynamic_ncols=True, desc="train")
     bad = torch.zeros((), dtype=torch.long, device=dev) - 1  # first step with a non-finite loss, or -1
@@ -483,7 +510,7 @@ def main(argv):
             if master:
                 r = evaluate(step)
                 if r:
-                    tqdm.write(f"step {step}: kNN {r['knn']:.2f}% z-gap {r['zgap']:+.4f} grid {r['grid']}")
+                    tqdm.write(f"step {step}: {eval_line(r)}")
                     log({"step": step, **r})
             t0 += time.time() - t_eval  # evaluation time is not training time
         if step % ckpt_interval == 0 or last:
@@ -492,6 +519,11 @@ def main(argv):
     if ddp:
         torch.distributed.destroy_process_group()
     say(f"done: {step} steps; checkpoint {os.path.join(out_dir, 'ckpt.pt')}")
+
+
+def eval_line(r):
+    knn = f"kNN {r['knn']:.2f}% " if "knn" in r else ""
+    return f"{knn}z-gap {r['zgap']:+.4f} grid {r['grid']}"
 
 
 def bench(train_step, get_batch, views_of, ema, x_train, dev, global_batch, flops_per_img, peak, C):
@@ -567,9 +599,10 @@ def count_flops(net, image_size, dev, autocast):
     """Model FLOPs of one training image (forward + backward), counted once (for MFU)."""
     from torch.utils.flop_counter import FlopCounterMode
     x = torch.randn(2, 3, image_size, image_size, device=dev)
+    rays = torch.randn(2, 6, image_size, image_size, device=dev) if net.ray_freqs else None
     counter = FlopCounterMode(display=False)
     with counter, autocast():
-        net(x, torch.zeros(2, device=dev), x).float().sum().backward()
+        net(x, torch.zeros(2, device=dev), x, rays_src=rays, rays_tgt=rays).float().sum().backward()
     net.zero_grad(set_to_none=True)
     return counter.get_total_flops() / 2
 

@@ -1,0 +1,300 @@
+"""Multi-view 3D data and nvs.py: cameras and rays against hand cases, the k-view batch never leaks
+the target, the NMR / SRN readers round-trip fixtures written in their public layouts to the same
+record as Cars3D, training on posed views resumes bit-exactly, and nvs.py runs end to end."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import nvs
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_CARS3D = os.path.join(ROOT, "..", "shared", "data", "cars3d")
+
+
+# --- cameras and rays ------------------------------------------------------------
+
+def test_rays_hand_case():
+    """A 2x2 image, focal 1, principal point at its centre, camera at (1, 2, 3) with identity
+    rotation: pixel (row 0, col 1) has its centre at (+0.5, +0.5) pixels from the principal point,
+    so its ray points along (0.5, 0.5, -1) (row 0 is the top: +y), from the camera centre."""
+    K = data.intrinsics(1.0, 2)
+    c2w = torch.eye(4)
+    c2w[:3, 3] = torch.tensor([1.0, 2.0, 3.0])
+    r = data.camera_rays(K, c2w, 2, 2)  # (6, 2, 2)
+    assert r.shape == (6, 2, 2)
+    o, d = r[:3], r[3:]
+    assert torch.allclose(o, torch.tensor([1.0, 2.0, 3.0])[:, None, None].expand(3, 2, 2))
+    assert torch.allclose(d.norm(dim=0), torch.ones(2, 2))
+    expect = torch.tensor([0.5, 0.5, -1.0]) / math.sqrt(1.5)
+    assert torch.allclose(d[:, 0, 1], expect, atol=1e-6)
+    assert torch.allclose(d[:, 1, 0], expect * torch.tensor([-1.0, -1.0, 1.0]), atol=1e-6)
+
+
+def test_rays_pass_through_pixel_centres_for_any_pose():
+    """For a rotated, shifted camera, each ray hits the world point that projects (with K and the
+    inverse of c2w) back onto its pixel centre."""
+    c2w = data.look_at((0.3, 1.2, -2.0), target=(0.1, -0.2, 0.4))
+    K = torch.tensor([[20.0, 0, 7.5], [0, 22.0, 8.5], [0, 0, 1]])
+    H, W = 16, 15
+    r = data.camera_rays(K, c2w, H, W)
+    assert torch.allclose(r[3:].norm(dim=0), torch.ones(H, W), atol=1e-5)
+    p = r[:3] + 2.7 * r[3:]  # a point along each ray, (3, H, W)
+    w2c = torch.linalg.inv(c2w)
+    pc = (w2c[:3, :3] @ p.flatten(1) + w2c[:3, 3:]).view(3, H, W)  # camera frame: looks along -z
+    assert (pc[2] < 0).all()
+    col = K[0, 0] * pc[0] / -pc[2] + K[0, 2]
+    row = -K[1, 1] * pc[1] / -pc[2] + K[1, 2]
+    jj, ii = torch.meshgrid(torch.arange(W) + 0.5, torch.arange(H) + 0.5, indexing="xy")
+    assert torch.allclose(col, jj, atol=1e-3) and torch.allclose(row, ii, atol=1e-3)
+
+
+def test_cars3d_camera_convention():
+    """Azimuth 0 / elevation 0 sits on +z and looks along -z at the origin, +y up; azimuth 90 sits
+    on +x (the car's left flank); a higher elevation raises the camera."""
+    c = data.cars3d_camera(0, 0)
+    assert torch.allclose(c[:3, 3], torch.tensor([0, 0, data.CARS3D_RADIUS]), atol=1e-6)
+    assert torch.allclose(-c[:3, 2], torch.tensor([0.0, 0, -1]), atol=1e-6)  # viewing direction
+    assert torch.allclose(c[:3, 1], torch.tensor([0.0, 1, 0]), atol=1e-6)  # camera up
+    centre_ray = data.camera_rays(data.intrinsics(10.0, 4), c, 4, 4)[3:, 1:3, 1:3].mean(dim=(1, 2))
+    assert torch.allclose(torch.nn.functional.normalize(centre_ray, dim=0), torch.tensor([0.0, 0, -1]), atol=1e-6)
+    assert torch.allclose(data.cars3d_camera(90, 0)[:3, 3], torch.tensor([data.CARS3D_RADIUS, 0, 0]), atol=1e-6)
+    assert data.cars3d_camera(0, 18)[1, 3] > 0
+    for a, e in ((0, 0), (135, 12), (300, 18)):  # every camera looks at the origin
+        c = data.cars3d_camera(a, e)
+        assert torch.allclose(torch.nn.functional.normalize(c[:3, 3], dim=0), c[:3, 2], atol=1e-6)
+
+
+# --- the k-view batch ------------------------------------------------------------
+
+def labelled_views(N=5, V=7, size=4):
+    """Each image stores its object in channel 0 and its view in channel 1."""
+    x = torch.zeros(N, V, 3, size, size, dtype=torch.uint8)
+    x[:, :, 0] = torch.arange(N)[:, None, None, None] * 10
+    x[:, :, 1] = torch.arange(V)[None, :, None, None] * 10
+    c2w = torch.stack([torch.stack([data.cars3d_camera(360 * v / V, 0) for v in range(V)])] * N)
+    return data.MultiView(x, data.intrinsics(5.0, size).expand(N, V, 3, 3), c2w, [f"o{i}" for i in range(N)])
+
+
+def decode_labels(x):  # images in [-1, 1] -> (object, view)
+    u8 = ((x + 1) * 127.5).round()
+    return (u8[..., 0, 0, 0] / 10).round().long(), (u8[..., 1, 0, 0] / 10).round().long()
+
+
+@pytest.mark.parametrize("k", [1, 2, 6])
+def test_multiview_batch_never_leaks_the_target(k):
+    mv = labelled_views()
+    for step in range(20):
+        x_src, r_src, x_tgt, r_tgt = data.multiview_batch(mv, k, data.Rng(0, step, 16))
+        assert x_src.shape == (16, k, 3, 4, 4) and r_src.shape == (16, k, 6, 4, 4)
+        assert x_tgt.shape == (16, 3, 4, 4) and r_tgt.shape == (16, 6, 4, 4)
+        o_s, v_s = decode_labels(x_src)
+        o_t, v_t = decode_labels(x_tgt)
+        assert (o_s == o_t[:, None]).all()  # one object per row
+        assert not (v_s == v_t[:, None]).any()  # the target is never a source
+        assert all(len(set(row)) == k for row in v_s.tolist())  # distinct sources
+        # the rays are those of the chosen views
+        assert torch.allclose(r_tgt, data.camera_rays(mv.K[o_t, v_t], mv.c2w[o_t, v_t], 4, 4))
+    with pytest.raises(ValueError, match="k source views"):
+        data.multiview_batch(mv, 7, data.Rng(0, 0, 4))
+
+
+def test_multiview_batch_rows_match_one_process():
+    """Two processes holding halves of the global batch get exactly one process's rows."""
+    mv = labelled_views()
+    full = data.multiview_batch(mv, 2, data.Rng(3, 5, 8))
+    halves = [data.multiview_batch(mv, 2, data.Rng(3, 5, 8, rows=slice(i * 4, i * 4 + 4))) for i in (0, 1)]
+    for a, b0, b1 in zip(full, *halves):
+        assert torch.equal(a, torch.cat([b0, b1]))
+
+
+# --- readers: NMR and SRN fixtures in their public layouts, Cars3D ----------------
+
+def fixture_cameras(V):
+    c2w = torch.stack([data.look_at((2 * math.sin(0.9 * v), 0.5 + 0.1 * v, 2 * math.cos(0.9 * v))) for v in range(V)])
+    return c2w, [data.intrinsics(30.0 + v, 32) for v in range(V)]
+
+
+def write_png(path, rs, size):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray((rs.rand(size, size, 3) * 255).astype(np.uint8)).save(path)
+
+
+def write_nmr(root, V=3):
+    """DVR / pixelNeRF NMR layout: <cat>/<obj>/image/*.png, cameras.npz (world_mat_i = world ->
+    OpenCV camera in DVR's z-up world, camera_mat_i = normalised intrinsics), softras_<split>.lst."""
+    rs = np.random.RandomState(0)
+    c2w, Ks = fixture_cameras(V)
+    world = torch.tensor([[1, 0, 0, 0], [0, 0, -1, 0], [0, 1, 0, 0], [0, 0, 0, 1.0]])
+    cam = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
+    for cat, objs in (("02958343", ["a", "b"]), ("03001627", ["c"])):
+        for o in objs:
+            cams = {}
+            for v in range(V):
+                write_png(str(root / cat / o / "image" / f"{v:04d}.png"), rs, 32)
+                c2w_file = torch.linalg.inv(world) @ c2w[v] @ torch.linalg.inv(cam)
+                cams[f"world_mat_{v}"] = torch.linalg.inv(c2w_file)[:3].numpy()
+                m = np.eye(4, dtype=np.float32)
+                m[0, 0] = m[1, 1] = Ks[v][0, 0].item() / 16  # pixels -> normalised ([-1, 1] spans 32 px)
+                cams[f"camera_mat_{v}"] = m
+            np.savez(root / cat / o / "cameras.npz", **cams)
+        (root / cat / "softras_train.lst").write_text("\n".join(objs) + "\n")
+        (root / cat / "softras_test.lst").write_text("")
+    return c2w, Ks
+
+
+def write_srn(root, V=3):
+    """SRN layout: cars_<split>/<obj>/rgb/*.png, pose/*.txt (camera-to-world, OpenCV axes),
+    intrinsics.txt ('f cx cy 0', origin, scale, 'H W'), images 64x64 here."""
+    rs = np.random.RandomState(1)
+    c2w, _ = fixture_cameras(V)
+    cam = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
+    for o in ("x1", "x2"):
+        d = root / "cars_train" / o
+        for v in range(V):
+            write_png(str(d / "rgb" / f"{v:06d}.png"), rs, 64)
+            os.makedirs(d / "pose", exist_ok=True)
+            np.savetxt(d / "pose" / f"{v:06d}.txt", (c2w[v] @ cam).numpy().reshape(1, 16))
+        (d / "intrinsics.txt").write_text("70.0 32.0 32.0 0.\n0. 0. 0.\n1.\n64 64\n")
+    return c2w
+
+
+def check_record(mv, N, V, size):
+    assert isinstance(mv, data.MultiView) and len(mv.ids) == N
+    assert mv.images.shape == (N, V, 3, size, size) and mv.images.dtype == torch.uint8
+    assert mv.K.shape == (N, V, 3, 3) and mv.c2w.shape == (N, V, 4, 4)
+    assert mv.K.dtype == mv.c2w.dtype == torch.float32
+
+
+def test_nmr_fixture_round_trip(tmp_path):
+    c2w, Ks = write_nmr(tmp_path)
+    mv = data.load_multiview("nmr", str(tmp_path), "train", 32)
+    check_record(mv, 3, 3, 32)
+    assert mv.ids == ["02958343/a", "02958343/b", "03001627/c"]
+    for o in range(3):
+        assert torch.allclose(mv.c2w[o], c2w, atol=1e-5)
+        assert torch.allclose(mv.K[o], torch.stack(Ks), atol=1e-4)
+    raw = np.array(Image.open(tmp_path / "02958343" / "b" / "image" / "0001.png"))
+    assert torch.equal(mv.images[1, 1], torch.from_numpy(raw).permute(2, 0, 1))
+    half = data.load_multiview("nmr", str(tmp_path), "train", 16)  # resized: intrinsics scale with it
+    assert torch.allclose(half.K[0, :, :2], mv.K[0, :, :2] / 2, atol=1e-4)
+
+
+def test_srn_fixture_round_trip_and_same_record_as_cars3d(tmp_path):
+    c2w = write_srn(tmp_path)
+    mv = data.load_multiview("srn", str(tmp_path), "train", 32)  # 64 -> 32 px
+    check_record(mv, 2, 3, 32)
+    assert torch.allclose(mv.c2w[0], c2w, atol=1e-5)
+    assert torch.allclose(mv.K[0, 0], data.intrinsics(35.0, 32))
+    cars = data.MultiView._fields
+    assert cars == ("images", "K", "c2w", "ids")
+    with pytest.raises(data.DataError, match="_test"):
+        data.load_multiview("srn", str(tmp_path), "test", 32)
+
+
+def write_cars3d(root, n=4):
+    """A small file with the real cars3d_64.npz keys: n objects x 2 elevations x 4 azimuths."""
+    rs = np.random.RandomState(2)
+    np.savez(root / "cars3d_64.npz",
+             images=(rs.rand(n, 2, 4, 64, 64, 3) * 255).astype(np.uint8), masks=np.ones((n, 2, 4, 64, 64), bool),
+             elevation_deg=np.array([0, 6], np.float32), azimuth_deg=np.array([0, 90, 180, 270], np.float32),
+             object_names=np.array([f"car_{i:03d}" for i in range(n)]),
+             split=np.array(["train"] * (n - 2) + ["test"] * 2))
+
+
+def test_cars3d_reader(tmp_path):
+    write_cars3d(tmp_path)
+    mv = data.load_multiview("cars3d", str(tmp_path), "test", 32)
+    check_record(mv, 2, 8, 32)
+    assert mv.ids == ["car_002", "car_003"]
+    assert torch.allclose(mv.c2w[0, 5], data.cars3d_camera(90, 6))  # view = 4 e + a
+    with pytest.raises(data.DataError, match="cars3d_64.npz"):
+        data.load_multiview("cars3d", str(tmp_path / "nowhere"), "test", 32)
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED_CARS3D, "cars3d_64.npz")), reason="no ../shared/data/cars3d")
+def test_shared_cars3d_loads():
+    mv = data.load_multiview("cars3d", SHARED_CARS3D, "test", 32)
+    check_record(mv, 18, 96, 32)
+    assert mv.ids[0] == "car_010"
+
+
+# --- training on posed views, and nvs.py end to end ------------------------------
+
+def mv_args(root, out, **kw):
+    args = dict(dataset="cars3d", data_dir=str(root), out_dir=str(out), image_size=16, ray_freqs=2, k_max=2,
+                cond="xattn", n_tokens=4, z_dim=32, batch_size=4, max_iters=4, warmup_iters=2, log_interval=1,
+                eval_interval=0, ckpt_interval=100, eval_at_start=False, sample_steps=2, threads=1,
+                p_uncond_pose=0.3, p_mask_layer=0.2)
+    args.update(kw)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+@pytest.fixture(scope="module")
+def cars_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cars3d")
+    write_cars3d(root)
+    return root
+
+
+def test_multiview_training_resumes_bit_exactly(cars_dir, tmp_path, monkeypatch):
+    train.main(mv_args(cars_dir, tmp_path / "full"))
+    real_save = train.save_checkpoint
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        if obj["step"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(mv_args(cars_dir, tmp_path / "split", ckpt_interval=2))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    train.main(mv_args(cars_dir, tmp_path / "split", init_from="resume"))
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("full", "split"))
+    for name in a["ema"]:
+        assert torch.equal(a["ema"][name], b["ema"][name]), name
+    # rays reached the model: the first conv's ray-channel weights moved
+    init = train.build_model(a["config"]).state_dict()
+    w = "encoder.stem.0.weight"
+    assert not torch.equal(a["model"][w][:, 3:], init[w][:, 3:])
+
+
+def test_posed_dataset_without_rays_is_one_clear_error(cars_dir, tmp_path):
+    with pytest.raises(train.ConfigError, match="ray_freqs"):
+        train.main(mv_args(cars_dir, tmp_path, ray_freqs=0))
+
+
+def test_nvs_end_to_end(cars_dir, tmp_path, capsys):
+    train.main(mv_args(cars_dir, tmp_path, max_iters=1, eval_interval=1))
+    assert os.path.isfile(tmp_path / "samples_000001.png")  # the eval grid of unseen objects
+    res = nvs.main([f"--ckpt={tmp_path / 'ckpt.pt'}", "--steps=2", "--n_targets=3", "--batch=4", "--device=cpu",
+                    "--turntable_view=1", f"--weights_dir={tmp_path / 'w'}"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("k1 psnr ") and " k2 psnr " in last
+    assert set(res) == {"k1", "k2"} and set(res["k1"]) >= {"psnr", "ssim", "nearest_source", "z_masked"}
+    for r in res.values():
+        assert math.isfinite(r["psnr"]) and -1 <= r["ssim"] <= 1
+    with open(tmp_path / "nvs" / "nvs.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with Image.open(tmp_path / "nvs" / "turntable.gif") as gif:
+        assert gif.format == "GIF" and gif.n_frames == 4  # the 4 azimuths of the source's ring
+    assert os.path.isfile(tmp_path / "nvs.json")
+
+
+def test_nvs_pairs_and_baselines():
+    objs, tgts, srcs = nvs.eval_pairs(3, 7, 4, 2, seed=0)
+    assert len(objs) == 12 and srcs.shape == (12, 2)
+    assert not (srcs == tgts[:, None]).any() and (srcs[:, 0] != srcs[:, 1]).all()
+    again = nvs.eval_pairs(3, 7, 4, 2, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip((objs, tgts, srcs), again))
+    cams = torch.stack([data.cars3d_camera(a, 0) for a in (0, 90, 180)])
+    near = nvs.nearest_source(cams[None, [0, 2]].expand(2, -1, -1, -1), torch.stack([cams[1], data.cars3d_camera(170, 0)]))
+    assert near.tolist()[1] == 1  # 170 deg is nearest the 180 deg source
+    ring = nvs.ring(torch.stack([data.cars3d_camera(a, e) for e in (0, 6) for a in (0, 90, 180, 270)]), 6)
+    assert ring.tolist() == [6, 7, 4, 5]  # elevation 6's views, from azimuth 180 on
