@@ -96,10 +96,12 @@ class Bottleneck(nn.Module):
 
 
 class Encoder(nn.Module):
-    """E(x') = z. A ResNet of `widths`/`depths`, pooled, then a linear bottleneck to z_dim."""
+    """E(x') = z. A ResNet of `widths`/`depths`, pooled, then a linear bottleneck to z_dim.
+    bottleneck=False is the paper's "w/o bottleneck" ablation (Table 1): z is the whole final
+    feature map, one feat_dim token per position (z_dim = spatial_tokens * feat_dim), for cond='xattn'."""
 
     def __init__(self, z_dim, block="basic", widths=(64, 128, 256, 512), depths=(2, 2, 2, 2),
-                 in_ch=3, image_size=32):
+                 in_ch=3, image_size=32, bottleneck=True):
         super().__init__()
         Block = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
         w0 = widths[0]
@@ -115,10 +117,15 @@ class Encoder(nn.Module):
                 cin = w * Block.expansion
         self.stages = nn.Sequential(*stages)
         self.feat_dim = cin
-        self.bottleneck = nn.Linear(cin, z_dim)  # the compact latent (§3.2)
+        side = image_size // (1 if image_size <= 64 else 4) // 2 ** (len(widths) - 1)
+        self.spatial_tokens = side * side  # positions of the final feature map
+        self.bottleneck = nn.Linear(cin, z_dim) if bottleneck else None  # the compact latent (§3.2)
 
     def forward_features(self, x):
-        pooled = self.stages(self.stem(x)).mean(dim=(2, 3))  # (B, feat_dim)
+        h = self.stages(self.stem(x))  # (B, feat_dim, h, w)
+        pooled = h.mean(dim=(2, 3))  # (B, feat_dim)
+        if self.bottleneck is None:  # no bottleneck: every position's features, (B, h * w * feat_dim)
+            return pooled, h.permute(0, 2, 3, 1).flatten(1)
         return pooled, self.bottleneck(pooled)
 
     def forward(self, x):
@@ -304,12 +311,17 @@ class SODA(nn.Module):
     for the target rays. During training, forward() draws that dropout unless given."""
 
     def __init__(self, encoder, unet, z_dim=128, image_size=32, cond="mod", n_tokens=8, agg="mean",
-                 ray_freqs=0, p_mask_layer=0.0, p_uncond=0.0, p_uncond_pose=0.0, z_norm=False):
+                 ray_freqs=0, p_mask_layer=0.0, p_uncond=0.0, p_uncond_pose=0.0, z_norm=False, bottleneck=True):
         super().__init__()
         self.ray_freqs, self.z_norm = ray_freqs, z_norm
         self.p_mask_layer, self.p_uncond, self.p_uncond_pose = p_mask_layer, p_uncond, p_uncond_pose
         rc = ray_channels(ray_freqs)  # rays concatenated to the RGB channels (§3.3 "Perspective")
-        self.encoder = Encoder(z_dim, in_ch=3 + rc, image_size=image_size, **encoder)
+        self.encoder = Encoder(z_dim, in_ch=3 + rc, image_size=image_size, bottleneck=bottleneck, **encoder)
+        if not bottleneck:  # z = the feature map: the decoder must read it as one token per position
+            n, c = self.encoder.spatial_tokens, self.encoder.feat_dim
+            if cond != "xattn" or n_tokens != n or z_dim != n * c:
+                raise ValueError(f"bottleneck=False passes the {n} positions x {c} features of the encoder's map: "
+                                 f"set cond='xattn', n_tokens={n}, z_dim={n * c}")
         self.agg = Aggregator(z_dim, agg)
         self.unet = UNet(z_dim, image_size=image_size, in_ch=3 + rc, cond=cond, n_tokens=n_tokens, **unet)
         self.n_sections = self.unet.n_sections

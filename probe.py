@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import diffusion as D
 from train import (CheckpointError, ConfigError, build_model, configure, extract_features, knn_accuracy,
                    load_checkpoint)
 
@@ -33,6 +34,9 @@ ckpt = "out/cifar10_cpu/ckpt.pt"  # a train.py checkpoint
 random = False  # True: the same encoder config at random init (the baseline for every figure)
 task = "linear"  # 'linear' | 'knn' | 'fewshot' (cifar10) | 'multilabel' (celeba) | 'dci' (dsprites)
 features = "pool"  # 'pool' (encoder features before the bottleneck) | 'z' (the bottleneck latent)
+# | 'unet' (the denoiser's pooled middle block on a lightly noised image, z masked: the paper's
+#   unconditional-diffusion baseline, footnote 2)
+unet_logsnr = 4.0  # features='unet': the noise level of the image the denoiser sees (4: abar = 0.98)
 dataset = ""  # default: the task's (cifar10, celeba or dsprites)
 data_dir = ""  # default: the checkpoint's, when it was trained on that dataset
 probe_aug = 0  # linear: number of crop+flip copies of the probe's training set (0 = none)
@@ -62,6 +66,28 @@ def fit_logreg(x, y, n_classes, wd, iters=100, loss_fn=F.cross_entropy):
         return loss
     opt.step(closure)
     return W.detach(), b.detach()
+
+
+@torch.no_grad()
+def unet_features(net, x, logsnr=4.0, batch=500, seed=0):
+    """uint8 images (N, 3, H, W) -> (N, C): the UNet's middle block, average-pooled, over the image
+    noised to `logsnr` with fixed noise, with z masked (the decoder alone: the paper's "unconditional
+    diffusion" features, footnote 2: a middle denoiser layer over a lightly-noised image)."""
+    dev = next(net.parameters()).device
+    g = torch.Generator(dev).manual_seed(seed)
+    out, acts = [], []
+    hook = net.unet.mid[-1].register_forward_hook(lambda mod, inp, h: acts.append(h.mean(dim=(2, 3)).float().cpu()))
+    try:
+        for i in range(0, len(x), batch):
+            xb = x[i:i + batch].to(dev).float() / 127.5 - 1
+            ls = torch.full((len(xb),), float(logsnr), device=dev)
+            x_t = D.q_sample(xb, ls, torch.randn(xb.shape, generator=g, device=dev))
+            net.denoise(x_t, ls, torch.zeros(len(xb), sum(net.unet.sec_dims), device=dev),
+                        keep=torch.zeros(len(xb), net.n_sections, device=dev))
+            out.append(acts.pop())
+    finally:
+        hook.remove()
+    return torch.cat(out)
 
 
 def topk(logits, y, k):
@@ -242,8 +268,8 @@ def main(argv):
     task = cfg["task"]
     if task not in TASK_DATA:
         raise ConfigError(f"task must be one of {', '.join(map(repr, TASK_DATA))}, got {task!r}")
-    if cfg["features"] not in ("pool", "z"):
-        raise ConfigError(f"features must be 'pool' or 'z', got {cfg['features']!r}")
+    if cfg["features"] not in ("pool", "z", "unet"):
+        raise ConfigError(f"features must be 'pool', 'z' or 'unet', got {cfg['features']!r}")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"]
     ck = load_checkpoint(cfg["ckpt"], dev)
     tcfg = ck["config"]
@@ -260,6 +286,8 @@ def main(argv):
         raise ConfigError(f"the checkpoint was trained on {tcfg['dataset']}: say where {ds} is with --data_dir")
     which = 0 if cfg["features"] == "pool" else 1
     feats = lambda x: extract_features(net, x)[which]
+    if cfg["features"] == "unet":
+        feats = lambda x: unet_features(net, x, cfg["unet_logsnr"], seed=cfg["seed"])
     name = f"{task} {cfg['features']}{' random-init' if cfg['random'] else ''}"
     out = os.path.join(os.path.dirname(cfg["ckpt"]) or ".",
                        f"probe_{task}_{cfg['features']}{'_random' if cfg['random'] else ''}.json")

@@ -57,6 +57,7 @@ n_tokens = 8  # tokens of z for cond='xattn'
 agg = "mean"  # aggregation of k source views: 'mean' | 'transformer'
 ray_freqs = 0  # ray positional-encoding frequencies for posed 3D views (0: no poses)
 z_norm = False  # layer-normalise z on its way into the decoder (the encoder's z is unchanged)
+bottleneck = True  # False: no compact z, the encoder's whole feature map goes to the decoder (ablation)
 # SODA training (§3.2.1, §3.4)
 schedule = "inverted"  # training noise schedule: diffusion.get_schedule name
 logsnr_shift = 0.0  # added to the training schedule's log-SNR (negative: more noise)
@@ -176,7 +177,8 @@ def build_model(cfg):
     return M.build(cfg["encoder"], cfg["unet"], z_dim=cfg["z_dim"], image_size=cfg["image_size"],
                    cond=cfg["cond"], n_tokens=cfg["n_tokens"], agg=cfg["agg"], ray_freqs=cfg["ray_freqs"],
                    p_mask_layer=cfg["p_mask_layer"], p_uncond=cfg["p_uncond"],
-                   p_uncond_pose=cfg["p_uncond_pose"] if cfg["ray_freqs"] else 0.0, z_norm=cfg.get("z_norm", False))
+                   p_uncond_pose=cfg["p_uncond_pose"] if cfg["ray_freqs"] else 0.0, z_norm=cfg.get("z_norm", False),
+                   bottleneck=cfg.get("bottleneck", True))
 
 
 def model_from_checkpoint(path, device="cpu", which="ema"):

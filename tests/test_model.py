@@ -432,3 +432,19 @@ def test_z_norm_keeps_masking_exact_and_scales_z():
         torch.testing.assert_close(m.denoise(x, logsnr, z2, keep), a)
         torch.testing.assert_close(m.denoise(x, logsnr, 10 * z, keep), a, atol=1e-4, rtol=1e-4)
         assert not torch.allclose(m.denoise(x, logsnr, z, torch.ones_like(keep)), a, atol=1e-4)
+
+
+def test_no_bottleneck_passes_the_feature_map_as_tokens():
+    """The "w/o bottleneck" ablation: z is the encoder's final map, one token per position; the
+    config must say so (cond='xattn', n_tokens, z_dim), with an error naming the right values."""
+    m = M.build("tiny", "tiny", z_dim=64 * 128, cond="xattn", n_tokens=64, bottleneck=False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        pooled, z = m.encode_features(x)
+        h = m.encoder.stages(m.encoder.stem(x))  # (2, 128, 8, 8)
+        out = m(x, torch.zeros(2), x)
+    assert torch.equal(z.view(2, 8, 8, 128).permute(0, 3, 1, 2), h)
+    assert torch.allclose(pooled, h.mean(dim=(2, 3)))
+    assert out.shape == x.shape and m.unet.sec_dims == [128] * 64
+    with pytest.raises(ValueError, match="n_tokens=64, z_dim=8192"):
+        M.build("tiny", "tiny", z_dim=128, cond="xattn", n_tokens=8, bottleneck=False)

@@ -219,6 +219,10 @@ def test_cli_fewshot_multilabel_dci(tmp_path, capsys, celeba_dir):
     assert re.fullmatch(f"fewshot 1shot {acc} 5shot {acc} 10shot {acc}", last_line(capsys))
     assert json.load(open(tmp_path / "probe_fewshot_z.json"))["episodes"] == 20
 
+    probe.main([f"--ckpt={ck32}", "--task=knn", f"--data_dir={cifar}", "--features=unet"])
+    assert re.fullmatch(r"knn top1 [\d.]+", last_line(capsys))
+    assert json.load(open(tmp_path / "probe_knn_unet.json"))["features"] == "unet"
+
     probe.main([f"--ckpt={ck32}", "--task=multilabel", f"--data_dir={celeba_dir[0]}"])
     assert re.fullmatch(r"multilabel f1 [\d.]+", last_line(capsys))
     assert len(json.load(open(tmp_path / "probe_multilabel_pool.json"))["f1_per_attribute"]) == 40
@@ -233,3 +237,23 @@ def test_cli_fewshot_multilabel_dci(tmp_path, capsys, celeba_dir):
     res = json.load(open(tmp_path / "probe_dci_z.json"))
     assert np.array(res["importance"]).shape == (16, 5) and res["n_train"] == 40
     assert os.path.getsize(tmp_path / "probe_dci_z.png") > 1000
+
+
+def test_unet_features_see_the_image_not_z():
+    """The unconditional baseline's features: the pooled middle block (C channels) of the denoiser
+    over a lightly noised image; z plays no part (it is masked), the image does."""
+    cfg = dict(train.DEFAULTS, z_dim=16)
+    torch.manual_seed(0)
+    net = train.build_model(cfg).eval()
+    with torch.no_grad():
+        for p in net.parameters():  # randomise the zero-initialised z modulations too
+            if not p.any():
+                p.normal_(0, 0.1)
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    f = probe.unet_features(net, x, logsnr=4.0, batch=4)
+    assert f.shape == (6, net.unet.mid[-1].res.conv2.out_channels)
+    assert torch.equal(f, probe.unet_features(net, x, logsnr=4.0, batch=4))  # fixed noise: deterministic
+    assert (f[0] - f[1]).abs().max() > 1e-4  # different images, different features
+    with torch.no_grad():
+        net.encoder.bottleneck.bias.add_(5.0)  # a different z changes nothing: it is masked
+    assert torch.equal(f, probe.unet_features(net, x, logsnr=4.0, batch=4))
