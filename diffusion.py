@@ -91,13 +91,29 @@ def loss(model, x_src, x_tgt, schedule, u=None, eps=None, weighting="eps", **con
     eps = torch.randn_like(x_tgt, dtype=torch.float32) if eps is None else eps.float()
     logsnr = schedule(u)
     x_t = q_sample(x_tgt.float(), logsnr, eps)
-    eps_hat = model(x_t, logsnr, x_src, **cond)
+    out = model(x_t, logsnr, x_src, **cond)
+    eps_hat, extra = out if isinstance(out, tuple) else (out, None)  # extra: DiffSiam's SimSiam loss
     if weighting == "eps":
-        return F.mse_loss(eps_hat.float(), eps)
-    if weighting != "v":
+        mse = F.mse_loss(eps_hat.float(), eps)
+    elif weighting == "v":
+        per_image = (eps_hat.float() - eps).pow(2).mean(dim=(1, 2, 3))
+        mse = (per_image * (1 + torch.exp(-logsnr))).mean()
+    else:
         raise ValueError(f"weighting must be 'eps' or 'v', got {weighting!r}")
-    per_image = (eps_hat.float() - eps).pow(2).mean(dim=(1, 2, 3))
-    return (per_image * (1 + torch.exp(-logsnr))).mean()
+    return mse if extra is None else (mse, extra)
+
+
+def segment_keep(u, n, mode="hierarchical"):
+    """DiffSiam's segment schedule (thesis §3.2, §4.3.1): at noise position u in [0, 1] (more noise,
+    more lost attributes) level k = ceil(u n) in 1..n; 'hierarchical' switches on segments 1..k
+    (z_bar_k = [z_1..z_k, 0..]), 'sequential' only segment k. -> (B, n) of 0/1."""
+    k = (u * n).ceil().clamp(1, n).long()  # (B,)
+    idx = torch.arange(1, n + 1, device=u.device)[None]
+    if mode == "hierarchical":
+        return (idx <= k[:, None]).float()
+    if mode == "sequential":
+        return (idx == k[:, None]).float()
+    raise ValueError(f"segment_mode must be 'hierarchical' or 'sequential', got {mode!r}")
 
 
 # -----------------------------------------------------------------------------

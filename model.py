@@ -302,16 +302,33 @@ class UNet(nn.Module):
         return self.out(h)
 
 
+class MLP(nn.Sequential):
+    """Linear - LayerNorm - ReLU - Linear: SimSiam's heads, with LayerNorm for BatchNorm (as in the
+    encoder: no batch statistics, so DDP equals one process)."""
+
+    def __init__(self, cin, hidden, cout):
+        super().__init__(nn.Linear(cin, hidden), nn.LayerNorm(hidden), nn.ReLU(), nn.Linear(hidden, cout))
+
+
+def negative_cosine(p, h):
+    """SimSiam's D(p, h) = -cos(p, stopgrad(h)), averaged over the batch: -1 when aligned; no
+    gradient reaches h (Chen & He 2021)."""
+    return -(F.normalize(p, dim=1) * F.normalize(h.detach(), dim=1)).sum(dim=1).mean()
+
+
 # -----------------------------------------------------------------------------
 # SODA: encoder + bottleneck + aggregation + modulated denoiser
 
 class SODA(nn.Module):
     """eps_hat = D(x_t, logsnr, z = E(x')). `keep` (B, n_sections) of 0/1 switches sections of z
     off (zeroed: eps(x_t | 0) is the unconditional model, §3.2.1); `keep_pose` (B,) does the same
-    for the target rays. During training, forward() draws that dropout unless given."""
+    for the target rays. During training, forward() draws that dropout unless given.
+    DiffSiam (thesis §3.2, SPEC §8): `segments` > 0 cuts z into parts that the training schedule
+    switches on by noise level (diffusion.segment_keep); simsiam_dim > 0 adds SimSiam heads on z."""
 
     def __init__(self, encoder, unet, z_dim=128, image_size=32, cond="mod", n_tokens=8, agg="mean",
-                 ray_freqs=0, p_mask_layer=0.0, p_uncond=0.0, p_uncond_pose=0.0, z_norm=False, bottleneck=True):
+                 ray_freqs=0, p_mask_layer=0.0, p_uncond=0.0, p_uncond_pose=0.0, z_norm=False, bottleneck=True,
+                 segments=0, simsiam_dim=0):
         super().__init__()
         self.ray_freqs, self.z_norm = ray_freqs, z_norm
         self.p_mask_layer, self.p_uncond, self.p_uncond_pose = p_mask_layer, p_uncond, p_uncond_pose
@@ -325,6 +342,10 @@ class SODA(nn.Module):
         self.agg = Aggregator(z_dim, agg)
         self.unet = UNet(z_dim, image_size=image_size, in_ch=3 + rc, cond=cond, n_tokens=n_tokens, **unet)
         self.n_sections = self.unet.n_sections
+        self.segments = segments
+        if simsiam_dim:  # built last, so the encoder and UNet initialise as in plain SODA
+            self.projector = MLP(z_dim, simsiam_dim, simsiam_dim)
+            self.predictor = MLP(simsiam_dim, simsiam_dim // 4, simsiam_dim)
 
     def _with_rays(self, x, rays):
         # RGB and the ray embedding side by side; the first conv is the linear map that mixes them
@@ -349,8 +370,17 @@ class SODA(nn.Module):
         return self.agg(zs.view(B, k, -1))
 
     def mask_z(self, z, keep):
-        # keep (B, n_sections) -> (B, z_dim), sections zeroed where keep is 0
-        return z * keep.to(z.dtype).repeat_interleave(torch.tensor(self.unet.sec_dims, device=z.device), dim=1)
+        """keep (B, P) of 0/1: z cut into P near-equal parts (P = n_sections: the layer sections;
+        P = segments: DiffSiam's; P = z_dim: any mask), each zeroed where keep is 0."""
+        parts = torch.arange(z.shape[1]).tensor_split(keep.shape[1])  # the same cut as unet.sec_dims
+        sizes = torch.tensor([t.numel() for t in parts], device=z.device)
+        return z * keep.to(z.dtype).repeat_interleave(sizes, dim=1)
+
+    def simsiam_loss(self, z1, z2):
+        """Symmetrised SimSiam loss on two views' latents: D(pred(proj(z1)), proj(z2)) / 2 + the
+        same with the views swapped, the targets behind a stop-gradient (thesis eq. 3.9)."""
+        h1, h2 = self.projector(z1), self.projector(z2)
+        return 0.5 * (negative_cosine(self.predictor(h1), h2) + negative_cosine(self.predictor(h2), h1))
 
     def denoise(self, x_t, logsnr, z, keep=None, rays_tgt=None, keep_pose=None):
         """eps_hat for noisy targets x_t at noise level logsnr (B,), given a latent z."""
@@ -376,16 +406,20 @@ class SODA(nn.Module):
         """Pose dropout, independent of the latent's (§3.3 "Guidance")."""
         return (rand() >= self.p_uncond_pose).float()
 
-    def forward(self, x_t, logsnr, x_src, keep=None, rays_src=None, rays_tgt=None, keep_pose=None):
+    def forward(self, x_t, logsnr, x_src, keep=None, rays_src=None, rays_tgt=None, keep_pose=None, x_pair=None):
         """Training forward: encode the source view(s), then denoise; without an explicit keep,
-        the dropout of z (and of the target pose) is drawn here."""
+        the dropout of z (and of the target pose) is drawn here. With x_pair (DiffSiam: the other
+        augmented view) -> (eps_hat, SimSiam loss of the two views' latents)."""
         z = self.encode(x_src, rays_src)
         rand = lambda *shape: torch.rand(x_t.shape[0], *shape, device=x_t.device)
         if self.training and keep is None:
             keep = self.draw_keep(rand)
         if self.training and keep_pose is None and self.ray_freqs:
             keep_pose = self.draw_keep_pose(rand)
-        return self.denoise(x_t, logsnr, z, keep, rays_tgt, keep_pose)
+        eps_hat = self.denoise(x_t, logsnr, z, keep, rays_tgt, keep_pose)
+        if x_pair is None:
+            return eps_hat
+        return eps_hat, self.simsiam_loss(z, self.encode(x_pair))
 
 
 # -----------------------------------------------------------------------------

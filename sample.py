@@ -137,9 +137,10 @@ def decode(net, z, C, seed, keep=None, x_T=None, w=None):
                     w=C["guidance"] if w is None else w, keep=keep)
 
 
-def section_mask(net, secs, z):
-    """(1, z_dim): 1 on the dims of z that belong to the sections `secs`, 0 elsewhere."""
-    keep = torch.zeros(1, net.n_sections, device=z.device)
+def section_mask(net, secs, z, parts=None):
+    """(1, z_dim): 1 on the dims of z that belong to the sections `secs` (of `parts` equal cuts of
+    z; default the UNet's sections), 0 elsewhere."""
+    keep = torch.zeros(1, parts or net.n_sections, device=z.device)
     keep[:, list(secs)] = 1
     return net.mask_z(torch.ones_like(z[:1]), keep)
 
@@ -229,19 +230,21 @@ def interp(net, x, y, classes, C, out):
     chosen sections while the others stay A's), and decode every frame with DDIM from its x_T."""
     if C["frames"] < 2:
         raise ConfigError(f"frames must be >= 2, got {C['frames']}")
-    secs = parse_list(C["sections"], int) or list(range(net.n_sections))
-    if any(not 0 <= s < net.n_sections for s in secs):
-        raise ConfigError(f"sections {secs}: this model's z has {net.n_sections} sections (0..{net.n_sections - 1})")
+    P = net.segments or net.n_sections  # a DiffSiam model interpolates its segments (thesis Alg. 2)
+    what = "segments" if net.segments else "sections"
+    secs = parse_list(C["sections"], int) or list(range(P))
+    if any(not 0 <= s < P for s in secs):
+        raise ConfigError(f"sections {secs}: this model's z has {P} {what} (0..{P - 1})")
     xs = pick(x, C["index"], 2)
     z = net.encode(xs)
     x_T = D.ddim_invert(net, xs, z, C["steps"], C["schedule"], progress=True, w=C["guidance"])
-    moves = section_mask(net, secs, z)  # 1 where z goes from A to B
+    moves = section_mask(net, secs, z, P)  # 1 where z goes from A to B
     ts = torch.linspace(0, 1, C["frames"]).tolist()
     z_t = torch.cat([z[:1] + t * (z[1:] - z[:1]) * moves for t in ts])  # (frames, z_dim)
     x_T_t = torch.stack([slerp(x_T[0], x_T[1], t) for t in ts])  # (frames, 3, H, W)
     frames = D.ddim(net, z_t, x_T_t.shape, steps=C["steps"], schedule=C["schedule"], x_T=x_T_t,
                     progress=True, w=C["guidance"])
-    what = "z" if len(secs) == net.n_sections else f"z sections {','.join(map(str, secs))}"
+    what = "z" if len(secs) == P else f"z {what} {','.join(map(str, secs))}"
     png = save_grid(os.path.join(out, "interp.png"), torch.cat([xs[:1], frames, xs[1:]])[None],
                     [f"lerp {what}"], ["A"] + [f"{t:.2f}" for t in ts] + ["B"])
     gif = save_gif(os.path.join(out, "interp.gif"), frames)

@@ -66,6 +66,11 @@ p_mask_layer = 0.1  # probability of zeroing each section of z (layer masking)
 p_uncond = 0.1  # probability of zeroing all of z (classifier-free guidance dropout)
 p_uncond_pose = 0.1  # multi-view: probability of zeroing the target's rays, independently (§3.3 "Guidance")
 enc_noise = 0.05  # std of the Gaussian noise on the encoder input ([-1, 1] images)
+# DiffSiam (thesis §3, SPEC §8): hierarchical latent segments + SimSiam on the two augmented views
+segments = 0  # > 0: z in this many segments; noise level u uses the first ceil(u n) (0: plain SODA)
+segment_mode = "hierarchical"  # 'hierarchical' (segments 1..k) | 'sequential' (segment k only; the thesis' ablation)
+simsiam_weight = 0.0  # weight of the SimSiam loss; > 0 builds its heads (needs segments > 0)
+simsiam_dim = 512  # width of the SimSiam projector (the predictor's hidden layer is a quarter of it)
 # optimizer
 batch_size = 64  # per process; the global batch is batch_size * world_size
 max_iters = 2000
@@ -178,7 +183,8 @@ def build_model(cfg):
                    cond=cfg["cond"], n_tokens=cfg["n_tokens"], agg=cfg["agg"], ray_freqs=cfg["ray_freqs"],
                    p_mask_layer=cfg["p_mask_layer"], p_uncond=cfg["p_uncond"],
                    p_uncond_pose=cfg["p_uncond_pose"] if cfg["ray_freqs"] else 0.0, z_norm=cfg.get("z_norm", False),
-                   bottleneck=cfg.get("bottleneck", True))
+                   bottleneck=cfg.get("bottleneck", True), segments=cfg.get("segments", 0),
+                   simsiam_dim=cfg["simsiam_dim"] if cfg.get("simsiam_weight", 0) > 0 else 0)
 
 
 def model_from_checkpoint(path, device="cpu", which="ema"):
@@ -222,6 +228,8 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "
 
 def main(argv):
     cfg = configure(argv, DEFAULTS)
+    if cfg["simsiam_weight"] > 0 and (cfg["segments"] < 1 or cfg["views"] != "augment"):
+        raise ConfigError("simsiam_weight > 0 is DiffSiam: it needs segments >= 1 and views='augment' (two augmented views)")
     globals().update(cfg)  # nanoGPT style: the config becomes this script's globals
     C = cfg
 
@@ -375,12 +383,19 @@ def main(argv):
         x_src = x_src + enc_noise * rng.randn(*x_src.shape[1:])  # low noise on the encoder input (§3.4)
         keep = raw.draw_keep(rng.rand)
         u, eps = rng.rand(), rng.randn(*x_tgt.shape[1:])
+        if segments:  # DiffSiam: the noise level decides which segments of z are on, on top of the dropout
+            ones = torch.ones(len(u), z_dim, device=dev)
+            keep = raw.mask_z(ones, keep) * raw.mask_z(ones, D.segment_keep(u, segments, segment_mode))
+            if simsiam_weight > 0:
+                cond["x_pair"] = x_tgt  # the second augmented view
         if channels_last and not multiview:
             x_src, x_tgt = x_src.contiguous(memory_format=mem), x_tgt.contiguous(memory_format=mem)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it) * group["lr_mult"]
         with autocast():
             loss = D.loss(net, x_src, x_tgt, schedule_fn, u=u, eps=eps, weighting=weighting, keep=keep, **cond)
+        if isinstance(loss, tuple):  # DiffSiam: diffusion loss + weighted SimSiam loss (thesis eq. 3.12)
+            loss = loss[0] + simsiam_weight * loss[1]
         loss.backward()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_params, grad_clip)
