@@ -19,6 +19,7 @@ import os
 import sys
 
 import torch
+from tqdm import tqdm
 
 import data
 import diffusion as D
@@ -82,14 +83,14 @@ def ring(c2w, view, tol=1e-3):
     return on[az.argsort()]
 
 
-def generate(net, x_src, r_src, r_tgt, C, seed, keep=None, sampler=None, x_T=None):
+def generate(net, x_src, r_src, r_tgt, C, seed, keep=None):
     """Target views for rays r_tgt (B, 6, H, W) from source views (B, k, 3, H, W) with rays."""
     g = torch.Generator(x_src.device).manual_seed(seed)
     z = net.encode(x_src, r_src)
     w = 1.0 if keep is not None else C["guidance_z"]  # the masked-z baseline is not guided by z
     return D.sample(net, z, (len(z), 3, *x_src.shape[-2:]), steps=C["steps"],
-                    eta=1.0 if (sampler or C["sampler"]) == "ddpm" else 0.0, schedule=C["schedule"],
-                    generator=g, x_T=x_T, w=w, keep=keep, rays_tgt=r_tgt, w_pose=C["guidance_pose"])
+                    eta=1.0 if C["sampler"] == "ddpm" else 0.0, schedule=C["schedule"],
+                    generator=g, w=w, keep=keep, rays_tgt=r_tgt, w_pose=C["guidance_pose"])
 
 
 def main(argv):
@@ -123,14 +124,12 @@ def main(argv):
     with torch.no_grad():
         for kk in ks + [0]:  # 0: the masked-z baseline (sources ignored), computed once
             outs = []
-            for i in range(0, P, C["batch"]):
+            for i in tqdm(range(0, P, C["batch"]), desc=f"k={kk}" if kk else "z masked", leave=False):
                 sl = slice(i, i + C["batch"])
                 o, s = objs[sl, None].expand(-1, max(kk, 1)), srcs[sl, :max(kk, 1)]
                 outs.append(generate(net, img(o, s), rays(o, s), rays(objs[sl], tgts[sl]), C, C["seed"] + i,
                                      keep=none if kk == 0 else None))
-                print(f"  k={kk if kk else 'masked z'}: {min(i + C['batch'], P)}/{P} pairs", end="\r", flush=True)
             preds[kk] = torch.cat(outs)
-        print(" " * 60, end="\r")
         measure = lambda pred: {"psnr": psnr(to_unit(x_tgt), to_unit(pred)).mean().item(),
                                 "ssim": ssim(to_unit(x_tgt), to_unit(pred)).mean().item()}
         masked = measure(preds[0])
@@ -160,18 +159,17 @@ def main(argv):
         png = save_grid(os.path.join(out, "nvs.png"), torch.stack(cols, dim=1),
                         [f"{mv.ids[o]} v{t}" for o, t in zip(objs[show].tolist(), tgts[show].tolist())], labels)
 
-        # the turntable: one source view, every view on its ring, one shared x_T (DDIM), so frames
-        # differ only by the target pose
+        # the turntable: one source view, every view on its ring; each frame is sampled with the
+        # same seed (the same x_T and the same sampler noise), so frames differ only by the pose
         o, v = C["turntable_object"], C["turntable_view"]
         if not (0 <= o < N and 0 <= v < V):
             raise ConfigError(f"turntable_object must be in 0..{N - 1} and turntable_view in 0..{V - 1}")
         views = ring(mv.c2w[o], v)
-        T = len(views)
-        x_T = torch.randn(1, 3, H, W, generator=torch.Generator(dev).manual_seed(C["seed"]), device=dev)
-        oo = torch.full((T, 1), o)
-        frames = generate(net, img(oo, torch.full((T, 1), v)), rays(oo, torch.full((T, 1), v)),
-                          rays(torch.full((T,), o), views), C, C["seed"], sampler="ddim", x_T=x_T.expand(T, -1, -1, -1))
-        real = img(torch.full((T,), o), views)
+        one = torch.tensor([[o]])
+        frames = torch.cat([generate(net, img(one, torch.tensor([[v]])), rays(one, torch.tensor([[v]])),
+                                     rays(one[0], views[t:t + 1]), C, C["seed"])
+                            for t in tqdm(range(len(views)), desc="turntable", leave=False)])
+        real = img(torch.full((len(views),), o), views)
         gif = save_gif(os.path.join(out, "turntable.gif"), torch.cat([real, frames], dim=-1), ms=120, bounce=False)
 
     js = os.path.join(os.path.dirname(C["ckpt"]) or ".", "nvs.json")

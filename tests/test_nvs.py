@@ -298,3 +298,17 @@ def test_nvs_pairs_and_baselines():
     assert near.tolist()[1] == 1  # 170 deg is nearest the 180 deg source
     ring = nvs.ring(torch.stack([data.cars3d_camera(a, e) for e in (0, 6) for a in (0, 90, 180, 270)]), 6)
     assert ring.tolist() == [6, 7, 4, 5]  # elevation 6's views, from azimuth 180 on
+
+
+@pytest.mark.parametrize("cfg", ["cars3d.py", "nmr.py"])
+def test_gpu_nvs_configs_build_and_run_a_forward(cfg):
+    """The GPU configs (unmeasured here) at least build and run a 2-view posed forward on the CPU."""
+    c = train.configure([os.path.join(ROOT, "configs", cfg)], train.DEFAULTS)
+    torch.manual_seed(0)
+    net = train.build_model(c)
+    S = c["image_size"]
+    mv = labelled_views(N=1, V=3, size=S)
+    x_src, r_src, x_tgt, r_tgt = data.multiview_batch(mv, 2, data.Rng(0, 0, 1))
+    with torch.no_grad():
+        out = net(x_tgt, torch.zeros(1), x_src, rays_src=r_src, rays_tgt=r_tgt)
+    assert out.shape == (1, 3, S, S) and torch.isfinite(out).all()

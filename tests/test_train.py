@@ -76,8 +76,10 @@ def test_cli_override_keeps_type(tmp_path):
 def test_every_config_file_sets_only_known_keys():
     defaults = train.DEFAULTS
     configs = os.path.join(ROOT, "configs")
-    names = [f for f in sorted(os.listdir(configs)) if f.endswith(".py")]
-    assert "cifar10_cpu.py" in names and "cifar10.py" in names and "imagenet.py" in names
+    names = sorted(os.path.relpath(os.path.join(d, f), configs) for d, _, fs in os.walk(configs)
+                   for f in fs if f.endswith(".py"))
+    for want in ("cifar10_cpu.py", "cifar10.py", "imagenet.py", "cars3d_cpu.py", "ablations/no_bottleneck.py"):
+        assert want in names
     for f in names:
         train.configure([os.path.join(configs, f)], defaults)
 

@@ -1,0 +1,33 @@
+# Cars3D novel view synthesis on one GPU, at the data's full 64x64:
+#   python train.py configs/cars3d.py
+#   python nvs.py --ckpt=out/cars3d/ckpt.pt
+# ResNet-18 encoder, the ~39M CIFAR-size UNet (attention at 16x16), z through cross-attention to
+# 8 tokens (the paper's choice for NVS, §3.3; at the CPU teaching size 'mod' learned to use z
+# sooner, see configs/cars3d_cpu.py), 1-2 source views, latent and pose guidance dropout.
+# Not yet run on a GPU here: its figures are unmeasured.
+out_dir = "out/cars3d"
+dataset = "cars3d"
+data_dir = "../shared/data/cars3d"
+image_size = 64
+k_max = 2
+ray_freqs = 6
+encoder = "resnet18"
+unet = "cifar"
+z_dim = 512
+cond = "xattn"
+n_tokens = 8
+agg = "mean"
+z_norm = True
+p_mask_layer = 0.1
+p_uncond = 0.1
+p_uncond_pose = 0.1
+batch_size = 128
+max_iters = 20000
+lr = 2e-4
+enc_lr_mult = 2.0
+warmup_iters = 500
+ema_halflife_kimg = 500.0
+log_interval = 100
+eval_interval = 2000
+ckpt_interval = 2000
+compile = True
