@@ -21,6 +21,9 @@ for v in full no_schedule no_novel_views no_modulation no_bottleneck uncond; do
   python probe.py --ckpt="$out/ckpt.pt" --features=$feats --task=linear
   python probe.py --ckpt="$out/ckpt.pt" --features=$feats --task=knn
 done
+for task in linear knn; do  # the floor: the same encoder at random init
+  python probe.py --ckpt="$root/full/ckpt.pt" --task=$task --random=True
+done
 python - "$root" <<'PY'
 import json, os, sys
 root = sys.argv[1]
@@ -32,4 +35,6 @@ for v, p in paper.items():
     wall = os.path.join(root, v, "wall_s")
     wall = f"{int(open(wall).read()) / 60:.1f} min" if os.path.isfile(wall) else "-"
     print(f"{v:16s} {f:8s} {get('linear'):11.2f} {get('knn'):9.2f} {wall:>10s} {p:16.1f}")
+rnd = lambda task: json.load(open(os.path.join(root, "full", f"probe_{task}_pool_random.json")))["top1"]
+print(f"{'random init':16s} {'pool':8s} {rnd('linear'):11.2f} {rnd('knn'):9.2f} {'-':>10s} {'-':>16s}")
 PY
