@@ -296,6 +296,8 @@ def main(argv):
     # --- model, EMA, optimizer (identical init on every rank: seeded before building)
     torch.manual_seed(seed)
     raw = build_model(C).to(dev)
+    if ddp and cuda:  # DiffSiam's SimSiam heads hold the only BatchNorms: statistics over the global batch
+        raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     mem = torch.channels_last if channels_last else torch.contiguous_format
     raw = raw.to(memory_format=mem)
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
