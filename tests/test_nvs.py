@@ -12,6 +12,7 @@ from PIL import Image
 import data
 import nvs
 import train
+from test_train import full_and_killed_then_resumed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_CARS3D = os.path.join(ROOT, "..", "shared", "data", "cars3d")
@@ -243,20 +244,9 @@ def cars_dir(tmp_path_factory):
 
 
 def test_multiview_training_resumes_bit_exactly(cars_dir, tmp_path, monkeypatch):
-    train.main(mv_args(cars_dir, tmp_path / "full"))
-    real_save = train.save_checkpoint
-
-    def save_then_die(obj, path):
-        real_save(obj, path)
-        if obj["step"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(mv_args(cars_dir, tmp_path / "split", ckpt_interval=2))
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
-    train.main(mv_args(cars_dir, tmp_path / "split", init_from="resume"))
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("full", "split"))
+    a, b = full_and_killed_then_resumed(train.main, lambda out, **kw: mv_args(cars_dir, out, **kw), tmp_path,
+                                        monkeypatch)
+    assert a["step"] == b["step"] == 4
     for name in a["ema"]:
         assert torch.equal(a["ema"][name], b["ema"][name]), name
     # rays reached the model: the first conv's ray-channel weights moved

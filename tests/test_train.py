@@ -131,9 +131,10 @@ def test_smoke_three_steps(cifar_dir, tmp_path):
     assert os.path.isfile(tmp_path / "samples_000003.png")
 
 
-def test_resume_is_bit_exact(cifar_dir, tmp_path, monkeypatch):
-    run_train(base_args(cifar_dir, tmp_path / "full"))
-    # a run killed right after its step-2 checkpoint, then resumed to step 4
+def full_and_killed_then_resumed(run, args, out, monkeypatch):
+    """run(args(out / 'full')) for 4 steps; then a run killed right after its step-2 checkpoint and
+    resumed to step 4 in out / 'split'. -> the two final checkpoints."""
+    run(args(out / "full"))
     real_save = train.save_checkpoint
 
     def save_then_die(obj, path):
@@ -143,10 +144,15 @@ def test_resume_is_bit_exact(cifar_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run_train(base_args(cifar_dir, tmp_path / "split", ckpt_interval=2))
+        run(args(out / "split", ckpt_interval=2))
     monkeypatch.setattr(train, "save_checkpoint", real_save)
-    run_train(base_args(cifar_dir, tmp_path / "split", init_from="resume"))
-    a, b = state(tmp_path / "full" / "ckpt.pt"), state(tmp_path / "split" / "ckpt.pt")
+    run(args(out / "split", init_from="resume"))
+    return state(out / "full" / "ckpt.pt"), state(out / "split" / "ckpt.pt")
+
+
+def test_resume_is_bit_exact(cifar_dir, tmp_path, monkeypatch):
+    a, b = full_and_killed_then_resumed(run_train, lambda out, **kw: base_args(cifar_dir, out, **kw), tmp_path,
+                                        monkeypatch)
     assert a["step"] == b["step"] == 4
     for key in ("model", "ema"):
         for name in a[key]:
