@@ -485,7 +485,6 @@ def load_nmr(data_dir, split="train", image_size=64):
                 raise DataError(f"{obj!r} is listed in {lst!r} but has no image/*.png or cameras.npz: {NMR_HINT}")
             cams = np.load(os.path.join(obj, "cameras.npz"))
             imgs = torch.stack([_read_png(p) for p in pngs])
-            h = imgs.shape[-1]
             Ks, c2ws = [], []
             for v in range(len(pngs)):
                 w2c = torch.eye(4)
