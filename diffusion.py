@@ -40,17 +40,23 @@ def abar_sigmoid(u, start=-3.0, end=3.0, tau=1.0):
 BASES = {"linear": abar_linear, "cosine": abar_cosine, "sigmoid": abar_sigmoid}
 
 
-def abar_inverted(u, base=abar_cosine, iters=60):
+def invert_decreasing(fn, y, iters=60):
+    """The t in [0, 1] with fn(t) = y, for a decreasing fn, by bisection (the smallest such t where
+    fn is flat, e.g. clipped)."""
+    lo, hi = torch.zeros_like(y), torch.ones_like(y)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        above = fn(mid) > y
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return (lo + hi) / 2
+
+
+def abar_inverted(u, base=abar_cosine):
     """The inverse function of a base S-shaped schedule: abar_inv = base^{-1} (§3.4, Fig. 3).
     The base is steep in the middle and flat at the ends, so its inverse is flat in the middle and
     steep at the ends: uniform u then lands mostly on medium noise levels. Solved by bisection, so
     any monotone base works."""
-    lo, hi = torch.zeros_like(u), torch.ones_like(u)
-    for _ in range(iters):  # find t with base(t) = u; base is decreasing
-        mid = (lo + hi) / 2
-        above = base(mid) > u
-        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
-    return (lo + hi) / 2
+    return invert_decreasing(base, u)
 
 
 def get_schedule(name, shift=0.0):
@@ -116,19 +122,33 @@ def segment_keep(u, n, mode="hierarchical"):
     raise ValueError(f"segment_mode must be 'hierarchical' or 'sequential', got {mode!r}")
 
 
+def segment_schedule(n, mode, schedule):
+    """The segment schedule for samplers: logsnr (B,) -> (B, n) keep, the segments that training
+    switched on at that noise level (segment_keep at the u where the training `schedule` gives
+    this logsnr). A sampler that conditions on every segment at every step asks the decoder for
+    something it never saw at low noise (thesis Alg. 2 can: its k is drawn apart from t)."""
+    return lambda logsnr: segment_keep(invert_decreasing(schedule, logsnr.float()), n, mode)
+
+
 # -----------------------------------------------------------------------------
 # Guidance (§3.2.1, §3.3): one batched forward for the conditional and unconditional halves
 
-def guided_eps(model, x_t, logsnr, z, w=1.0, keep=None, keep_uncond=None, rays_tgt=None, w_pose=1.0):
+def guided_eps(model, x_t, logsnr, z, w=1.0, keep=None, keep_uncond=None, rays_tgt=None, w_pose=1.0,
+               seg_keep=None):
     """eps = eps(x | masked z) + w (eps(x | z) - eps(x | masked z)).
     keep: the sections to condition on (default all); keep_uncond: the sections left on in the
     unconditional branch (default none: classic CFG; any subset: layer-wise guidance).
+    seg_keep (1 or B, segments): DiffSiam's segments on at this noise level, on top of both.
     With rays and w_pose != 1, pose is guided separately:
     eps = eps(0, 0) + w_pose (eps(0, r) - eps(0, 0)) + w (eps(z, r) - eps(0, r))."""
     B, S = x_t.shape[0], model.n_sections
     ones = torch.ones(B, S, device=x_t.device)
     keep = ones if keep is None else keep.to(ones).expand(B, S)
     keep_uncond = 0 * ones if keep_uncond is None else keep_uncond.to(ones).expand(B, S)
+    if seg_keep is not None:  # sections and segments cut z differently: combine them per dim, as train.py does
+        ones_z = torch.ones_like(z)
+        on = model.mask_z(ones_z, seg_keep.to(z).expand(B, -1))
+        keep, keep_uncond = model.mask_z(ones_z, keep) * on, model.mask_z(ones_z, keep_uncond) * on
     guide_pose = rays_tgt is not None and w_pose != 1.0
     if w == 1.0 and not guide_pose:  # no guidance: the conditional pass alone
         return model.denoise(x_t, logsnr, z, keep, rays_tgt).float()
@@ -155,11 +175,11 @@ def _grid(steps, schedule, device):
 
 @torch.no_grad()
 def sample(model, z, shape, steps=50, eta=0.0, schedule="cosine", generator=None, x_T=None,
-           clip=True, progress=False, **guidance):
+           clip=True, progress=False, segments=None, **guidance):
     """DDIM (Song et al. 2021, eq. 12) with stochasticity eta; eta=1 is DDPM's ancestral sampler
     (the posterior q(x_s | x_t, x_0_hat) of Ho et al. 2020; DDIM eq. 16). The paper samples with
-    DDPM (§3.4). z: the latent (B, z_dim) from model.encode; guidance kwargs go to guided_eps.
-    Deterministic given `generator` (and x_T)."""
+    DDPM (§3.4). z: the latent (B, z_dim) from model.encode; guidance kwargs go to guided_eps;
+    segments: a DiffSiam model's segment_schedule. Deterministic given `generator` (and x_T)."""
     schedule = get_schedule(schedule) if isinstance(schedule, str) else schedule
     device = z.device
     x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.float()
@@ -171,7 +191,8 @@ def sample(model, z, shape, steps=50, eta=0.0, schedule="cosine", generator=None
     for i in it:
         lt, ls = logsnrs[i], logsnrs[i + 1]  # from noise level t to the less noisy s
         abar_t, abar_s = torch.sigmoid(lt), torch.sigmoid(ls)
-        eps = guided_eps(model, x, lt.expand(shape[0]), z, **guidance)
+        seg = None if segments is None else segments(lt[None])
+        eps = guided_eps(model, x, lt.expand(shape[0]), z, seg_keep=seg, **guidance)
         x_0 = (x - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
         if clip:
             x_0 = x_0.clamp(-1, 1)
@@ -196,7 +217,7 @@ def ddim(model, z, shape, steps=50, **kw):
 
 
 @torch.no_grad()
-def ddim_invert(model, x_0, z, steps=50, schedule="cosine", progress=False, **guidance):
+def ddim_invert(model, x_0, z, steps=50, schedule="cosine", progress=False, segments=None, **guidance):
     """Run deterministic DDIM backwards, x_0 -> x_T, so that ddim(..., x_T=x_T) gives x_0 back
     (used for interpolation and editing, §4.3). Ends at u = 1, where ddim starts."""
     schedule = get_schedule(schedule) if isinstance(schedule, str) else schedule
@@ -209,7 +230,8 @@ def ddim_invert(model, x_0, z, steps=50, schedule="cosine", progress=False, **gu
     for i in it:
         ls, lt = logsnrs[i], logsnrs[i + 1]  # from the less noisy s to the noisier t
         abar_s, abar_t = torch.sigmoid(ls), torch.sigmoid(lt)
-        eps = guided_eps(model, x, ls.expand(x.shape[0]), z, **guidance)
+        seg = None if segments is None else segments(ls[None])
+        eps = guided_eps(model, x, ls.expand(x.shape[0]), z, seg_keep=seg, **guidance)
         x_0_hat = (x - (1 - abar_s).sqrt() * eps) / abar_s.sqrt()
         x = abar_t.sqrt() * x_0_hat + (1 - abar_t).sqrt() * eps
     return x

@@ -175,10 +175,11 @@ class ResBlock(nn.Module):
     def forward(self, x, emb, z_sec=None):
         h = self.conv1(F.silu(self.norm1(x)))
         s_t, b_t = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
-        h = self.norm2(h) * (1 + s_t) + b_t
-        if self.z_proj is not None:
+        scale, shift = 1 + s_t, b_t
+        if self.z_proj is not None:  # layer modulation (§3.2.1), even across the grid
             s_z, b_z = self.z_proj(z_sec)[:, :, None, None].chunk(2, dim=1)
-            h = h * (1 + s_z) + b_z  # layer modulation (§3.2.1), even across the grid
+            scale, shift = scale * (1 + s_z), shift * (1 + s_z) + b_z  # both steps folded on (B, C, 1, 1)
+        h = torch.addcmul(shift, self.norm2(h), scale)  # one pass over h: (GN(h)(1 + s_t) + b_t)(1 + s_z) + b_z
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
@@ -202,7 +203,11 @@ class Attention(nn.Module):
         k, v = self.kv(h if ctx is None else ctx).chunk(2, dim=-1)
         q, k, v = (t.reshape(B, -1, self.n_heads, C // self.n_heads).transpose(1, 2)
                    for t in (q, k, v))  # (B, nh, T, hs)
-        h = F.scaled_dot_product_attention(q, k, v)
+        if q.is_cuda or q.dtype == torch.float32:
+            h = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels
+        else:  # bf16 on a CPU: the plain product, ~7x faster than SDPA's CPU kernel backward at these head sizes
+            att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, nh, T, T); softmax in fp32
+            h = att.float().softmax(dim=-1).to(v.dtype) @ v  # (B, nh, T, hs)
         h = self.proj(h.transpose(1, 2).reshape(B, H * W, C))  # (B, HW, C)
         return x + h.transpose(1, 2).reshape(B, C, H, W)
 
@@ -235,7 +240,7 @@ class UNet(nn.Module):
     cond='emb': z only added to the noise-level embedding (the "w/o layer modulation" ablation)."""
 
     def __init__(self, z_dim, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,),
-                 dropout=0.0, image_size=32, in_ch=3, out_ch=3, cond="mod", n_tokens=8):
+                 dropout=0.0, image_size=32, in_ch=3, out_ch=3, cond="mod", n_tokens=8, decoder_only=False):
         super().__init__()
         m = len(ch_mult)
         self.cond = cond
@@ -278,8 +283,12 @@ class UNet(nn.Module):
                 res *= 2
         self.out = nn.Sequential(Norm(c), nn.SiLU(), zero_(nn.Conv2d(c, out_ch, 3, 1, 1)))
         self.ch, self.sec_dims, self.m = ch, sec_dims, m
+        if decoder_only:  # PDAE's gradient estimator: the down path's features come from another UNet
+            self.conv_in = self.down = None
 
-    def forward(self, x, logsnr, z):
+    def forward(self, x, logsnr, z, skips=None, return_skips=False):
+        """-> eps_hat (B, out_ch, H, W). skips: the down-path activations of another UNet (then this
+        one's own down path is not run); return_skips: also return this UNet's."""
         emb = self.emb(sinusoidal(logsnr, self.ch))
         z_secs, tokens = [None] * (self.m + 1), None
         if self.cond == "mod":
@@ -290,16 +299,19 @@ class UNet(nn.Module):
             tokens = tokens + self.tok_pos
         else:
             emb = emb + self.z_emb(z)
-        h = self.conv_in(x)
-        hs = [h]
-        for blk in self.down:
-            h = blk(h, emb, z_secs, tokens) if isinstance(blk, Step) else blk(h)
-            hs.append(h)
+        if skips is None:
+            h = self.conv_in(x)
+            skips = [h]
+            for blk in self.down:
+                h = blk(h, emb, z_secs, tokens) if isinstance(blk, Step) else blk(h)
+                skips.append(h)
+        hs = list(skips)
+        h = hs[-1]
         for blk in self.mid:
             h = blk(h, emb, z_secs, tokens)
         for blk in self.up:
             h = blk(torch.cat([h, hs.pop()], dim=1), emb, z_secs, tokens) if isinstance(blk, Step) else blk(h)
-        return self.out(h)
+        return (self.out(h), skips) if return_skips else self.out(h)
 
 
 class MLP(nn.Sequential):
@@ -326,11 +338,12 @@ class SODA(nn.Module):
     off (zeroed: eps(x_t | 0) is the unconditional model, §3.2.1); `keep_pose` (B,) does the same
     for the target rays. During training, forward() draws that dropout unless given.
     DiffSiam (thesis §3.2, SPEC §8): `segments` > 0 cuts z into parts that the training schedule
-    switches on by noise level (diffusion.segment_keep); simsiam_dim > 0 adds SimSiam heads on z."""
+    switches on by noise level (diffusion.segment_keep); simsiam_dim > 0 adds SimSiam heads on z;
+    pdae=True makes the decoder a frozen pre-trained denoiser plus a trainable gradient estimator."""
 
     def __init__(self, encoder, unet, z_dim=128, image_size=32, cond="mod", n_tokens=8, agg="mean",
                  ray_freqs=0, p_mask_layer=0.0, p_uncond=0.0, p_uncond_pose=0.0, z_norm=False, bottleneck=True,
-                 segments=0, simsiam_dim=0):
+                 segments=0, simsiam_dim=0, pdae=False):
         super().__init__()
         self.ray_freqs, self.z_norm = ray_freqs, z_norm
         self.p_mask_layer, self.p_uncond, self.p_uncond_pose = p_mask_layer, p_uncond, p_uncond_pose
@@ -342,12 +355,25 @@ class SODA(nn.Module):
                 raise ValueError(f"bottleneck=False passes the {n} positions x {c} features of the encoder's map: "
                                  f"set cond='xattn', n_tokens={n}, z_dim={n * c}")
         self.agg = Aggregator(z_dim, agg)
-        self.unet = UNet(z_dim, image_size=image_size, in_ch=3 + rc, cond=cond, n_tokens=n_tokens, **unet)
+        self.unet = UNet(z_dim, image_size=image_size, in_ch=3 + rc, cond=cond, n_tokens=n_tokens,
+                         decoder_only=pdae, **unet)
         self.n_sections = self.unet.n_sections
         self.segments = segments
         if simsiam_dim:  # built last, so the encoder and UNet initialise as in plain SODA
             self.projector = MLP(z_dim, simsiam_dim, simsiam_dim, out_norm=True)
             self.predictor = MLP(simsiam_dim, simsiam_dim // 4, simsiam_dim)
+        self.frozen = None
+        if pdae:  # PDAE (Zhang et al. 2022), DiffSiam's decoder (thesis §3.2): a pre-trained denoiser
+            # eps_theta, frozen, of the same shape as a SODA UNet (train.py loads its weights), read
+            # with z = 0 (its unconditional mode); self.unet is then only its decoder half, G.
+            self.frozen = UNet(z_dim, image_size=image_size, in_ch=3 + rc, cond=cond, n_tokens=n_tokens,
+                               **unet).requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen is not None:  # a frozen denoiser stays in eval mode (no dropout)
+            self.frozen.eval()
+        return self
 
     def _with_rays(self, x, rays):
         # RGB and the ray embedding side by side; the first conv is the linear map that mixes them
@@ -396,7 +422,15 @@ class SODA(nn.Module):
             if keep_pose is not None:
                 r = r * keep_pose.to(r.dtype)[:, None, None, None]
             x_t = torch.cat([x_t, r], dim=1)
-        return self.unet(x_t, logsnr, z)
+        if self.frozen is None:
+            return self.unet(x_t, logsnr, z)
+        # PDAE: eps_hat = eps_theta(x_t) - sqrt(1 - abar) G(x_t, z), G ~ grad_x_t log p(z | x_t), the
+        # classifier-guidance shift of the frozen model's eps (thesis eq. 3.8); G's decoder half reads
+        # the frozen down path's features, so only it and the encoder learn.
+        with torch.no_grad():
+            eps_theta, skips = self.frozen(x_t, logsnr, torch.zeros_like(z), return_skips=True)
+        G = self.unet(x_t, logsnr, z, skips=skips)
+        return eps_theta - torch.sigmoid(-logsnr.float()).sqrt().to(G.dtype)[:, None, None, None] * G
 
     def draw_keep(self, rand):
         """Training dropout of z (§3.2.1): each section off with p_mask_layer (layer masking), all

@@ -24,7 +24,7 @@ from tqdm import tqdm
 import data
 import diffusion as D
 from sample import parse_list, perceptual_note, psnr, save_gif, save_grid, ssim, to_unit
-from train import CheckpointError, ConfigError, configure, model_from_checkpoint
+from train import CheckpointError, ConfigError, configure, model_from_checkpoint, segment_schedule
 
 # -----------------------------------------------------------------------------
 ckpt = "out/cars3d_cpu/ckpt.pt"  # a train.py checkpoint of a posed multi-view model (its EMA is used)
@@ -90,7 +90,8 @@ def generate(net, x_src, r_src, r_tgt, C, seed, keep=None):
     w = 1.0 if keep is not None else C["guidance_z"]  # the masked-z baseline is not guided by z
     return D.sample(net, z, (len(z), 3, *x_src.shape[-2:]), steps=C["steps"],
                     eta=1.0 if C["sampler"] == "ddpm" else 0.0, schedule=C["schedule"],
-                    generator=g, w=w, keep=keep, rays_tgt=r_tgt, w_pose=C["guidance_pose"])
+                    generator=g, w=w, keep=keep, rays_tgt=r_tgt, w_pose=C["guidance_pose"],
+                    segments=C.get("segment_schedule"))
 
 
 def main(argv):
@@ -104,6 +105,7 @@ def main(argv):
         torch.set_num_threads(C["threads"])
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if C["device"] == "auto" else C["device"]
     net, tcfg = model_from_checkpoint(C["ckpt"], dev)
+    C["segment_schedule"] = segment_schedule(tcfg)  # DiffSiam: the segments on at each step (None: all)
     if tcfg["dataset"] not in data.MULTIVIEW or not tcfg["ray_freqs"]:
         raise data.DataError(f"nvs.py needs a model trained on posed multi-view data ({', '.join(data.MULTIVIEW)}); "
                              f"this checkpoint was trained on {tcfg['dataset']!r}")

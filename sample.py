@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import data
 import diffusion as D
 from probe import fit_logreg
-from train import CheckpointError, ConfigError, configure, model_from_checkpoint
+from train import CheckpointError, ConfigError, configure, model_from_checkpoint, segment_schedule
 
 # -----------------------------------------------------------------------------
 ckpt = "out/cifar10_cpu/ckpt.pt"  # a train.py checkpoint (its EMA weights are used)
@@ -134,7 +134,7 @@ def decode(net, z, C, seed, keep=None, x_T=None, w=None):
     shape = (len(z), 3, C["image_size"], C["image_size"])
     return D.sample(net, z, shape, steps=C["steps"], eta=1.0 if C["sampler"] == "ddpm" else 0.0,
                     schedule=C["schedule"], generator=g, x_T=x_T, progress=True,
-                    w=C["guidance"] if w is None else w, keep=keep)
+                    w=C["guidance"] if w is None else w, keep=keep, segments=C.get("segment_schedule"))
 
 
 def section_mask(net, secs, z, parts=None):
@@ -237,13 +237,14 @@ def interp(net, x, y, classes, C, out):
         raise ConfigError(f"sections {secs}: this model's z has {P} {what} (0..{P - 1})")
     xs = pick(x, C["index"], 2)
     z = net.encode(xs)
-    x_T = D.ddim_invert(net, xs, z, C["steps"], C["schedule"], progress=True, w=C["guidance"])
+    x_T = D.ddim_invert(net, xs, z, C["steps"], C["schedule"], progress=True, w=C["guidance"],
+                        segments=C.get("segment_schedule"))
     moves = section_mask(net, secs, z, P)  # 1 where z goes from A to B
     ts = torch.linspace(0, 1, C["frames"]).tolist()
     z_t = torch.cat([z[:1] + t * (z[1:] - z[:1]) * moves for t in ts])  # (frames, z_dim)
     x_T_t = torch.stack([slerp(x_T[0], x_T[1], t) for t in ts])  # (frames, 3, H, W)
     frames = D.ddim(net, z_t, x_T_t.shape, steps=C["steps"], schedule=C["schedule"], x_T=x_T_t,
-                    progress=True, w=C["guidance"])
+                    progress=True, w=C["guidance"], segments=C.get("segment_schedule"))
     what = "z" if len(secs) == P else f"z {what} {','.join(map(str, secs))}"
     png = save_grid(os.path.join(out, "interp.png"), torch.cat([xs[:1], frames, xs[1:]])[None],
                     [f"lerp {what}"], ["A"] + [f"{t:.2f}" for t in ts] + ["B"])
@@ -334,6 +335,7 @@ def main(argv):
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if C["device"] == "auto" else C["device"]
     net, tcfg = model_from_checkpoint(C["ckpt"], dev)
     C["image_size"] = tcfg["image_size"]  # the decoder's output size
+    C["segment_schedule"] = segment_schedule(tcfg)  # DiffSiam: the segments on at each step (None: all)
     if tcfg["dataset"] != "cifar10":
         raise data.DataError(f"sample.py reads cifar10 so far, the checkpoint was trained on {tcfg['dataset']!r}")
     x, y, classes = data.load_cifar10(C["data_dir"] or tcfg["data_dir"], "test")

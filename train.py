@@ -71,6 +71,7 @@ segments = 0  # > 0: z in this many segments; noise level u uses the first ceil(
 segment_mode = "hierarchical"  # 'hierarchical' (segments 1..k) | 'sequential' (segment k only; the thesis' ablation)
 simsiam_weight = 0.0  # weight of the SimSiam loss; > 0 builds its heads (needs segments > 0)
 simsiam_dim = 512  # width of the SimSiam projector (the predictor's hidden layer is a quarter of it)
+pretrained = ""  # PDAE decoder: a checkpoint whose EMA UNet becomes the frozen denoiser ('': train the UNet jointly)
 # optimizer
 batch_size = 64  # per process; the global batch is batch_size * world_size
 max_iters = 2000
@@ -92,6 +93,7 @@ device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = "bfloat16"  # autocast dtype for the network on CUDA: 'bfloat16' | 'float32'
 cpu_bf16 = False  # also autocast on the CPU (slower on most CPUs; a test uses it)
 compile = False  # torch.compile the model
+fused_adamw = True  # AdamW as one fused kernel (CPU and CUDA) instead of a loop over parameters
 channels_last = False  # NHWC memory layout for convolutions
 threads = 0  # CPU threads for torch (0: torch's default)
 seed = 0
@@ -184,7 +186,20 @@ def build_model(cfg):
                    p_mask_layer=cfg["p_mask_layer"], p_uncond=cfg["p_uncond"],
                    p_uncond_pose=cfg["p_uncond_pose"] if cfg["ray_freqs"] else 0.0, z_norm=cfg.get("z_norm", False),
                    bottleneck=cfg.get("bottleneck", True), segments=cfg.get("segments", 0),
-                   simsiam_dim=cfg["simsiam_dim"] if cfg.get("simsiam_weight", 0) > 0 else 0)
+                   simsiam_dim=cfg["simsiam_dim"] if cfg.get("simsiam_weight", 0) > 0 else 0,
+                   pdae=bool(cfg.get("pretrained")))
+
+
+def load_pretrained_denoiser(net, path, cfg):
+    """PDAE / DiffSiam: the EMA UNet of a checkpoint `path` becomes net.frozen; it must have the
+    UNet shape this config builds."""
+    ck = load_checkpoint(path)
+    keys = ("unet", "z_dim", "image_size", "cond", "n_tokens", "ray_freqs")
+    diff = [f"{k}={ck['config'].get(k)!r} (here {cfg[k]!r})" for k in keys if ck["config"].get(k) != cfg[k]]
+    if diff or ck["config"].get("pretrained"):
+        raise ConfigError(f"pretrained={path!r} cannot be the frozen denoiser: " +
+                          (f"its {', '.join(diff)}" if diff else "it is itself a PDAE model"))
+    net.frozen.load_state_dict({k[5:]: v for k, v in ck["ema"].items() if k.startswith("unet.")})
 
 
 def model_from_checkpoint(path, device="cpu", which="ema"):
@@ -194,6 +209,15 @@ def model_from_checkpoint(path, device="cpu", which="ema"):
     net = build_model(ckpt["config"])
     net.load_state_dict(ckpt[which])
     return net.to(device).eval(), ckpt["config"]
+
+
+def segment_schedule(cfg):
+    """A DiffSiam config's segment schedule for the samplers (diffusion.segment_schedule), so they
+    condition each step on the segments training used at its noise level; None for plain SODA."""
+    if not cfg.get("segments"):
+        return None
+    return D.segment_schedule(cfg["segments"], cfg["segment_mode"],
+                              D.get_schedule(cfg["schedule"], cfg.get("logsnr_shift", 0.0)))
 
 
 @torch.no_grad()
@@ -296,22 +320,24 @@ def main(argv):
     # --- model, EMA, optimizer (identical init on every rank: seeded before building)
     torch.manual_seed(seed)
     raw = build_model(C).to(dev)
+    if pretrained and init_from == "scratch":  # on resume the checkpoint holds the frozen denoiser
+        load_pretrained_denoiser(raw, pretrained, C)
     if ddp and cuda:  # DiffSiam's SimSiam heads hold the only BatchNorms: statistics over the global batch
         raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     mem = torch.channels_last if channels_last else torch.contiguous_format
     raw = raw.to(memory_format=mem)
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
     n_enc = sum(p.numel() for p in raw.encoder.parameters())
-    n_all = sum(p.numel() for p in raw.parameters())
-    say(f"model: encoder {encoder} {n_enc / 1e6:.2f}M, unet {unet} {(n_all - n_enc) / 1e6:.2f}M params, "
-        f"z_dim {z_dim}, cond {cond}, {raw.n_sections} sections")
+    n_all = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    say(f"model: encoder {encoder} {n_enc / 1e6:.2f}M, unet {unet} {(n_all - n_enc) / 1e6:.2f}M trained params, "
+        f"z_dim {z_dim}, cond {cond}, {raw.n_sections} sections" + (f"; frozen denoiser from {pretrained}" if pretrained else ""))
     enc_ids = {id(p) for p in raw.encoder.parameters()}
     def group(in_encoder, decay):  # the encoder at lr * enc_lr_mult (§3.4); no decay on gains and biases
-        params = [p for p in raw.parameters() if (id(p) in enc_ids) == in_encoder and (p.dim() > 1) == decay]
+        params = [p for p in raw.parameters() if p.requires_grad and (id(p) in enc_ids) == in_encoder and (p.dim() > 1) == decay]
         return {"params": params, "lr_mult": enc_lr_mult if in_encoder else 1.0,
                 "weight_decay": weight_decay if decay else 0.0}
     groups = [group(e, d) for e in (True, False) for d in (True, False)]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), fused=cuda)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), fused=fused_adamw)
     step = 0
     if init_from == "resume":
         ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), dev)
@@ -450,7 +476,7 @@ def main(argv):
         first = lambda t: None if t is None else t[:n]
         with autocast():
             rec = D.ddim(ema, ema.encode(f_src[:n], first(r_src)), f_tgt[:n].shape, steps=sample_steps,
-                         schedule=sample_schedule, generator=g, rays_tgt=first(r_tgt))
+                         schedule=sample_schedule, generator=g, rays_tgt=first(r_tgt), segments=segment_schedule(C))
         import torchvision
         grid = torch.stack([f_src[:n], f_tgt[:n], rec.float()], 1).flatten(0, 1)  # rows: src | tgt | sample
         path = os.path.join(out_dir, f"samples_{it:06d}.png")
@@ -483,7 +509,7 @@ def main(argv):
     peak = peak_flops or next((v for k, v in GPU_PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name(dev)), 0.0)
 
     if bench_iters > 0:
-        return bench(train_step, get_batch, views_of, ema, x_train, dev, global_batch, flops_per_img, peak, C)
+        return bench(train_step, get_batch, views_of, ema, x_train, dev, global_batch, flops_per_img, peak, C, autocast)
 
     # --- the loop
     from tqdm import tqdm
@@ -545,9 +571,10 @@ def eval_line(r):
     return f"{knn}z-gap {r['zgap']:+.4f} grid {r['grid']}"
 
 
-def bench(train_step, get_batch, views_of, ema, x_train, dev, global_batch, flops_per_img, peak, C):
-    """Throughput of the training step, of the data pipeline alone, and of DDIM sampling; one line
-    and out_dir/bench.json. Timed between device syncs, after warm-up steps (compile happens there)."""
+def bench(train_step, get_batch, views_of, ema, x_train, dev, global_batch, flops_per_img, peak, C, autocast):
+    """Throughput of the training step, of the data pipeline alone, and of DDIM sampling (under the
+    training autocast, as the eval grid samples); one line and out_dir/bench.json. Timed between
+    device syncs, after warm-up steps (compile happens there)."""
     cuda = dev.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
@@ -570,10 +597,9 @@ def bench(train_step, get_batch, views_of, ema, x_train, dev, global_batch, flop
     data_ips = n * global_batch / (time.perf_counter() - t)
     x = x_train[: C["bench_sample_n"]].float() / 127.5 - 1
     t = time.perf_counter()
-    with torch.no_grad(), torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16,
-                                         enabled=cuda and C["dtype"] == "bfloat16"):
+    with torch.no_grad(), autocast():
         D.ddim(ema, ema.encode(x), x.shape, steps=C["sample_steps"], schedule=C["sample_schedule"],
-               generator=torch.Generator(dev).manual_seed(0))
+               generator=torch.Generator(dev).manual_seed(0), segments=segment_schedule(C))
     sync()
     sample_s = time.perf_counter() - t
     if cuda:
@@ -585,7 +611,8 @@ def bench(train_step, get_batch, views_of, ema, x_train, dev, global_batch, flop
            "sample_img_steps_s": len(x) * C["sample_steps"] / sample_s, "peak_mem_gb": mem_gb,
            "mfu": flops_per_img * train_ips / peak if flops_per_img and peak else None,
            "device": torch.cuda.get_device_name(dev) if cuda else f"cpu x{torch.get_num_threads()} threads",
-           **{k: C[k] for k in ("encoder", "unet", "batch_size", "compile", "channels_last", "dtype", "threads")}}
+           **{k: C[k] for k in ("encoder", "unet", "batch_size", "compile", "channels_last", "dtype", "cpu_bf16",
+                                "fused_adamw", "threads")}}
     with open(os.path.join(C["out_dir"], "bench.json"), "w") as f:
         json.dump(res, f, indent=1)
     mfu = f" mfu {res['mfu']:.1%}" if res["mfu"] else ""

@@ -88,3 +88,104 @@ def test_counterfactual_interpolation_on_segments(cifar_dir, tmp_path):
     assert torch.allclose(z_t[-1][:8], z[1][:8])
     with pytest.raises(train.ConfigError, match="8 segments"):
         sample.main(args + ["--sections=8"])
+
+
+# --- the samplers follow the segment schedule ------------------------------------
+
+@pytest.mark.parametrize("name,shift", [("inverted", 0.0), ("cosine", -2.0)])
+def test_segment_schedule_recovers_the_training_level(name, shift):
+    """At the logsnr that training drew at noise position u, samplers switch on the same segments."""
+    n = 16
+    sched = D.get_schedule(name, shift)
+    u = (torch.arange(1, n + 1) - 0.5) / n  # the middle of each level
+    logsnr = sched(u)
+    inner = (logsnr > D.LOGSNR_MIN) & (logsnr < D.LOGSNR_MAX)  # clipped ends are flat: no unique u
+    got = D.segment_schedule(n, "hierarchical", sched)(logsnr)
+    assert torch.equal(got[inner], D.segment_keep(u, n, "hierarchical")[inner])
+    assert inner.sum() >= n // 2
+
+
+class _Spy(torch.nn.Module):
+    """A stand-in model that records the keep each denoise call gets."""
+    n_sections, z_dim = 2, 8
+
+    def __init__(self):
+        super().__init__()
+        self.keeps = []
+        self.mask_z = M.SODA.mask_z.__get__(self)
+
+    def denoise(self, x_t, logsnr, z, keep=None, rays_tgt=None, keep_pose=None):
+        self.keeps.append((logsnr[0].item(), keep.clone()))
+        return torch.zeros_like(x_t)
+
+
+def test_ddim_conditions_each_step_on_the_trained_segments():
+    spy, n = _Spy(), 4
+    sched = D.get_schedule("cosine")
+    seg = D.segment_schedule(n, "hierarchical", sched)
+    z = torch.ones(3, 8)
+    D.ddim(spy, z, (3, 1, 2, 2), steps=8, schedule=sched, segments=seg, w=2.0)  # guided: 2 branches a step
+    assert len(spy.keeps) == 8
+    for logsnr, keep in spy.keeps:
+        cond, uncond = keep.chunk(2)
+        u = D.invert_decreasing(sched, torch.tensor([logsnr]))
+        k = int(D.segment_keep(u, n).sum())  # segments on at this level: the first 2k of z's 8 dims
+        assert cond.tolist() == [[1.0] * (2 * k) + [0.0] * (8 - 2 * k)] * 3
+        assert uncond.sum() == 0
+    ks = [int(keep.chunk(2)[0][0].sum()) for _, keep in spy.keeps]
+    assert ks[0] == 8 and ks[-1] == 2 and ks == sorted(ks, reverse=True)  # all at the noisy end, one near clean
+
+
+# --- PDAE: a frozen pre-trained denoiser + a trainable gradient estimator ---------
+
+def _pdae(seed=0):
+    torch.manual_seed(seed)
+    return M.build("tiny", "tiny", z_dim=32, image_size=8, pdae=True)
+
+
+def test_pdae_starts_as_the_frozen_denoiser_and_only_the_estimator_learns():
+    net = _pdae()
+    for p in net.frozen.parameters():  # a "pre-trained" denoiser: random, non-zero output
+        torch.nn.init.normal_(p, std=0.05)
+    assert net.unet.down is None and net.unet.conv_in is None  # G is the decoder half only
+    x, logsnr, z = torch.randn(4, 3, 8, 8), torch.randn(4), torch.randn(4, 32)
+    eps = net.denoise(x, logsnr, z)
+    assert torch.allclose(eps, net.frozen(x, logsnr, torch.zeros_like(z)))  # G zero-init: eps_theta itself
+    net.train()
+    assert not net.frozen.training  # no dropout in the frozen model
+    loss = D.loss(net, x, x, D.get_schedule("cosine"))
+    loss.backward()
+    assert all(p.grad is None for p in net.frozen.parameters())
+    assert net.unet.out[2].weight.grad.abs().sum() > 0  # G's zero-init output gets a gradient first
+
+
+def test_pdae_correction_is_the_guidance_shift():
+    """eps_hat = eps_theta - sqrt(1 - abar) G, so G is a score: a gradient of log p(z | x_t)."""
+    net = _pdae()
+    for p in net.unet.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, z = torch.randn(2, 3, 8, 8), torch.randn(2, 32)
+    logsnr = torch.tensor([-3.0, 3.0])
+    eps_theta, skips = net.frozen(x, logsnr, torch.zeros_like(z), return_skips=True)
+    G = net.unet(x, logsnr, z, skips=skips)
+    want = eps_theta - torch.sigmoid(-logsnr).sqrt()[:, None, None, None] * G
+    assert torch.allclose(net.denoise(x, logsnr, z), want, atol=1e-6)
+    assert G.abs().sum() > 0
+
+
+@pytest.mark.filterwarnings("ignore:.*partial copy")
+def test_pdae_training_keeps_the_pretrained_denoiser(cifar_dir, tmp_path):
+    run_train(base_args(cifar_dir, tmp_path / "dm", max_iters=2, p_uncond=1.0))  # the "pre-trained" DM
+    dm = state(tmp_path / "dm" / "ckpt.pt")["ema"]
+    run_train(base_args(cifar_dir, tmp_path / "ds", max_iters=3, segments=8, simsiam_weight=1.0, simsiam_dim=32,
+                        pretrained=str(tmp_path / "dm" / "ckpt.pt")))
+    ck = state(tmp_path / "ds" / "ckpt.pt")
+    for name, v in dm.items():
+        if name.startswith("unet."):
+            assert torch.equal(ck["model"]["frozen." + name[5:]], v), name  # loaded and never trained
+    init = train.build_model(ck["config"]).state_dict()
+    assert not torch.equal(init["encoder.stem.0.weight"], ck["model"]["encoder.stem.0.weight"])
+    net, _ = train.model_from_checkpoint(str(tmp_path / "ds" / "ckpt.pt"))  # no need for the DM file now
+    assert net.frozen is not None
+    with pytest.raises(train.ConfigError, match="z_dim=32"):
+        train.main(base_args(cifar_dir, tmp_path / "bad", z_dim=64, pretrained=str(tmp_path / "dm" / "ckpt.pt")))
