@@ -4,6 +4,7 @@ interpolations, latent directions, layer-wise mixing, guided samples.
 
     python sample.py --ckpt=out/cifar10_cpu/ckpt.pt --mode=recon                  # PSNR/SSIM vs z masked
     python sample.py --ckpt=out/cifar10_cpu/ckpt.pt --mode=interp --sections=0,1  # A -> B, a PNG and a GIF
+    python sample.py --ckpt=out/diffsiam_cpu/ckpt.pt --mode=interp --sections='0-7;8-31;32-63'  # a row per group
     python sample.py --ckpt=out/cifar10_cpu/ckpt.pt --mode=directions --attr=3    # PCA + probe directions
     python sample.py --ckpt=out/cifar10_cpu/ckpt.pt --mode=mix                    # sections of A into B
     python sample.py --ckpt=out/cifar10_cpu/ckpt.pt --mode=random --ws=1,2,3      # unconditional vs guided
@@ -41,7 +42,7 @@ steps = 50  # sampler (and inversion) steps
 schedule = "cosine"  # sampling schedule: a diffusion.get_schedule name
 guidance = 1.0  # classifier-free guidance scale w (1: the conditional model alone)
 frames = 8  # interp: frames from A to B
-sections = ""  # interp: sections of z to interpolate, e.g. 0,1 ('': all of z; the rest stay A's)
+sections = ""  # interp: sections of z to interpolate, e.g. 0,1 or 0-7;8-15 (a grid row per group; '': all of z)
 n_dirs = 4  # directions: principal components shown
 attr = 0  # directions: the class whose one-vs-rest probe gives the supervised direction
 alphas = "-3,-2,-1,0,1,2,3"  # directions: steps along a direction, in std of z along it
@@ -59,6 +60,23 @@ def parse_list(text, kind=float):
         return [kind(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
         raise ConfigError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_groups(text):
+    """'0,1' -> [[0, 1]]; '0-3;8-15' -> [[0, 1, 2, 3], [8, ..., 15]]: groups of section numbers."""
+    groups = []
+    for part in str(text).split(";"):
+        secs = []
+        for item in (i.strip() for i in part.split(",")):
+            lo, _, hi = item.partition("-")
+            if not item:
+                continue
+            if not (lo.isdigit() and (hi.isdigit() or not hi)):
+                raise ConfigError(f"sections: expected numbers and ranges like 0,1 or 0-7;8-15, got {text!r}")
+            secs += range(int(lo), int(hi or lo) + 1)
+        if secs:
+            groups.append(secs)
+    return groups
 
 
 # -----------------------------------------------------------------------------
@@ -232,24 +250,32 @@ def interp(net, x, y, classes, C, out):
         raise ConfigError(f"frames must be >= 2, got {C['frames']}")
     P = net.segments or net.n_sections  # a DiffSiam model interpolates its segments (thesis Alg. 2)
     what = "segments" if net.segments else "sections"
-    secs = parse_list(C["sections"], int) or list(range(P))
-    if any(not 0 <= s < P for s in secs):
-        raise ConfigError(f"sections {secs}: this model's z has {P} {what} (0..{P - 1})")
+    groups = parse_groups(C["sections"]) or [list(range(P))]  # one grid row per group (thesis Fig. 4.1)
+    if any(not 0 <= s < P for secs in groups for s in secs):
+        raise ConfigError(f"sections {C['sections']!r}: this model's z has {P} {what} (0..{P - 1})")
     xs = pick(x, C["index"], 2)
     z = net.encode(xs)
     x_T = D.ddim_invert(net, xs, z, C["steps"], C["schedule"], progress=True, w=C["guidance"],
                         segments=C.get("segment_schedule"))
-    moves = section_mask(net, secs, z, P)  # 1 where z goes from A to B
     ts = torch.linspace(0, 1, C["frames"]).tolist()
-    z_t = torch.cat([z[:1] + t * (z[1:] - z[:1]) * moves for t in ts])  # (frames, z_dim)
-    x_T_t = torch.stack([slerp(x_T[0], x_T[1], t) for t in ts])  # (frames, 3, H, W)
+    moves = [section_mask(net, secs, z, P) for secs in groups]  # 1 where z goes from A to B
+    z_t = torch.cat([z[:1] + t * (z[1:] - z[:1]) * m for m in moves for t in ts])  # (groups * frames, z_dim)
+    x_T_t = torch.stack([slerp(x_T[0], x_T[1], t) for t in ts]).repeat(len(groups), 1, 1, 1)
     frames = D.ddim(net, z_t, x_T_t.shape, steps=C["steps"], schedule=C["schedule"], x_T=x_T_t,
                     progress=True, w=C["guidance"], segments=C.get("segment_schedule"))
-    what = "z" if len(secs) == P else f"z {what} {','.join(map(str, secs))}"
-    png = save_grid(os.path.join(out, "interp.png"), torch.cat([xs[:1], frames, xs[1:]])[None],
-                    [f"lerp {what}"], ["A"] + [f"{t:.2f}" for t in ts] + ["B"])
-    gif = save_gif(os.path.join(out, "interp.gif"), frames)
-    return {"files": [png, gif], "frames": frames, "z": z, "z_t": z_t}
+    rows = frames.view(len(groups), len(ts), *frames.shape[1:])
+
+    def label(secs):
+        if len(secs) == P:
+            return "z"
+        run = secs == list(range(secs[0], secs[-1] + 1))
+        return f"{what} {secs[0]}-{secs[-1]}" if run else f"{what} {','.join(map(str, secs))}"
+    png = save_grid(os.path.join(out, "interp.png"),
+                    torch.cat([xs[:1].expand(len(groups), -1, -1, -1)[:, None], rows,
+                               xs[1:].expand(len(groups), -1, -1, -1)[:, None]], dim=1),
+                    [f"lerp {label(secs)}" for secs in groups], ["A"] + [f"{t:.2f}" for t in ts] + ["B"])
+    gif = save_gif(os.path.join(out, "interp.gif"), rows[0])
+    return {"files": [png, gif], "frames": frames, "z": z, "z_t": z_t, "x_T": x_T}
 
 
 def pca_directions(zs, k):

@@ -466,7 +466,10 @@ def main(argv):
         with autocast():
             z = ema.encode(f_src, r_src)
         losses = []
-        for keep in (torch.ones(B, S, device=dev), torch.zeros(B, S, device=dev)):
+        on = torch.ones(B, S, device=dev)
+        if segments:  # DiffSiam: "with z" is the segments training switches on at these noise levels
+            on = ema.mask_z(torch.ones(B, z_dim, device=dev), D.segment_keep(u, segments, segment_mode))
+        for keep in (on, torch.zeros_like(on)):
             with autocast():
                 eps_hat = ema.denoise(x_t, logsnr, z, keep, r_tgt)
             losses.append(F.mse_loss(eps_hat.float(), eps).item())

@@ -1,9 +1,9 @@
-# CIFAR-10 teaching run for a 2-core laptop CPU, ~10 minutes:
+# CIFAR-10 teaching run for a 2-core laptop CPU, ~8-10 minutes:
 #   python train.py configs/cifar10_cpu.py
 # Tiny presets (0.32M encoder + 0.32M UNet), a 5x higher learning rate than the GPU configs (the
 # tiny decoder learns to denoise in a few hundred steps; the encoder gets twice that, §3.4), z
 # normalised per section on its way into the decoder, and bf16 autocast on the CPU: on a CPU with
-# avx512_bf16 it trains ~1.35x faster (configs/bench.py), on others set cpu_bf16=False.
+# avx512_bf16 it trains ~1.45x faster (bash configs/bench.sh), on others set cpu_bf16=False.
 out_dir = "out/cifar10_cpu"
 data_dir = "../shared/data/cifar10-subset"
 encoder = "tiny"

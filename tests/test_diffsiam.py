@@ -88,6 +88,20 @@ def test_counterfactual_interpolation_on_segments(cifar_dir, tmp_path):
     assert torch.allclose(z_t[-1][:8], z[1][:8])
     with pytest.raises(train.ConfigError, match="8 segments"):
         sample.main(args + ["--sections=8"])
+    rows = sample.main(args + ["--sections=0-1;4-7"])  # thesis Fig. 4.1: one row per group of segments
+    z_t = rows["z_t"].view(2, 3, 32)
+    assert torch.equal(z_t[0, -1, :8], z[1, :8]) and torch.equal(z_t[0, -1, 8:], z[0, 8:])
+    assert torch.equal(z_t[1, -1, 16:], z[1, 16:]) and torch.equal(z_t[1, -1, :16], z[0, :16])
+    assert torch.equal(rows["frames"][:3], res["frames"])  # the same x_T and z give the same frames
+
+
+def test_parse_groups():
+    import sample
+    assert sample.parse_groups("0,1") == [[0, 1]]
+    assert sample.parse_groups("0-3; 8-9,12") == [[0, 1, 2, 3], [8, 9, 12]]
+    assert sample.parse_groups("") == []
+    with pytest.raises(train.ConfigError, match="ranges"):
+        sample.parse_groups("a-b")
 
 
 # --- the samplers follow the segment schedule ------------------------------------
