@@ -59,10 +59,12 @@ def abar_inverted(u, base=abar_cosine):
     return invert_decreasing(base, u)
 
 
-def get_schedule(name, shift=0.0):
+def get_schedule(name, shift=0.0, logsnr_min=LOGSNR_MIN):
     """name -> function u -> logsnr. 'linear' | 'cosine' | 'sigmoid' | 'inverted' (= inverted
     cosine) | 'inverted_<base>'. shift adds a constant to logsnr (negative: noisier), as the
-    shifted schedules of Hoogeboom et al. 2023 ("simple diffusion")."""
+    shifted schedules of Hoogeboom et al. 2023 ("simple diffusion"). logsnr_min > LOGSNR_MIN stops
+    the noisy end early: DDIM inversion to log-SNR -15 keeps the image at sqrt(abar) = 5e-4 of x_T,
+    and the first sampling step divides by that, so a round trip only works from a less noisy end."""
     if name == "inverted":
         name = "inverted_cosine"
     if name.startswith("inverted_") and name[9:] in BASES:
@@ -75,7 +77,7 @@ def get_schedule(name, shift=0.0):
 
     def logsnr_fn(u):
         abar = abar_fn(u.double()).clamp(1e-20, 1 - 1e-16)
-        return (abar.log() - (-abar).log1p() + shift).clamp(LOGSNR_MIN, LOGSNR_MAX).float()
+        return (abar.log() - (-abar).log1p() + shift).clamp(logsnr_min, LOGSNR_MAX).float()
     return logsnr_fn
 
 

@@ -42,6 +42,7 @@ steps = 50  # sampler (and inversion) steps
 schedule = "cosine"  # sampling schedule: a diffusion.get_schedule name
 guidance = 1.0  # classifier-free guidance scale w (1: the conditional model alone)
 frames = 8  # interp: frames from A to B
+invert_logsnr = -6.0  # interp: DDIM inversion ends at this log-SNR (-15 = pure noise: its round trip fails)
 sections = ""  # interp: sections of z to interpolate, e.g. 0,1 or 0-7;8-15 (a grid row per group; '': all of z)
 n_dirs = 4  # directions: principal components shown
 attr = 0  # directions: the class whose one-vs-rest probe gives the supervised direction
@@ -255,13 +256,14 @@ def interp(net, x, y, classes, C, out):
         raise ConfigError(f"sections {C['sections']!r}: this model's z has {P} {what} (0..{P - 1})")
     xs = pick(x, C["index"], 2)
     z = net.encode(xs)
-    x_T = D.ddim_invert(net, xs, z, C["steps"], C["schedule"], progress=True, w=C["guidance"],
+    schedule = D.get_schedule(C["schedule"], logsnr_min=C["invert_logsnr"])
+    x_T = D.ddim_invert(net, xs, z, C["steps"], schedule, progress=True, w=C["guidance"],
                         segments=C.get("segment_schedule"))
     ts = torch.linspace(0, 1, C["frames"]).tolist()
     moves = [section_mask(net, secs, z, P) for secs in groups]  # 1 where z goes from A to B
     z_t = torch.cat([z[:1] + t * (z[1:] - z[:1]) * m for m in moves for t in ts])  # (groups * frames, z_dim)
     x_T_t = torch.stack([slerp(x_T[0], x_T[1], t) for t in ts]).repeat(len(groups), 1, 1, 1)
-    frames = D.ddim(net, z_t, x_T_t.shape, steps=C["steps"], schedule=C["schedule"], x_T=x_T_t,
+    frames = D.ddim(net, z_t, x_T_t.shape, steps=C["steps"], schedule=schedule, x_T=x_T_t,
                     progress=True, w=C["guidance"], segments=C.get("segment_schedule"))
     rows = frames.view(len(groups), len(ts), *frames.shape[1:])
 

@@ -446,3 +446,10 @@ def test_logsnr_shift_moves_the_schedule():
     u = torch.linspace(0.05, 0.95, 19)
     base, shifted = D.get_schedule("inverted")(u), D.get_schedule("inverted", shift=-2.0)(u)
     torch.testing.assert_close(shifted, base - 2.0)
+
+
+def test_logsnr_min_stops_the_noisy_end_and_nothing_else():
+    u = torch.linspace(0, 1, 101)
+    full, short = D.get_schedule("cosine")(u), D.get_schedule("cosine", logsnr_min=-6.0)(u)
+    assert full.min() == D.LOGSNR_MIN and short.min() == -6.0
+    assert torch.equal(short[full >= -6.0], full[full >= -6.0])
