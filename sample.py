@@ -69,9 +69,9 @@ def parse_groups(text):
     for part in str(text).split(";"):
         secs = []
         for item in (i.strip() for i in part.split(",")):
-            lo, _, hi = item.partition("-")
             if not item:
                 continue
+            lo, _, hi = item.partition("-")
             if not (lo.isdigit() and (hi.isdigit() or not hi)):
                 raise ConfigError(f"sections: expected numbers and ranges like 0,1 or 0-7;8-15, got {text!r}")
             secs += range(int(lo), int(hi or lo) + 1)
