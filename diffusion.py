@@ -147,10 +147,8 @@ def guided_eps(model, x_t, logsnr, z, w=1.0, keep=None, keep_uncond=None, rays_t
     ones = torch.ones(B, S, device=x_t.device)
     keep = ones if keep is None else keep.to(ones).expand(B, S)
     keep_uncond = 0 * ones if keep_uncond is None else keep_uncond.to(ones).expand(B, S)
-    if seg_keep is not None:  # sections and segments cut z differently: combine them per dim, as train.py does
-        ones_z = torch.ones_like(z)
-        on = model.mask_z(ones_z, seg_keep.to(z).expand(B, -1))
-        keep, keep_uncond = model.mask_z(ones_z, keep) * on, model.mask_z(ones_z, keep_uncond) * on
+    if seg_keep is not None:  # DiffSiam: only the segments on at this noise level, in both branches
+        keep, keep_uncond = model.keep_dims(keep, seg_keep), model.keep_dims(keep_uncond, seg_keep)
     guide_pose = rays_tgt is not None and w_pose != 1.0
     if w == 1.0 and not guide_pose:  # no guidance: the conditional pass alone
         return model.denoise(x_t, logsnr, z, keep, rays_tgt).float()

@@ -358,7 +358,7 @@ class SODA(nn.Module):
         self.unet = UNet(z_dim, image_size=image_size, in_ch=3 + rc, cond=cond, n_tokens=n_tokens,
                          decoder_only=pdae, **unet)
         self.n_sections = self.unet.n_sections
-        self.segments = segments
+        self.segments, self.z_dim = segments, z_dim
         if simsiam_dim:  # built last, so the encoder and UNet initialise as in plain SODA
             self.projector = MLP(z_dim, simsiam_dim, simsiam_dim, out_norm=True)
             self.predictor = MLP(simsiam_dim, simsiam_dim // 4, simsiam_dim)
@@ -403,6 +403,12 @@ class SODA(nn.Module):
         parts = torch.arange(z.shape[1]).tensor_split(keep.shape[1])  # the same cut as unet.sec_dims
         sizes = torch.tensor([t.numel() for t in parts], device=z.device)
         return z * keep.to(z.dtype).repeat_interleave(sizes, dim=1)
+
+    def keep_dims(self, keep, seg_keep):
+        """A section keep (B, P) and DiffSiam's segment keep (B or 1, segments) -> one keep per dim
+        of z (B, z_dim): the two cut z differently, so they combine dim by dim."""
+        ones = torch.ones(keep.shape[0], self.z_dim, device=keep.device)
+        return self.mask_z(ones, keep) * self.mask_z(ones, seg_keep)
 
     def simsiam_loss(self, z1, z2):
         """Symmetrised SimSiam loss on two views' latents: D(pred(proj(z1)), proj(z2)) / 2 + the

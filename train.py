@@ -393,7 +393,8 @@ def main(argv):
             other = x_train[data.class_partners(idx.cpu(), y_train.cpu(), rng).to(dev)]
         return data.make_views(xb, views, aug, rng, other)
 
-    ema_params, raw_params = list(ema.parameters()), list(raw.parameters())
+    trained = [(e, r) for e, r in zip(ema.parameters(), raw.parameters()) if r.requires_grad]  # not a frozen denoiser
+    ema_params, raw_params = [e for e, _ in trained], [r for _, r in trained]
 
     def train_step(it):
         """One optimisation step. Every random number in it comes from (seed, it): the global RNG
@@ -412,8 +413,7 @@ def main(argv):
         keep = raw.draw_keep(rng.rand)
         u, eps = rng.rand(), rng.randn(*x_tgt.shape[1:])
         if segments:  # DiffSiam: the noise level decides which segments of z are on, on top of the dropout
-            ones = torch.ones(len(u), z_dim, device=dev)
-            keep = raw.mask_z(ones, keep) * raw.mask_z(ones, D.segment_keep(u, segments, segment_mode))
+            keep = raw.keep_dims(keep, D.segment_keep(u, segments, segment_mode))
             if simsiam_weight > 0:
                 cond["x_pair"] = x_tgt  # the second augmented view
         if channels_last and not multiview:
@@ -468,7 +468,7 @@ def main(argv):
         losses = []
         on = torch.ones(B, S, device=dev)
         if segments:  # DiffSiam: "with z" is the segments training switches on at these noise levels
-            on = ema.mask_z(torch.ones(B, z_dim, device=dev), D.segment_keep(u, segments, segment_mode))
+            on = ema.keep_dims(on, D.segment_keep(u, segments, segment_mode))
         for keep in (on, torch.zeros_like(on)):
             with autocast():
                 eps_hat = ema.denoise(x_t, logsnr, z, keep, r_tgt)

@@ -127,6 +127,7 @@ class _Spy(torch.nn.Module):
         super().__init__()
         self.keeps = []
         self.mask_z = M.SODA.mask_z.__get__(self)
+        self.keep_dims = M.SODA.keep_dims.__get__(self)
 
     def denoise(self, x_t, logsnr, z, keep=None, rays_tgt=None, keep_pose=None):
         self.keeps.append((logsnr[0].item(), keep.clone()))
