@@ -141,15 +141,16 @@ def randaugment(x, rng, n_ops=2, magnitude=9):
     return x
 
 
-def augment(x, aug, rng):
+def augment(x, aug, rng, crop_min=0.25):
     """uint8 or [0,1] images (B, 3, H, W) -> augmented images in [0, 1]. aug: 'none' | 'cropflip'
-    (light: crop + flip) | 'simclr' (+ colour jitter) | 'randaugment' (crop + flip + RandAugment)."""
+    (light: crop + flip) | 'simclr' (+ colour jitter) | 'randaugment' (crop + flip + RandAugment).
+    crop_min: the smallest crop, as a fraction of the image's area."""
     x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
     if aug == "none":
         return x
     if aug not in ("cropflip", "simclr", "randaugment"):
         raise ValueError(f"aug must be 'none', 'cropflip', 'simclr' or 'randaugment', got {aug!r}")
-    x = _affine(x, crop_flip_theta(rng))
+    x = _affine(x, crop_flip_theta(rng, scale=(crop_min, 1.0)))
     if aug == "simclr":
         x = color_jitter(x, rng)
     elif aug == "randaugment":
@@ -157,17 +158,17 @@ def augment(x, aug, rng):
     return x
 
 
-def make_views(x, views, aug, rng, x_other=None):
+def make_views(x, views, aug, rng, x_other=None, crop_min=0.25):
     """A batch of images -> (x_src, x_tgt) in [-1, 1] (§3.3, SPEC §4).
     'augment': two independent augmentations of each image (novel views);
     'identical': one augmentation used as both (auto-encoding, the "w/o novel views" ablation);
     'class': the source is x_other, another image of the same class."""
     if views == "augment":
-        src, tgt = augment(x, aug, rng), augment(x, aug, rng)
+        src, tgt = augment(x, aug, rng, crop_min), augment(x, aug, rng, crop_min)
     elif views == "identical":
-        src = tgt = augment(x, aug, rng)
+        src = tgt = augment(x, aug, rng, crop_min)
     elif views == "class":
-        src, tgt = augment(x_other, aug, rng), augment(x, aug, rng)
+        src, tgt = augment(x_other, aug, rng, crop_min), augment(x, aug, rng, crop_min)
     else:
         raise ValueError(f"views must be 'augment', 'identical' or 'class', got {views!r}")
     return src * 2 - 1, tgt * 2 - 1

@@ -161,12 +161,21 @@ class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice. The second norm is AdaGN on the noise level, then scaled and
     shifted by the block's z section: h = GN(h)(1 + s_t) + b_t ; h = h(1 + s_z) + b_z (§3.1)."""
 
-    def __init__(self, cin, cout, emb_dim, z_sec_dim=0, dropout=0.0):
+    def __init__(self, cin, cout, emb_dim, z_sec_dim=0, dropout=0.0, z_init=0.0):
         super().__init__()
         self.norm1 = Norm(cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1)
         self.emb_proj = nn.Linear(emb_dim, 2 * cout)
-        self.z_proj = zero_(nn.Linear(z_sec_dim, 2 * cout)) if z_sec_dim else None
+        self.z_proj = None
+        if z_sec_dim:  # z_init = 0: zero-init, the untrained block ignores z and the encoder starts at
+            # exactly zero gradient; > 0: weights N(0, z_init^2 / fan_in), so z reaches the loss from
+            # the first step (the paper writes z_s GN(h) + z_b and does not say; SPEC §2: a measured choice)
+            self.z_proj = nn.Linear(z_sec_dim, 2 * cout)
+            if z_init > 0:
+                nn.init.normal_(self.z_proj.weight, std=z_init / math.sqrt(z_sec_dim))
+                nn.init.zeros_(self.z_proj.bias)
+            else:
+                zero_(self.z_proj)
         self.norm2 = Norm(cout)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_(nn.Conv2d(cout, cout, 3, 1, 1))
@@ -217,10 +226,10 @@ class Step(nn.Module):
     `section` says which part of z modulates it: down level i and up level i share section i,
     the middle block gets the last one (§3.2.1)."""
 
-    def __init__(self, cin, cout, emb_dim, section, z_sec_dim, attn, xattn_dim, dropout):
+    def __init__(self, cin, cout, emb_dim, section, z_sec_dim, attn, xattn_dim, dropout, z_init=0.0):
         super().__init__()
         self.section = section
-        self.res = ResBlock(cin, cout, emb_dim, z_sec_dim, dropout)
+        self.res = ResBlock(cin, cout, emb_dim, z_sec_dim, dropout, z_init)
         self.attn = Attention(cout) if attn else None
         self.xattn = Attention(cout, ctx_dim=xattn_dim) if (attn and xattn_dim) else None
 
@@ -240,7 +249,8 @@ class UNet(nn.Module):
     cond='emb': z only added to the noise-level embedding (the "w/o layer modulation" ablation)."""
 
     def __init__(self, z_dim, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,),
-                 dropout=0.0, image_size=32, in_ch=3, out_ch=3, cond="mod", n_tokens=8, decoder_only=False):
+                 dropout=0.0, image_size=32, in_ch=3, out_ch=3, cond="mod", n_tokens=8, decoder_only=False,
+                 z_init=0.0):
         super().__init__()
         m = len(ch_mult)
         self.cond = cond
@@ -259,7 +269,8 @@ class UNet(nn.Module):
         if cond == "emb":
             self.z_emb = zero_(nn.Linear(z_dim, emb_dim))
         xattn_dim = self.tok_dim if cond == "xattn" else None
-        step = lambda cin, cout, lvl, attn: Step(cin, cout, emb_dim, lvl, z_secs[lvl], attn, xattn_dim, dropout)
+        step = lambda cin, cout, lvl, attn: Step(cin, cout, emb_dim, lvl, z_secs[lvl], attn, xattn_dim, dropout,
+                                             z_init)
         self.conv_in = nn.Conv2d(in_ch, ch, 3, 1, 1)
         self.down, skip_chs, c, res = nn.ModuleList(), [ch], ch, image_size
         for i, mult in enumerate(ch_mult):
@@ -343,9 +354,11 @@ class SODA(nn.Module):
 
     def __init__(self, encoder, unet, z_dim=128, image_size=32, cond="mod", n_tokens=8, agg="mean",
                  ray_freqs=0, p_mask_layer=0.0, p_uncond=0.0, p_uncond_pose=0.0, z_norm=False, bottleneck=True,
-                 segments=0, simsiam_dim=0, pdae=False):
+                 segments=0, simsiam_dim=0, pdae=False, prediction="eps", z_init=0.0):
         super().__init__()
-        self.ray_freqs, self.z_norm = ray_freqs, z_norm
+        if prediction not in ("eps", "v", "x0"):
+            raise ValueError(f"prediction must be 'eps', 'v' or 'x0', got {prediction!r}")
+        self.ray_freqs, self.z_norm, self.prediction = ray_freqs, z_norm, prediction
         self.p_mask_layer, self.p_uncond, self.p_uncond_pose = p_mask_layer, p_uncond, p_uncond_pose
         rc = ray_channels(ray_freqs)  # rays concatenated to the RGB channels (§3.3 "Perspective")
         self.encoder = Encoder(z_dim, in_ch=3 + rc, image_size=image_size, bottleneck=bottleneck, **encoder)
@@ -356,7 +369,7 @@ class SODA(nn.Module):
                                  f"set cond='xattn', n_tokens={n}, z_dim={n * c}")
         self.agg = Aggregator(z_dim, agg)
         self.unet = UNet(z_dim, image_size=image_size, in_ch=3 + rc, cond=cond, n_tokens=n_tokens,
-                         decoder_only=pdae, **unet)
+                         decoder_only=pdae, z_init=z_init, **unet)
         self.n_sections = self.unet.n_sections
         self.segments, self.z_dim = segments, z_dim
         if simsiam_dim:  # built last, so the encoder and UNet initialise as in plain SODA
@@ -416,25 +429,42 @@ class SODA(nn.Module):
         h1, h2 = self.projector(z1), self.projector(z2)
         return 0.5 * (negative_cosine(self.predictor(h1), h2) + negative_cosine(self.predictor(h2), h1))
 
+    def to_eps(self, out, x_t, logsnr):
+        """The network's output read as eps (what the loss and the samplers use). 'eps': as is.
+        'v' (Salimans & Ho 2022): v = alpha eps - sigma x_0, so eps = sigma x_t + alpha v; an error d
+        in v is an error alpha d in eps and sigma d in x_0, well conditioned at every noise level,
+        where an eps output's x_0 error is d sigma / alpha (x54 at log-SNR -8: the noisy end, where
+        only z can tell the decoder the image). 'x0': eps = (x_t - alpha x_0) / sigma. In fp32."""
+        if self.prediction == "eps":
+            return out
+        abar = torch.sigmoid(logsnr.float())[:, None, None, None]
+        alpha, sigma, out, x_t = abar.sqrt(), (1 - abar).sqrt(), out.float(), x_t.float()
+        if self.prediction == "v":
+            return sigma * x_t + alpha * out
+        return (x_t - alpha * out) / sigma
+
     def denoise(self, x_t, logsnr, z, keep=None, rays_tgt=None, keep_pose=None):
         """eps_hat for noisy targets x_t at noise level logsnr (B,), given a latent z."""
-        if self.z_norm:  # each section to unit scale before the (zero-init) modulation; per section,
-            # so a masked section cannot leak through shared statistics
-            z = torch.cat([F.layer_norm(t, t.shape[1:]) for t in z.split(self.unet.sec_dims, dim=1)], dim=1)
-        if keep is not None:
+        if keep is not None:  # masked parts of z are zero before the norm too: they cannot reach its statistics
             z = self.mask_z(z, keep)
+        if self.z_norm:  # each section to unit scale before the modulation
+            z = torch.cat([F.layer_norm(t, t.shape[1:]) for t in z.split(self.unet.sec_dims, dim=1)], dim=1)
+            if keep is not None:  # a part smaller than a section (DiffSiam's segments) is zero again after it
+                z = self.mask_z(z, keep)
+        x_rgb = x_t
         if self.ray_freqs:
             r = ray_embed(rays_tgt, self.ray_freqs)
             if keep_pose is not None:
                 r = r * keep_pose.to(r.dtype)[:, None, None, None]
             x_t = torch.cat([x_t, r], dim=1)
         if self.frozen is None:
-            return self.unet(x_t, logsnr, z)
+            return self.to_eps(self.unet(x_t, logsnr, z), x_rgb, logsnr)
         # PDAE: eps_hat = eps_theta(x_t) - sqrt(1 - abar) G(x_t, z), G ~ grad_x_t log p(z | x_t), the
         # classifier-guidance shift of the frozen model's eps (thesis eq. 3.8); G's decoder half reads
         # the frozen down path's features, so only it and the encoder learn.
         with torch.no_grad():
-            eps_theta, skips = self.frozen(x_t, logsnr, torch.zeros_like(z), return_skips=True)
+            out, skips = self.frozen(x_t, logsnr, torch.zeros_like(z), return_skips=True)
+            eps_theta = self.to_eps(out, x_rgb, logsnr)  # the pre-trained model's own parameterisation
         G = self.unet(x_t, logsnr, z, skips=skips)
         return eps_theta - torch.sigmoid(-logsnr.float()).sqrt().to(G.dtype)[:, None, None, None] * G
 

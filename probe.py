@@ -9,6 +9,7 @@ attributes, 5-way few-shot episodes, or DCI disentanglement on dSprites.
     python probe.py --ckpt=out/cifar10_cpu/ckpt.pt --task=fewshot --episodes=2000
     python probe.py --ckpt=out/celeba/ckpt.pt --task=multilabel --data_dir=data   # data/celeba/...
     python probe.py --ckpt=out/dsprites_cpu/ckpt.pt --task=dci --features=z
+    python probe.py --ckpt=out/cifar10_cpu/ckpt.pt --task=zusage         # x0-MSE with z vs z masked
 
 Features are extracted once (no grad, batched) and standardised with training-set statistics.
 The linear probe is a multinomial logistic regression fitted by L-BFGS; its weight decay is chosen
@@ -27,27 +28,30 @@ import torch.nn.functional as F
 import data
 import diffusion as D
 from train import (CheckpointError, ConfigError, build_model, configure, extract_features, knn_accuracy,
-                   load_checkpoint)
+                   load_checkpoint, segment_schedule)
 
 # -----------------------------------------------------------------------------
 ckpt = "out/cifar10_cpu/ckpt.pt"  # a train.py checkpoint
 random = False  # True: the same encoder config at random init (the baseline for every figure)
-task = "linear"  # 'linear' | 'knn' | 'fewshot' (cifar10) | 'multilabel' (celeba) | 'dci' (dsprites)
+task = "linear"  # 'linear' | 'knn' | 'fewshot' | 'zusage' (cifar10) | 'multilabel' (celeba) | 'dci' (dsprites)
 features = "pool"  # 'pool' (encoder features before the bottleneck) | 'z' (the bottleneck latent)
 # | 'unet' (the denoiser's pooled middle block on a lightly noised image, z masked: the paper's
 #   unconditional-diffusion baseline, footnote 2)
 unet_logsnr = 4.0  # features='unet': the noise level of the image the denoiser sees (4: abar = 0.98)
 dataset = ""  # default: the task's (cifar10, celeba or dsprites)
 data_dir = ""  # default: the checkpoint's, when it was trained on that dataset
+split = "test"  # cifar10: 'test' (train on train, measure on test: the final figure) | 'val' (train on
+# train.py's training split, measure on its n_val held-out images: for choosing recipes without the test split)
 probe_aug = 0  # linear: number of crop+flip copies of the probe's training set (0 = none)
 val_frac = 0.1  # linear: fraction of the training set used to choose the weight decay
 episodes = 2000  # fewshot: episodes per shot count (thesis §4.1.2: 2000)
-n_images = 0  # multilabel, dci: use at most this many images of each split (0 = all)
+n_images = 0  # multilabel, dci: use at most this many images of each split (0 = all); zusage: (0 = 256)
 device = "auto"
 seed = 0
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
-TASK_DATA = {"linear": "cifar10", "knn": "cifar10", "fewshot": "cifar10", "multilabel": "celeba", "dci": "dsprites"}
+TASK_DATA = {"linear": "cifar10", "knn": "cifar10", "fewshot": "cifar10", "zusage": "cifar10", "multilabel": "celeba",
+             "dci": "dsprites"}
 WDS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 
 
@@ -290,13 +294,29 @@ def main(argv):
         feats = lambda x: unet_features(net, x, cfg["unet_logsnr"], seed=cfg["seed"])
     name = f"{task} {cfg['features']}{' random-init' if cfg['random'] else ''}"
     out = os.path.join(os.path.dirname(cfg["ckpt"]) or ".",
-                       f"probe_{task}_{cfg['features']}{'_random' if cfg['random'] else ''}.json")
+                       f"probe_{task}_{cfg['features']}{'_random' if cfg['random'] else ''}"
+                       f"{'_val' if cfg['split'] == 'val' else ''}.json")
     if ds == "cifar10":
         # the probe trains on the whole training split (train + the held-out val of train.py) and tests on test
-        xtr, ytr, classes = data.load_cifar10(dd, "train", n_val=0)
-        xte, yte, _ = data.load_cifar10(dd, "test")
-        ftr, fte = feats(xtr), feats(xte)
-    if task == "knn":
+        if cfg["split"] == "test":
+            xtr, ytr, classes = data.load_cifar10(dd, "train", n_val=0)
+            xte, yte, _ = data.load_cifar10(dd, "test")
+        elif cfg["split"] == "val":  # the same held-out images train.py set aside (its n_val and seed)
+            xtr, ytr, classes = data.load_cifar10(dd, "train", n_val=tcfg["n_val"], seed=tcfg["seed"])
+            xte, yte, _ = data.load_cifar10(dd, "val", n_val=tcfg["n_val"], seed=tcfg["seed"])
+        else:
+            raise ConfigError(f"split must be 'test' or 'val', got {cfg['split']!r}")
+        if task != "zusage":
+            ftr, fte = feats(xtr), feats(xte)
+    if task == "zusage":  # how much of the image the decoder takes from z (diffusion.z_usage)
+        x = xte[: cfg["n_images"] or 256].to(dev).float() / 127.5 - 1
+        with torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=dev.startswith("cuda")):
+            res = D.z_usage(net, x, seed=cfg["seed"], segments=segment_schedule(tcfg))
+        res["plot"] = D.plot_z_usage(res, out[:-len(".json")] + ".png",
+                                     title=f"{'random init' if cfg['random'] else 'step ' + str(ck['step'])}")
+        print(D.z_usage_table(res))
+        summary = f"zusage removed_at_-3 {res['removed_at_-3']:.2f} removed_mean {res['removed_mean']:.2f}"
+    elif task == "knn":
         res = {"top1": knn_accuracy(ftr, ytr, fte, yte)}
         summary = f"knn top1 {res['top1']:.2f}"
     elif task == "linear":
@@ -331,7 +351,7 @@ def main(argv):
         res.update(factors=list(data.DSPRITES_FACTORS), importance=R.tolist(), heatmap=out[:-len(".json")] + ".png")
         save_heatmap(R, data.DSPRITES_FACTORS, res["heatmap"])
         summary = f"dci D {res['D']:.2f} C {res['C']:.2f} I {res['I']:.2f}"
-    res.update(task=task, features=cfg["features"], random_init=cfg["random"], ckpt=cfg["ckpt"],
+    res.update(task=task, features=cfg["features"], random_init=cfg["random"], ckpt=cfg["ckpt"], split=cfg["split"],
                step=ck["step"], n_train=len(xtr), n_test=len(xte))
     with open(out, "w") as f:
         json.dump(res, f, indent=1)

@@ -46,6 +46,7 @@ views = "augment"  # 'augment' (two augmentations: novel views) | 'identical' (a
 # (multi-view datasets always give 'multiview' batches: k posed source views + 1 posed target view)
 k_max = 2  # multi-view: each step uses k = 1..k_max source views of an object (§3.3 "Cardinality")
 aug = "cropflip"  # 'none' | 'cropflip' | 'simclr' | 'randaugment'
+crop_min = 0.25  # smallest random crop, as a fraction of the image's area (how much two views share)
 n_val = 500  # images held out of the training set for the kNN check and the z-gap
 num_workers = 4  # DataLoader workers (image-folder datasets only)
 # model
@@ -57,6 +58,8 @@ n_tokens = 8  # tokens of z for cond='xattn'
 agg = "mean"  # aggregation of k source views: 'mean' | 'transformer'
 ray_freqs = 0  # ray positional-encoding frequencies for posed 3D views (0: no poses)
 z_norm = False  # layer-normalise z on its way into the decoder (the encoder's z is unchanged)
+z_init = 0.0  # init of the z projections: 0 = zero (the untrained decoder ignores z); > 0 = N(0, z_init^2 / fan_in)
+prediction = "eps"  # what the UNet outputs: 'eps' (the paper) | 'v' (Salimans & Ho 2022) | 'x0'; read as eps everywhere
 bottleneck = True  # False: no compact z, the encoder's whole feature map goes to the decoder (ablation)
 # SODA training (§3.2.1, §3.4)
 schedule = "inverted"  # training noise schedule: diffusion.get_schedule name
@@ -121,7 +124,7 @@ def configure(argv, defaults):
             close = difflib.get_close_matches(k, cfg, n=1)
             raise ConfigError(f"unknown config key {k!r} in {where}" + (f"; did you mean {close[0]!r}?" if close else ""))
         old = cfg[k]
-        if isinstance(old, bool) and not isinstance(v, bool) or \
+        if isinstance(v, bool) != isinstance(old, bool) or \
                 not isinstance(v, type(old)) and not (isinstance(old, float) and isinstance(v, int)):
             raise ConfigError(f"{k} in {where} must be {type(old).__name__}, got {v!r}")
         cfg[k] = float(v) if isinstance(old, float) else v
@@ -187,15 +190,17 @@ def build_model(cfg):
                    p_uncond_pose=cfg["p_uncond_pose"] if cfg["ray_freqs"] else 0.0, z_norm=cfg.get("z_norm", False),
                    bottleneck=cfg.get("bottleneck", True), segments=cfg.get("segments", 0),
                    simsiam_dim=cfg["simsiam_dim"] if cfg.get("simsiam_weight", 0) > 0 else 0,
-                   pdae=bool(cfg.get("pretrained")))
+                   pdae=bool(cfg.get("pretrained")), prediction=cfg.get("prediction", "eps"),
+                   z_init=cfg.get("z_init", 0.0))
 
 
 def load_pretrained_denoiser(net, path, cfg):
     """PDAE / DiffSiam: the EMA UNet of a checkpoint `path` becomes net.frozen; it must have the
     UNet shape this config builds."""
     ck = load_checkpoint(path)
-    keys = ("unet", "z_dim", "image_size", "cond", "n_tokens", "ray_freqs")
-    diff = [f"{k}={ck['config'].get(k)!r} (here {cfg[k]!r})" for k in keys if ck["config"].get(k) != cfg[k]]
+    keys = ("unet", "z_dim", "image_size", "cond", "n_tokens", "ray_freqs", "prediction")
+    old = lambda k: ck["config"].get(k, "eps" if k == "prediction" else None)  # checkpoints before 'prediction' were eps
+    diff = [f"{k}={old(k)!r} (here {cfg[k]!r})" for k in keys if old(k) != cfg[k]]
     if diff or ck["config"].get("pretrained"):
         raise ConfigError(f"pretrained={path!r} cannot be the frozen denoiser: " +
                           (f"its {', '.join(diff)}" if diff else "it is itself a PDAE model"))
@@ -391,7 +396,7 @@ def main(argv):
         other = None
         if views == "class":
             other = x_train[data.class_partners(idx.cpu(), y_train.cpu(), rng).to(dev)]
-        return data.make_views(xb, views, aug, rng, other)
+        return data.make_views(xb, views, aug, rng, other, crop_min)
 
     trained = [(e, r) for e, r in zip(ema.parameters(), raw.parameters()) if r.requires_grad]  # not a frozen denoiser
     ema_params, raw_params = [e for e, _ in trained], [r for _, r in trained]
@@ -446,7 +451,7 @@ def main(argv):
     elif in_memory:
         fx = x_val[:64].to(dev)
         frng = data.Rng(seed, -1, len(fx), device=dev)
-        f_src, f_tgt = data.make_views(fx, views if views != "class" else "identical", aug, frng)
+        f_src, f_tgt = data.make_views(fx, views if views != "class" else "identical", aug, frng, crop_min=crop_min)
         fixed = (f_src, f_tgt, frng.rand(), frng.randn(3, image_size, image_size), None, None)
 
     @torch.no_grad()
@@ -474,6 +479,15 @@ def main(argv):
                 eps_hat = ema.denoise(x_t, logsnr, z, keep, r_tgt)
             losses.append(F.mse_loss(eps_hat.float(), eps).item())
         out["loss_z"], out["zgap"] = losses[0], losses[1] - losses[0]  # > 0: the decoder uses z
+        with autocast():  # x0-MSE with z vs z masked on the log-SNR grid (diffusion.z_usage)
+            if multiview:  # the source view of an unseen object -> its target view
+                zu = D.z_usage(ema, f_tgt, x_src=f_src, seed=seed, rays_src=r_src, rays_tgt=r_tgt,
+                               segments=segment_schedule(C))
+            else:  # held-out images, z from the image itself
+                zu = D.z_usage(ema, x_val[:256].to(dev).float() / 127.5 - 1, seed=seed, segments=segment_schedule(C))
+        out["zusage"] = {k: zu[k] for k in ("logsnr", "mse_z", "mse_masked", "removed", "grey", "mean_colour")}
+        out["z_removed_-3"], out["z_removed_mean"] = zu["removed_at_-3"], zu["removed_mean"]
+        D.plot_z_usage(zu, os.path.join(out_dir, "zusage.png"), title=f"step {it}")
         n = 8
         g = torch.Generator(dev).manual_seed(seed)
         first = lambda t: None if t is None else t[:n]
@@ -571,7 +585,8 @@ def main(argv):
 
 def eval_line(r):
     knn = f"kNN {r['knn']:.2f}% " if "knn" in r else ""
-    return f"{knn}z-gap {r['zgap']:+.4f} grid {r['grid']}"
+    return (f"{knn}z removes {r['z_removed_-3']:.1f}% of x0-MSE at log-SNR -3, {r['z_removed_mean']:.1f}% over -6..+2 "
+            f"(z-gap {r['zgap']:+.4f}) grid {r['grid']}")
 
 
 def bench(train_step, get_batch, views_of, ema, x_train, dev, global_batch, flops_per_img, peak, C, autocast):
