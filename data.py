@@ -180,6 +180,23 @@ def make_views(x, views, aug, rng, x_other=None, crop_min=0.25):
 CIFAR_HINT = ("CIFAR-10 is read from DATA_DIR/cifar-10-batches-py (torchvision's layout), from "
               "DATA_DIR/train/<class>/*.png + DATA_DIR/test/<class>/*.png (ImageFolder), or "
               "downloaded there with --download=True on a machine with internet")
+CIFAR_SEARCH = ("data/cifar10", "../shared/data/cifar10-subset")  # data_dir='' looks here, relative to the cwd
+
+
+def has_cifar10(d):
+    return os.path.isdir(os.path.join(d, "cifar-10-batches-py")) or \
+        os.path.isdir(os.path.join(d, "train")) and os.path.isdir(os.path.join(d, "test"))
+
+
+def find_cifar10(data_dir="", download=False):
+    """Where CIFAR-10 comes from -> (path, reason, download). data_dir if given; else the first of
+    CIFAR_SEARCH that holds it; else a torchvision download into CIFAR_SEARCH[0] (needs internet)."""
+    if data_dir:
+        return data_dir, "data_dir", download
+    for d in CIFAR_SEARCH:
+        if has_cifar10(d):
+            return d, f"found by the search order {' -> '.join(CIFAR_SEARCH)}", False
+    return CIFAR_SEARCH[0], f"none in {' or '.join(CIFAR_SEARCH)}: downloading with torchvision (needs internet)", True
 
 
 def _load_cifar_records(data_dir, train):
@@ -193,10 +210,18 @@ def _load_cifar_records(data_dir, train):
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes
 
 
+def read_rgb(loader, path):
+    """An image file -> uint8 (H, W, 3); a file PIL cannot read is one DataError naming it."""
+    try:
+        return np.array(loader(path).convert("RGB"))
+    except Exception as e:
+        raise DataError(f"cannot read image file {path!r} ({type(e).__name__}): remove or replace it") from None
+
+
 def _load_image_folder(root):
     import torchvision
     ds = torchvision.datasets.ImageFolder(root)
-    x = torch.stack([torch.from_numpy(np.array(ds.loader(p).convert("RGB"))) for p, _ in ds.samples])
+    x = torch.stack([torch.from_numpy(read_rgb(ds.loader, p)) for p, _ in ds.samples])
     return x.permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes
 
 
@@ -217,7 +242,8 @@ def load_cifar10(data_dir, split="train", download=False, n_val=500, seed=0):
         try:
             torchvision.datasets.CIFAR10(data_dir, train=train, download=True)
         except Exception as e:
-            raise DataError(f"could not download CIFAR-10 to {data_dir!r} ({e}). {CIFAR_HINT}") from None
+            msg = (str(e).splitlines() or [""])[0][:200]
+            raise DataError(f"could not download CIFAR-10 to {data_dir!r} ({type(e).__name__}: {msg}). {CIFAR_HINT}") from None
         x, y, classes = _load_cifar_records(data_dir, train)
     else:
         raise DataError(f"no CIFAR-10 found in {os.path.abspath(data_dir)!r}. {CIFAR_HINT}")
@@ -245,15 +271,15 @@ class FolderData(torch.utils.data.Dataset):
             raise DataError(f"no image folder at {os.path.abspath(root)!r}: expected <root>/<class>/*.JPEG "
                             "(ImageNet: DATA_DIR/train and DATA_DIR/val)")
         self.ds = torchvision.datasets.ImageFolder(root)
-        self.tf = T.Compose([T.PILToTensor(), T.Resize(image_size, antialias=True), T.CenterCrop(image_size)])
+        self.tf = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)])
         self.targets = torch.tensor(self.ds.targets)
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, i):
-        img, y = self.ds[i]
-        return self.tf(img), y
+        path, y = self.ds.samples[i]
+        return self.tf(torch.from_numpy(read_rgb(self.ds.loader, path)).permute(2, 0, 1)), y
 
 
 def load(dataset, data_dir, split="train", image_size=32, download=False, n_val=500, seed=0):

@@ -415,7 +415,7 @@ class SODA(nn.Module):
         P = segments: DiffSiam's; P = z_dim: any mask), each zeroed where keep is 0."""
         parts = torch.arange(z.shape[1]).tensor_split(keep.shape[1])  # the same cut as unet.sec_dims
         sizes = torch.tensor([t.numel() for t in parts], device=z.device)
-        return z * keep.to(z.dtype).repeat_interleave(sizes, dim=1)
+        return z * keep.to(z.dtype).repeat_interleave(sizes, dim=1, output_size=z.shape[1])  # a static shape for torch.compile
 
     def keep_dims(self, keep, seg_keep):
         """A section keep (B, P) and DiffSiam's segment keep (B or 1, segments) -> one keep per dim

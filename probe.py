@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 import data
 import diffusion as D
-from train import (CheckpointError, ConfigError, build_model, configure, extract_features, knn_accuracy,
-                   load_checkpoint, segment_schedule)
+from train import (CheckpointError, ConfigError, build_model, check_device, check_keys, configure, extract_features,
+                   knn_accuracy, load_checkpoint, segment_schedule)
 
 # -----------------------------------------------------------------------------
 ckpt = "out/cifar10_cpu/ckpt.pt"  # a train.py checkpoint
@@ -274,6 +274,11 @@ def main(argv):
         raise ConfigError(f"task must be one of {', '.join(map(repr, TASK_DATA))}, got {task!r}")
     if cfg["features"] not in ("pool", "z", "unet"):
         raise ConfigError(f"features must be 'pool', 'z' or 'unet', got {cfg['features']!r}")
+    check_keys(cfg, {"split": ("test", "val")}, [(("episodes",), lambda v: v >= 1, ">= 1"),
+                                                 (("probe_aug", "n_images"), lambda v: v >= 0, ">= 0"),
+                                                 (("val_frac",), lambda v: 0 < v < 1, "in (0, 1)"),
+                                                 (("unet_logsnr",), lambda v: True, "finite")])
+    check_device(cfg["device"])
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"]
     ck = load_checkpoint(cfg["ckpt"], dev)
     tcfg = ck["config"]
@@ -286,6 +291,10 @@ def main(argv):
     if ds != TASK_DATA[task]:
         raise data.DataError(f"task {task!r} reads {TASK_DATA[task]}, got dataset {ds!r}")
     dd = cfg["data_dir"] or (tcfg["data_dir"] if tcfg["dataset"] == ds else "")
+    dl = False
+    if ds == "cifar10":  # '' searches as train.py does: ./data/cifar10, ../shared/data/cifar10-subset, download
+        dd, why, dl = data.find_cifar10(dd)
+        print(f"data: using {dd} ({why})")
     if not dd:
         raise ConfigError(f"the checkpoint was trained on {tcfg['dataset']}: say where {ds} is with --data_dir")
     which = 0 if cfg["features"] == "pool" else 1
@@ -299,11 +308,11 @@ def main(argv):
     if ds == "cifar10":
         # the probe trains on the whole training split (train + the held-out val of train.py) and tests on test
         if cfg["split"] == "test":
-            xtr, ytr, classes = data.load_cifar10(dd, "train", n_val=0)
-            xte, yte, _ = data.load_cifar10(dd, "test")
+            xtr, ytr, classes = data.load_cifar10(dd, "train", dl, n_val=0)
+            xte, yte, _ = data.load_cifar10(dd, "test", dl)
         elif cfg["split"] == "val":  # the same held-out images train.py set aside (its n_val and seed)
-            xtr, ytr, classes = data.load_cifar10(dd, "train", n_val=tcfg["n_val"], seed=tcfg["seed"])
-            xte, yte, _ = data.load_cifar10(dd, "val", n_val=tcfg["n_val"], seed=tcfg["seed"])
+            xtr, ytr, classes = data.load_cifar10(dd, "train", dl, n_val=tcfg["n_val"], seed=tcfg["seed"])
+            xte, yte, _ = data.load_cifar10(dd, "val", dl, n_val=tcfg["n_val"], seed=tcfg["seed"])
         else:
             raise ConfigError(f"split must be 'test' or 'val', got {cfg['split']!r}")
         if task != "zusage":

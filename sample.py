@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import data
 import diffusion as D
 from probe import fit_logreg
-from train import CheckpointError, ConfigError, configure, model_from_checkpoint, segment_schedule
+from train import CheckpointError, ConfigError, check_device, check_keys, configure, model_from_checkpoint, segment_schedule
 
 # -----------------------------------------------------------------------------
 ckpt = "out/cifar10_cpu/ckpt.pt"  # a train.py checkpoint (its EMA weights are used)
@@ -358,6 +358,10 @@ def main(argv):
         raise ConfigError(f"mode must be one of {list(MODES)}, got {C['mode']!r}")
     if C["sampler"] not in ("ddpm", "ddim"):
         raise ConfigError(f"sampler must be 'ddpm' or 'ddim', got {C['sampler']!r}")
+    check_keys(C, None, [(("steps", "n", "n_show", "n_dirs", "batch"), lambda v: v >= 1, ">= 1"),
+                         (("frames",), lambda v: v >= 2, ">= 2"), (("index", "threads"), lambda v: v >= 0, ">= 0"),
+                         (("guidance", "invert_logsnr"), lambda v: True, "finite"), (("schedule",), lambda v: v in ["inverted", *D.BASES, *("inverted_" + b for b in D.BASES)], f"a schedule: {sorted(D.BASES)} or 'inverted[_<base>]'")])
+    check_device(C["device"])
     if C["threads"] > 0:
         torch.set_num_threads(C["threads"])
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if C["device"] == "auto" else C["device"]
@@ -366,7 +370,9 @@ def main(argv):
     C["segment_schedule"] = segment_schedule(tcfg)  # DiffSiam: the segments on at each step (None: all)
     if tcfg["dataset"] != "cifar10":
         raise data.DataError(f"sample.py reads cifar10 so far, the checkpoint was trained on {tcfg['dataset']!r}")
-    x, y, classes = data.load_cifar10(C["data_dir"] or tcfg["data_dir"], "test")
+    dd, why, dl = data.find_cifar10(C["data_dir"] or tcfg["data_dir"])  # '' searches as train.py does
+    print(f"data: using {dd} ({why})")
+    x, y, classes = data.load_cifar10(dd, "test", dl)
     x = x.to(dev).float() / 127.5 - 1  # (N, 3, 32, 32) in [-1, 1]
     out = C["out_dir"] or os.path.join(os.path.dirname(C["ckpt"]) or ".", "samples")
     os.makedirs(out, exist_ok=True)

@@ -11,14 +11,21 @@ Importing this file has no side effects: probe.py / sample.py / nvs.py import it
 (configure, load_checkpoint, extract_features, knn_accuracy).
 """
 import ast
+import builtins
 import copy
 import difflib
 import json
 import math
 import os
+import platform
 import random
+import re
+import shutil
+import signal
 import sys
+import threading
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -33,14 +40,16 @@ import model as M
 # I/O
 out_dir = "out"  # checkpoint, log.jsonl and sample grids go here
 init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+overwrite = False  # a scratch run may replace an out_dir that already holds ckpt.pt (and its log)
 log_interval = 20  # steps between log lines (the only host syncs in the loop)
 eval_interval = 500  # steps between evaluations (kNN, z-gap, sample grid); 0 = only at the end
 ckpt_interval = 500  # steps between checkpoints (and one at the end)
+ckpt_keep = False  # also keep every checkpoint as ckpt_<step>.pt (learning curves: probe each one)
 eval_at_start = True  # evaluate the untrained model too: the baseline every figure is compared with
 # data
 dataset = "cifar10"  # 'cifar10' | 'imagenet' | 'dsprites' | multi-view: 'cars3d' | 'nmr' | 'srn'
-data_dir = "../shared/data/cifar10-subset"  # CIFAR-10 records, ImageFolder layout, or a download target
-download = False  # let torchvision download CIFAR-10 into data_dir (needs internet)
+data_dir = ""  # '' (cifar10 only): ./data/cifar10, else ../shared/data/cifar10-subset, else download into ./data/cifar10
+download = False  # with a data_dir that holds no CIFAR-10: let torchvision download it there (needs internet)
 image_size = 32
 views = "augment"  # 'augment' (two augmentations: novel views) | 'identical' (auto-encoding) | 'class'
 # (multi-view datasets always give 'multiview' batches: k posed source views + 1 posed target view)
@@ -94,8 +103,9 @@ sample_schedule = "cosine"
 # system
 device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = "bfloat16"  # autocast dtype for the network on CUDA: 'bfloat16' | 'float32'
-cpu_bf16 = False  # also autocast on the CPU (slower on most CPUs; a test uses it)
+cpu_bf16 = "auto"  # bf16 autocast on the CPU: 'auto' (where the CPU has native bf16) | 'true' | 'false'
 compile = False  # torch.compile the model
+compile_backend = "inductor"  # torch.compile backend; 'aot_eager' skips the C++ build (the tests' stand-in)
 fused_adamw = True  # AdamW as one fused kernel (CPU and CUDA) instead of a loop over parameters
 channels_last = False  # NHWC memory layout for convolutions
 threads = 0  # CPU threads for torch (0: torch's default)
@@ -144,11 +154,135 @@ def configure(argv, defaults):
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file {arg!r} not found")
             ns = {}
-            exec(open(arg).read(), {}, ns)
+            try:  # a mistake in the file is one line naming the file and the line
+                code = builtins.compile(open(arg).read(), arg, "exec")  # `compile` is a config key here
+            except SyntaxError as e:
+                raise ConfigError(f"config file {arg!r}, line {e.lineno}: {e.msg}") from None
+            except (OSError, ValueError) as e:  # unreadable, not UTF-8, NUL bytes
+                raise ConfigError(f"cannot read config file {arg!r}: {e}") from None
+            try:
+                exec(code, {}, ns)
+            except Exception as e:
+                line = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == arg][-1:] or ["?"]
+                raise ConfigError(f"config file {arg!r}, line {line[0]}: {type(e).__name__}: {e}") from None
             for k, v in ns.items():
                 if not k.startswith("_") and not callable(v) and not isinstance(v, type(os)):
                     set_key(k, v, arg)
     return cfg
+
+
+def check_keys(cfg, choices=None, ranges=()):
+    """One ConfigError for the first value not allowed: choices {key: allowed values}, ranges
+    [(keys, test, what is allowed)]; floats must also be finite. Shared with probe/sample/nvs.py."""
+    for k, allowed in (choices or {}).items():
+        if cfg[k] not in allowed:
+            raise ConfigError(f"{k}={cfg[k]!r} is not allowed: choose from {', '.join(map(repr, allowed))}")
+    for keys, ok, what in ranges:
+        for k in keys:
+            if isinstance(cfg[k], float) and not math.isfinite(cfg[k]) or not ok(cfg[k]):
+                raise ConfigError(f"{k}={cfg[k]!r} is out of range: it must be {what}")
+
+
+CHOICES = dict(
+    init_from=("scratch", "resume"), dataset=("cifar10", "imagenet", "dsprites") + data.MULTIVIEW,
+    views=("augment", "identical", "class"), aug=("none", "cropflip", "simclr", "randaugment"),
+    cond=("mod", "xattn", "emb"), agg=("mean", "transformer"), prediction=("eps", "v", "x0"),
+    weighting=("eps", "v"), segment_mode=("hierarchical", "sequential"), dtype=("bfloat16", "float32"),
+    encoder=tuple(M.PRESETS["encoder"]), unet=tuple(M.PRESETS["unet"]))
+RANGES = [
+    (("batch_size", "max_iters", "log_interval", "ckpt_interval", "sample_steps", "k_max", "z_dim", "n_tokens",
+      "simsiam_dim", "bench_sample_n"), lambda v: v >= 1, ">= 1"),
+    (("eval_interval", "n_val", "num_workers", "ray_freqs", "segments", "threads", "warmup_iters", "bench_iters",
+      "bench_warmup", "weight_decay", "grad_clip", "enc_noise", "z_init", "simsiam_weight", "peak_flops",
+      "ema_rampup"), lambda v: v >= 0, ">= 0"),
+    (("lr", "enc_lr_mult", "ema_halflife_kimg"), lambda v: v > 0, "> 0"),
+    (("p_mask_layer", "p_uncond", "p_uncond_pose", "min_lr_ratio"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("beta2",), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("crop_min",), lambda v: 0 < v <= 1, "in (0, 1]"),
+    (("image_size",), lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8"),
+    (("logsnr_shift",), lambda v: True, "finite"),
+]
+# what a resume may change: where and how often to log / evaluate / save, how long to train, and
+# how fast (device, threads, kernels). Every other key changes the model, the data order or the
+# optimisation, and a resume with another value is refused.
+RESUME_MAY_CHANGE = {"out_dir", "init_from", "overwrite", "log_interval", "eval_interval", "ckpt_interval", "ckpt_keep",
+                     "eval_at_start", "max_iters", "data_dir", "download", "num_workers", "sample_steps",
+                     "sample_schedule", "device", "dtype", "cpu_bf16", "compile", "compile_backend", "fused_adamw",
+                     "channels_last", "threads", "peak_flops", "bench_iters", "bench_warmup", "bench_sample_n"}
+
+
+def check_device(dev):
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", dev):
+        raise ConfigError(f"device={dev!r} is not allowed: 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={dev!r}, but torch sees no CUDA device here: use device='auto' or 'cpu'")
+
+
+def validate(cfg):
+    """Every value against what it allows, before anything is read or written: one ConfigError
+    naming the key, the value given and what is allowed."""
+    check_keys(cfg, CHOICES, RANGES)
+    if cfg["cpu_bf16"].lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"cpu_bf16={cfg['cpu_bf16']!r} is not allowed: choose from 'auto', 'true', 'false'")
+    for k in ("schedule", "sample_schedule"):
+        try:
+            D.get_schedule(cfg[k])
+        except ValueError as e:
+            raise ConfigError(f"{k}={cfg[k]!r}: {e}") from None
+    check_device(cfg["device"])
+    if cfg["dataset"] != "cifar10" and not cfg["data_dir"] and not cfg["bench_iters"]:
+        raise ConfigError(f"dataset={cfg['dataset']!r} needs data_dir (only cifar10 is searched for or downloaded)")
+    if cfg["dataset"] in data.MULTIVIEW and not cfg["ray_freqs"] and not cfg["bench_iters"]:
+        raise ConfigError(f"dataset {cfg['dataset']!r} has camera poses: set ray_freqs > 0 so the model sees them")
+    if cfg["simsiam_weight"] > 0 and (cfg["segments"] < 1 or cfg["views"] != "augment"):
+        raise ConfigError("simsiam_weight > 0 is DiffSiam: it needs segments >= 1 and views='augment' (two augmented views)")
+    if cfg["pretrained"] and not os.path.isfile(cfg["pretrained"]):
+        raise ConfigError(f"pretrained={cfg['pretrained']!r}: no such checkpoint file")
+    try:  # the model's own checks (bottleneck=False shapes, ...), on the meta device: no memory, no time
+        with torch.device("meta"):
+            build_model(cfg)
+    except (ValueError, AssertionError) as e:
+        raise ConfigError(f"the model cannot be built: {e}") from None
+    out = cfg["out_dir"]
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"out_dir={out!r} is a file, not a directory")
+    if cfg["init_from"] == "scratch" and not cfg["bench_iters"] and not cfg["overwrite"] and \
+            os.path.exists(os.path.join(out, "ckpt.pt")):
+        raise ConfigError(f"out_dir={out!r} already holds ckpt.pt: continue it with --init_from=resume, "
+                          "pick another out_dir, or pass --overwrite=True to start over")
+
+
+def resume_conflicts(old, new):
+    """Keys whose value differs between a checkpoint's config and this run's, and may not."""
+    return [f"{k}={old[k]!r} (now {new[k]!r})" for k in new
+            if k not in RESUME_MAY_CHANGE and k in old and old[k] != new[k]]
+
+
+def cpu_native_bf16(cpuinfo="/proc/cpuinfo", machine=None):
+    """-> (bool, reason): does this CPU compute in bf16 natively, so CPU autocast pays off?
+    x86: avx512_bf16 or amx_bf16 in the flags; Linux aarch64: 'bf16' in Features."""
+    machine = (machine or platform.machine()).lower()
+    wanted = ("avx512_bf16", "amx_bf16") if machine in ("x86_64", "amd64", "i686") else \
+        ("bf16",) if machine in ("aarch64", "arm64") else ()
+    if not wanted:
+        return False, f"no native bf16 known for a {machine} CPU"
+    try:
+        lines = open(cpuinfo).read().splitlines()
+    except OSError:
+        return False, f"no native bf16: cannot read {cpuinfo}"
+    flags = {f for line in lines if line.startswith(("flags", "Features")) for f in line.partition(":")[2].split()}
+    hit = [f for f in wanted if f in flags]
+    if hit:
+        return True, f"{hit[0]} in {cpuinfo}"
+    return False, f"no native bf16: no {' or '.join(wanted)} in {cpuinfo}"
+
+
+def cpu_autocast(setting):
+    """cpu_bf16 ('auto' | 'true' | 'false') -> (use bf16 autocast on the CPU, reason)."""
+    setting = setting.lower()
+    if setting == "auto":
+        return cpu_native_bf16()
+    return setting == "true", f"cpu_bf16={setting!r}"
 
 
 # -----------------------------------------------------------------------------
@@ -257,8 +391,14 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "
 
 def main(argv):
     cfg = configure(argv, DEFAULTS)
-    if cfg["simsiam_weight"] > 0 and (cfg["segments"] < 1 or cfg["views"] != "augment"):
-        raise ConfigError("simsiam_weight > 0 is DiffSiam: it needs segments >= 1 and views='augment' (two augmented views)")
+    validate(cfg)
+    ckpt = None
+    if cfg["init_from"] == "resume":  # may this config continue that run? Asked before any work
+        ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
+        bad = resume_conflicts(ckpt["config"], cfg)
+        if bad:
+            raise ConfigError(f"cannot resume {os.path.join(cfg['out_dir'], 'ckpt.pt')} with {', '.join(bad)}: these "
+                              "keys change the model, the data order or the optimisation (start a new out_dir instead)")
     globals().update(cfg)  # nanoGPT style: the config becomes this script's globals
     C = cfg
 
@@ -282,18 +422,18 @@ def main(argv):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     amp_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-    use_amp = amp_dtype != torch.float32 and (cuda or cpu_bf16)
+    cpu_amp, why = cpu_autocast(cpu_bf16)
+    use_amp = amp_dtype != torch.float32 and (cuda or cpu_amp)
     autocast = lambda: torch.autocast("cuda" if cuda else "cpu", dtype=amp_dtype, enabled=use_amp)
     global_batch = batch_size * world
     rows = slice(rank * batch_size, (rank + 1) * batch_size)  # this process's rows of the global batch
-    os.makedirs(out_dir, exist_ok=True)
     say = print if master else (lambda *a, **k: None)
+    if not cuda:
+        say(f"CPU autocast: {'bf16' if use_amp else 'fp32'} ({why if amp_dtype != torch.float32 else 'dtype=float32'})")
 
     # --- data: the training split, and a validation split held out of it for the kNN / z-gap checks
     multiview = dataset in data.MULTIVIEW and bench_iters == 0
     if multiview:  # posed views of objects; the unseen test objects give the evaluation grid
-        if not ray_freqs:
-            raise ConfigError(f"dataset {dataset!r} has camera poses: set ray_freqs > 0 so the model sees them")
         mv_train = data.load_multiview(dataset, data_dir, "train", image_size)
         mv_val = data.load_multiview(dataset, data_dir, "test", image_size)
         train_set = None
@@ -302,20 +442,27 @@ def main(argv):
         train_set = (torch.randint(0, 256, (n_syn, 3, image_size, image_size), dtype=torch.uint8),
                      torch.randint(0, 10, (n_syn,)))
     else:
-        train_set = data.load(dataset, data_dir, "train", image_size, download, n_val, seed)
+        data_path, dl = data_dir, download
+        if dataset == "cifar10":  # data_dir='' searches ./data/cifar10, ../shared/data/cifar10-subset, then downloads
+            data_path, why, dl = data.find_cifar10(data_dir, download)
+            say(f"data: using {data_path} ({why})")
+        train_set = data.load(dataset, data_path, "train", image_size, dl, n_val, seed)
     in_memory = isinstance(train_set, tuple)
     if multiview:  # batches come from data.multiview_batch; an "epoch" counts train_images images
         n_train = mv_train.images.shape[0] * mv_train.images.shape[1]
     elif in_memory:
         x_train, y_train = (t.to(dev) for t in train_set)
         n_train = len(x_train)
-        x_val, y_val = train_set if bench_iters else data.load(dataset, data_dir, "val", image_size, download, n_val, seed)
+        x_val, y_val = train_set if bench_iters else data.load(dataset, data_path, "val", image_size, dl, n_val, seed)
     else:
         n_train, y_train = len(train_set), train_set.targets
         x_val = y_val = None  # ImageNet: the kNN check uses probe.py on the val folder instead
     steps_per_epoch = n_train // global_batch
     if steps_per_epoch == 0:
         raise data.DataError(f"the global batch ({global_batch}) is larger than the training set ({n_train})")
+    if ckpt is not None and ckpt.get("data_pos", {}).get("n_train", n_train) != n_train:
+        raise data.DataError(f"cannot resume: the checkpoint was trained on {ckpt['data_pos']['n_train']:,} images, "
+                             f"data_dir now gives {n_train:,} (another copy of the data changes the data order)")
     say(f"data: {dataset} {n_train:,} train images, global batch {global_batch} "
         f"({batch_size} x {world} processes), {steps_per_epoch} steps per epoch")
     if multiview:
@@ -344,8 +491,7 @@ def main(argv):
     groups = [group(e, d) for e in (True, False) for d in (True, False)]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), fused=fused_adamw)
     step = 0
-    if init_from == "resume":
-        ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), dev)
+    if init_from == "resume":  # ckpt: loaded and compared with this config at the start
         raw.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -358,9 +504,7 @@ def main(argv):
         random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
         say(f"resumed from step {step} (epoch {step // steps_per_epoch}, batch {step % steps_per_epoch})")
         del ckpt
-    elif init_from != "scratch":
-        raise ConfigError(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
-    net = torch.compile(raw) if compile else raw
+    net = torch.compile(raw, backend=compile_backend) if compile else raw
     if ddp:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev] if cuda else None)
     schedule_fn = D.get_schedule(schedule, logsnr_shift)
@@ -389,7 +533,10 @@ def main(argv):
                 order_cache[epoch] = data.epoch_order(n_train, global_batch, seed, epoch).to(dev)
             idx = order_cache[epoch][i][rows]
             return x_train[idx], y_train[idx], idx
-        xb, yb = next(loader_iter)
+        try:
+            xb, yb = next(loader_iter)
+        except data.DataError as e:  # from a worker, the message is its traceback's last line
+            raise data.DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
         return xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True), None
 
     def views_of(xb, idx, rng):
@@ -494,10 +641,8 @@ def main(argv):
         with autocast():
             rec = D.ddim(ema, ema.encode(f_src[:n], first(r_src)), f_tgt[:n].shape, steps=sample_steps,
                          schedule=sample_schedule, generator=g, rays_tgt=first(r_tgt), segments=segment_schedule(C))
-        import torchvision
-        grid = torch.stack([f_src[:n], f_tgt[:n], rec.float()], 1).flatten(0, 1)  # rows: src | tgt | sample
         path = os.path.join(out_dir, f"samples_{it:06d}.png")
-        torchvision.utils.save_image((grid + 1) / 2, path, nrow=3 * 4, padding=1)
+        save_grid([f_src[:n], f_tgt[:n], rec], ["source", "target", "sample"], path)
         out["grid"] = path
         return out
 
@@ -509,17 +654,23 @@ def main(argv):
         save_checkpoint({
             "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
             "step": it, "config": C,
-            "data_pos": {"epoch": it // steps_per_epoch, "batch": it % steps_per_epoch},
+            "data_pos": {"epoch": it // steps_per_epoch, "batch": it % steps_per_epoch, "n_train": n_train},
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None,
                     "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_rest": list(np_state[2:]),
                     "python": [py_state[0], list(py_state[1]), py_state[2]]},
         }, os.path.join(out_dir, "ckpt.pt"))
+        if ckpt_keep:  # a learning curve: every checkpoint stays as ckpt_<step>.pt for the probes
+            shutil.copyfile(os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, f"ckpt_{it:06d}.pt"))
 
     def log(rec):
         if master:
             with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
+    if master:  # the first write of the run: a bad input above has left nothing behind
+        os.makedirs(out_dir, exist_ok=True)
+        if overwrite and init_from == "scratch" and os.path.exists(os.path.join(out_dir, "log.jsonl")):
+            os.remove(os.path.join(out_dir, "log.jsonl"))  # a new run, a new log
     flops_per_img = 0.0
     if cuda and master:
         flops_per_img = count_flops(raw, image_size, dev, autocast)
@@ -533,50 +684,85 @@ def main(argv):
     if eval_at_start and step == 0 and master:
         r = evaluate(0)
         if r:
-            say(f"step 0 (random init): {eval_line(r)}")
+            say(f"step 0 (random init): {eval_line(r)}", flush=True)
             log({"step": 0, **r})
-    bar = tqdm(total=max_iters, initial=step, disable=not master, dynamic_ncols=True, desc="train")
+            plot_curves(out_dir)
+    # a bar on a terminal; in a file (nohup, a job log) one plain line per log_interval instead
+    bar = tqdm(total=max_iters, initial=step, disable=not (master and sys.stderr.isatty()), dynamic_ncols=True,
+               desc="train")
     bad = torch.zeros((), dtype=torch.long, device=dev) - 1  # first step with a non-finite loss, or -1
-    t0, seen0 = time.time(), step
+    t0, seen0, t_start = time.time(), step, time.time()
     loss_sum = torch.zeros((), device=dev)
     raw.train()
-    while step < max_iters:
-        loss = train_step(step)
-        bad = torch.where((bad < 0) & ~torch.isfinite(loss), step, bad)
-        loss_sum += loss
-        lr_now = lr_at(step)
-        step += 1
-        bar.update(1)
+    stop = []  # Ctrl-C (SIGINT) or SIGTERM: finish the step, save a resumable checkpoint, stop
 
-        last = step == max_iters
-        if step % log_interval == 0 or step % ckpt_interval == 0 or last:
-            if bad.item() >= 0:  # a host sync, only at log and checkpoint steps: never save a NaN model
-                raise FloatingPointError(f"non-finite loss at step {bad.item()}; stopping. The last good "
-                                         f"checkpoint is {os.path.join(out_dir, 'ckpt.pt')} (if any)")
-        if step % log_interval == 0 or last:
-            if master:
-                dt = time.time() - t0
-                n_steps = step - seen0
-                ips = n_steps * global_batch / dt
-                loss_avg = (loss_sum / n_steps).item()
-                rec = {"step": step, "loss": loss_avg, "lr": lr_now, "img_s": ips}
-                if flops_per_img and peak:
-                    rec["mfu"] = flops_per_img * ips / (peak * world)
-                bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{ips:.0f}",
-                                **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
-                log(rec)
-            t0, seen0 = time.time(), step
-            loss_sum.zero_()
-        if (eval_interval > 0 and step % eval_interval == 0) or last:
-            t_eval = time.time()
-            if master:
-                r = evaluate(step)
-                if r:
-                    tqdm.write(f"step {step}: {eval_line(r)}")
-                    log({"step": step, **r})
-            t0 += time.time() - t_eval  # evaluation time is not training time
-        if step % ckpt_interval == 0 or last:
-            checkpoint(step)
+    def stop_now():
+        if not ddp:
+            return bool(stop)
+        if step % log_interval:  # every rank stops at the same step: they agree at log steps
+            return False
+        flag = torch.tensor(float(bool(stop)), device=dev)
+        torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+        return flag.item() > 0
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while step < max_iters:
+            loss = train_step(step)
+            bad = torch.where((bad < 0) & ~torch.isfinite(loss), step, bad)
+            loss_sum += loss
+            lr_now = lr_at(step)
+            step += 1
+            bar.update(1)
+
+            last = step == max_iters
+            halt = not last and stop_now()
+            if step % log_interval == 0 or step % ckpt_interval == 0 or last or halt:
+                if bad.item() >= 0:  # a host sync, only at log and checkpoint steps: never save a NaN model
+                    raise FloatingPointError(f"non-finite loss at step {bad.item()}; stopping. The last good "
+                                             f"checkpoint is {os.path.join(out_dir, 'ckpt.pt')} (if any)")
+            if step % log_interval == 0 or last:
+                if master:
+                    dt = time.time() - t0
+                    n_steps = step - seen0
+                    ips = n_steps * global_batch / dt
+                    loss_avg = (loss_sum / n_steps).item()
+                    rec = {"step": step, "loss": loss_avg, "lr": lr_now, "img_s": ips}
+                    if flops_per_img and peak:
+                        rec["mfu"] = flops_per_img * ips / (peak * world)
+                    mfu = {"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}
+                    if bar.disable:
+                        say(f"step {step}/{max_iters} | loss {loss_avg:.4f} | {ips:.0f} img/s | elapsed "
+                            f"{time.strftime('%H:%M:%S', time.gmtime(time.time() - t_start))}" +
+                            "".join(f" | mfu {v}" for v in mfu.values()), flush=True)
+                    else:
+                        bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{ips:.0f}", **mfu)
+                    log(rec)
+                t0, seen0 = time.time(), step
+                loss_sum.zero_()
+            if (eval_interval > 0 and step % eval_interval == 0) or last:
+                t_eval = time.time()
+                if master:
+                    r = evaluate(step)
+                    if r:
+                        tqdm.write(f"step {step}: {eval_line(r)}")
+                        sys.stdout.flush()
+                        log({"step": step, **r})
+                        plot_curves(out_dir)
+                t0 += time.time() - t_eval  # evaluation time is not training time
+            if step % ckpt_interval == 0 or last or halt:
+                checkpoint(step)
+            if halt:
+                bar.close()
+                say(f"stopped by {signal.Signals(stop[0]).name if stop else 'a signal'} after step {step}; checkpoint "
+                    f"{os.path.join(out_dir, 'ckpt.pt')}; continue with --init_from=resume", flush=True)
+                break
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
     bar.close()
     if ddp:
         torch.distributed.destroy_process_group()
@@ -587,6 +773,46 @@ def eval_line(r):
     knn = f"kNN {r['knn']:.2f}% " if "knn" in r else ""
     return (f"{knn}z removes {r['z_removed_-3']:.1f}% of x0-MSE at log-SNR -3, {r['z_removed_mean']:.1f}% over -6..+2 "
             f"(z-gap {r['zgap']:+.4f}) grid {r['grid']}")
+
+
+def save_grid(columns, labels, path, min_px=96):
+    """Labelled columns of images ((n, 3, H, W) in [-1, 1] each), one example per row, enlarged with
+    nearest to >= min_px a side so the pixels can be seen: one PNG."""
+    import torchvision
+    from PIL import Image, ImageDraw
+    s = -(-min_px // columns[0].shape[-1])  # an integer factor keeps the pixels square
+    cells = torch.stack([F.interpolate((c.float().cpu() + 1) / 2, scale_factor=s, mode="nearest") for c in columns], 1)
+    grid = torchvision.utils.make_grid(cells.flatten(0, 1).clamp(0, 1), nrow=len(columns), padding=2, pad_value=1)
+    img = Image.fromarray(grid.mul(255).add(0.5).byte().permute(1, 2, 0).numpy())
+    page = Image.new("RGB", (img.width, img.height + 14), "white")  # a row of labels on top
+    page.paste(img, (0, 14))
+    for i, text in enumerate(labels):
+        ImageDraw.Draw(page).text((4 + i * (cells.shape[-1] + 2), 1), text, fill="black")
+    page.save(path)
+
+
+def plot_curves(out_dir):
+    """out_dir/curves.png from what log.jsonl holds so far: loss, kNN and z-usage against the step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    panels = [("training loss", {"loss": "loss"}), ("kNN top-1 (%), held-out split", {"knn": "kNN"}),
+              ("x0-MSE removed by z (%)", {"z_removed_-3": "at log-SNR -3", "z_removed_mean": "mean over -6..+2"})]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, (title, keys) in zip(axes, panels):
+        for k, label in keys.items():
+            pts = [(r["step"], r[k]) for r in recs if k in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if len(pts) < 40 else "", ms=3, label=label)
+        ax.set(title=title, xlabel="step")
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=90)
+    plt.close(fig)
 
 
 def bench(train_step, get_batch, views_of, ema, x_train, dev, global_batch, flops_per_img, peak, C, autocast):

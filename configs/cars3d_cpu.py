@@ -35,4 +35,3 @@ enc_lr_mult = 2.0
 warmup_iters = 100
 eval_interval = 500
 ckpt_interval = 500
-cpu_bf16 = True

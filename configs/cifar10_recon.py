@@ -8,7 +8,6 @@
 # 400-step screens (64 test images, DDIM 50) that raised recon PSNR from 8.1 dB (plain, z_norm)
 # to 10.2 dB; shift -3 alone gave 9.6, v alone 8.9.
 out_dir = "out/cifar10_recon"
-data_dir = "../shared/data/cifar10-subset"
 views = "identical"
 aug = "cropflip"
 encoder = "tiny"
@@ -24,4 +23,3 @@ enc_lr_mult = 2.0
 p_mask_layer = 0.1
 p_uncond = 0.1
 eval_interval = 500
-cpu_bf16 = True

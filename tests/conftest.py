@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -10,3 +11,43 @@ if ROOT not in sys.path:
 # One intra-op thread: these tests use tiny tensors, and with more threads a busy 2-core machine
 # (e.g. a training run alongside) makes OpenMP spin and the suite ~10x slower.
 torch.set_num_threads(1)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run tests marked slow (e.g. the full inductor compile, ~150 s on 2 cores)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long test, skipped unless pytest is given --runslow")
+    config.addinivalue_line("markers", "full_eval: keep train.main's full end-of-run evaluation (see light_eval)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def light_eval(request, monkeypatch):
+    """train.main evaluates at the end of every run; for these tiny runs that costs ~1.6 s, most of
+    it the z-usage curve (8 noise levels) and its matplotlib figure, which only the smoke test reads.
+    Modules that use this fixture get the real diffusion.z_usage on 2 levels and 8 images, and no
+    figure; a test marked full_eval keeps the real evaluation."""
+    if "full_eval" in request.keywords:
+        return
+    import diffusion
+
+    real = diffusion.z_usage
+
+    def z_usage(model, x_0, logsnrs=None, **kw):
+        n = min(8, len(x_0))
+        kw = {k: v[:n] if isinstance(v, torch.Tensor) and len(v) == len(x_0) else v for k, v in kw.items()}
+        return real(model, x_0[:n], logsnrs=(-3.0, 0.0), **kw)
+
+    monkeypatch.setattr(diffusion, "z_usage", z_usage)
+    monkeypatch.setattr(diffusion, "plot_z_usage", lambda res, path, title="": path)

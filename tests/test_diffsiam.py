@@ -8,6 +8,8 @@ import model as M
 import train
 from test_train import base_args, cifar_dir, run_train, state  # noqa: F401  (cifar_dir: a fixture)
 
+pytestmark = pytest.mark.usefixtures("light_eval")  # conftest.py: a lighter end-of-run evaluation
+
 
 def test_negative_cosine_is_minus_one_and_stops_the_gradient():
     p = torch.randn(5, 16, requires_grad=True)

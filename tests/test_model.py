@@ -448,3 +448,30 @@ def test_no_bottleneck_passes_the_feature_map_as_tokens():
     assert out.shape == x.shape and m.unet.sec_dims == [128] * 64
     with pytest.raises(ValueError, match="n_tokens=64, z_dim=8192"):
         M.build("tiny", "tiny", z_dim=128, cond="xattn", n_tokens=8, bottleneck=False)
+
+
+def test_each_z_section_drives_its_down_and_up_level_and_the_last_the_middle():
+    """Changing only section i of z changes the z input of exactly the ResBlocks of down level i and
+    up level i (same resolution, image_size / 2^i); the last section only the middle blocks (§3.2.1)."""
+    m = make(image_size=16)  # tiny: 3 levels (16, 8, 4 px) + the middle, 4 sections
+    seen = []
+    for part in ("down", "mid", "up"):
+        for blk in getattr(m.unet, part):
+            if isinstance(blk, M.Step):
+                blk.res.register_forward_hook(lambda mod, inp, out, part=part: seen.append((part, inp[0].shape[-1], inp[2])))
+    x, logsnr, g = inputs()
+    z = torch.randn(2, Z, generator=g)
+    keep = torch.ones(2, m.n_sections)
+    with torch.no_grad():
+        m.denoise(x, logsnr, z, keep)
+        base, seen[:] = list(seen), []
+        lo = 0
+        for i, d in enumerate(m.unet.sec_dims):
+            z2 = z.clone()
+            z2[:, lo:lo + d] += 1.0
+            lo += d
+            m.denoise(x, logsnr, z2, keep)
+            changed = {(part, res) for (part, res, a), (_, _, b) in zip(base, seen) if not torch.equal(a, b)}
+            seen[:] = []
+            want = {("mid", 4)} if i == m.unet.m else {("down", 16 >> i), ("up", 16 >> i)}
+            assert changed == want, (i, changed)

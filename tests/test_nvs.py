@@ -14,6 +14,8 @@ import nvs
 import train
 from test_train import full_and_killed_then_resumed
 
+pytestmark = pytest.mark.usefixtures("light_eval")  # conftest.py: a lighter end-of-run evaluation
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_CARS3D = os.path.join(ROOT, "..", "shared", "data", "cars3d")
 
@@ -196,6 +198,61 @@ def test_srn_fixture_round_trip_and_same_record_as_cars3d(tmp_path):
     assert cars == ("images", "K", "c2w", "ids")
     with pytest.raises(data.DataError, match="_test"):
         data.load_multiview("srn", str(tmp_path), "test", 32)
+
+
+# The two published conventions, by hand (not through the readers' matrices): a camera at world
+# point C whose OpenCV axes (x right, y down, z forward) are given as world vectors.
+SIDE_CAM = dict(C=(3.0, 0.0, 0.0), right=(0.0, 0.0, -1.0), down=(0.0, -1.0, 0.0), fwd=(-1.0, 0.0, 0.0))
+
+
+def opencv_c2w(C, right, down, fwd):
+    """The 4x4 camera-to-world matrix as SRN's pose/*.txt stores it: columns x, y, z axes, centre."""
+    M = torch.eye(4)
+    M[:3, 0], M[:3, 1], M[:3, 2], M[:3, 3] = (torch.tensor(v) for v in (right, down, fwd, C))
+    return M
+
+
+def test_srn_pose_is_opencv_camera_to_world(tmp_path):
+    """SRN: pose/*.txt = OpenCV camera-to-world. A camera on +x looking at the origin (right = -z,
+    down = -y) becomes the OpenGL c2w [right, up = +y, back = +x, C]; and the record's ray through
+    a pixel centre points at the world point OpenCV's pinhole model projects there."""
+    obj = tmp_path / "cars_train" / "o"
+    write_png(str(obj / "rgb" / "000000.png"), np.random.RandomState(0), 64)
+    write_png(str(obj / "rgb" / "000001.png"), np.random.RandomState(1), 64)
+    os.makedirs(obj / "pose")
+    for v in range(2):
+        np.savetxt(obj / "pose" / f"{v:06d}.txt", opencv_c2w(**SIDE_CAM).numpy().reshape(1, 16))
+    (obj / "intrinsics.txt").write_text("70.0 32.0 32.0 0.\n0. 0. 0.\n1.\n64 64\n")
+    mv = data.load_multiview("srn", str(tmp_path), "train", 64)
+    want = torch.tensor([[0.0, 0, 1, 3], [0, 1, 0, 0], [-1, 0, 0, 0], [0, 0, 0, 1]])  # columns right, up, back, C
+    assert torch.allclose(mv.c2w[0, 0], want, atol=1e-6)
+    i, j, Z = 25, 18, 2.5  # the world point P that OpenCV's pinhole (u = f X / Z + cx) puts at the
+    X, Y = (j + 0.5 - 32) / 70 * Z, (i + 0.5 - 32) / 70 * Z  # centre of pixel (row i, column j)
+    P = sum(c * torch.tensor(SIDE_CAM[k]) for c, k in ((1, "C"), (X, "right"), (Y, "down"), (Z, "fwd")))
+    ray = data.camera_rays(mv.K[0, 0], mv.c2w[0, 0], 64, 64)[:, i, j]
+    assert torch.allclose(ray[:3], P.new_tensor(SIDE_CAM["C"]))
+    assert torch.allclose(ray[3:], torch.nn.functional.normalize(P - ray[:3], dim=0), atol=1e-6)
+
+
+def test_nmr_cameras_follow_pixelnerf(tmp_path):
+    """NMR (pixelNeRF's DVR reader): world_mat_i is world -> OpenCV camera (3x4) in DVR's world,
+    c2w = T_world inv(world_mat) diag(1, -1, -1, 1) with T_world (x, y, z) -> (x, -z, y);
+    camera_mat_i holds the focal in units of half the image. Written by hand for a camera at
+    C = (1, 2, 3) with OpenCV axes along DVR's x, y, z."""
+    o = tmp_path / "02958343" / "a"
+    for v in range(2):
+        write_png(str(o / "image" / f"{v:04d}.png"), np.random.RandomState(v), 64)
+    w2c = np.array([[1, 0, 0, -1], [0, 1, 0, -2], [0, 0, 1, -3]], np.float32)  # R = I, t = -C
+    cam_mat = np.diag([1.5, 1.5, 1.0, 1.0]).astype(np.float32)
+    np.savez(o / "cameras.npz", world_mat_0=w2c, world_mat_1=w2c, camera_mat_0=cam_mat, camera_mat_1=cam_mat)
+    (tmp_path / "02958343" / "softras_train.lst").write_text("a\n")
+    mv = data.load_multiview("nmr", str(tmp_path), "train", 64)
+    # C -> (1, -3, 2); right = x -> (1, 0, 0); down = y -> (0, 0, 1) so up = (0, 0, -1);
+    # forward = z -> (0, -1, 0) so back = (0, 1, 0)
+    want = torch.tensor([[1.0, 0, 0, 1], [0, 0, 1, -3], [0, -1, 0, 2], [0, 0, 0, 1]])
+    assert torch.allclose(mv.c2w[0, 0], want, atol=1e-6)
+    # pixelNeRF: focal = camera_mat[0, 0] * W / 2, principal point at the centre
+    assert torch.allclose(mv.K[0, 0], torch.tensor([[48.0, 0, 32], [0, 48, 32], [0, 0, 1]]))
 
 
 def write_cars3d(root, n=4):

@@ -46,6 +46,32 @@ def test_linear_probe_learns_separable_labels_not_shuffled_ones():
     assert res["top1"] < 45  # chance is 25
 
 
+def test_linear_probe_picks_wd_on_validation_rows_only(monkeypatch):
+    """The weight decay is chosen by fits that leave out the validation images and their augmented
+    copies, scored on those images: the test set plays no part (two test sets, one choice)."""
+    f_all, y_all = blobs(50, 4, 8, 0.5, seed=3)
+    test = torch.arange(len(y_all)) % 5 == 0
+    f, y = f_all[~test], y_all[~test]  # 160 originals
+    g = torch.Generator().manual_seed(4)
+    n = len(f)
+    ftr = torch.cat([f, f + 0.3 * torch.randn(f.shape, generator=g)])  # one augmented copy each
+    ftr = torch.cat([torch.arange(2 * n, dtype=torch.float32)[:, None], ftr], dim=1)  # column 0: the row's id
+    ytr = torch.cat([y, y])
+    fits, real_fit = [], probe.fit_logreg
+    monkeypatch.setattr(probe, "fit_logreg", lambda x, *a, **k: fits.append(x[:, 0].clone()) or real_fit(x, *a, **k))
+    fte, yte = torch.cat([torch.zeros(40, 1), f_all[test]], dim=1), y_all[test]
+    r1 = probe.linear_probe(ftr, ytr, fte, yte, 4, n_orig=n)
+    r2 = probe.linear_probe(ftr, ytr, torch.randn(40, 9, generator=g), torch.randint(0, 4, (40,), generator=g), 4,
+                            n_orig=n)
+    assert (r1["wd"], r1["val_top1"]) == (r2["wd"], r2["val_top1"]) and r1["top1"] != r2["top1"]
+    ids = fits[len(probe.WDS)]  # the final refit sees every row; column 0 (standardised) names them
+    assert len(ids) == 2 * n
+    for x in fits[:len(probe.WDS)]:  # the selection fits
+        out = sorted(set(range(2 * n)) - {int((ids == v).nonzero()) for v in x})
+        val = [i for i in out if i < n]
+        assert len(val) == n // 10 and out == val + [i + n for i in val]  # each image with its copy
+
+
 def test_knn_on_identical_features_is_perfect():
     f = torch.randn(60, 32, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 5, (60,), generator=torch.Generator().manual_seed(1))  # random labels: only self-matches help
@@ -254,6 +280,10 @@ def test_unet_features_see_the_image_not_z():
     assert f.shape == (6, net.unet.mid[-1].res.conv2.out_channels)
     assert torch.equal(f, probe.unet_features(net, x, logsnr=4.0, batch=4))  # fixed noise: deterministic
     assert (f[0] - f[1]).abs().max() > 1e-4  # different images, different features
-    with torch.no_grad():
-        net.encoder.bottleneck.bias.add_(5.0)  # a different z changes nothing: it is masked
-    assert torch.equal(f, probe.unet_features(net, x, logsnr=4.0, batch=4))
+    real_denoise = net.denoise
+    g = torch.Generator().manual_seed(1)
+    with_z = lambda x_t, ls, z, keep: real_denoise(x_t, ls, torch.randn(z.shape, generator=g), keep)
+    net.denoise = with_z  # another z, under the keep unet_features passes: nothing changes (masked)
+    assert torch.allclose(f, probe.unet_features(net, x, logsnr=4.0, batch=4), atol=1e-6)
+    net.denoise = lambda x_t, ls, z, keep: with_z(x_t, ls, z, torch.ones_like(keep))
+    assert (f - probe.unet_features(net, x, logsnr=4.0, batch=4)).abs().max() > 1e-3  # unmasked, z would show
