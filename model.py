@@ -354,7 +354,7 @@ class SODA(nn.Module):
 
     def __init__(self, encoder, unet, z_dim=128, image_size=32, cond="mod", n_tokens=8, agg="mean",
                  ray_freqs=0, p_mask_layer=0.0, p_uncond=0.0, p_uncond_pose=0.0, z_norm=False, bottleneck=True,
-                 segments=0, simsiam_dim=0, pdae=False, prediction="eps", z_init=0.0):
+                 segments=0, simsiam_dim=0, pdae=False, prediction="eps", z_init=0.0, z_bn=False):
         super().__init__()
         if prediction not in ("eps", "v", "x0"):
             raise ValueError(f"prediction must be 'eps', 'v' or 'x0', got {prediction!r}")
@@ -372,6 +372,12 @@ class SODA(nn.Module):
                          decoder_only=pdae, z_init=z_init, **unet)
         self.n_sections = self.unet.n_sections
         self.segments, self.z_dim = segments, z_dim
+        # z_bn: each dim of z standardised over the batch on its way into the decoder (running
+        # statistics in eval). At init most of z's energy is one direction shared by every image
+        # (pooled ReLU features); a per-image norm keeps it, batch statistics remove it, so the
+        # decoder reads what differs between images. Batch statistics: a DDP rank's z depends on
+        # its own rows (SyncBatchNorm on CUDA), like DiffSiam's heads.
+        self.z_bn = nn.BatchNorm1d(z_dim, affine=False, momentum=0.01) if z_bn else None
         if simsiam_dim:  # built last, so the encoder and UNet initialise as in plain SODA
             self.projector = MLP(z_dim, simsiam_dim, simsiam_dim, out_norm=True)
             self.predictor = MLP(simsiam_dim, simsiam_dim // 4, simsiam_dim)
@@ -445,6 +451,8 @@ class SODA(nn.Module):
 
     def denoise(self, x_t, logsnr, z, keep=None, rays_tgt=None, keep_pose=None):
         """eps_hat for noisy targets x_t at noise level logsnr (B,), given a latent z."""
+        if self.z_bn is not None:
+            z = self.z_bn(z)
         if keep is not None:  # masked parts of z are zero before the norm too: they cannot reach its statistics
             z = self.mask_z(z, keep)
         if self.z_norm:  # each section to unit scale before the modulation

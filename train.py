@@ -67,6 +67,7 @@ n_tokens = 8  # tokens of z for cond='xattn'
 agg = "mean"  # aggregation of k source views: 'mean' | 'transformer'
 ray_freqs = 0  # ray positional-encoding frequencies for posed 3D views (0: no poses)
 z_norm = False  # layer-normalise z on its way into the decoder (the encoder's z is unchanged)
+z_bn = False  # standardise z over the batch on its way into the decoder (running statistics in eval)
 z_init = 0.0  # init of the z projections: 0 = zero (the untrained decoder ignores z); > 0 = N(0, z_init^2 / fan_in)
 prediction = "eps"  # what the UNet outputs: 'eps' (the paper) | 'v' (Salimans & Ho 2022) | 'x0'; read as eps everywhere
 bottleneck = True  # False: no compact z, the encoder's whole feature map goes to the decoder (ablation)
@@ -322,6 +323,7 @@ def build_model(cfg):
                    cond=cfg["cond"], n_tokens=cfg["n_tokens"], agg=cfg["agg"], ray_freqs=cfg["ray_freqs"],
                    p_mask_layer=cfg["p_mask_layer"], p_uncond=cfg["p_uncond"],
                    p_uncond_pose=cfg["p_uncond_pose"] if cfg["ray_freqs"] else 0.0, z_norm=cfg.get("z_norm", False),
+                   z_bn=cfg.get("z_bn", False),
                    bottleneck=cfg.get("bottleneck", True), segments=cfg.get("segments", 0),
                    simsiam_dim=cfg["simsiam_dim"] if cfg.get("simsiam_weight", 0) > 0 else 0,
                    pdae=bool(cfg.get("pretrained")), prediction=cfg.get("prediction", "eps"),
@@ -547,6 +549,7 @@ def main(argv):
 
     trained = [(e, r) for e, r in zip(ema.parameters(), raw.parameters()) if r.requires_grad]  # not a frozen denoiser
     ema_params, raw_params = [e for e, _ in trained], [r for _, r in trained]
+    ema_buffers = [(e, r) for (n, e), r in zip(ema.named_buffers(), raw.buffers()) if n.startswith("z_bn.")]
 
     def train_step(it):
         """One optimisation step. Every random number in it comes from (seed, it): the global RNG
@@ -587,6 +590,8 @@ def main(argv):
             half = min(half, (it + 1) * global_batch * ema_rampup)
         beta = 0.5 ** (global_batch / max(half, 1e-8))
         torch._foreach_lerp_(ema_params, raw_params, 1 - beta)
+        for e, r in ema_buffers:  # running statistics (z_bn): the EMA model evaluates with the raw model's
+            e.copy_(r)
         return loss.detach()
 
     # --- evaluation: kNN on the held-out split, the z-gap, a sample grid

@@ -143,3 +143,19 @@ def test_masked_segments_have_no_influence_under_z_norm():
 def test_configurator_refuses_booleans_for_numbers(flag):
     with pytest.raises(train.ConfigError, match="must be"):
         train.configure([flag], train.DEFAULTS)
+
+
+def test_z_bn_removes_what_every_image_shares():
+    """z_bn standardises z over the batch in training: a direction shared by every image (most
+    of z's energy at init) cannot reach the decoder; in eval the running statistics are used."""
+    m = make(z_bn=True, z_init=1.0).train()
+    x, logsnr, g = inputs(B=4)
+    z = torch.randn(4, 32, generator=g)
+    keep = torch.ones(4, m.n_sections)
+    with torch.no_grad():
+        a = m.denoise(x, logsnr, z, keep)
+        torch.testing.assert_close(m.denoise(x, logsnr, z + 10 * torch.randn(1, 32, generator=g), keep), a,
+                                   atol=1e-4, rtol=1e-4)
+        m.eval()
+        assert m.z_bn.running_mean.abs().sum() > 0  # the training passes updated the statistics
+        assert not torch.allclose(m.denoise(x, logsnr, z + 10, keep), m.denoise(x, logsnr, z, keep), atol=1e-3)
