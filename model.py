@@ -325,6 +325,38 @@ class UNet(nn.Module):
         return (self.out(h), skips) if return_skips else self.out(h)
 
 
+class BatchStandardize(nn.Module):
+    """Each dim of z to zero mean and unit variance over the batch in training, running statistics
+    in eval (BatchNorm without the affine part). Under DDP the sums are all-reduced (with their
+    gradient) over the ranks, so the statistics are the global batch's and a DDP run equals one
+    process. The buffers carry BatchNorm1d's names."""
+
+    def __init__(self, dim, momentum=0.01, eps=1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, z):
+        z = z.float()
+        if not self.training:
+            return (z - self.running_mean) / (self.running_var + self.eps).sqrt()
+        sums = torch.stack([z.sum(0), z.pow(2).sum(0)])  # (2, dim)
+        n = z.shape[0]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            import torch.distributed.nn.functional as dist_fn
+            sums = dist_fn.all_reduce(sums)
+            n *= torch.distributed.get_world_size()
+        mean = sums[0] / n
+        var = (sums[1] / n - mean ** 2).clamp(min=0)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / max(n - 1, 1), self.momentum)
+            self.num_batches_tracked += 1
+        return (z - mean) / (var + self.eps).sqrt()
+
+
 class MLP(nn.Sequential):
     """Linear - BatchNorm - ReLU - Linear (+ BatchNorm): SimSiam's heads. BatchNorm here, unlike the
     encoder: SimSiam collapses without it (Chen & He 2021, Table 5), and so did our LayerNorm heads
@@ -375,9 +407,8 @@ class SODA(nn.Module):
         # z_bn: each dim of z standardised over the batch on its way into the decoder (running
         # statistics in eval). At init most of z's energy is one direction shared by every image
         # (pooled ReLU features); a per-image norm keeps it, batch statistics remove it, so the
-        # decoder reads what differs between images. Batch statistics: a DDP rank's z depends on
-        # its own rows (SyncBatchNorm on CUDA), like DiffSiam's heads.
-        self.z_bn = nn.BatchNorm1d(z_dim, affine=False, momentum=0.01) if z_bn else None
+        # decoder reads what differs between images. The statistics are the global batch's under DDP.
+        self.z_bn = BatchStandardize(z_dim) if z_bn else None
         if simsiam_dim:  # built last, so the encoder and UNet initialise as in plain SODA
             self.projector = MLP(z_dim, simsiam_dim, simsiam_dim, out_norm=True)
             self.predictor = MLP(simsiam_dim, simsiam_dim // 4, simsiam_dim)

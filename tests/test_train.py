@@ -209,8 +209,9 @@ def test_ddp_two_processes_equal_one(cifar_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     # no gradient clipping: at these first steps the gradient norm is above 1, and clipping it to 1
     # would hide a gradient scale bug in the moments too (measured: loss x world size then passes)
+    # z_bn: batch statistics of z, all-reduced over the ranks (the teaching config's recipe, with v)
     common = dict(max_iters=3, p_mask_layer=0.3, aug="simclr", views="augment", lr=1e-3, warmup_iters=1,
-                  grad_clip=0.0)
+                  grad_clip=0.0, z_bn=True, prediction="v", weighting="v")
     run_train(base_args(cifar_dir, tmp_path / "one", batch_size=8, **common))  # in this process: no RANK set
     two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "train.py"] + base_args(cifar_dir, tmp_path / "two", batch_size=4, **common)

@@ -131,7 +131,8 @@ DIFFSIAM = ("diffsiam_cpu.py", "diffsiam_pdae_cpu.py")  # SimSiam heads: BatchNo
 
 @pytest.mark.parametrize("path", CPU_CONFIGS, ids=os.path.basename)
 def test_cpu_configs_have_no_dropout_or_batchnorm(path):
-    """The exact-DDP claim needs a model with no per-rank randomness or batch statistics: every CPU
+    """The exact-DDP claim needs a model with no per-rank randomness or per-rank batch statistics
+    (z_bn's are all-reduced over the ranks: model.BatchStandardize, in the DDP test): every CPU
     config (on top of cifar10_cpu.py, as the DiffSiam ones are run) builds one, except DiffSiam's
     BatchNorm heads, which the README leaves out of the claim."""
     argv = [path] if not os.path.basename(path).startswith("diffsiam") else \
