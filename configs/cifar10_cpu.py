@@ -8,9 +8,11 @@
 # Where this differs from the paper (README "Making z carry the image", chosen by the z-usage
 # screens on the validation split): the UNet outputs v, not eps, with the v-loss weighting (an eps
 # output cannot express a good image at high noise, where only z can help: x0 error = eps error
-# x sigma / alpha, x54 at log-SNR -8), and z is standardised over the batch on its way into the
-# decoder (z_bn: at init most of z is one direction shared by all images). The paper's setting:
-# --prediction=eps --weighting=eps --z_bn=False.
+# x sigma / alpha, x54 at log-SNR -8); z is standardised over the batch on its way into the
+# decoder (z_bn: at init most of z is one direction shared by all images); and source and target
+# are one augmented view (auto-encoding, the paper's "trivial singular case", §3.3): at this size
+# two crops share too little for the decoder to lean on z. The paper's setting:
+# --prediction=eps --weighting=eps --z_bn=False --views=augment.
 out_dir = "out/cifar10_cpu"
 encoder = "tiny"
 unet = "tiny"
@@ -19,6 +21,7 @@ z_norm = True
 z_bn = True
 prediction = "v"
 weighting = "v"
+views = "identical"
 batch_size = 64
 max_iters = 1000
 lr = 1e-3
