@@ -9,3 +9,12 @@ segments = 64
 segment_mode = "hierarchical"
 simsiam_weight = 1.0
 simsiam_dim = 512
+# The setting the README's DiffSiam figures were measured with (the teaching config before the
+# z-usage recipe): two augmented views (SimSiam needs them), eps output and loss, no z_bn, 1,500 steps.
+views = "augment"
+prediction = "eps"
+weighting = "eps"
+z_bn = False
+max_iters = 1500
+eval_interval = 750
+ckpt_interval = 750

@@ -13,7 +13,7 @@ for v in full no_schedule no_novel_views no_modulation no_bottleneck uncond; do
   out=$root/$v
   if [ ! -f "$out/ckpt.pt" ]; then
     t0=$(date +%s)
-    python train.py "$base" "configs/ablations/$v.py" --out_dir="$out" "$@"
+    python train.py "$base" configs/ablations/paper.py "configs/ablations/$v.py" --out_dir="$out" "$@"
     echo $(( $(date +%s) - t0 )) > "$out/wall_s"
   fi
   feats=pool
