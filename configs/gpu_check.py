@@ -360,7 +360,9 @@ def learning(out, dry, deadline):
         for src, dst in ((f"samples_{iters:06d}.png", "learn_samples.png"), ("zusage.png", "learn_zusage_eval.png"),
                          ("curves.png", "learn_curves.png")):
             shutil.copyfile(os.path.join(d, src), os.path.join(out, dst))
-        return {"pass": all(map(math.isfinite, loss)) and loss[-1] < loss[0], "max_iters": iters,
+        # 4 dry-run steps of a v-weighted loss are noise (the loss depends on the drawn noise levels):
+        # there the run only has to finish with finite losses; on the GPU it has to learn
+        return {"pass": all(map(math.isfinite, loss)) and (dry or loss[-1] < loss[0]), "max_iters": iters,
                 "wall_s": round(time.time() - t, 1), "loss_first": loss[0], "loss_last": loss[-1],
                 "img_s": [r["img_s"] for r in log if "img_s" in r][-1], "mfu": [r.get("mfu") for r in log if "loss" in r][-1],
                 "knn": ev.get("knn"), "zgap": ev["zgap"], "grid": "learn_samples.png"}
