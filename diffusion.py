@@ -266,11 +266,11 @@ def z_usage(model, x_0, logsnrs=ZUSAGE_LOGSNRS, x_src=None, seed=0, batch=256, r
         rt = None if rays_tgt is None else rays_tgt[sl]
         z = model.encode(x_src[sl], rs)
         B = len(z)
+        on = torch.ones(B, model.n_sections, device=dev)
         for j, l in enumerate(logsnrs):
             logsnr = torch.full((B,), float(l), device=dev)
             abar = torch.sigmoid(logsnr)[:, None, None, None]
-            x_t = abar.sqrt() * x_0[sl] + (1 - abar).sqrt() * eps[sl]
-            on = torch.ones(B, model.n_sections, device=dev)
+            x_t = q_sample(x_0[sl], logsnr, eps[sl])
             keep_on = on if segments is None else model.keep_dims(on, segments(logsnr))
             for k, keep in enumerate((keep_on, torch.zeros_like(keep_on))):
                 eps_hat = model.denoise(x_t, logsnr, z, keep, rt).float()

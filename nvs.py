@@ -24,7 +24,7 @@ from tqdm import tqdm
 import data
 import diffusion as D
 from sample import parse_list, perceptual_note, psnr, save_gif, save_grid, ssim, to_unit
-from train import CheckpointError, ConfigError, check_device, check_keys, configure, model_from_checkpoint, segment_schedule
+from train import CheckpointError, ConfigError, check_device, check_keys, check_schedules, configure, model_from_checkpoint, segment_schedule
 
 # -----------------------------------------------------------------------------
 ckpt = "out/cars3d_cpu/ckpt.pt"  # a train.py checkpoint of a posed multi-view model (its EMA is used)
@@ -103,7 +103,8 @@ def main(argv):
         raise ConfigError(f"k must be comma-separated numbers of source views >= 1, got {C['k']!r}")
     check_keys(C, None, [(("n_targets", "steps", "n_show", "batch"), lambda v: v >= 1, ">= 1"),
                          (("turntable_object", "turntable_view", "threads"), lambda v: v >= 0, ">= 0"),
-                         (("guidance_z", "guidance_pose"), lambda v: True, "finite"), (("schedule",), lambda v: v in ["inverted", *D.BASES, *("inverted_" + b for b in D.BASES)], f"a schedule: {sorted(D.BASES)} or 'inverted[_<base>]'")])
+                         (("guidance_z", "guidance_pose"), lambda v: True, "finite")])
+    check_schedules(C, "schedule")
     check_device(C["device"])
     if C["threads"] > 0:
         torch.set_num_threads(C["threads"])

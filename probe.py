@@ -310,11 +310,9 @@ def main(argv):
         if cfg["split"] == "test":
             xtr, ytr, classes = data.load_cifar10(dd, "train", dl, n_val=0)
             xte, yte, _ = data.load_cifar10(dd, "test", dl)
-        elif cfg["split"] == "val":  # the same held-out images train.py set aside (its n_val and seed)
+        else:  # 'val' (checked above): the same held-out images train.py set aside (its n_val and seed)
             xtr, ytr, classes = data.load_cifar10(dd, "train", dl, n_val=tcfg["n_val"], seed=tcfg["seed"])
             xte, yte, _ = data.load_cifar10(dd, "val", dl, n_val=tcfg["n_val"], seed=tcfg["seed"])
-        else:
-            raise ConfigError(f"split must be 'test' or 'val', got {cfg['split']!r}")
         if task != "zusage":
             ftr, fte = feats(xtr), feats(xte)
     if task == "zusage":  # how much of the image the decoder takes from z (diffusion.z_usage)

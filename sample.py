@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import data
 import diffusion as D
 from probe import fit_logreg
-from train import CheckpointError, ConfigError, check_device, check_keys, configure, model_from_checkpoint, segment_schedule
+from train import CheckpointError, ConfigError, check_device, check_keys, check_schedules, configure, model_from_checkpoint, segment_schedule
 
 # -----------------------------------------------------------------------------
 ckpt = "out/cifar10_cpu/ckpt.pt"  # a train.py checkpoint (its EMA weights are used)
@@ -360,7 +360,8 @@ def main(argv):
         raise ConfigError(f"sampler must be 'ddpm' or 'ddim', got {C['sampler']!r}")
     check_keys(C, None, [(("steps", "n", "n_show", "n_dirs", "batch"), lambda v: v >= 1, ">= 1"),
                          (("frames",), lambda v: v >= 2, ">= 2"), (("index", "threads"), lambda v: v >= 0, ">= 0"),
-                         (("guidance", "invert_logsnr"), lambda v: True, "finite"), (("schedule",), lambda v: v in ["inverted", *D.BASES, *("inverted_" + b for b in D.BASES)], f"a schedule: {sorted(D.BASES)} or 'inverted[_<base>]'")])
+                         (("guidance", "invert_logsnr"), lambda v: True, "finite")])
+    check_schedules(C, "schedule")
     check_device(C["device"])
     if C["threads"] > 0:
         torch.set_num_threads(C["threads"])

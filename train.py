@@ -212,6 +212,15 @@ RESUME_MAY_CHANGE = {"out_dir", "init_from", "overwrite", "log_interval", "eval_
                      "channels_last", "threads", "peak_flops", "bench_iters", "bench_warmup", "bench_sample_n"}
 
 
+def check_schedules(cfg, *keys):
+    """Each key must name a schedule diffusion.get_schedule knows. Shared with sample/nvs.py."""
+    for k in keys:
+        try:
+            D.get_schedule(cfg[k])
+        except ValueError as e:
+            raise ConfigError(f"{k}={cfg[k]!r}: {e}") from None
+
+
 def check_device(dev):
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", dev):
         raise ConfigError(f"device={dev!r} is not allowed: 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
@@ -225,11 +234,7 @@ def validate(cfg):
     check_keys(cfg, CHOICES, RANGES)
     if cfg["cpu_bf16"].lower() not in ("auto", "true", "false"):
         raise ConfigError(f"cpu_bf16={cfg['cpu_bf16']!r} is not allowed: choose from 'auto', 'true', 'false'")
-    for k in ("schedule", "sample_schedule"):
-        try:
-            D.get_schedule(cfg[k])
-        except ValueError as e:
-            raise ConfigError(f"{k}={cfg[k]!r}: {e}") from None
+    check_schedules(cfg, "schedule", "sample_schedule")
     check_device(cfg["device"])
     if cfg["dataset"] != "cifar10" and not cfg["data_dir"] and not cfg["bench_iters"]:
         raise ConfigError(f"dataset={cfg['dataset']!r} needs data_dir (only cifar10 is searched for or downloaded)")
