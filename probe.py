@@ -1,7 +1,7 @@
 """
 Measure the representation of a trained SODA encoder (paper §4.1, §4.3.2, thesis §4.1.2) on frozen
 EMA-encoder features: a linear probe or kNN classifier, a multi-label probe of CelebA's 40
-attributes, 5-way few-shot episodes, or DCI disentanglement on dSprites.
+attributes, 5-way few-shot episodes, or DCI disentanglement on dSprites or Cars3D.
 
     python probe.py --ckpt=out/cifar10_cpu/ckpt.pt                      # linear, pooled features
     python probe.py --ckpt=out/cifar10_cpu/ckpt.pt --features=z --task=knn
@@ -9,6 +9,8 @@ attributes, 5-way few-shot episodes, or DCI disentanglement on dSprites.
     python probe.py --ckpt=out/cifar10_cpu/ckpt.pt --task=fewshot --episodes=2000
     python probe.py --ckpt=out/celeba/ckpt.pt --task=multilabel --data_dir=data   # data/celeba/...
     python probe.py --ckpt=out/dsprites_cpu/ckpt.pt --task=dci --features=z
+    python probe.py --ckpt=out/dsprites_cpu/ckpt.pt --task=dci --features=z --dci_model=gbt   # the paper's Table 4 recipe
+    python probe.py --ckpt=out/cars3d_cpu/ckpt.pt --task=dci --features=z   # elevation, azimuth, object
     python probe.py --ckpt=out/cifar10_cpu/ckpt.pt --task=zusage         # x0-MSE with z vs z masked
 
 Features are extracted once (no grad, batched) and standardised with training-set statistics.
@@ -33,7 +35,7 @@ from train import (CheckpointError, ConfigError, build_model, check_device, chec
 # -----------------------------------------------------------------------------
 ckpt = "out/cifar10_cpu/ckpt.pt"  # a train.py checkpoint
 random = False  # True: the same encoder config at random init (the baseline for every figure)
-task = "linear"  # 'linear' | 'knn' | 'fewshot' | 'zusage' (cifar10) | 'multilabel' (celeba) | 'dci' (dsprites)
+task = "linear"  # 'linear' | 'knn' | 'fewshot' | 'zusage' (cifar10) | 'multilabel' (celeba) | 'dci' (dsprites, cars3d)
 features = "pool"  # 'pool' (encoder features before the bottleneck) | 'z' (the bottleneck latent)
 # | 'unet' (the denoiser's pooled middle block on a lightly noised image, z masked: the paper's
 #   unconditional-diffusion baseline, footnote 2)
@@ -45,13 +47,16 @@ split = "test"  # cifar10: 'test' (train on train, measure on test: the final fi
 probe_aug = 0  # linear: number of crop+flip copies of the probe's training set (0 = none)
 val_frac = 0.1  # linear: fraction of the training set used to choose the weight decay
 episodes = 2000  # fewshot: episodes per shot count (thesis §4.1.2: 2000)
-n_images = 0  # multilabel, dci: use at most this many images of each split (0 = all); zusage: (0 = 256)
+n_images = 0  # multilabel, dci: use at most this many images of each split (0 = all; dci_model='gbt': 10,000
+# train / 5,000 test, disentanglement_lib's numbers); zusage: (0 = 256)
+dci_model = "logreg"  # dci: 'logreg' (fast: |weights| of a logistic regression per factor) | 'gbt' (the paper's
+# Table 4 and disentanglement_lib's recipe: gradient-boosted trees' feature importances; needs scikit-learn)
 device = "auto"
 seed = 0
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
-TASK_DATA = {"linear": "cifar10", "knn": "cifar10", "fewshot": "cifar10", "zusage": "cifar10", "multilabel": "celeba",
-             "dci": "dsprites"}
+TASK_DATA = {"linear": ("cifar10",), "knn": ("cifar10",), "fewshot": ("cifar10",), "zusage": ("cifar10",),
+             "multilabel": ("celeba",), "dci": ("dsprites", "cars3d")}  # the first: the default
 WDS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 
 
@@ -228,20 +233,41 @@ def entropy(p, base, dim):
     return -(p * p.clamp(min=1e-12).log()).sum(dim) / math.log(base)
 
 
-def dci(ctr, ytr, cte, yte, wd=1e-4):
-    """Codes (N, n_codes) and factor classes (N, n_factors) of a train and a test set -> D, C, I and
-    the importance matrix R (n_codes, n_factors). Factor j's predictor is a multinomial logistic
-    regression on standardised codes; R[i, j] = |weights| of code i summed over j's classes, each
-    column normalised to sum 1 (as the original's tree importances do). I is test accuracy."""
-    mean, std = ctr.mean(0), ctr.std(0) + 1e-6
-    ctr, cte = (ctr - mean) / std, (cte - mean) / std
+def gbt_importance(ctr, ytr, cte, yte, seed=0):
+    """disentanglement_lib's DCI predictors: per factor a scikit-learn GradientBoostingClassifier
+    (default settings) on the raw codes -> (importances (n_codes, n_factors), test accuracy per factor)."""
+    try:
+        from sklearn.ensemble import GradientBoostingClassifier
+    except ImportError:
+        raise ConfigError("dci_model='gbt' needs scikit-learn, which is optional: pip install scikit-learn") from None
     R, acc = [], []
     for j in range(ytr.shape[1]):
-        n_classes = int(max(ytr[:, j].max(), yte[:, j].max())) + 1
-        W, b = fit_logreg(ctr, ytr[:, j], n_classes, wd)
-        R.append(W.abs().sum(1))
-        acc.append(topk(cte @ W + b, yte[:, j], 1) / 100)
-    R = torch.stack(R, 1)
+        gbt = GradientBoostingClassifier(random_state=seed).fit(ctr.numpy(), ytr[:, j].numpy())
+        R.append(torch.from_numpy(gbt.feature_importances_).abs().float())
+        acc.append(float((gbt.predict(cte.numpy()) == yte[:, j].numpy()).mean()))
+    return torch.stack(R, 1), acc
+
+
+def dci(ctr, ytr, cte, yte, model="logreg", wd=1e-4, seed=0):
+    """Codes (N, n_codes) and factor classes (N, n_factors) of a train and a test set -> D, C, I and
+    the importance matrix R (n_codes, n_factors), each column normalised to sum 1. model='gbt':
+    gradient-boosted trees' importances (the original's and the paper's recipe); 'logreg': factor j's
+    predictor is a multinomial logistic regression on standardised codes and R[i, j] = |weights| of
+    code i summed over j's classes (fast, but on a different scale: README "Disentanglement").
+    I is the predictors' mean test accuracy."""
+    ctr, cte = ctr.float(), cte.float()
+    if model == "gbt":
+        R, acc = gbt_importance(ctr, ytr, cte, yte, seed)
+    else:
+        mean, std = ctr.mean(0), ctr.std(0) + 1e-6
+        ctr, cte = (ctr - mean) / std, (cte - mean) / std
+        R, acc = [], []
+        for j in range(ytr.shape[1]):
+            n_classes = int(max(ytr[:, j].max(), yte[:, j].max())) + 1
+            W, b = fit_logreg(ctr, ytr[:, j], n_classes, wd)
+            R.append(W.abs().sum(1))
+            acc.append(topk(cte @ W + b, yte[:, j], 1) / 100)
+        R = torch.stack(R, 1)
     R = R / R.sum(0, keepdim=True).clamp(min=1e-12)
     n_codes, n_factors = R.shape
     rho = R.sum(1) / R.sum()  # each code's share of the total importance
@@ -274,7 +300,7 @@ def main(argv):
         raise ConfigError(f"task must be one of {', '.join(map(repr, TASK_DATA))}, got {task!r}")
     if cfg["features"] not in ("pool", "z", "unet"):
         raise ConfigError(f"features must be 'pool', 'z' or 'unet', got {cfg['features']!r}")
-    check_keys(cfg, {"split": ("test", "val")}, [(("episodes",), lambda v: v >= 1, ">= 1"),
+    check_keys(cfg, {"split": ("test", "val"), "dci_model": ("logreg", "gbt")}, [(("episodes",), lambda v: v >= 1, ">= 1"),
                                                  (("probe_aug", "n_images"), lambda v: v >= 0, ">= 0"),
                                                  (("val_frac",), lambda v: 0 < v < 1, "in (0, 1)"),
                                                  (("unet_logsnr",), lambda v: True, "finite")])
@@ -287,9 +313,10 @@ def main(argv):
     if not cfg["random"]:
         net.load_state_dict(ck["ema"])
     net = net.to(dev).eval()
-    ds = cfg["dataset"] or TASK_DATA[task]
-    if ds != TASK_DATA[task]:
-        raise data.DataError(f"task {task!r} reads {TASK_DATA[task]}, got dataset {ds!r}")
+    allowed = TASK_DATA[task]
+    ds = cfg["dataset"] or (tcfg["dataset"] if tcfg["dataset"] in allowed else allowed[0])
+    if ds not in allowed:
+        raise data.DataError(f"task {task!r} reads {' or '.join(allowed)}, got dataset {ds!r}")
     dd = cfg["data_dir"] or (tcfg["data_dir"] if tcfg["dataset"] == ds else "")
     dl = False
     if ds == "cifar10":  # '' searches as train.py does: ./data/cifar10, ../shared/data/cifar10-subset, download
@@ -298,12 +325,13 @@ def main(argv):
     if not dd:
         raise ConfigError(f"the checkpoint was trained on {tcfg['dataset']}: say where {ds} is with --data_dir")
     which = 0 if cfg["features"] == "pool" else 1
-    feats = lambda x: extract_features(net, x)[which]
+    feats = lambda x, cams=None: extract_features(net, x, cams=cams)[which]
     if cfg["features"] == "unet":
         feats = lambda x: unet_features(net, x, cfg["unet_logsnr"], seed=cfg["seed"])
     name = f"{task} {cfg['features']}{' random-init' if cfg['random'] else ''}"
     out = os.path.join(os.path.dirname(cfg["ckpt"]) or ".",
-                       f"probe_{task}_{cfg['features']}{'_random' if cfg['random'] else ''}"
+                       f"probe_{task}{'_gbt' if task == 'dci' and cfg['dci_model'] == 'gbt' else ''}_{cfg['features']}"
+                       f"{'_random' if cfg['random'] else ''}"
                        f"{'_val' if cfg['split'] == 'val' else ''}.json")
     if ds == "cifar10":
         # the probe trains on the whole training split (train + the held-out val of train.py) and tests on test
@@ -349,14 +377,26 @@ def main(argv):
         res["attributes"] = names
         summary = f"multilabel f1 {res['f1']:.2f}"
     else:  # dci
-        if tcfg["image_size"] != 64:
-            raise data.DataError(f"dSprites images are 64x64, but the checkpoint's image_size is {tcfg['image_size']}")
-        xtr, ctr = data.load_dsprites(dd, "train", cfg["n_images"])
-        xte, cte = data.load_dsprites(dd, "test", cfg["n_images"])
-        res = dci(feats(xtr), ctr, feats(xte), cte)
+        gbt = cfg["dci_model"] == "gbt"
+        n_tr, n_te = cfg["n_images"] or (10000 if gbt else 0), cfg["n_images"] or (5000 if gbt else 0)
+        if ds == "dsprites":
+            if tcfg["image_size"] != 64:
+                raise data.DataError(f"dSprites images are 64x64, but the checkpoint's image_size is {tcfg['image_size']}")
+            (xtr, ctr), (xte, cte) = data.load_dsprites(dd, "train", n_tr), data.load_dsprites(dd, "test", n_te)
+            names = data.DSPRITES_FACTORS
+        else:  # cars3d: every view of all 183 cars, each view with its camera when the encoder reads rays
+            xtr, ctr, *cams_tr = data.load_cars3d_factors(dd, "train", tcfg["image_size"], n_tr)
+            xte, cte, *cams_te = data.load_cars3d_factors(dd, "test", tcfg["image_size"], n_te)
+            names = data.CARS3D_FACTORS
+            if tcfg["ray_freqs"]:
+                f = feats
+                feats = lambda x: f(x, cams_tr if x is xtr else cams_te)
+        print(f"dci ({cfg['dci_model']}): {len(xtr):,} train / {len(xte):,} test images, factors {', '.join(names)}")
+        res = dci(feats(xtr), ctr, feats(xte), cte, model=cfg["dci_model"], seed=cfg["seed"])
         R = res.pop("R")
-        res.update(factors=list(data.DSPRITES_FACTORS), importance=R.tolist(), heatmap=out[:-len(".json")] + ".png")
-        save_heatmap(R, data.DSPRITES_FACTORS, res["heatmap"])
+        res.update(factors=list(names), dci_model=cfg["dci_model"], dataset=ds, importance=R.tolist(),
+                   heatmap=out[:-len(".json")] + ".png")
+        save_heatmap(R, names, res["heatmap"])
         summary = f"dci D {res['D']:.2f} C {res['C']:.2f} I {res['I']:.2f}"
     res.update(task=task, features=cfg["features"], random_init=cfg["random"], ckpt=cfg["ckpt"], split=cfg["split"],
                step=ck["step"], n_train=len(xtr), n_test=len(xte))

@@ -367,13 +367,16 @@ def segment_schedule(cfg):
 
 
 @torch.no_grad()
-def extract_features(net, x, batch=500, rays=None):
-    """uint8 images (N, 3, H, W) -> (pooled (N, F), z (N, z_dim)) on the CPU, from net.encode_features."""
+def extract_features(net, x, batch=500, cams=None):
+    """uint8 images (N, 3, H, W) -> (pooled (N, F), z (N, z_dim)) on the CPU, from net.encode_features.
+    cams: each image's (K (N, 3, 3), c2w (N, 4, 4)), for an encoder that reads camera rays."""
     dev = next(net.parameters()).device
     pooled, zs = [], []
     for i in range(0, len(x), batch):
         xb = x[i:i + batch].to(dev).float() / 127.5 - 1
-        p, z = net.encode_features(xb, None if rays is None else rays[i:i + batch].to(dev))
+        rays = None if cams is None else data.camera_rays(cams[0][i:i + batch].to(dev), cams[1][i:i + batch].to(dev),
+                                                          *xb.shape[-2:])
+        p, z = net.encode_features(xb, rays)
         pooled.append(p.float().cpu())
         zs.append(z.float().cpu())
     return torch.cat(pooled), torch.cat(zs)

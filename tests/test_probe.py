@@ -184,17 +184,66 @@ def test_fewshot_separable_features_high_random_features_chance():
 
 # --- DCI -------------------------------------------------------------------------
 
-def test_dci_identity_code_high_rotation_low():
+def needs_sklearn(model):
+    return pytest.param(model, marks=pytest.mark.skipif(
+        model == "gbt" and not probe_has_sklearn(), reason="scikit-learn is optional and not installed"))
+
+
+def probe_has_sklearn():
+    try:
+        import sklearn  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.parametrize("model", [needs_sklearn("logreg"), needs_sklearn("gbt")])
+def test_dci_identity_code_high_rotation_low(model):
     g = torch.Generator().manual_seed(0)
-    y = (torch.rand(3000, 4, generator=g) * torch.tensor([3, 4, 5, 4])).long()
+    n = 3000 if model == "logreg" else 1200  # the trees are slower
+    y = (torch.rand(n, 4, generator=g) * torch.tensor([3, 4, 5, 4])).long()
     codes = y.float() + 0.01 * torch.randn(y.shape, generator=g)
-    ident = probe.dci(codes[:2000], y[:2000], codes[2000:], y[2000:])
+    tr, te = slice(0, 2 * n // 3), slice(2 * n // 3, n)
+    ident = probe.dci(codes[tr], y[tr], codes[te], y[te], model=model)
     assert ident["D"] > 0.9 and ident["C"] > 0.9 and ident["I"] > 0.95
     assert ident["R"].shape == (4, 4) and torch.allclose(ident["R"].sum(0), torch.ones(4))
     Q = torch.linalg.qr(torch.randn(4, 4, generator=g))[0]
-    rot = probe.dci((codes @ Q)[:2000], y[:2000], (codes @ Q)[2000:], y[2000:])
+    rot = probe.dci((codes @ Q)[tr], y[tr], (codes @ Q)[te], y[te], model=model)
     assert rot["D"] < 0.5 and rot["D"] < ident["D"] - 0.4
-    assert rot["I"] > 0.95  # the same information, only mixed
+    assert rot["I"] > 0.9  # the same information, only mixed
+
+
+def test_dci_gbt_is_disentanglement_libs():
+    """The 'gbt' variant against disentanglement_lib's _compute_dci written out directly with
+    scikit-learn and scipy (importance = |feature_importances_|, entropies with 1e-11 added)."""
+    pytest.importorskip("sklearn")
+    from scipy.stats import entropy
+    from sklearn.ensemble import GradientBoostingClassifier
+    rs = np.random.RandomState(0)
+    y = rs.randint(0, 3, size=(400, 3))
+    codes = np.concatenate([y[:, :2] + 0.3 * rs.randn(400, 2), (y[:, 1:2] + y[:, 2:3]) + 0.3 * rs.randn(400, 1),
+                            rs.randn(400, 1)], 1).astype(np.float32)  # 4 codes, one of them mixed, one noise
+    imp, acc = np.zeros((4, 3)), []
+    for j in range(3):
+        m = GradientBoostingClassifier(random_state=0).fit(codes[:300], y[:300, j])
+        imp[:, j] = np.abs(m.feature_importances_)
+        acc.append(np.mean(m.predict(codes[300:]) == y[300:, j]))
+    per_code = 1.0 - entropy(imp.T + 1e-11, base=3)
+    D = np.sum(per_code * imp.sum(1) / imp.sum())
+    C = np.mean(1.0 - entropy(imp + 1e-11, base=4))
+    ours = probe.dci(torch.from_numpy(codes[:300]), torch.from_numpy(y[:300]), torch.from_numpy(codes[300:]),
+                     torch.from_numpy(y[300:]), model="gbt")
+    assert ours["D"] == pytest.approx(D, abs=1e-6) and ours["C"] == pytest.approx(C, abs=1e-6)
+    assert ours["I"] == pytest.approx(np.mean(acc), abs=1e-9)
+    assert np.allclose(ours["R"].numpy(), imp, atol=1e-6)
+    assert 0.2 < D < 0.95  # a case where the answer is not trivially 0 or 1
+
+
+def test_dci_gbt_without_sklearn_names_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.ensemble", None)  # import fails as if not installed
+    y = torch.randint(0, 2, (20, 2))
+    with pytest.raises(train.ConfigError, match="pip install scikit-learn"):
+        probe.dci(y.float(), y, y.float(), y, model="gbt")
 
 
 def test_load_dsprites_splits():
@@ -263,6 +312,37 @@ def test_cli_fewshot_multilabel_dci(tmp_path, capsys, celeba_dir):
     res = json.load(open(tmp_path / "probe_dci_z.json"))
     assert np.array(res["importance"]).shape == (16, 5) and res["n_train"] == 40
     assert os.path.getsize(tmp_path / "probe_dci_z.png") > 1000
+
+
+def test_cars3d_factors_split_and_labels(tmp_path):
+    from test_nvs import write_cars3d  # 4 cars x 2 elevations x 4 azimuths of noise, in the real layout
+    write_cars3d(tmp_path)
+    xtr, ytr, Ktr, ctr = data.load_cars3d_factors(str(tmp_path), "train", 16)
+    xte, yte, Kte, cte = data.load_cars3d_factors(str(tmp_path), "test", 16)
+    assert len(xtr) + len(xte) == 32 and len(xte) == 10 and xtr.shape[1:] == (3, 16, 16) and Ktr.shape == (22, 3, 3)
+    key = lambda y: set((y * torch.tensor([4, 1, 8])).sum(1).tolist())  # (elevation, azimuth, object) -> index
+    assert len(key(ytr) | key(yte)) == 32 and not key(ytr) & key(yte)
+    assert ytr.max(0).values.tolist() == [1, 3, 3]
+    full = np.load(tmp_path / "cars3d_64.npz")
+    order = np.concatenate([np.flatnonzero(full["split"] == s) for s in ("train", "test")])  # the 'train' cars first
+    for img, (e, a, o), c2w in zip(xte, yte.tolist(), cte):
+        ref = data._resize_u8(torch.from_numpy(full["images"][order[o], e, a]).permute(2, 0, 1)[None, None], 16)[0, 0]
+        assert torch.equal(img, ref)
+        assert torch.allclose(c2w, data.cars3d_camera(float(full["azimuth_deg"][a]), float(full["elevation_deg"][e])))
+
+
+@pytest.mark.parametrize("model", [needs_sklearn("logreg"), needs_sklearn("gbt")])
+def test_cli_dci_on_cars3d_posed_checkpoint(tmp_path, capsys, model):
+    from test_nvs import write_cars3d
+    write_cars3d(tmp_path)
+    cfg = dict(train.DEFAULTS, image_size=16, z_dim=8, dataset="cars3d", data_dir=str(tmp_path), ray_freqs=2)
+    torch.manual_seed(0)
+    torch.save({"config": cfg, "ema": train.build_model(cfg).state_dict(), "step": 0}, tmp_path / "ck.pt")
+    probe.main([f"--ckpt={tmp_path / 'ck.pt'}", "--task=dci", "--features=z", f"--dci_model={model}"])
+    assert re.fullmatch(r"dci D [\d.]+ C [\d.]+ I [\d.]+", last_line(capsys))
+    res = json.load(open(tmp_path / f"probe_dci{'_gbt' if model == 'gbt' else ''}_z.json"))
+    assert res["factors"] == ["elevation", "azimuth", "object"] and np.array(res["importance"]).shape == (8, 3)
+    assert res["dataset"] == "cars3d" and res["dci_model"] == model and res["n_train"] == 22
 
 
 def test_unet_features_see_the_image_not_z():
