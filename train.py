@@ -7,11 +7,16 @@ Train SODA. One code path for a laptop CPU, one GPU, and many GPUs:
 
 Config files are plain Python assignments to the globals below; `--key=value` flags override
 them. Only existing keys may be set (a typo raises, naming the closest key), values keep their type.
-Importing this file has no side effects: probe.py / sample.py / nvs.py import its helpers
-(configure, load_checkpoint, extract_features, knn_accuracy).
+
+Reading order: the config (the globals below), then main(), which is the loop: setup() builds a
+Run (the config as attributes, plus the processes, data, model, EMA and optimizer), and each step
+calls train_step(run, it), with evaluate(run, it) and save_run(run, it) at their intervals.
+Importing this file has no side effects: probe.py / sample.py / nvs.py import the helpers in the
+section marked for them (configure, load_checkpoint, extract_features, knn_accuracy, ...).
 """
 import ast
 import builtins
+import contextlib
 import copy
 import difflib
 import json
@@ -26,10 +31,12 @@ import sys
 import threading
 import time
 import traceback
+import types
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import data
 import diffusion as D
@@ -117,9 +124,10 @@ bench_iters = 0  # > 0: time this many training steps after bench_warmup, then D
 bench_warmup = 5
 bench_sample_n = 64  # images sampled with DDIM for the sampling figure
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
-DEFAULTS = {k: globals()[k] for k in config_keys}  # main() overwrites the globals; these stay
+DEFAULTS = {k: globals()[k] for k in config_keys}  # configure() copies these, then applies files and flags
 # -----------------------------------------------------------------------------
-
+# the config: read (configure) and checked (validate); configure, check_keys, check_schedules and
+# check_device are shared with probe.py, sample.py, nvs.py
 
 class ConfigError(Exception):
     pass
@@ -398,389 +406,459 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "
 
 
 # -----------------------------------------------------------------------------
+# The run: main() sets it up once, then loops over train_step, evaluate and save_run.
 
 def main(argv):
     cfg = configure(argv, DEFAULTS)
     validate(cfg)
-    ckpt = None
-    if cfg["init_from"] == "resume":  # may this config continue that run? Asked before any work
-        ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
-        bad = resume_conflicts(ckpt["config"], cfg)
-        if bad:
-            raise ConfigError(f"cannot resume {os.path.join(cfg['out_dir'], 'ckpt.pt')} with {', '.join(bad)}: these "
-                              "keys change the model, the data order or the optimisation (start a new out_dir instead)")
-    globals().update(cfg)  # nanoGPT style: the config becomes this script's globals
-    C = cfg
+    run = setup(cfg, resume_checkpoint(cfg))
+    if run.bench_iters > 0:
+        return bench(run)
+    if run.eval_at_start and run.step == 0:
+        evaluate_and_log(run, 0)
+    # a bar on a terminal; in a file (nohup, a job log) one plain line per log_interval instead
+    run.t_start = time.time()
+    bar = tqdm(total=run.max_iters, initial=run.step, disable=not (run.master and sys.stderr.isatty()),
+               dynamic_ncols=True, desc="train")
+    bad = torch.zeros((), dtype=torch.long, device=run.dev) - 1  # first step with a non-finite loss, or -1
+    loss_sum, t0, seen0 = torch.zeros((), device=run.dev), time.time(), run.step  # since the last log line
+    run.raw.train()
+    with stop_signals() as stop:  # Ctrl-C (SIGINT) or SIGTERM: finish the step, save a resumable checkpoint, stop
+        while run.step < run.max_iters:
+            it = run.step
+            loss = train_step(run, it)
+            bad = torch.where((bad < 0) & ~torch.isfinite(loss), it, bad)
+            loss_sum += loss
+            run.step = step = it + 1
+            bar.update(1)
+            last = step == run.max_iters
+            halt = not last and stop_requested(run, stop)
+            if step % run.log_interval == 0 or step % run.ckpt_interval == 0 or last or halt:
+                if bad.item() >= 0:  # a host sync, only at log and checkpoint steps: never save a NaN model
+                    raise FloatingPointError(f"non-finite loss at step {bad.item()}; stopping. The last good "
+                                             f"checkpoint is {os.path.join(run.out_dir, 'ckpt.pt')} (if any)")
+            if step % run.log_interval == 0 or last:
+                n = step - seen0
+                log_progress(run, bar, (loss_sum / n).item() if run.master else 0.0,
+                             n * run.global_batch / (time.time() - t0), lr_at(run, it))
+                t0, seen0 = time.time(), step
+                loss_sum.zero_()
+            if (run.eval_interval > 0 and step % run.eval_interval == 0) or last:
+                t_eval = time.time()
+                evaluate_and_log(run, step)
+                t0 += time.time() - t_eval  # evaluation time is not training time
+            if step % run.ckpt_interval == 0 or last or halt:
+                save_run(run, step)
+            if halt:
+                bar.close()
+                run.say(f"stopped by {signal.Signals(stop[0]).name if stop else 'a signal'} after step {step}; "
+                        f"checkpoint {os.path.join(run.out_dir, 'ckpt.pt')}; continue with --init_from=resume", flush=True)
+                break
+    bar.close()
+    if run.ddp:
+        torch.distributed.destroy_process_group()
+    run.say(f"done: {run.step} steps; checkpoint {os.path.join(run.out_dir, 'ckpt.pt')}")
 
-    # --- distributed setup: torchrun sets RANK; gloo on the CPU so a 2-process test runs anywhere
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if ddp:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+class Run(types.SimpleNamespace):
+    """One training run: every config key as an attribute (run.lr, run.seed, ...), the config dict
+    itself (run.cfg, saved in each checkpoint), and what setup() builds: the processes and device,
+    the data, the model, its EMA, the optimizer and the step."""
+
+
+def resume_checkpoint(cfg):
+    """init_from='resume': out_dir/ckpt.pt, once this config is known to be allowed to continue it
+    (asked before any work); scratch: None."""
+    if cfg["init_from"] != "resume":
+        return None
+    path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    ckpt = load_checkpoint(path)
+    bad = resume_conflicts(ckpt["config"], cfg)
+    if bad:
+        raise ConfigError(f"cannot resume {path} with {', '.join(bad)}: these keys change the model, the data "
+                          "order or the optimisation (start a new out_dir instead)")
+    return ckpt
+
+
+def setup(cfg, ckpt=None):
+    """-> Run: processes and precision, the data, the model, EMA and optimizer (continuing `ckpt`
+    where given), the fixed evaluation batch; then out_dir, the run's first write."""
+    run = Run(**cfg, cfg=cfg, step=0)
+    setup_processes(run)
+    setup_data(run, ckpt)
+    setup_model(run, ckpt)
+    run.loader_iter = None if run.in_memory or run.multiview else iter(torch.utils.data.DataLoader(
+        run.train_set, batch_sampler=StepBatches(run.n_train, run.global_batch, run.rows, run.seed, run.step,
+                                                 run.max_iters),
+        num_workers=run.num_workers, pin_memory=run.cuda, persistent_workers=run.num_workers > 0,
+        prefetch_factor=4 if run.num_workers > 0 else None))  # batches of (seed, step): resume replays exactly
+    run.fixed = fixed_eval_batch(run)
+    if run.master:  # the first write of the run: a bad input above has left nothing behind
+        os.makedirs(run.out_dir, exist_ok=True)
+        if run.overwrite and run.init_from == "scratch" and os.path.exists(os.path.join(run.out_dir, "log.jsonl")):
+            os.remove(os.path.join(run.out_dir, "log.jsonl"))  # a new run, a new log
+    run.flops_per_img = count_flops(run.raw, run.image_size, run.dev, run.autocast) if run.cuda and run.master else 0.0
+    run.peak = run.peak_flops or next((v for k, v in GPU_PEAK_BF16.items()
+                                       if run.cuda and k in torch.cuda.get_device_name(run.dev)), 0.0)
+    return run
+
+
+def setup_processes(run):
+    """torchrun sets RANK: DDP, NCCL on GPUs and gloo on the CPU (so a 2-process test runs
+    anywhere); the device, threads and autocast; this process's rows of each global batch."""
+    run.ddp = int(os.environ.get("RANK", -1)) != -1
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if run.device == "auto" else run.device
+    if run.ddp:
+        run.rank, run.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if dev.startswith("cuda"):
             dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(dev)
         torch.distributed.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
     else:
-        rank, world = 0, 1
-    master = rank == 0
-    cuda = dev.startswith("cuda")
-    if threads > 0:
-        torch.set_num_threads(threads)
-    if cuda:
+        run.rank, run.world = 0, 1
+    run.dev, run.cuda, run.master = dev, dev.startswith("cuda"), run.rank == 0
+    if run.threads > 0:
+        torch.set_num_threads(run.threads)
+    if run.cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    amp_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-    cpu_amp, why = cpu_autocast(cpu_bf16)
-    use_amp = amp_dtype != torch.float32 and (cuda or cpu_amp)
-    autocast = lambda: torch.autocast("cuda" if cuda else "cpu", dtype=amp_dtype, enabled=use_amp)
-    global_batch = batch_size * world
-    rows = slice(rank * batch_size, (rank + 1) * batch_size)  # this process's rows of the global batch
-    say = print if master else (lambda *a, **k: None)
-    if not cuda:
-        say(f"CPU autocast: {'bf16' if use_amp else 'fp32'} ({why if amp_dtype != torch.float32 else 'dtype=float32'})")
+    amp_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[run.dtype]
+    cpu_amp, why = cpu_autocast(run.cpu_bf16)
+    use_amp = amp_dtype != torch.float32 and (run.cuda or cpu_amp)
+    run.autocast = lambda: torch.autocast("cuda" if run.cuda else "cpu", dtype=amp_dtype, enabled=use_amp)
+    run.global_batch = run.batch_size * run.world
+    run.rows = slice(run.rank * run.batch_size, (run.rank + 1) * run.batch_size)  # this process's rows
+    run.say = print if run.master else (lambda *a, **k: None)
+    if not run.cuda:
+        run.say(f"CPU autocast: {'bf16' if use_amp else 'fp32'} ({why if amp_dtype != torch.float32 else 'dtype=float32'})")
 
-    # --- data: the training split, and a validation split held out of it for the kNN / z-gap checks
-    multiview = dataset in data.MULTIVIEW and bench_iters == 0
-    if multiview:  # posed views of objects; the unseen test objects give the evaluation grid
-        mv_train = data.load_multiview(dataset, data_dir, "train", image_size)
-        mv_val = data.load_multiview(dataset, data_dir, "test", image_size)
-        train_set = None
-    elif bench_iters > 0:  # synthetic uint8 images of the dataset's shape
-        n_syn = max(4096, 2 * global_batch)
-        train_set = (torch.randint(0, 256, (n_syn, 3, image_size, image_size), dtype=torch.uint8),
-                     torch.randint(0, 10, (n_syn,)))
+
+def setup_data(run, ckpt):
+    """The training split, and a validation split held out of it for the kNN / z-usage checks;
+    multi-view sets: the train objects, and the unseen test objects for the evaluation grid."""
+    run.multiview = run.dataset in data.MULTIVIEW and run.bench_iters == 0
+    run.train_set = run.x_train = run.y_train = run.x_val = run.y_val = None
+    if run.multiview:  # batches come from data.multiview_batch; an "epoch" counts train_images images
+        run.mv_train = data.load_multiview(run.dataset, run.data_dir, "train", run.image_size)
+        run.mv_val = data.load_multiview(run.dataset, run.data_dir, "test", run.image_size)
+        run.n_train = run.mv_train.images.shape[0] * run.mv_train.images.shape[1]
+    elif run.bench_iters > 0:  # synthetic uint8 images of the dataset's shape
+        n_syn = max(4096, 2 * run.global_batch)
+        run.train_set = (torch.randint(0, 256, (n_syn, 3, run.image_size, run.image_size), dtype=torch.uint8),
+                         torch.randint(0, 10, (n_syn,)))
     else:
-        data_path, dl = data_dir, download
-        if dataset == "cifar10":  # data_dir='' searches ./data/cifar10, ../shared/data/cifar10-subset, then downloads
-            data_path, why, dl = data.find_cifar10(data_dir, download)
-            say(f"data: using {data_path} ({why})")
-        train_set = data.load(dataset, data_path, "train", image_size, dl, n_val, seed)
-    in_memory = isinstance(train_set, tuple)
-    if multiview:  # batches come from data.multiview_batch; an "epoch" counts train_images images
-        n_train = mv_train.images.shape[0] * mv_train.images.shape[1]
-    elif in_memory:
-        x_train, y_train = (t.to(dev) for t in train_set)
-        n_train = len(x_train)
-        x_val, y_val = train_set if bench_iters else data.load(dataset, data_path, "val", image_size, dl, n_val, seed)
-    else:
-        n_train, y_train = len(train_set), train_set.targets
-        x_val = y_val = None  # ImageNet: the kNN check uses probe.py on the val folder instead
-    steps_per_epoch = n_train // global_batch
-    if steps_per_epoch == 0:
-        raise data.DataError(f"the global batch ({global_batch}) is larger than the training set ({n_train})")
-    if ckpt is not None and ckpt.get("data_pos", {}).get("n_train", n_train) != n_train:
+        data_path, dl = run.data_dir, run.download
+        if run.dataset == "cifar10":  # data_dir='' searches ./data/cifar10, ../shared/data/cifar10-subset, then downloads
+            data_path, why, dl = data.find_cifar10(run.data_dir, run.download)
+            run.say(f"data: using {data_path} ({why})")
+        run.train_set = data.load(run.dataset, data_path, "train", run.image_size, dl, run.n_val, run.seed)
+    run.in_memory = isinstance(run.train_set, tuple)
+    if run.in_memory:
+        run.x_train, run.y_train = (t.to(run.dev) for t in run.train_set)
+        run.n_train = len(run.x_train)
+        run.x_val, run.y_val = run.train_set if run.bench_iters else \
+            data.load(run.dataset, data_path, "val", run.image_size, dl, run.n_val, run.seed)
+    elif not run.multiview:  # ImageNet: the kNN check uses probe.py on the val folder instead
+        run.n_train, run.y_train = len(run.train_set), run.train_set.targets
+    run.steps_per_epoch = run.n_train // run.global_batch
+    if run.steps_per_epoch == 0:
+        raise data.DataError(f"the global batch ({run.global_batch}) is larger than the training set ({run.n_train})")
+    if ckpt is not None and ckpt.get("data_pos", {}).get("n_train", run.n_train) != run.n_train:
         raise data.DataError(f"cannot resume: the checkpoint was trained on {ckpt['data_pos']['n_train']:,} images, "
-                             f"data_dir now gives {n_train:,} (another copy of the data changes the data order)")
-    say(f"data: {dataset} {n_train:,} train images, global batch {global_batch} "
-        f"({batch_size} x {world} processes), {steps_per_epoch} steps per epoch")
-    if multiview:
-        say(f"multi-view: {mv_train.images.shape[0]} train objects x {mv_train.images.shape[1]} views, "
-            f"1..{k_max} source views per step; {mv_val.images.shape[0]} unseen objects for the eval grid")
+                             f"data_dir now gives {run.n_train:,} (another copy of the data changes the data order)")
+    run.say(f"data: {run.dataset} {run.n_train:,} train images, global batch {run.global_batch} "
+            f"({run.batch_size} x {run.world} processes), {run.steps_per_epoch} steps per epoch")
+    if run.multiview:
+        run.say(f"multi-view: {run.mv_train.images.shape[0]} train objects x {run.mv_train.images.shape[1]} views, "
+                f"1..{run.k_max} source views per step; {run.mv_val.images.shape[0]} unseen objects for the eval grid")
 
-    # --- model, EMA, optimizer (identical init on every rank: seeded before building)
-    torch.manual_seed(seed)
-    raw = build_model(C).to(dev)
-    if pretrained and init_from == "scratch":  # on resume the checkpoint holds the frozen denoiser
-        load_pretrained_denoiser(raw, pretrained, C)
-    if ddp and cuda:  # DiffSiam's SimSiam heads hold the only BatchNorms: statistics over the global batch
+
+def setup_model(run, ckpt):
+    """The model (seeded first, so every rank builds the same one), its EMA, AdamW; with a
+    checkpoint its weights, optimizer state, step and RNG states; then compile and DDP."""
+    torch.manual_seed(run.seed)
+    raw = build_model(run.cfg).to(run.dev)
+    if run.pretrained and run.init_from == "scratch":  # on resume the checkpoint holds the frozen denoiser
+        load_pretrained_denoiser(raw, run.pretrained, run.cfg)
+    if run.ddp and run.cuda:  # DiffSiam's SimSiam heads hold the only BatchNorms: statistics over the global batch
         raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
-    mem = torch.channels_last if channels_last else torch.contiguous_format
-    raw = raw.to(memory_format=mem)
-    ema = copy.deepcopy(raw).eval().requires_grad_(False)
+    run.mem = torch.channels_last if run.channels_last else torch.contiguous_format
+    run.raw = raw = raw.to(memory_format=run.mem)
+    run.ema = copy.deepcopy(raw).eval().requires_grad_(False)
     n_enc = sum(p.numel() for p in raw.encoder.parameters())
     n_all = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-    say(f"model: encoder {encoder} {n_enc / 1e6:.2f}M, unet {unet} {(n_all - n_enc) / 1e6:.2f}M trained params, "
-        f"z_dim {z_dim}, cond {cond}, {raw.n_sections} sections" + (f"; frozen denoiser from {pretrained}" if pretrained else ""))
-    enc_ids = {id(p) for p in raw.encoder.parameters()}
-    def group(in_encoder, decay):  # the encoder at lr * enc_lr_mult (§3.4); no decay on gains and biases
-        params = [p for p in raw.parameters() if p.requires_grad and (id(p) in enc_ids) == in_encoder and (p.dim() > 1) == decay]
-        return {"params": params, "lr_mult": enc_lr_mult if in_encoder else 1.0,
-                "weight_decay": weight_decay if decay else 0.0}
-    groups = [group(e, d) for e in (True, False) for d in (True, False)]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), fused=fused_adamw)
-    step = 0
-    if init_from == "resume":  # ckpt: loaded and compared with this config at the start
+    run.say(f"model: encoder {run.encoder} {n_enc / 1e6:.2f}M, unet {run.unet} {(n_all - n_enc) / 1e6:.2f}M trained "
+            f"params, z_dim {run.z_dim}, cond {run.cond}, {raw.n_sections} sections" +
+            (f"; frozen denoiser from {run.pretrained}" if run.pretrained else ""))
+    run.optimizer = torch.optim.AdamW(param_groups(raw, run.enc_lr_mult, run.weight_decay), lr=run.lr,
+                                      betas=(0.9, run.beta2), fused=run.fused_adamw)
+    if ckpt is not None:  # loaded and compared with this config by resume_checkpoint
         raw.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        if cuda and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(rng["cuda"])
-        np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), *rng["numpy_rest"]))
-        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-        say(f"resumed from step {step} (epoch {step // steps_per_epoch}, batch {step % steps_per_epoch})")
-        del ckpt
-    net = torch.compile(raw, backend=compile_backend) if compile else raw
-    if ddp:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev] if cuda else None)
-    schedule_fn = D.get_schedule(schedule, logsnr_shift)
+        run.ema.load_state_dict(ckpt["ema"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.step = ckpt["step"]
+        set_rng_states(ckpt["rng"], run.cuda)
+        run.say(f"resumed from step {run.step} (epoch {run.step // run.steps_per_epoch}, "
+                f"batch {run.step % run.steps_per_epoch})")
+    run.net = torch.compile(raw, backend=run.compile_backend) if run.compile else raw
+    if run.ddp:
+        run.net = torch.nn.parallel.DistributedDataParallel(run.net, device_ids=[run.dev] if run.cuda else None)
+    run.schedule_fn = D.get_schedule(run.schedule, run.logsnr_shift)
+    trained = [(e, r) for e, r in zip(run.ema.parameters(), raw.parameters()) if r.requires_grad]  # not a frozen denoiser
+    run.ema_params, run.raw_params = [e for e, _ in trained], [r for _, r in trained]
+    run.ema_buffers = [(e, r) for (n, e), r in zip(run.ema.named_buffers(), raw.buffers()) if n.startswith("z_bn.")]
+    run.order_cache = {}
 
-    def lr_at(it):
-        if it < warmup_iters:
-            return lr * (it + 1) / warmup_iters
-        if not decay_lr:
-            return lr
-        frac = (it - warmup_iters) / max(1, max_iters - warmup_iters)
-        return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
-    # --- batches: a function of (seed, step) alone, so resume replays exactly
-    if not in_memory and not multiview:
-        loader_iter = iter(torch.utils.data.DataLoader(
-            train_set, batch_sampler=StepBatches(n_train, global_batch, rows, seed, step, max_iters),
-            num_workers=num_workers, pin_memory=cuda, persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None))
-    order_cache = {}
+def param_groups(raw, enc_lr_mult, weight_decay):
+    """AdamW's groups: the encoder at lr * enc_lr_mult (§3.4); no weight decay on gains and biases."""
+    enc = {id(p) for p in raw.encoder.parameters()}
+    return [{"params": [p for p in raw.parameters() if p.requires_grad and (id(p) in enc) == in_enc and (p.dim() > 1) == decay],
+             "lr_mult": enc_lr_mult if in_enc else 1.0, "weight_decay": weight_decay if decay else 0.0}
+            for in_enc in (True, False) for decay in (True, False)]
 
-    def get_batch(it):
-        epoch, i = divmod(it, steps_per_epoch)
-        if in_memory:
-            if epoch not in order_cache:
-                order_cache.clear()
-                order_cache[epoch] = data.epoch_order(n_train, global_batch, seed, epoch).to(dev)
-            idx = order_cache[epoch][i][rows]
-            return x_train[idx], y_train[idx], idx
-        try:
-            xb, yb = next(loader_iter)
-        except data.DataError as e:  # from a worker, the message is its traceback's last line
-            raise data.DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
-        return xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True), None
 
-    def views_of(xb, idx, rng):
-        other = None
-        if views == "class":
-            other = x_train[data.class_partners(idx.cpu(), y_train.cpu(), rng).to(dev)]
-        return data.make_views(xb, views, aug, rng, other, crop_min)
+def lr_at(run, it):
+    """Linear warm-up over warmup_iters, then cosine decay to min_lr_ratio * lr at max_iters."""
+    if it < run.warmup_iters:
+        return run.lr * (it + 1) / run.warmup_iters
+    if not run.decay_lr:
+        return run.lr
+    frac = (it - run.warmup_iters) / max(1, run.max_iters - run.warmup_iters)
+    return run.lr * (run.min_lr_ratio + (1 - run.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
-    trained = [(e, r) for e, r in zip(ema.parameters(), raw.parameters()) if r.requires_grad]  # not a frozen denoiser
-    ema_params, raw_params = [e for e, _ in trained], [r for _, r in trained]
-    ema_buffers = [(e, r) for (n, e), r in zip(ema.named_buffers(), raw.buffers()) if n.startswith("z_bn.")]
 
-    def train_step(it):
-        """One optimisation step. Every random number in it comes from (seed, it): the global RNG
-        too (dropout), reseeded per step and rank."""
-        torch.manual_seed(seed * 1_000_003 + it * world + rank + 1)
-        rng = data.Rng(seed, it, global_batch, rows, dev)
-        cond = {}
-        if multiview:  # k source views + a target view of one object, with their rays
-            k = 1 + rng.shared_randint(k_max)
-            x_src, rays_src, x_tgt, rays_tgt = data.multiview_batch(mv_train, k, rng)
-            cond = dict(rays_src=rays_src, rays_tgt=rays_tgt, keep_pose=raw.draw_keep_pose(rng.rand))
-        else:
-            xb, _, idx = get_batch(it)
-            x_src, x_tgt = views_of(xb, idx, rng)
-        x_src = x_src + enc_noise * rng.randn(*x_src.shape[1:])  # low noise on the encoder input (§3.4)
-        keep = raw.draw_keep(rng.rand)
-        u, eps = rng.rand(), rng.randn(*x_tgt.shape[1:])
-        if segments:  # DiffSiam: the noise level decides which segments of z are on, on top of the dropout
-            keep = raw.keep_dims(keep, D.segment_keep(u, segments, segment_mode))
-            if simsiam_weight > 0:
-                cond["x_pair"] = x_tgt  # the second augmented view
-        if channels_last and not multiview:
-            x_src, x_tgt = x_src.contiguous(memory_format=mem), x_tgt.contiguous(memory_format=mem)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(it) * group["lr_mult"]
-        with autocast():
-            loss = D.loss(net, x_src, x_tgt, schedule_fn, u=u, eps=eps, weighting=weighting, keep=keep, **cond)
-        if isinstance(loss, tuple):  # DiffSiam: diffusion loss + weighted SimSiam loss (thesis eq. 3.12)
-            loss = loss[0] + simsiam_weight * loss[1]
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw_params, grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        # EMA with a half-life in images; ramped up early so short runs get a useful EMA (EDM)
-        half = ema_halflife_kimg * 1000
-        if ema_rampup > 0:
-            half = min(half, (it + 1) * global_batch * ema_rampup)
-        beta = 0.5 ** (global_batch / max(half, 1e-8))
-        torch._foreach_lerp_(ema_params, raw_params, 1 - beta)
-        for e, r in ema_buffers:  # running statistics (z_bn): the EMA model evaluates with the raw model's
-            e.copy_(r)
-        return loss.detach()
+def get_batch(run, it):
+    """Step it's images (and labels, and their indices in memory) for this process: a function of
+    (seed, it) alone, so a resume replays the same batches."""
+    epoch, i = divmod(it, run.steps_per_epoch)
+    if run.in_memory:
+        if epoch not in run.order_cache:
+            run.order_cache.clear()
+            run.order_cache[epoch] = data.epoch_order(run.n_train, run.global_batch, run.seed, epoch).to(run.dev)
+        idx = run.order_cache[epoch][i][run.rows]
+        return run.x_train[idx], run.y_train[idx], idx
+    try:
+        xb, yb = next(run.loader_iter)
+    except data.DataError as e:  # from a worker, the message is its traceback's last line
+        raise data.DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+    return xb.to(run.dev, non_blocking=True), yb.to(run.dev, non_blocking=True), None
 
-    # --- evaluation: kNN on the held-out split, the z-gap, a sample grid
-    fixed = None  # 64 fixed (source, target, u, eps, source rays, target rays) for the z-gap and the grid
-    if multiview:  # one source view of an unseen object -> another view of it
-        frng = data.Rng(seed, -1, 64, device=dev)
-        xs, rs, xt, rt = data.multiview_batch(mv_val, 1, frng)
-        fixed = (xs[:, 0], xt, frng.rand(), frng.randn(3, image_size, image_size), rs[:, 0], rt)
-    elif in_memory:
-        fx = x_val[:64].to(dev)
-        frng = data.Rng(seed, -1, len(fx), device=dev)
-        f_src, f_tgt = data.make_views(fx, views if views != "class" else "identical", aug, frng, crop_min=crop_min)
-        fixed = (f_src, f_tgt, frng.rand(), frng.randn(3, image_size, image_size), None, None)
 
-    @torch.no_grad()
-    def evaluate(it):
-        out = {}
-        if fixed is None:
-            return out
-        if not multiview:  # kNN of z on the held-out split (multi-view sets have no labels)
-            with autocast():
-                ftr = extract_features(ema, x_train)[1]
-                fva = extract_features(ema, x_val)[1]
-            out["knn"] = knn_accuracy(ftr, y_train.cpu(), fva, y_val)
-        f_src, f_tgt, u, eps, r_src, r_tgt = fixed
-        B, S = len(f_src), ema.n_sections
-        logsnr = schedule_fn(u)
-        x_t = D.q_sample(f_tgt, logsnr, eps)
-        with autocast():
-            z = ema.encode(f_src, r_src)
-        losses = []
-        on = torch.ones(B, S, device=dev)
-        if segments:  # DiffSiam: "with z" is the segments training switches on at these noise levels
-            on = ema.keep_dims(on, D.segment_keep(u, segments, segment_mode))
-        for keep in (on, torch.zeros_like(on)):
-            with autocast():
-                eps_hat = ema.denoise(x_t, logsnr, z, keep, r_tgt)
-            losses.append(F.mse_loss(eps_hat.float(), eps).item())
-        out["loss_z"], out["zgap"] = losses[0], losses[1] - losses[0]  # > 0: the decoder uses z
-        with autocast():  # x0-MSE with z vs z masked on the log-SNR grid (diffusion.z_usage)
-            if multiview:  # the source view of an unseen object -> its target view
-                zu = D.z_usage(ema, f_tgt, x_src=f_src, seed=seed, rays_src=r_src, rays_tgt=r_tgt,
-                               segments=segment_schedule(C))
-            else:  # held-out images, z from the image itself
-                zu = D.z_usage(ema, x_val[:256].to(dev).float() / 127.5 - 1, seed=seed, segments=segment_schedule(C))
-        out["zusage"] = {k: zu[k] for k in ("logsnr", "mse_z", "mse_masked", "removed", "grey", "mean_colour")}
-        out["z_removed_-3"], out["z_removed_mean"] = zu["removed_at_-3"], zu["removed_mean"]
-        D.plot_z_usage(zu, os.path.join(out_dir, "zusage.png"), title=f"step {it}")
-        n = 8
-        g = torch.Generator(dev).manual_seed(seed)
-        first = lambda t: None if t is None else t[:n]
-        with autocast():
-            rec = D.ddim(ema, ema.encode(f_src[:n], first(r_src)), f_tgt[:n].shape, steps=sample_steps,
-                         schedule=sample_schedule, generator=g, rays_tgt=first(r_tgt), segments=segment_schedule(C))
-        path = os.path.join(out_dir, f"samples_{it:06d}.png")
-        save_grid([f_src[:n], f_tgt[:n], rec], ["source", "target", "sample"], path)
-        out["grid"] = path
+def views_of(run, xb, idx, rng):
+    """(source, target) views of a batch (§3.3): two augmentations, one, or another image of the class."""
+    other = None
+    if run.views == "class":
+        other = run.x_train[data.class_partners(idx.cpu(), run.y_train.cpu(), rng).to(run.dev)]
+    return data.make_views(xb, run.views, run.aug, rng, other, run.crop_min)
+
+
+def train_step(run, it):
+    """One optimisation step (§3.2, §3.4): views, noise level and noise, the denoising loss through
+    the encoder's z, AdamW, the EMA. Every random number in it comes from (seed, it): the global RNG
+    too (dropout), reseeded per step and rank. -> the loss (a device tensor: no host sync)."""
+    torch.manual_seed(run.seed * 1_000_003 + it * run.world + run.rank + 1)
+    rng = data.Rng(run.seed, it, run.global_batch, run.rows, run.dev)
+    cond = {}
+    if run.multiview:  # k source views + a target view of one object, with their rays
+        k = 1 + rng.shared_randint(run.k_max)
+        x_src, rays_src, x_tgt, rays_tgt = data.multiview_batch(run.mv_train, k, rng)
+        cond = dict(rays_src=rays_src, rays_tgt=rays_tgt, keep_pose=run.raw.draw_keep_pose(rng.rand))
+    else:
+        xb, _, idx = get_batch(run, it)
+        x_src, x_tgt = views_of(run, xb, idx, rng)
+    x_src = x_src + run.enc_noise * rng.randn(*x_src.shape[1:])  # low noise on the encoder input (§3.4)
+    keep = run.raw.draw_keep(rng.rand)
+    u, eps = rng.rand(), rng.randn(*x_tgt.shape[1:])
+    if run.segments:  # DiffSiam: the noise level decides which segments of z are on, on top of the dropout
+        keep = run.raw.keep_dims(keep, D.segment_keep(u, run.segments, run.segment_mode))
+        if run.simsiam_weight > 0:
+            cond["x_pair"] = x_tgt  # the second augmented view
+    if run.channels_last and not run.multiview:
+        x_src, x_tgt = x_src.contiguous(memory_format=run.mem), x_tgt.contiguous(memory_format=run.mem)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(run, it) * group["lr_mult"]
+    with run.autocast():
+        loss = D.loss(run.net, x_src, x_tgt, run.schedule_fn, u=u, eps=eps, weighting=run.weighting, keep=keep, **cond)
+    if isinstance(loss, tuple):  # DiffSiam: diffusion loss + weighted SimSiam loss (thesis eq. 3.12)
+        loss = loss[0] + run.simsiam_weight * loss[1]
+    loss.backward()
+    if run.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.raw_params, run.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    # EMA with a half-life in images; ramped up early so short runs get a useful EMA (EDM)
+    half = run.ema_halflife_kimg * 1000
+    if run.ema_rampup > 0:
+        half = min(half, (it + 1) * run.global_batch * run.ema_rampup)
+    beta = 0.5 ** (run.global_batch / max(half, 1e-8))
+    torch._foreach_lerp_(run.ema_params, run.raw_params, 1 - beta)
+    for e, r in run.ema_buffers:  # running statistics (z_bn): the EMA model evaluates with the raw model's
+        e.copy_(r)
+    return loss.detach()
+
+
+def fixed_eval_batch(run):
+    """64 fixed (source, target, u, eps, source rays, target rays) for the z-gap and the sample grid:
+    held-out images, or one source view of an unseen object and another view of it. None for
+    ImageNet-style folders (probe.py measures those)."""
+    if run.multiview:
+        frng = data.Rng(run.seed, -1, 64, device=run.dev)
+        xs, rs, xt, rt = data.multiview_batch(run.mv_val, 1, frng)
+        return xs[:, 0], xt, frng.rand(), frng.randn(3, run.image_size, run.image_size), rs[:, 0], rt
+    if run.in_memory:
+        fx = run.x_val[:64].to(run.dev)
+        frng = data.Rng(run.seed, -1, len(fx), device=run.dev)
+        f_src, f_tgt = data.make_views(fx, run.views if run.views != "class" else "identical", run.aug, frng,
+                                       crop_min=run.crop_min)
+        return f_src, f_tgt, frng.rand(), frng.randn(3, run.image_size, run.image_size), None, None
+    return None
+
+
+@torch.no_grad()
+def evaluate(run, it):
+    """kNN of z on the held-out split, the z-gap (eps-MSE without z minus with z), z-usage
+    (diffusion.z_usage: x0-MSE with z vs z masked on the log-SNR grid, zusage.png), a sample grid."""
+    out = {}
+    if run.fixed is None:
         return out
+    ema, autocast = run.ema, run.autocast
+    segments = segment_schedule(run.cfg)
+    if not run.multiview:  # kNN of z on the held-out split (multi-view sets have no labels)
+        with autocast():
+            ftr = extract_features(ema, run.x_train)[1]
+            fva = extract_features(ema, run.x_val)[1]
+        out["knn"] = knn_accuracy(ftr, run.y_train.cpu(), fva, run.y_val)
+    f_src, f_tgt, u, eps, r_src, r_tgt = run.fixed
+    logsnr = run.schedule_fn(u)
+    x_t = D.q_sample(f_tgt, logsnr, eps)
+    with autocast():
+        z = ema.encode(f_src, r_src)
+    losses = []
+    on = torch.ones(len(f_src), ema.n_sections, device=run.dev)
+    if run.segments:  # DiffSiam: "with z" is the segments training switches on at these noise levels
+        on = ema.keep_dims(on, D.segment_keep(u, run.segments, run.segment_mode))
+    for keep in (on, torch.zeros_like(on)):
+        with autocast():
+            eps_hat = ema.denoise(x_t, logsnr, z, keep, r_tgt)
+        losses.append(F.mse_loss(eps_hat.float(), eps).item())
+    out["loss_z"], out["zgap"] = losses[0], losses[1] - losses[0]  # > 0: the decoder uses z
+    with autocast():  # x0-MSE with z vs z masked on the log-SNR grid (diffusion.z_usage)
+        if run.multiview:  # the source view of an unseen object -> its target view
+            zu = D.z_usage(ema, f_tgt, x_src=f_src, seed=run.seed, rays_src=r_src, rays_tgt=r_tgt, segments=segments)
+        else:  # held-out images, z from the image itself
+            zu = D.z_usage(ema, run.x_val[:256].to(run.dev).float() / 127.5 - 1, seed=run.seed, segments=segments)
+    out["zusage"] = {k: zu[k] for k in ("logsnr", "mse_z", "mse_masked", "removed", "grey", "mean_colour")}
+    out["z_removed_-3"], out["z_removed_mean"] = zu["removed_at_-3"], zu["removed_mean"]
+    D.plot_z_usage(zu, os.path.join(run.out_dir, "zusage.png"), title=f"step {it}")
+    n = 8
+    g = torch.Generator(run.dev).manual_seed(run.seed)
+    first = lambda t: None if t is None else t[:n]
+    with autocast():
+        rec = D.ddim(ema, ema.encode(f_src[:n], first(r_src)), f_tgt[:n].shape, steps=run.sample_steps,
+                     schedule=run.sample_schedule, generator=g, rays_tgt=first(r_tgt), segments=segments)
+    path = os.path.join(run.out_dir, f"samples_{it:06d}.png")
+    save_grid([f_src[:n], f_tgt[:n], rec], ["source", "target", "sample"], path)
+    out["grid"] = path
+    return out
 
-    def checkpoint(it):
-        if not master:
-            return
-        np_state = np.random.get_state()
-        py_state = random.getstate()
-        save_checkpoint({
-            "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "step": it, "config": C,
-            "data_pos": {"epoch": it // steps_per_epoch, "batch": it % steps_per_epoch, "n_train": n_train},
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None,
-                    "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_rest": list(np_state[2:]),
-                    "python": [py_state[0], list(py_state[1]), py_state[2]]},
-        }, os.path.join(out_dir, "ckpt.pt"))
-        if ckpt_keep:  # a learning curve: every checkpoint stays as ckpt_<step>.pt for the probes
-            shutil.copyfile(os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, f"ckpt_{it:06d}.pt"))
 
-    def log(rec):
-        if master:
-            with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
+def evaluate_and_log(run, it):
+    """Rank 0: evaluate, print one line, append it to log.jsonl, redraw curves.png."""
+    if not run.master:
+        return
+    r = evaluate(run, it)
+    if r:
+        tqdm.write(f"step {it}{' (random init)' if it == 0 else ''}: {eval_line(r)}")
+        sys.stdout.flush()
+        write_log(run, {"step": it, **r})
+        plot_curves(run.out_dir)
 
-    if master:  # the first write of the run: a bad input above has left nothing behind
-        os.makedirs(out_dir, exist_ok=True)
-        if overwrite and init_from == "scratch" and os.path.exists(os.path.join(out_dir, "log.jsonl")):
-            os.remove(os.path.join(out_dir, "log.jsonl"))  # a new run, a new log
-    flops_per_img = 0.0
-    if cuda and master:
-        flops_per_img = count_flops(raw, image_size, dev, autocast)
-    peak = peak_flops or next((v for k, v in GPU_PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name(dev)), 0.0)
 
-    if bench_iters > 0:
-        return bench(train_step, get_batch, views_of, ema, x_train, dev, global_batch, flops_per_img, peak, C, autocast)
+def log_progress(run, bar, loss_avg, ips, lr):
+    """Rank 0: the mean loss and img/s since the last log line, on the bar or as a plain line, and
+    into log.jsonl (with MFU on a GPU)."""
+    if not run.master:
+        return
+    rec = {"step": run.step, "loss": loss_avg, "lr": lr, "img_s": ips}
+    if run.flops_per_img and run.peak:
+        rec["mfu"] = run.flops_per_img * ips / (run.peak * run.world)
+    mfu = {"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}
+    if bar.disable:
+        run.say(f"step {run.step}/{run.max_iters} | loss {loss_avg:.4f} | {ips:.0f} img/s | elapsed "
+                f"{time.strftime('%H:%M:%S', time.gmtime(time.time() - run.t_start))}" +
+                "".join(f" | mfu {v}" for v in mfu.values()), flush=True)
+    else:
+        bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{ips:.0f}", **mfu)
+    write_log(run, rec)
 
-    # --- the loop
-    from tqdm import tqdm
-    if eval_at_start and step == 0 and master:
-        r = evaluate(0)
-        if r:
-            say(f"step 0 (random init): {eval_line(r)}", flush=True)
-            log({"step": 0, **r})
-            plot_curves(out_dir)
-    # a bar on a terminal; in a file (nohup, a job log) one plain line per log_interval instead
-    bar = tqdm(total=max_iters, initial=step, disable=not (master and sys.stderr.isatty()), dynamic_ncols=True,
-               desc="train")
-    bad = torch.zeros((), dtype=torch.long, device=dev) - 1  # first step with a non-finite loss, or -1
-    t0, seen0, t_start = time.time(), step, time.time()
-    loss_sum = torch.zeros((), device=dev)
-    raw.train()
-    stop = []  # Ctrl-C (SIGINT) or SIGTERM: finish the step, save a resumable checkpoint, stop
 
-    def stop_now():
-        if not ddp:
-            return bool(stop)
-        if step % log_interval:  # every rank stops at the same step: they agree at log steps
-            return False
-        flag = torch.tensor(float(bool(stop)), device=dev)
-        torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
-        return flag.item() > 0
+def write_log(run, rec):
+    if run.master:
+        with open(os.path.join(run.out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
-    handlers = {}
+
+def save_run(run, it):
+    """Rank 0: the resumable checkpoint out_dir/ckpt.pt (written atomically): model, EMA, optimizer,
+    step, config, data position and every RNG state; with ckpt_keep also a copy ckpt_<step>.pt."""
+    if not run.master:
+        return
+    save_checkpoint({
+        "model": run.raw.state_dict(), "ema": run.ema.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "step": it, "config": run.cfg,
+        "data_pos": {"epoch": it // run.steps_per_epoch, "batch": it % run.steps_per_epoch, "n_train": run.n_train},
+        "rng": rng_states(run.cuda),
+    }, os.path.join(run.out_dir, "ckpt.pt"))
+    if run.ckpt_keep:  # a learning curve: every checkpoint stays as ckpt_<step>.pt for the probes
+        shutil.copyfile(os.path.join(run.out_dir, "ckpt.pt"), os.path.join(run.out_dir, f"ckpt_{it:06d}.pt"))
+
+
+def rng_states(cuda):
+    """torch (and CUDA), NumPy and Python RNG states, as a checkpoint stores them (weights_only-loadable)."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None,
+            "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_rest": list(np_state[2:]),
+            "python": [py_state[0], list(py_state[1]), py_state[2]]}
+
+
+def set_rng_states(rng, cuda):
+    torch.set_rng_state(rng["torch"])
+    if cuda and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), *rng["numpy_rest"]))
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Ctrl-C (SIGINT) and SIGTERM append to the yielded list instead of killing the run (main
+    thread only); the previous handlers come back on exit."""
+    stop, handlers = [], {}
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
                     for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while step < max_iters:
-            loss = train_step(step)
-            bad = torch.where((bad < 0) & ~torch.isfinite(loss), step, bad)
-            loss_sum += loss
-            lr_now = lr_at(step)
-            step += 1
-            bar.update(1)
-
-            last = step == max_iters
-            halt = not last and stop_now()
-            if step % log_interval == 0 or step % ckpt_interval == 0 or last or halt:
-                if bad.item() >= 0:  # a host sync, only at log and checkpoint steps: never save a NaN model
-                    raise FloatingPointError(f"non-finite loss at step {bad.item()}; stopping. The last good "
-                                             f"checkpoint is {os.path.join(out_dir, 'ckpt.pt')} (if any)")
-            if step % log_interval == 0 or last:
-                if master:
-                    dt = time.time() - t0
-                    n_steps = step - seen0
-                    ips = n_steps * global_batch / dt
-                    loss_avg = (loss_sum / n_steps).item()
-                    rec = {"step": step, "loss": loss_avg, "lr": lr_now, "img_s": ips}
-                    if flops_per_img and peak:
-                        rec["mfu"] = flops_per_img * ips / (peak * world)
-                    mfu = {"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}
-                    if bar.disable:
-                        say(f"step {step}/{max_iters} | loss {loss_avg:.4f} | {ips:.0f} img/s | elapsed "
-                            f"{time.strftime('%H:%M:%S', time.gmtime(time.time() - t_start))}" +
-                            "".join(f" | mfu {v}" for v in mfu.values()), flush=True)
-                    else:
-                        bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{ips:.0f}", **mfu)
-                    log(rec)
-                t0, seen0 = time.time(), step
-                loss_sum.zero_()
-            if (eval_interval > 0 and step % eval_interval == 0) or last:
-                t_eval = time.time()
-                if master:
-                    r = evaluate(step)
-                    if r:
-                        tqdm.write(f"step {step}: {eval_line(r)}")
-                        sys.stdout.flush()
-                        log({"step": step, **r})
-                        plot_curves(out_dir)
-                t0 += time.time() - t_eval  # evaluation time is not training time
-            if step % ckpt_interval == 0 or last or halt:
-                checkpoint(step)
-            if halt:
-                bar.close()
-                say(f"stopped by {signal.Signals(stop[0]).name if stop else 'a signal'} after step {step}; checkpoint "
-                    f"{os.path.join(out_dir, 'ckpt.pt')}; continue with --init_from=resume", flush=True)
-                break
+        yield stop
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)
-    bar.close()
-    if ddp:
-        torch.distributed.destroy_process_group()
-    say(f"done: {step} steps; checkpoint {os.path.join(out_dir, 'ckpt.pt')}")
 
+
+def stop_requested(run, stop):
+    """Has a signal asked to stop? Under DDP every rank must stop at the same step: they agree at log steps."""
+    if not run.ddp:
+        return bool(stop)
+    if run.step % run.log_interval:
+        return False
+    flag = torch.tensor(float(bool(stop)), device=run.dev)
+    torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+# -----------------------------------------------------------------------------
+# what a run writes (log lines, sample grids, curves.png), the benchmark, the DataLoader's sampler, FLOPs
 
 def eval_line(r):
     knn = f"kNN {r['knn']:.2f}% " if "knn" in r else ""
@@ -828,34 +906,34 @@ def plot_curves(out_dir):
     plt.close(fig)
 
 
-def bench(train_step, get_batch, views_of, ema, x_train, dev, global_batch, flops_per_img, peak, C, autocast):
+def bench(run):
     """Throughput of the training step, of the data pipeline alone, and of DDIM sampling (under the
     training autocast, as the eval grid samples); one line and out_dir/bench.json. Timed between
     device syncs, after warm-up steps (compile happens there)."""
-    cuda = dev.startswith("cuda")
+    cuda, dev, C = run.cuda, run.dev, run.cfg
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     w, n = C["bench_warmup"], C["bench_iters"]
     for it in range(w):
-        train_step(it)
+        train_step(run, it)
     sync()
     t = time.perf_counter()
     for it in range(w, w + n):
-        loss = train_step(it)
+        loss = train_step(run, it)
     loss.item()
     sync()
-    train_ips = n * global_batch / (time.perf_counter() - t)
+    train_ips = n * run.global_batch / (time.perf_counter() - t)
     t = time.perf_counter()
     for it in range(n):  # gather + augment, the same work as in train_step, without the model
-        xb, _, idx = get_batch(it)
-        views_of(xb, idx, data.Rng(C["seed"], it, global_batch, slice(0, C["batch_size"]), dev))
+        xb, _, idx = get_batch(run, it)
+        views_of(run, xb, idx, data.Rng(run.seed, it, run.global_batch, run.rows, dev))
     sync()
-    data_ips = n * global_batch / (time.perf_counter() - t)
-    x = x_train[: C["bench_sample_n"]].float() / 127.5 - 1
+    data_ips = n * run.global_batch / (time.perf_counter() - t)
+    x = run.x_train[: C["bench_sample_n"]].float() / 127.5 - 1
     t = time.perf_counter()
-    with torch.no_grad(), autocast():
-        D.ddim(ema, ema.encode(x), x.shape, steps=C["sample_steps"], schedule=C["sample_schedule"],
+    with torch.no_grad(), run.autocast():
+        D.ddim(run.ema, run.ema.encode(x), x.shape, steps=C["sample_steps"], schedule=C["sample_schedule"],
                generator=torch.Generator(dev).manual_seed(0), segments=segment_schedule(C))
     sync()
     sample_s = time.perf_counter() - t
@@ -866,7 +944,7 @@ def bench(train_step, get_batch, views_of, ema, x_train, dev, global_batch, flop
         mem_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     res = {"train_img_s": train_ips, "data_img_s": data_ips, "sample_s": sample_s,
            "sample_img_steps_s": len(x) * C["sample_steps"] / sample_s, "peak_mem_gb": mem_gb,
-           "mfu": flops_per_img * train_ips / peak if flops_per_img and peak else None,
+           "mfu": run.flops_per_img * train_ips / run.peak if run.flops_per_img and run.peak else None,
            "device": torch.cuda.get_device_name(dev) if cuda else f"cpu x{torch.get_num_threads()} threads",
            **{k: C[k] for k in ("encoder", "unet", "batch_size", "compile", "channels_last", "dtype", "cpu_bf16",
                                 "fused_adamw", "threads")}}

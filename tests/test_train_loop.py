@@ -149,3 +149,37 @@ def test_cpu_configs_have_no_dropout_or_batchnorm(path):
         assert bn, "DiffSiam's SimSiam heads hold BatchNorms (the README's exception)"
     else:
         assert not bn, bn
+
+
+# --- the loop's pieces, called directly (train.setup, train_step, evaluate, save_run, lr_at) ----------
+
+def test_the_pieces_make_the_loop(cifar_dir, tmp_path):
+    """setup() + train_step() called by hand give main()'s logged losses to the last bit, and
+    save_run() writes the checkpoint main() writes: the loop adds nothing between the steps."""
+    args = base_args(cifar_dir, tmp_path / "main", max_iters=3, log_interval=1, ckpt_interval=3)
+    run_train(args)
+    recs = [json.loads(l) for l in (tmp_path / "main" / "log.jsonl").read_text().splitlines()]
+    logged = [r["loss"] for r in recs if "lr" in r]  # the training records (the last line is the evaluation)
+    cfg = train.configure(base_args(cifar_dir, tmp_path / "pieces", max_iters=3, log_interval=1, ckpt_interval=3),
+                          train.DEFAULTS)
+    with pytest.warns(UserWarning, match="partial copy"):
+        run = train.setup(cfg)
+    run.raw.train()
+    losses = [train.train_step(run, it).item() for it in range(3)]
+    assert losses == logged  # exact: the same computation in the same order
+    run.step = 3
+    train.save_run(run, 3)
+    a, b = state(tmp_path / "main" / "ckpt.pt"), state(tmp_path / "pieces" / "ckpt.pt")
+    assert all(torch.equal(a[k][n], b[k][n]) for k in ("model", "ema") for n in a[k])
+    assert a["step"] == b["step"] == 3 and a["data_pos"] == b["data_pos"]
+    out = train.evaluate(run, 3)  # held-out kNN, z-gap, z-usage, a grid
+    assert {"knn", "zgap", "z_removed_-3", "grid"} <= set(out) and os.path.isfile(out["grid"])
+
+
+def test_lr_at_by_hand():
+    run = train.Run(lr=1e-3, warmup_iters=4, max_iters=14, min_lr_ratio=0.1, decay_lr=True)
+    assert [train.lr_at(run, it) for it in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert train.lr_at(run, 9) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert train.lr_at(run, 14) == pytest.approx(1e-4) and train.lr_at(run, 100) == pytest.approx(1e-4)
+    run.decay_lr = False
+    assert train.lr_at(run, 9) == 1e-3
