@@ -11,8 +11,9 @@ them. Only existing keys may be set (a typo raises, naming the closest key), val
 Reading order: the config (the globals below), then main(), which is the loop: setup() builds a
 Run (the config as attributes, plus the processes, data, model, EMA and optimizer), and each step
 calls train_step(run, it), with evaluate(run, it) and save_run(run, it) at their intervals.
-Importing this file has no side effects: probe.py / sample.py / nvs.py import the helpers in the
-section marked for them (configure, load_checkpoint, extract_features, knn_accuracy, ...).
+Importing this file has no side effects: probe.py / sample.py / nvs.py import its config readers
+(configure, check_keys, ...) and the helpers in the section marked for them (load_checkpoint,
+build_model, extract_features, knn_accuracy, ...).
 """
 import ast
 import builtins
@@ -248,6 +249,8 @@ def validate(cfg):
         raise ConfigError(f"dataset={cfg['dataset']!r} needs data_dir (only cifar10 is searched for or downloaded)")
     if cfg["dataset"] in data.MULTIVIEW and not cfg["ray_freqs"] and not cfg["bench_iters"]:
         raise ConfigError(f"dataset {cfg['dataset']!r} has camera poses: set ray_freqs > 0 so the model sees them")
+    if cfg["views"] == "class" and cfg["dataset"] == "imagenet":
+        raise ConfigError("views='class' pairs images of a class in memory: not for image folders (dataset='imagenet')")
     if cfg["simsiam_weight"] > 0 and (cfg["segments"] < 1 or cfg["views"] != "augment"):
         raise ConfigError("simsiam_weight > 0 is DiffSiam: it needs segments >= 1 and views='augment' (two augmented views)")
     if cfg["pretrained"] and not os.path.isfile(cfg["pretrained"]):
@@ -417,7 +420,7 @@ def main(argv):
     if run.eval_at_start and run.step == 0:
         evaluate_and_log(run, 0)
     # a bar on a terminal; in a file (nohup, a job log) one plain line per log_interval instead
-    run.t_start = time.time()
+    run.t_start = time.time()  # the elapsed time of the plain lines counts from here
     bar = tqdm(total=run.max_iters, initial=run.step, disable=not (run.master and sys.stderr.isatty()),
                dynamic_ncols=True, desc="train")
     bad = torch.zeros((), dtype=torch.long, device=run.dev) - 1  # first step with a non-finite loss, or -1
@@ -432,15 +435,13 @@ def main(argv):
             run.step = step = it + 1
             bar.update(1)
             last = step == run.max_iters
-            halt = not last and stop_requested(run, stop)
+            halt = not last and stop_requested(run, stop, step)
             if step % run.log_interval == 0 or step % run.ckpt_interval == 0 or last or halt:
                 if bad.item() >= 0:  # a host sync, only at log and checkpoint steps: never save a NaN model
                     raise FloatingPointError(f"non-finite loss at step {bad.item()}; stopping. The last good "
                                              f"checkpoint is {os.path.join(run.out_dir, 'ckpt.pt')} (if any)")
             if step % run.log_interval == 0 or last:
-                n = step - seen0
-                log_progress(run, bar, (loss_sum / n).item() if run.master else 0.0,
-                             n * run.global_batch / (time.time() - t0), lr_at(run, it))
+                log_progress(run, bar, loss_sum, step - seen0, t0, lr_at(run, it))
                 t0, seen0 = time.time(), step
                 loss_sum.zero_()
             if (run.eval_interval > 0 and step % run.eval_interval == 0) or last:
@@ -481,17 +482,19 @@ def resume_checkpoint(cfg):
 
 
 def setup(cfg, ckpt=None):
-    """-> Run: processes and precision, the data, the model, EMA and optimizer (continuing `ckpt`
-    where given), the fixed evaluation batch; then out_dir, the run's first write."""
-    run = Run(**cfg, cfg=cfg, step=0)
+    """-> Run: processes and precision, the data (and DataLoader), the model, EMA and optimizer
+    (continuing `ckpt` where given), the fixed evaluation batch; then out_dir, the run's first
+    write; FLOPs per image and the GPU's peak, for MFU."""
+    run = Run(**cfg, cfg=cfg, step=0, t_start=time.time())
     setup_processes(run)
     setup_data(run, ckpt)
     setup_model(run, ckpt)
+    # image folders: DataLoader workers, built after setup_model so they start at the resumed step
     run.loader_iter = None if run.in_memory or run.multiview else iter(torch.utils.data.DataLoader(
         run.train_set, batch_sampler=StepBatches(run.n_train, run.global_batch, run.rows, run.seed, run.step,
                                                  run.max_iters),
         num_workers=run.num_workers, pin_memory=run.cuda, persistent_workers=run.num_workers > 0,
-        prefetch_factor=4 if run.num_workers > 0 else None))  # batches of (seed, step): resume replays exactly
+        prefetch_factor=4 if run.num_workers > 0 else None))  # batches of (seed, step): a resume replays them
     run.fixed = fixed_eval_batch(run)
     if run.master:  # the first write of the run: a bad input above has left nothing behind
         os.makedirs(run.out_dir, exist_ok=True)
@@ -562,6 +565,7 @@ def setup_data(run, ckpt):
     elif not run.multiview:  # ImageNet: the kNN check uses probe.py on the val folder instead
         run.n_train, run.y_train = len(run.train_set), run.train_set.targets
     run.steps_per_epoch = run.n_train // run.global_batch
+    run.order_cache = {}  # in memory: the current epoch's order (get_batch)
     if run.steps_per_epoch == 0:
         raise data.DataError(f"the global batch ({run.global_batch}) is larger than the training set ({run.n_train})")
     if ckpt is not None and ckpt.get("data_pos", {}).get("n_train", run.n_train) != run.n_train:
@@ -576,7 +580,8 @@ def setup_data(run, ckpt):
 
 def setup_model(run, ckpt):
     """The model (seeded first, so every rank builds the same one), its EMA, AdamW; with a
-    checkpoint its weights, optimizer state, step and RNG states; then compile and DDP."""
+    checkpoint its weights, optimizer state, step and RNG states; then compile and DDP, the training
+    schedule, and the parameter (and z_bn buffer) pairs the EMA follows."""
     torch.manual_seed(run.seed)
     raw = build_model(run.cfg).to(run.dev)
     if run.pretrained and run.init_from == "scratch":  # on resume the checkpoint holds the frozen denoiser
@@ -608,7 +613,8 @@ def setup_model(run, ckpt):
     trained = [(e, r) for e, r in zip(run.ema.parameters(), raw.parameters()) if r.requires_grad]  # not a frozen denoiser
     run.ema_params, run.raw_params = [e for e, _ in trained], [r for _, r in trained]
     run.ema_buffers = [(e, r) for (n, e), r in zip(run.ema.named_buffers(), raw.buffers()) if n.startswith("z_bn.")]
-    run.order_cache = {}
+    if ckpt is not None:
+        ckpt.clear()  # its tensors (model, EMA, optimizer) are loaded: free the host copy
 
 
 def param_groups(raw, enc_lr_mult, weight_decay):
@@ -724,7 +730,7 @@ def evaluate(run, it):
     if run.fixed is None:
         return out
     ema, autocast = run.ema, run.autocast
-    segments = segment_schedule(run.cfg)
+    seg_schedule = segment_schedule(run.cfg)  # DiffSiam: the segments on at each noise level (None: plain SODA)
     if not run.multiview:  # kNN of z on the held-out split (multi-view sets have no labels)
         with autocast():
             ftr = extract_features(ema, run.x_train)[1]
@@ -746,9 +752,9 @@ def evaluate(run, it):
     out["loss_z"], out["zgap"] = losses[0], losses[1] - losses[0]  # > 0: the decoder uses z
     with autocast():  # x0-MSE with z vs z masked on the log-SNR grid (diffusion.z_usage)
         if run.multiview:  # the source view of an unseen object -> its target view
-            zu = D.z_usage(ema, f_tgt, x_src=f_src, seed=run.seed, rays_src=r_src, rays_tgt=r_tgt, segments=segments)
+            zu = D.z_usage(ema, f_tgt, x_src=f_src, seed=run.seed, rays_src=r_src, rays_tgt=r_tgt, segments=seg_schedule)
         else:  # held-out images, z from the image itself
-            zu = D.z_usage(ema, run.x_val[:256].to(run.dev).float() / 127.5 - 1, seed=run.seed, segments=segments)
+            zu = D.z_usage(ema, run.x_val[:256].to(run.dev).float() / 127.5 - 1, seed=run.seed, segments=seg_schedule)
     out["zusage"] = {k: zu[k] for k in ("logsnr", "mse_z", "mse_masked", "removed", "grey", "mean_colour")}
     out["z_removed_-3"], out["z_removed_mean"] = zu["removed_at_-3"], zu["removed_mean"]
     D.plot_z_usage(zu, os.path.join(run.out_dir, "zusage.png"), title=f"step {it}")
@@ -757,7 +763,7 @@ def evaluate(run, it):
     first = lambda t: None if t is None else t[:n]
     with autocast():
         rec = D.ddim(ema, ema.encode(f_src[:n], first(r_src)), f_tgt[:n].shape, steps=run.sample_steps,
-                     schedule=run.sample_schedule, generator=g, rays_tgt=first(r_tgt), segments=segments)
+                     schedule=run.sample_schedule, generator=g, rays_tgt=first(r_tgt), segments=seg_schedule)
     path = os.path.join(run.out_dir, f"samples_{it:06d}.png")
     save_grid([f_src[:n], f_tgt[:n], rec], ["source", "target", "sample"], path)
     out["grid"] = path
@@ -776,11 +782,13 @@ def evaluate_and_log(run, it):
         plot_curves(run.out_dir)
 
 
-def log_progress(run, bar, loss_avg, ips, lr):
-    """Rank 0: the mean loss and img/s since the last log line, on the bar or as a plain line, and
-    into log.jsonl (with MFU on a GPU)."""
+def log_progress(run, bar, loss_sum, n, t0, lr):
+    """Rank 0: the mean loss and img/s of the n steps since the last log line (at time t0), on the
+    bar or as a plain line, and into log.jsonl (with MFU on a GPU)."""
     if not run.master:
         return
+    ips = n * run.global_batch / (time.time() - t0)
+    loss_avg = (loss_sum / n).item()
     rec = {"step": run.step, "loss": loss_avg, "lr": lr, "img_s": ips}
     if run.flops_per_img and run.peak:
         rec["mfu"] = run.flops_per_img * ips / (run.peak * run.world)
@@ -846,11 +854,11 @@ def stop_signals():
             signal.signal(sig, h)
 
 
-def stop_requested(run, stop):
+def stop_requested(run, stop, step):
     """Has a signal asked to stop? Under DDP every rank must stop at the same step: they agree at log steps."""
     if not run.ddp:
         return bool(stop)
-    if run.step % run.log_interval:
+    if step % run.log_interval:
         return False
     flag = torch.tensor(float(bool(stop)), device=run.dev)
     torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
@@ -910,11 +918,11 @@ def bench(run):
     """Throughput of the training step, of the data pipeline alone, and of DDIM sampling (under the
     training autocast, as the eval grid samples); one line and out_dir/bench.json. Timed between
     device syncs, after warm-up steps (compile happens there)."""
-    cuda, dev, C = run.cuda, run.dev, run.cfg
+    cuda, dev = run.cuda, run.dev
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    w, n = C["bench_warmup"], C["bench_iters"]
+    w, n = run.bench_warmup, run.bench_iters
     for it in range(w):
         train_step(run, it)
     sync()
@@ -930,11 +938,11 @@ def bench(run):
         views_of(run, xb, idx, data.Rng(run.seed, it, run.global_batch, run.rows, dev))
     sync()
     data_ips = n * run.global_batch / (time.perf_counter() - t)
-    x = run.x_train[: C["bench_sample_n"]].float() / 127.5 - 1
+    x = run.x_train[: run.bench_sample_n].float() / 127.5 - 1
     t = time.perf_counter()
     with torch.no_grad(), run.autocast():
-        D.ddim(run.ema, run.ema.encode(x), x.shape, steps=C["sample_steps"], schedule=C["sample_schedule"],
-               generator=torch.Generator(dev).manual_seed(0), segments=segment_schedule(C))
+        D.ddim(run.ema, run.ema.encode(x), x.shape, steps=run.sample_steps, schedule=run.sample_schedule,
+               generator=torch.Generator(dev).manual_seed(0), segments=segment_schedule(run.cfg))
     sync()
     sample_s = time.perf_counter() - t
     if cuda:
@@ -943,16 +951,16 @@ def bench(run):
         import resource
         mem_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     res = {"train_img_s": train_ips, "data_img_s": data_ips, "sample_s": sample_s,
-           "sample_img_steps_s": len(x) * C["sample_steps"] / sample_s, "peak_mem_gb": mem_gb,
+           "sample_img_steps_s": len(x) * run.sample_steps / sample_s, "peak_mem_gb": mem_gb,
            "mfu": run.flops_per_img * train_ips / run.peak if run.flops_per_img and run.peak else None,
            "device": torch.cuda.get_device_name(dev) if cuda else f"cpu x{torch.get_num_threads()} threads",
-           **{k: C[k] for k in ("encoder", "unet", "batch_size", "compile", "channels_last", "dtype", "cpu_bf16",
+           **{k: run.cfg[k] for k in ("encoder", "unet", "batch_size", "compile", "channels_last", "dtype", "cpu_bf16",
                                 "fused_adamw", "threads")}}
-    with open(os.path.join(C["out_dir"], "bench.json"), "w") as f:
+    with open(os.path.join(run.out_dir, "bench.json"), "w") as f:
         json.dump(res, f, indent=1)
     mfu = f" mfu {res['mfu']:.1%}" if res["mfu"] else ""
     print(f"bench: train {train_ips:.1f} img/s | data {data_ips:.0f} img/s | DDIM {len(x)} images x "
-          f"{C['sample_steps']} steps {sample_s:.1f} s ({res['sample_img_steps_s']:.0f} img-steps/s) | "
+          f"{run.sample_steps} steps {sample_s:.1f} s ({res['sample_img_steps_s']:.0f} img-steps/s) | "
           f"peak mem {mem_gb:.2f} GB{mfu} | {res['device']}")
     return res
 

@@ -167,10 +167,11 @@ def test_the_pieces_make_the_loop(cifar_dir, tmp_path):
     run.raw.train()
     losses = [train.train_step(run, it).item() for it in range(3)]
     assert losses == logged  # exact: the same computation in the same order
-    run.step = 3
     train.save_run(run, 3)
     a, b = state(tmp_path / "main" / "ckpt.pt"), state(tmp_path / "pieces" / "ckpt.pt")
     assert all(torch.equal(a[k][n], b[k][n]) for k in ("model", "ema") for n in a[k])
+    moments = lambda ck: [t for s in ck["optimizer"]["state"].values() for t in s.values()]
+    assert len(moments(a)) > 0 and all(torch.equal(x, y) for x, y in zip(moments(a), moments(b)))
     assert a["step"] == b["step"] == 3 and a["data_pos"] == b["data_pos"]
     out = train.evaluate(run, 3)  # held-out kNN, z-gap, z-usage, a grid
     assert {"knn", "zgap", "z_removed_-3", "grid"} <= set(out) and os.path.isfile(out["grid"])
@@ -183,3 +184,9 @@ def test_lr_at_by_hand():
     assert train.lr_at(run, 14) == pytest.approx(1e-4) and train.lr_at(run, 100) == pytest.approx(1e-4)
     run.decay_lr = False
     assert train.lr_at(run, 9) == 1e-3
+
+
+def test_class_views_need_images_in_memory(tmp_path):
+    with pytest.raises(train.ConfigError, match="views='class'"):
+        train.main([f"--out_dir={tmp_path / 'o'}", "--dataset=imagenet", f"--data_dir={tmp_path}", "--views=class"])
+    assert not (tmp_path / "o").exists()
