@@ -240,8 +240,9 @@ def gbt_importance(ctr, ytr, cte, yte, seed=0):
         from sklearn.ensemble import GradientBoostingClassifier
     except ImportError:
         raise ConfigError("dci_model='gbt' needs scikit-learn, which is optional: pip install scikit-learn") from None
+    from tqdm import tqdm
     R, acc = [], []
-    for j in range(ytr.shape[1]):
+    for j in tqdm(range(ytr.shape[1]), desc="dci gbt, one factor at a time", disable=ytr.shape[1] < 2 or len(ytr) < 2000):
         gbt = GradientBoostingClassifier(random_state=seed).fit(ctr.numpy(), ytr[:, j].numpy())
         R.append(torch.from_numpy(gbt.feature_importances_).abs().float())
         acc.append(float((gbt.predict(cte.numpy()) == yte[:, j].numpy()).mean()))
