@@ -474,14 +474,12 @@ def load_cars3d(data_dir, split="train", image_size=64):
 CARS3D_FACTORS = ("elevation", "azimuth", "object")
 
 
-def load_cars3d_factors(data_dir, split="train", image_size=64, n=0, seed=0, test_frac=1 / 3):
+def load_cars3d_factors(data_dir, image_size=64, n_train=0, n_test=0, seed=0, test_frac=1 / 3):
     """Cars3D as a disentanglement set (paper §4.3.2; disentanglement_lib's factors): every view of
-    all 183 cars -> (uint8 images (N, 3, H, W), factor classes (N, 3): CARS3D_FACTORS, K (N, 3, 3),
-    c2w (N, 4, 4)). A fixed seeded permutation of the 17,568 images splits it: 'test' = test_frac
-    of it, 'train' the rest (both hold every car, so the object is a factor both can score);
-    n > 0 keeps the first n of the split."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    all 183 cars -> {'train': split, 'test': split}, each split (uint8 images (N, 3, H, W), factor
+    classes (N, 3): CARS3D_FACTORS, K (N, 3, 3), c2w (N, 4, 4)). A fixed seeded permutation of the
+    17,568 images splits it: 'test' = test_frac of it, 'train' the rest (both hold every car, so the
+    object is a factor both can score); n_train, n_test > 0 keep the first n of a split."""
     parts = [load_cars3d(data_dir, s, image_size) for s in ("train", "test")]
     imgs = torch.cat([p.images for p in parts])  # (183, 96, 3, H, W), views elevation-major
     N, V = imgs.shape[:2]
@@ -489,13 +487,16 @@ def load_cars3d_factors(data_dir, split="train", image_size=64, n=0, seed=0, tes
     obj = torch.arange(N)[:, None].expand(N, V)
     view = torch.arange(V)[None].expand(N, V)
     y = torch.stack([view // (V // E), view % (V // E), obj], -1).reshape(N * V, 3)
-    perm = torch.randperm(N * V, generator=torch.Generator().manual_seed(seed))
-    n_test = int(test_frac * len(perm))
-    idx = perm[:n_test] if split == "test" else perm[n_test:]
-    idx = idx[:n] if n > 0 else idx
+    imgs = imgs.reshape(N * V, *imgs.shape[2:])
     K = torch.cat([p.K for p in parts]).reshape(N * V, 3, 3)
     c2w = torch.cat([p.c2w for p in parts]).reshape(N * V, 4, 4)
-    return imgs.reshape(N * V, *imgs.shape[2:])[idx], y[idx], K[idx], c2w[idx]
+    perm = torch.randperm(N * V, generator=torch.Generator().manual_seed(seed))
+    n_test_all = int(test_frac * len(perm))
+    out = {}
+    for split, idx, n in (("train", perm[n_test_all:], n_train), ("test", perm[:n_test_all], n_test)):
+        idx = idx[:n] if n > 0 else idx
+        out[split] = (imgs[idx], y[idx], K[idx], c2w[idx])
+    return out
 
 
 def _read_png(path):

@@ -328,7 +328,7 @@ def main(argv):
     which = 0 if cfg["features"] == "pool" else 1
     feats = lambda x, cams=None: extract_features(net, x, cams=cams)[which]
     if cfg["features"] == "unet":
-        feats = lambda x: unet_features(net, x, cfg["unet_logsnr"], seed=cfg["seed"])
+        feats = lambda x, cams=None: unet_features(net, x, cfg["unet_logsnr"], seed=cfg["seed"])
     name = f"{task} {cfg['features']}{' random-init' if cfg['random'] else ''}"
     out = os.path.join(os.path.dirname(cfg["ckpt"]) or ".",
                        f"probe_{task}{'_gbt' if task == 'dci' and cfg['dci_model'] == 'gbt' else ''}_{cfg['features']}"
@@ -384,16 +384,17 @@ def main(argv):
             if tcfg["image_size"] != 64:
                 raise data.DataError(f"dSprites images are 64x64, but the checkpoint's image_size is {tcfg['image_size']}")
             (xtr, ctr), (xte, cte) = data.load_dsprites(dd, "train", n_tr), data.load_dsprites(dd, "test", n_te)
-            names = data.DSPRITES_FACTORS
-        else:  # cars3d: every view of all 183 cars, each view with its camera when the encoder reads rays
-            xtr, ctr, *cams_tr = data.load_cars3d_factors(dd, "train", tcfg["image_size"], n_tr)
-            xte, cte, *cams_te = data.load_cars3d_factors(dd, "test", tcfg["image_size"], n_te)
+            names, cams_tr, cams_te = data.DSPRITES_FACTORS, None, None
+        else:  # cars3d: every view of all 183 cars, each with its camera (K, c2w) for an encoder that reads rays
+            splits = data.load_cars3d_factors(dd, tcfg["image_size"], n_tr, n_te)
+            (xtr, ctr, *cams_tr), (xte, cte, *cams_te) = splits["train"], splits["test"]
             names = data.CARS3D_FACTORS
-            if tcfg["ray_freqs"]:
-                f = feats
-                feats = lambda x: f(x, cams_tr if x is xtr else cams_te)
+            if not tcfg["ray_freqs"]:
+                cams_tr = cams_te = None
+            elif cfg["features"] == "unet":
+                raise ConfigError("features='unet' gives the denoiser no camera: use 'pool' or 'z' for Cars3D DCI")
         print(f"dci ({cfg['dci_model']}): {len(xtr):,} train / {len(xte):,} test images, factors {', '.join(names)}")
-        res = dci(feats(xtr), ctr, feats(xte), cte, model=cfg["dci_model"], seed=cfg["seed"])
+        res = dci(feats(xtr, cams_tr), ctr, feats(xte, cams_te), cte, model=cfg["dci_model"], seed=cfg["seed"])
         R = res.pop("R")
         res.update(factors=list(names), dci_model=cfg["dci_model"], dataset=ds, importance=R.tolist(),
                    heatmap=out[:-len(".json")] + ".png")

@@ -317,8 +317,8 @@ def test_cli_fewshot_multilabel_dci(tmp_path, capsys, celeba_dir):
 def test_cars3d_factors_split_and_labels(tmp_path):
     from test_nvs import write_cars3d  # 4 cars x 2 elevations x 4 azimuths of noise, in the real layout
     write_cars3d(tmp_path)
-    xtr, ytr, Ktr, ctr = data.load_cars3d_factors(str(tmp_path), "train", 16)
-    xte, yte, Kte, cte = data.load_cars3d_factors(str(tmp_path), "test", 16)
+    splits = data.load_cars3d_factors(str(tmp_path), 16)
+    (xtr, ytr, Ktr, ctr), (xte, yte, Kte, cte) = splits["train"], splits["test"]
     assert len(xtr) + len(xte) == 32 and len(xte) == 10 and xtr.shape[1:] == (3, 16, 16) and Ktr.shape == (22, 3, 3)
     key = lambda y: set((y * torch.tensor([4, 1, 8])).sum(1).tolist())  # (elevation, azimuth, object) -> index
     assert len(key(ytr) | key(yte)) == 32 and not key(ytr) & key(yte)
