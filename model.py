@@ -47,6 +47,17 @@ def ray_embed(rays, n_freqs):
     return torch.cat(out, dim=1)
 
 
+def with_coords(x):
+    """x (B, C, H, W) and two more channels: each pixel's x and y, -1..1 left to right and top to
+    bottom (CoordConv, Liu et al. 2018). Convolutions and global pooling cannot tell where a pattern
+    is; where position is a factor of the data (dSprites' x and y), the encoder must be told it to
+    put it in z, and the decoder to draw from it."""
+    B, _, H, W = x.shape
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=x.device), torch.linspace(-1, 1, W, device=x.device),
+                            indexing="ij")
+    return torch.cat([x, torch.stack([xs, ys]).to(x.dtype).expand(B, -1, -1, -1)], dim=1)
+
+
 def ray_channels(n_freqs):
     return 6 + 12 * n_freqs if n_freqs > 0 else 0
 
@@ -386,13 +397,15 @@ class SODA(nn.Module):
 
     def __init__(self, encoder, unet, z_dim=128, image_size=32, cond="mod", n_tokens=8, agg="mean",
                  ray_freqs=0, p_mask_layer=0.0, p_uncond=0.0, p_uncond_pose=0.0, z_norm=False, bottleneck=True,
-                 segments=0, simsiam_dim=0, pdae=False, prediction="eps", z_init=0.0, z_bn=False):
+                 segments=0, simsiam_dim=0, pdae=False, prediction="eps", z_init=0.0, z_bn=False, coords=False):
         super().__init__()
         if prediction not in ("eps", "v", "x0"):
             raise ValueError(f"prediction must be 'eps', 'v' or 'x0', got {prediction!r}")
         self.ray_freqs, self.z_norm, self.prediction = ray_freqs, z_norm, prediction
         self.p_mask_layer, self.p_uncond, self.p_uncond_pose = p_mask_layer, p_uncond, p_uncond_pose
-        rc = ray_channels(ray_freqs)  # rays concatenated to the RGB channels (§3.3 "Perspective")
+        self.coords = coords
+        # rays concatenated to the RGB channels (§3.3 "Perspective"), then the pixel coordinates
+        rc = ray_channels(ray_freqs) + (2 if coords else 0)
         self.encoder = Encoder(z_dim, in_ch=3 + rc, image_size=image_size, bottleneck=bottleneck, **encoder)
         if not bottleneck:  # z = the feature map: the decoder must read it as one token per position
             n, c = self.encoder.spatial_tokens, self.encoder.feat_dim
@@ -426,10 +439,10 @@ class SODA(nn.Module):
         return self
 
     def _with_rays(self, x, rays):
-        # RGB and the ray embedding side by side; the first conv is the linear map that mixes them
-        if self.ray_freqs == 0:
-            return x
-        return torch.cat([x, ray_embed(rays, self.ray_freqs)], dim=1)
+        # RGB, the ray embedding and the pixel coordinates side by side; the first conv mixes them
+        if self.ray_freqs:
+            x = torch.cat([x, ray_embed(rays, self.ray_freqs)], dim=1)
+        return with_coords(x) if self.coords else x
 
     def encode_features(self, x_src, rays_src=None):
         """One view per image: (B, C, H, W) -> (pooled (B, feat_dim), z (B, z_dim)), for probes."""
@@ -496,6 +509,8 @@ class SODA(nn.Module):
             if keep_pose is not None:
                 r = r * keep_pose.to(r.dtype)[:, None, None, None]
             x_t = torch.cat([x_t, r], dim=1)
+        if self.coords:
+            x_t = with_coords(x_t)
         if self.frozen is None:
             return self.to_eps(self.unet(x_t, logsnr, z), x_rgb, logsnr)
         # PDAE: eps_hat = eps_theta(x_t) - sqrt(1 - abar) G(x_t, z), G ~ grad_x_t log p(z | x_t), the

@@ -76,6 +76,7 @@ agg = "mean"  # aggregation of k source views: 'mean' | 'transformer'
 ray_freqs = 0  # ray positional-encoding frequencies for posed 3D views (0: no poses)
 z_norm = False  # layer-normalise z on its way into the decoder (the encoder's z is unchanged)
 z_bn = False  # standardise z over the batch on its way into the decoder (running statistics in eval)
+coords = False  # two pixel-coordinate channels on the encoder's and the UNet's input (where position is a factor)
 z_init = 0.0  # init of the z projections: 0 = zero (the untrained decoder ignores z); > 0 = N(0, z_init^2 / fan_in)
 prediction = "eps"  # what the UNet outputs: 'eps' (the paper) | 'v' (Salimans & Ho 2022) | 'x0'; read as eps everywhere
 bottleneck = True  # False: no compact z, the encoder's whole feature map goes to the decoder (ablation)
@@ -343,15 +344,16 @@ def build_model(cfg):
                    bottleneck=cfg.get("bottleneck", True), segments=cfg.get("segments", 0),
                    simsiam_dim=cfg["simsiam_dim"] if cfg.get("simsiam_weight", 0) > 0 else 0,
                    pdae=bool(cfg.get("pretrained")), prediction=cfg.get("prediction", "eps"),
-                   z_init=cfg.get("z_init", 0.0))
+                   z_init=cfg.get("z_init", 0.0), coords=cfg.get("coords", False))
 
 
 def load_pretrained_denoiser(net, path, cfg):
     """PDAE / DiffSiam: the EMA UNet of a checkpoint `path` becomes net.frozen; it must have the
     UNet shape this config builds."""
     ck = load_checkpoint(path)
-    keys = ("unet", "z_dim", "image_size", "cond", "n_tokens", "ray_freqs", "prediction")
-    old = lambda k: ck["config"].get(k, "eps" if k == "prediction" else None)  # checkpoints before 'prediction' were eps
+    keys = ("unet", "z_dim", "image_size", "cond", "n_tokens", "ray_freqs", "prediction", "coords")
+    before = {"prediction": "eps", "coords": False}  # what checkpoints written before these keys had
+    old = lambda k: ck["config"].get(k, before.get(k))
     diff = [f"{k}={old(k)!r} (here {cfg[k]!r})" for k in keys if old(k) != cfg[k]]
     if diff or ck["config"].get("pretrained"):
         raise ConfigError(f"pretrained={path!r} cannot be the frozen denoiser: " +
