@@ -12,6 +12,7 @@ n_val = 1000
 encoder = "resnet18"
 unet = "small"
 z_dim = 64
+coords = True  # x, y channels on the input: global pooling cannot see position (README "Disentanglement")
 batch_size = 256
 max_iters = 12_000
 lr = 2e-4

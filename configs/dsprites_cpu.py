@@ -18,6 +18,7 @@ unet = "tiny"
 z_dim = 32
 z_norm = True
 z_bn = True
+coords = True  # x, y channels on the input: global pooling cannot see position (README "Disentanglement")
 prediction = "v"
 weighting = "v"
 batch_size = 32
