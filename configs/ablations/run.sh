@@ -10,7 +10,7 @@
 # goes between the base and each variant; OVERLAY=none keeps the base's recipe, and then the views
 # variant is novel_views.py (the base auto-encodes) instead of no_novel_views.py.
 # VARIANTS picks a subset (e.g. to train two halves side by side, then run once more for the table).
-# Runs already trained (out/ablations/<base>[-<overlay>]/<variant>-s<seed>/ckpt.pt) and probes already
+# Runs already trained (out/ablations/<base>[-recipe]/<variant>-s<seed>/ckpt.pt) and probes already
 # written are not redone. Other flags go to every train.py call.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
