@@ -404,16 +404,16 @@ class SODA(nn.Module):
         self.ray_freqs, self.z_norm, self.prediction = ray_freqs, z_norm, prediction
         self.p_mask_layer, self.p_uncond, self.p_uncond_pose = p_mask_layer, p_uncond, p_uncond_pose
         self.coords = coords
-        # rays concatenated to the RGB channels (§3.3 "Perspective"), then the pixel coordinates
-        rc = ray_channels(ray_freqs) + (2 if coords else 0)
-        self.encoder = Encoder(z_dim, in_ch=3 + rc, image_size=image_size, bottleneck=bottleneck, **encoder)
+        # RGB, then the rays (§3.3 "Perspective"), then the pixel coordinates, for both networks
+        in_ch = 3 + ray_channels(ray_freqs) + (2 if coords else 0)
+        self.encoder = Encoder(z_dim, in_ch=in_ch, image_size=image_size, bottleneck=bottleneck, **encoder)
         if not bottleneck:  # z = the feature map: the decoder must read it as one token per position
             n, c = self.encoder.spatial_tokens, self.encoder.feat_dim
             if cond != "xattn" or n_tokens != n or z_dim != n * c:
                 raise ValueError(f"bottleneck=False passes the {n} positions x {c} features of the encoder's map: "
                                  f"set cond='xattn', n_tokens={n}, z_dim={n * c}")
         self.agg = Aggregator(z_dim, agg)
-        self.unet = UNet(z_dim, image_size=image_size, in_ch=3 + rc, cond=cond, n_tokens=n_tokens,
+        self.unet = UNet(z_dim, image_size=image_size, in_ch=in_ch, cond=cond, n_tokens=n_tokens,
                          decoder_only=pdae, z_init=z_init, **unet)
         self.n_sections = self.unet.n_sections
         self.segments, self.z_dim = segments, z_dim
@@ -429,7 +429,7 @@ class SODA(nn.Module):
         if pdae:  # PDAE (Zhang et al. 2022), DiffSiam's decoder (thesis §3.2): a pre-trained denoiser
             # eps_theta, frozen, of the same shape as a SODA UNet (train.py loads its weights), read
             # with z = 0 (its unconditional mode); self.unet is then only its decoder half, G.
-            self.frozen = UNet(z_dim, image_size=image_size, in_ch=3 + rc, cond=cond, n_tokens=n_tokens,
+            self.frozen = UNet(z_dim, image_size=image_size, in_ch=in_ch, cond=cond, n_tokens=n_tokens,
                                **unet).requires_grad_(False)
 
     def train(self, mode=True):
@@ -438,7 +438,7 @@ class SODA(nn.Module):
             self.frozen.eval()
         return self
 
-    def _with_rays(self, x, rays):
+    def _encoder_input(self, x, rays):
         # RGB, the ray embedding and the pixel coordinates side by side; the first conv mixes them
         if self.ray_freqs:
             x = torch.cat([x, ray_embed(rays, self.ray_freqs)], dim=1)
@@ -446,7 +446,7 @@ class SODA(nn.Module):
 
     def encode_features(self, x_src, rays_src=None):
         """One view per image: (B, C, H, W) -> (pooled (B, feat_dim), z (B, z_dim)), for probes."""
-        return self.encoder.forward_features(self._with_rays(x_src, rays_src))
+        return self.encoder.forward_features(self._encoder_input(x_src, rays_src))
 
     def encode(self, x_src, rays_src=None):
         """(B, C, H, W) or k views (B, k, C, H, W) -> z (B, z_dim)."""
