@@ -59,12 +59,33 @@ def abar_inverted(u, base=abar_cosine):
     return invert_decreasing(base, u)
 
 
+def mixture(fns, n=4001):
+    """An equal mixture of schedules (u -> logsnr functions), as one monotone schedule. Under uniform
+    u, schedule i puts a fraction u_i(l) = fn_i^{-1}(l) of its draws at log-SNR >= l; the mixture's
+    fraction is their mean, tabulated on a log-SNR grid and inverted by linear interpolation. So
+    uniform u draws each schedule's noise levels half the time, and u = 0 is still clean, 1 noise."""
+    grid = torch.linspace(LOGSNR_MAX, LOGSNR_MIN, n, dtype=torch.float64)
+    u_grid = sum(invert_decreasing(lambda u: fn(u).double(), grid) for fn in fns) / len(fns)
+
+    def logsnr_fn(u):
+        u, ug, g = u.double().clamp(0, 1), u_grid.to(u.device), grid.to(u.device)
+        i = torch.searchsorted(ug, u).clamp(1, n - 1)  # ug[i - 1] <= u <= ug[i]
+        frac = ((u - ug[i - 1]) / (ug[i] - ug[i - 1]).clamp_min(1e-12)).clamp(0, 1)
+        return g[i - 1] + (g[i] - g[i - 1]) * frac
+    return logsnr_fn
+
+
 def get_schedule(name, shift=0.0, logsnr_min=LOGSNR_MIN):
     """name -> function u -> logsnr. 'linear' | 'cosine' | 'sigmoid' | 'inverted' (= inverted
-    cosine) | 'inverted_<base>'. shift adds a constant to logsnr (negative: noisier), as the
-    shifted schedules of Hoogeboom et al. 2023 ("simple diffusion"). logsnr_min > LOGSNR_MIN stops
-    the noisy end early: DDIM inversion to log-SNR -15 keeps the image at sqrt(abar) = 5e-4 of x_T,
-    and the first sampling step divides by that, so a round trip only works from a less noisy end."""
+    cosine) | 'inverted_<base>', or an equal mixture of those joined by '+' ('inverted+cosine': the
+    inverted schedule's medium noise levels and cosine's high ones). shift adds a constant to logsnr
+    (negative: noisier), as the shifted schedules of Hoogeboom et al. 2023 ("simple diffusion").
+    logsnr_min > LOGSNR_MIN stops the noisy end early: DDIM inversion to log-SNR -15 keeps the
+    image at sqrt(abar) = 5e-4 of x_T, and the first sampling step divides by that, so a round trip
+    only works from a less noisy end."""
+    if "+" in name:
+        mixed = mixture([get_schedule(part) for part in name.split("+")])
+        return lambda u: (mixed(u) + shift).clamp(logsnr_min, LOGSNR_MAX).float()
     if name == "inverted":
         name = "inverted_cosine"
     if name.startswith("inverted_") and name[9:] in BASES:
@@ -73,7 +94,8 @@ def get_schedule(name, shift=0.0, logsnr_min=LOGSNR_MIN):
     elif name in BASES:
         abar_fn = BASES[name]
     else:
-        raise ValueError(f"unknown schedule {name!r}: use one of {sorted(BASES)} or 'inverted[_<base>]'")
+        raise ValueError(f"unknown schedule {name!r}: use one of {sorted(BASES)} or 'inverted[_<base>]', "
+                         "or several joined by '+'")
 
     def logsnr_fn(u):
         abar = abar_fn(u.double()).clamp(1e-20, 1 - 1e-16)
@@ -328,7 +350,7 @@ def plot_schedules(path="schedules.png", n=200_000):
     u = torch.rand(n, generator=torch.Generator().manual_seed(0))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     grid = torch.linspace(0, 1, 500)
-    for name in ["linear", "cosine", "sigmoid", "inverted"]:
+    for name in ["linear", "cosine", "sigmoid", "inverted", "inverted+cosine"]:
         fn = get_schedule(name)
         axes[0].plot(grid, torch.sigmoid(fn(grid)), label=name)
         axes[1].hist(fn(u).numpy(), bins=120, range=(LOGSNR_MIN, LOGSNR_MAX), density=True,

@@ -261,7 +261,7 @@ class UNet(nn.Module):
 
     def __init__(self, z_dim, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,),
                  dropout=0.0, image_size=32, in_ch=3, out_ch=3, cond="mod", n_tokens=8, decoder_only=False,
-                 z_init=0.0):
+                 z_init=0.0, top_skips=True):
         super().__init__()
         m = len(ch_mult)
         self.cond = cond
@@ -293,11 +293,16 @@ class UNet(nn.Module):
                 self.down.append(nn.Conv2d(c, c, 3, 2, 1))  # downsample
                 skip_chs.append(c)
                 res //= 2
+        # top_skips=False: the up path's full-resolution level gets no skips, so fine detail must come
+        # up through the coarser levels, where z modulates (a decoder that cannot copy x_t's top level)
+        self.use_skip = [top_skips or i > 0 for i in reversed(range(m)) for _ in range(num_res_blocks + 1)]
+        use = iter(self.use_skip)
         self.mid = nn.ModuleList([step(c, c, m, True), step(c, c, m, False)])  # ADM: res-attn-res
         self.up = nn.ModuleList()
         for i, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
-                self.up.append(step(c + skip_chs.pop(), ch * mult, i, res in attn_res))
+                skip_c = skip_chs.pop()
+                self.up.append(step(c + (skip_c if next(use) else 0), ch * mult, i, res in attn_res))
                 c = ch * mult
             if i > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
@@ -327,12 +332,16 @@ class UNet(nn.Module):
             for blk in self.down:
                 h = blk(h, emb, z_secs, tokens) if isinstance(blk, Step) else blk(h)
                 skips.append(h)
-        hs = list(skips)
+        hs, use = list(skips), iter(self.use_skip)
         h = hs[-1]
         for blk in self.mid:
             h = blk(h, emb, z_secs, tokens)
         for blk in self.up:
-            h = blk(torch.cat([h, hs.pop()], dim=1), emb, z_secs, tokens) if isinstance(blk, Step) else blk(h)
+            if isinstance(blk, Step):
+                skip = hs.pop()
+                h = blk(torch.cat([h, skip], dim=1) if next(use) else h, emb, z_secs, tokens)
+            else:
+                h = blk(h)
         return (self.out(h), skips) if return_skips else self.out(h)
 
 
@@ -397,7 +406,8 @@ class SODA(nn.Module):
 
     def __init__(self, encoder, unet, z_dim=128, image_size=32, cond="mod", n_tokens=8, agg="mean",
                  ray_freqs=0, p_mask_layer=0.0, p_uncond=0.0, p_uncond_pose=0.0, z_norm=False, bottleneck=True,
-                 segments=0, simsiam_dim=0, pdae=False, prediction="eps", z_init=0.0, z_bn=False, coords=False):
+                 segments=0, simsiam_dim=0, pdae=False, prediction="eps", z_init=0.0, z_bn=False, coords=False,
+                 top_skips=True):
         super().__init__()
         if prediction not in ("eps", "v", "x0"):
             raise ValueError(f"prediction must be 'eps', 'v' or 'x0', got {prediction!r}")
@@ -414,7 +424,7 @@ class SODA(nn.Module):
                                  f"set cond='xattn', n_tokens={n}, z_dim={n * c}")
         self.agg = Aggregator(z_dim, agg)
         self.unet = UNet(z_dim, image_size=image_size, in_ch=in_ch, cond=cond, n_tokens=n_tokens,
-                         decoder_only=pdae, z_init=z_init, **unet)
+                         decoder_only=pdae, z_init=z_init, top_skips=top_skips, **unet)
         self.n_sections = self.unet.n_sections
         self.segments, self.z_dim = segments, z_dim
         # z_bn: each dim of z standardised over the batch on its way into the decoder (running
@@ -430,7 +440,7 @@ class SODA(nn.Module):
             # eps_theta, frozen, of the same shape as a SODA UNet (train.py loads its weights), read
             # with z = 0 (its unconditional mode); self.unet is then only its decoder half, G.
             self.frozen = UNet(z_dim, image_size=image_size, in_ch=in_ch, cond=cond, n_tokens=n_tokens,
-                               **unet).requires_grad_(False)
+                               top_skips=top_skips, **unet).requires_grad_(False)
 
     def train(self, mode=True):
         super().train(mode)

@@ -80,6 +80,7 @@ coords = False  # two pixel-coordinate channels on the encoder's and the UNet's 
 z_init = 0.0  # init of the z projections: 0 = zero (the untrained decoder ignores z); > 0 = N(0, z_init^2 / fan_in)
 prediction = "eps"  # what the UNet outputs: 'eps' (the paper) | 'v' (Salimans & Ho 2022) | 'x0'; read as eps everywhere
 bottleneck = True  # False: no compact z, the encoder's whole feature map goes to the decoder (ablation)
+top_skips = True  # False: the UNet's full-resolution up level gets no skip connections (detail must pass where z modulates)
 # SODA training (§3.2.1, §3.4)
 schedule = "inverted"  # training noise schedule: diffusion.get_schedule name
 logsnr_shift = 0.0  # added to the training schedule's log-SNR (negative: more noise)
@@ -344,15 +345,16 @@ def build_model(cfg):
                    bottleneck=cfg.get("bottleneck", True), segments=cfg.get("segments", 0),
                    simsiam_dim=cfg["simsiam_dim"] if cfg.get("simsiam_weight", 0) > 0 else 0,
                    pdae=bool(cfg.get("pretrained")), prediction=cfg.get("prediction", "eps"),
-                   z_init=cfg.get("z_init", 0.0), coords=cfg.get("coords", False))
+                   z_init=cfg.get("z_init", 0.0), coords=cfg.get("coords", False),
+                   top_skips=cfg.get("top_skips", True))
 
 
 def load_pretrained_denoiser(net, path, cfg):
     """PDAE / DiffSiam: the EMA UNet of a checkpoint `path` becomes net.frozen; it must have the
     UNet shape this config builds."""
     ck = load_checkpoint(path)
-    keys = ("unet", "z_dim", "image_size", "cond", "n_tokens", "ray_freqs", "prediction", "coords")
-    before = {"prediction": "eps", "coords": False}  # what checkpoints written before these keys had
+    keys = ("unet", "z_dim", "image_size", "cond", "n_tokens", "ray_freqs", "prediction", "coords", "top_skips")
+    before = {"prediction": "eps", "coords": False, "top_skips": True}  # what checkpoints written before these keys had
     old = lambda k: ck["config"].get(k, before.get(k))
     diff = [f"{k}={old(k)!r} (here {cfg[k]!r})" for k in keys if old(k) != cfg[k]]
     if diff or ck["config"].get("pretrained"):

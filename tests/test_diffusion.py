@@ -8,7 +8,7 @@ import torch
 import diffusion as D
 import model as M
 
-SCHEDULES = ["linear", "cosine", "sigmoid", "inverted", "inverted_sigmoid", "inverted_linear"]
+SCHEDULES = ["linear", "cosine", "sigmoid", "inverted", "inverted_sigmoid", "inverted_linear", "inverted+cosine"]
 Z = 32
 
 
@@ -66,6 +66,7 @@ EXPECTED_ENDS = {  # logsnr at u = 0 and u = 1
     "inverted": (D.LOGSNR_MAX, D.LOGSNR_MIN),
     "inverted_sigmoid": (D.LOGSNR_MAX, D.LOGSNR_MIN),
     "inverted_linear": (D.LOGSNR_MAX, D.LOGSNR_MIN),
+    "inverted+cosine": (D.LOGSNR_MAX, D.LOGSNR_MIN),
 }
 
 
@@ -101,7 +102,7 @@ def test_schedule_midpoints():
 
 
 def test_schedule_unknown_name():
-    for bad in ["cosin", "inverted_foo", "quadratic"]:
+    for bad in ["cosin", "inverted_foo", "quadratic", "cosine+foo"]:
         with pytest.raises(ValueError):
             D.get_schedule(bad)
 
@@ -146,6 +147,21 @@ def test_inverted_puts_mass_on_medium_noise(inv, base):
     lo = b(torch.tensor([torch.sigmoid(torch.tensor(2.0)).item()], dtype=torch.float64)).item()
     hi = b(torch.tensor([torch.sigmoid(torch.tensor(-2.0)).item()], dtype=torch.float64)).item()
     assert abs(f_inv - (hi - lo)) < 0.01
+
+
+def test_mixture_draws_each_schedule_half_the_time():
+    """'a+b' under uniform u puts the mean of a's and b's mass in any log-SNR interval (checked
+    against draws from each schedule), and a schedule mixed with itself is itself."""
+    u = torch.rand(100_000, generator=torch.Generator().manual_seed(0))
+    inv, cos, mix = (D.get_schedule(n)(u) for n in ("inverted", "cosine", "inverted+cosine"))
+    for lo, hi in [(-15, -4), (-4, -2), (-2, 2), (2, 15)]:
+        frac = lambda l: ((l >= lo) & (l < hi)).float().mean().item()
+        assert abs(frac(mix) - (frac(inv) + frac(cos)) / 2) < 0.006, (lo, hi)
+    assert (cos < -4).float().mean() > 0.05 > (inv < -4).float().mean()  # the mixture is not one of them
+    grid = torch.linspace(0.01, 0.99, 99)
+    assert torch.allclose(D.get_schedule("cosine+cosine")(grid), D.get_schedule("cosine")(grid), atol=2e-3)
+    shifted = D.get_schedule("inverted+cosine", shift=-1.0)(grid)
+    assert torch.allclose(shifted, D.get_schedule("inverted+cosine")(grid) - 1.0, atol=1e-5)
 
 
 # -----------------------------------------------------------------------------

@@ -485,6 +485,23 @@ def test_no_bottleneck_passes_the_feature_map_as_tokens():
         M.build("tiny", "tiny", z_dim=128, cond="xattn", n_tokens=8, bottleneck=False)
 
 
+@pytest.mark.parametrize("top_skips", [True, False])
+def test_top_skips_false_cuts_the_full_resolution_skips_only(top_skips):
+    """With top_skips=False the output ignores the down path's full-resolution activations (the
+    skips at image_size) and still reads the coarser ones; with the default it reads both."""
+    m = make(top_skips=top_skips)
+    x, logsnr, g = inputs()
+    z = torch.randn(2, Z, generator=g)
+    with torch.no_grad():
+        out, skips = m.unet(x, logsnr, z, return_skips=True)
+        for full_res in (True, False):
+            poked = [s + 1.0 if (s.shape[-1] == 16) == full_res else s for s in skips]
+            changed = not torch.allclose(m.unet(x, logsnr, z, skips=poked), out)
+            assert changed == (top_skips or not full_res), (full_res, changed)
+    n_params = lambda net: sum(p.numel() for p in net.unet.parameters())
+    assert (n_params(m) == n_params(make())) == top_skips  # no concatenation: narrower full-res up blocks
+
+
 def test_each_z_section_drives_its_down_and_up_level_and_the_last_the_middle():
     """Changing only section i of z changes the z input of exactly the ResBlocks of down level i and
     up level i (same resolution, image_size / 2^i); the last section only the middle blocks (§3.2.1)."""
