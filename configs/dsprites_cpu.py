@@ -19,6 +19,10 @@ z_dim = 32
 z_norm = True
 z_bn = True
 coords = True  # x, y channels on the input: global pooling cannot see position (README "Disentanglement")
+# the plain cosine training schedule, not the inverted one: a sprite's place and shape are only z's job at
+# high noise, which the inverted schedule almost never draws (README "Disentanglement": z removes 8.1% of the
+# x0-MSE at log-SNR -3 and 18.5% at -8 after 1,000 steps, against 1.6% and 0.6% under the inverted one)
+schedule = "cosine"
 prediction = "v"
 weighting = "v"
 batch_size = 32
