@@ -83,24 +83,24 @@ def get_schedule(name, shift=0.0, logsnr_min=LOGSNR_MIN):
     logsnr_min > LOGSNR_MIN stops the noisy end early: DDIM inversion to log-SNR -15 keeps the
     image at sqrt(abar) = 5e-4 of x_T, and the first sampling step divides by that, so a round trip
     only works from a less noisy end."""
-    if "+" in name:
-        mixed = mixture([get_schedule(part) for part in name.split("+")])
-        return lambda u: (mixed(u) + shift).clamp(logsnr_min, LOGSNR_MAX).float()
     if name == "inverted":
         name = "inverted_cosine"
-    if name.startswith("inverted_") and name[9:] in BASES:
-        base = BASES[name[9:]]
-        abar_fn = lambda u: abar_inverted(u, base)
-    elif name in BASES:
-        abar_fn = BASES[name]
+    if "+" in name:
+        raw = mixture([get_schedule(part) for part in name.split("+")])
     else:
-        raise ValueError(f"unknown schedule {name!r}: use one of {sorted(BASES)} or 'inverted[_<base>]', "
-                         "or several joined by '+'")
+        if name.startswith("inverted_") and name[9:] in BASES:
+            base = BASES[name[9:]]
+            abar_fn = lambda u: abar_inverted(u, base)
+        elif name in BASES:
+            abar_fn = BASES[name]
+        else:
+            raise ValueError(f"unknown schedule {name!r}: use one of {sorted(BASES)} or 'inverted[_<base>]', "
+                             "or several joined by '+'")
 
-    def logsnr_fn(u):
-        abar = abar_fn(u.double()).clamp(1e-20, 1 - 1e-16)
-        return (abar.log() - (-abar).log1p() + shift).clamp(logsnr_min, LOGSNR_MAX).float()
-    return logsnr_fn
+        def raw(u):  # logit(abar), in fp64
+            abar = abar_fn(u.double()).clamp(1e-20, 1 - 1e-16)
+            return abar.log() - (-abar).log1p()
+    return lambda u: (raw(u) + shift).clamp(logsnr_min, LOGSNR_MAX).float()
 
 
 def q_sample(x_0, logsnr, eps):
