@@ -20,6 +20,8 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a long test, skipped unless pytest is given --runslow")
+    config.addinivalue_line("markers", "numerics: compares two code paths to float rounding; tests/test_kernels.py "
+                            "runs these again under a second CPU kernel set")
     config.addinivalue_line("markers", "full_eval: keep train.main's full end-of-run evaluation (see light_eval)")
 
 

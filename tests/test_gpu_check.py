@@ -6,6 +6,8 @@ import os
 import subprocess
 import time
 
+from test_kernels import other_kernel_set
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "configs", "gpu_check.py"))
 gpu_check = importlib.util.module_from_spec(spec)
@@ -13,7 +15,10 @@ spec.loader.exec_module(gpu_check)
 
 
 def test_dry_run_reports_every_item(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # under the second CPU kernel set (tests/test_kernels.py): its items compare the same switches as
+    # tests/test_train.py, which runs them under this CPU's own kernels, so both sets are checked
+    kernels = os.environ.get("ATEN_CPU_CAPABILITY") or other_kernel_set()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", ATEN_CPU_CAPABILITY=kernels)
     r = subprocess.run(["bash", "configs/gpu_check.sh", str(tmp_path), "--dry-run"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
