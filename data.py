@@ -12,7 +12,6 @@ This file imports no other project file.
 import glob
 import math
 import os
-import pickle
 import warnings
 from typing import NamedTuple
 
@@ -159,7 +158,7 @@ def augment(x, aug, rng, crop_min=0.25):
 
 
 def make_views(x, views, aug, rng, x_other=None, crop_min=0.25):
-    """A batch of images -> (x_src, x_tgt) in [-1, 1] (§3.3, SPEC §4).
+    """A batch of images -> (x_src, x_tgt) in [-1, 1] (§3.3, §4.1).
     'augment': two independent augmentations of each image (novel views);
     'identical': one augmentation used as both (auto-encoding, the "w/o novel views" ablation);
     'class': the source is x_other, another image of the same class."""
@@ -218,10 +217,30 @@ def read_rgb(loader, path):
         raise DataError(f"cannot read image file {path!r} ({type(e).__name__}): remove or replace it") from None
 
 
-def _load_image_folder(root):
+def image_folder(root):
+    """torchvision's ImageFolder of root/<class>/<image>; a folder without classes or images is one
+    DataError naming it."""
     import torchvision
-    ds = torchvision.datasets.ImageFolder(root)
-    x = torch.stack([torch.from_numpy(read_rgb(ds.loader, p)) for p, _ in ds.samples])
+    try:
+        return torchvision.datasets.ImageFolder(root)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"{os.path.abspath(root)!r} is not an image folder (<class>/<image> files): "
+                        f"{str(e).splitlines()[0]}") from None
+
+
+def _load_image_folder(root):
+    """An image folder held in memory -> (uint8 (N, 3, H, W), labels (N,), class names); its images
+    must share one size."""
+    ds = image_folder(root)
+    images = []
+    for path, _ in ds.samples:
+        img = read_rgb(ds.loader, path)  # (H, W, 3)
+        if images and img.shape != images[0].shape:
+            (h, w), (h0, w0) = img.shape[:2], images[0].shape[:2]
+            raise DataError(f"image {path!r} is {w}x{h}, but {ds.samples[0][0]!r} is {w0}x{h0}: "
+                            "the images of a folder must share one size")
+        images.append(torch.from_numpy(img))
+    x = torch.stack(images)
     return x.permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes
 
 
@@ -265,12 +284,11 @@ class FolderData(torch.utils.data.Dataset):
     `image_size`, centre-crop, uint8 (3, S, S). Random crops happen later, batched, on the device."""
 
     def __init__(self, root, image_size):
-        import torchvision
         import torchvision.transforms.v2 as T
         if not os.path.isdir(root):
             raise DataError(f"no image folder at {os.path.abspath(root)!r}: expected <root>/<class>/*.JPEG "
                             "(ImageNet: DATA_DIR/train and DATA_DIR/val)")
-        self.ds = torchvision.datasets.ImageFolder(root)
+        self.ds = image_folder(root)
         self.tf = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)])
         self.targets = torch.tensor(self.ds.targets)
 
@@ -303,6 +321,26 @@ def epoch_order(n, global_batch, seed, epoch):
     """The global batches of an epoch: a permutation seeded by (seed, epoch), cut into full batches."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
     return perm[: n // global_batch * global_batch].view(-1, global_batch)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Index batches for DataLoader workers: this process's rows of each global batch, starting at
+    `start` step, in the same (seed, epoch) order as the in-memory path."""
+
+    def __init__(self, n, global_batch, rows, seed, start, stop):
+        self.n, self.gb, self.rows, self.seed, self.start, self.stop = n, global_batch, rows, seed, start, stop
+
+    def __iter__(self):
+        per_epoch, order = self.n // self.gb, (None, None)
+        for it in range(self.start, self.stop):
+            epoch, i = divmod(it, per_epoch)
+            if order[0] != epoch:
+                order = (epoch, epoch_order(self.n, self.gb, self.seed, epoch))
+            yield order[1][i][self.rows].tolist()
+
+    def __len__(self):
+        return self.stop - self.start
+
 
 
 def class_partners(idx, y, rng):
@@ -417,7 +455,7 @@ def intrinsics(focal, size):
 
 def camera_rays(K, c2w, H, W):
     """Each pixel's ray through its centre: K (..., 3, 3), c2w (..., 4, 4) -> (..., 6, H, W), the
-    camera centre (3 channels) and the unit direction (3) in world coordinates (SPEC §2)."""
+    camera centre (3 channels) and the unit direction (3) in world coordinates (§3.3 "Perspective")."""
     i, j = torch.meshgrid(torch.arange(H, dtype=torch.float32, device=K.device) + 0.5,
                           torch.arange(W, dtype=torch.float32, device=K.device) + 0.5, indexing="ij")
     fx, fy, cx, cy = (K[..., a, b][..., None, None] for a, b in ((0, 0), (1, 1), (0, 2), (1, 2)))

@@ -115,14 +115,15 @@ def loss(model, x_src, x_tgt, schedule, u=None, eps=None, weighting="eps", **con
     here unless given (train.py gives them, to make DDP and resume exact). The model may run in
     bf16 under autocast; the noise and the loss are fp32. weighting='v' scales each image's
     eps-MSE by 1 / abar = (1 + SNR) / SNR, the v-prediction loss (Salimans & Ho 2022): more weight
-    on high noise, where the decoder must lean on z."""
+    on high noise, where the decoder must lean on z. A model that returns (eps_hat, a loss of its
+    own) gets (the diffusion loss, that loss) back."""
     B = x_tgt.shape[0]
     u = torch.rand(B, device=x_tgt.device) if u is None else u
     eps = torch.randn_like(x_tgt, dtype=torch.float32) if eps is None else eps.float()
     logsnr = schedule(u)
     x_t = q_sample(x_tgt.float(), logsnr, eps)
     out = model(x_t, logsnr, x_src, **cond)
-    eps_hat, extra = out if isinstance(out, tuple) else (out, None)  # extra: DiffSiam's SimSiam loss
+    eps_hat, extra = out if isinstance(out, tuple) else (out, None)  # a loss of the model's own (diffsiam.py)
     if weighting == "eps":
         mse = F.mse_loss(eps_hat.float(), eps)
     elif weighting == "v":
@@ -133,44 +134,19 @@ def loss(model, x_src, x_tgt, schedule, u=None, eps=None, weighting="eps", **con
     return mse if extra is None else (mse, extra)
 
 
-def segment_keep(u, n, mode="hierarchical"):
-    """DiffSiam's segment schedule (thesis §3.2, §4.3.1): at noise position u in [0, 1] (more noise,
-    more lost attributes) level k = ceil(u n) in 1..n; 'hierarchical' switches on segments 1..k
-    (z_bar_k = [z_1..z_k, 0..]), 'sequential' only segment k. -> (B, n) of 0/1."""
-    k = (u * n).ceil().clamp(1, n).long()  # (B,)
-    idx = torch.arange(1, n + 1, device=u.device)[None]
-    if mode == "hierarchical":
-        return (idx <= k[:, None]).float()
-    if mode == "sequential":
-        return (idx == k[:, None]).float()
-    raise ValueError(f"segment_mode must be 'hierarchical' or 'sequential', got {mode!r}")
-
-
-def segment_schedule(n, mode, schedule):
-    """The segment schedule for samplers: logsnr (B,) -> (B, n) keep, the segments that training
-    switched on at that noise level (segment_keep at the u where the training `schedule` gives
-    this logsnr). A sampler that conditions on every segment at every step asks the decoder for
-    something it never saw at low noise (thesis Alg. 2 can: its k is drawn apart from t)."""
-    return lambda logsnr: segment_keep(invert_decreasing(schedule, logsnr.float()), n, mode)
-
-
 # -----------------------------------------------------------------------------
 # Guidance (§3.2.1, §3.3): one batched forward for the conditional and unconditional halves
 
-def guided_eps(model, x_t, logsnr, z, w=1.0, keep=None, keep_uncond=None, rays_tgt=None, w_pose=1.0,
-               seg_keep=None):
+def guided_eps(model, x_t, logsnr, z, w=1.0, keep=None, keep_uncond=None, rays_tgt=None, w_pose=1.0):
     """eps = eps(x | masked z) + w (eps(x | z) - eps(x | masked z)).
     keep: the sections to condition on (default all); keep_uncond: the sections left on in the
     unconditional branch (default none: classic CFG; any subset: layer-wise guidance).
-    seg_keep (1 or B, segments): DiffSiam's segments on at this noise level, on top of both.
     With rays and w_pose != 1, pose is guided separately:
     eps = eps(0, 0) + w_pose (eps(0, r) - eps(0, 0)) + w (eps(z, r) - eps(0, r))."""
     B, S = x_t.shape[0], model.n_sections
     ones = torch.ones(B, S, device=x_t.device)
     keep = ones if keep is None else keep.to(ones).expand(B, S)
     keep_uncond = 0 * ones if keep_uncond is None else keep_uncond.to(ones).expand(B, S)
-    if seg_keep is not None:  # DiffSiam: only the segments on at this noise level, in both branches
-        keep, keep_uncond = model.keep_dims(keep, seg_keep), model.keep_dims(keep_uncond, seg_keep)
     guide_pose = rays_tgt is not None and w_pose != 1.0
     if w == 1.0 and not guide_pose:  # no guidance: the conditional pass alone
         return model.denoise(x_t, logsnr, z, keep, rays_tgt).float()
@@ -197,11 +173,11 @@ def _grid(steps, schedule, device):
 
 @torch.no_grad()
 def sample(model, z, shape, steps=50, eta=0.0, schedule="cosine", generator=None, x_T=None,
-           clip=True, progress=False, segments=None, **guidance):
+           clip=True, progress=False, **guidance):
     """DDIM (Song et al. 2021, eq. 12) with stochasticity eta; eta=1 is DDPM's ancestral sampler
     (the posterior q(x_s | x_t, x_0_hat) of Ho et al. 2020; DDIM eq. 16). The paper samples with
-    DDPM (§3.4). z: the latent (B, z_dim) from model.encode; guidance kwargs go to guided_eps;
-    segments: a DiffSiam model's segment_schedule. Deterministic given `generator` (and x_T)."""
+    DDPM (§3.4). z: the latent (B, z_dim) from model.encode; guidance kwargs go to guided_eps.
+    Deterministic given `generator` (and x_T)."""
     schedule = get_schedule(schedule) if isinstance(schedule, str) else schedule
     device = z.device
     x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.float()
@@ -213,8 +189,7 @@ def sample(model, z, shape, steps=50, eta=0.0, schedule="cosine", generator=None
     for i in it:
         lt, ls = logsnrs[i], logsnrs[i + 1]  # from noise level t to the less noisy s
         abar_t, abar_s = torch.sigmoid(lt), torch.sigmoid(ls)
-        seg = None if segments is None else segments(lt[None])
-        eps = guided_eps(model, x, lt.expand(shape[0]), z, seg_keep=seg, **guidance)
+        eps = guided_eps(model, x, lt.expand(shape[0]), z, **guidance)
         x_0 = (x - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
         if clip:
             x_0 = x_0.clamp(-1, 1)
@@ -239,7 +214,7 @@ def ddim(model, z, shape, steps=50, **kw):
 
 
 @torch.no_grad()
-def ddim_invert(model, x_0, z, steps=50, schedule="cosine", progress=False, segments=None, **guidance):
+def ddim_invert(model, x_0, z, steps=50, schedule="cosine", progress=False, **guidance):
     """Run deterministic DDIM backwards, x_0 -> x_T, so that ddim(..., x_T=x_T) gives x_0 back
     (used for interpolation and editing, §4.3). Ends at u = 1, where ddim starts."""
     schedule = get_schedule(schedule) if isinstance(schedule, str) else schedule
@@ -252,8 +227,7 @@ def ddim_invert(model, x_0, z, steps=50, schedule="cosine", progress=False, segm
     for i in it:
         ls, lt = logsnrs[i], logsnrs[i + 1]  # from the less noisy s to the noisier t
         abar_s, abar_t = torch.sigmoid(ls), torch.sigmoid(lt)
-        seg = None if segments is None else segments(ls[None])
-        eps = guided_eps(model, x, ls.expand(x.shape[0]), z, seg_keep=seg, **guidance)
+        eps = guided_eps(model, x, ls.expand(x.shape[0]), z, **guidance)
         x_0_hat = (x - (1 - abar_s).sqrt() * eps) / abar_s.sqrt()
         x = abar_t.sqrt() * x_0_hat + (1 - abar_t).sqrt() * eps
     return x
@@ -266,17 +240,15 @@ ZUSAGE_LOGSNRS = (-8.0, -6.0, -4.0, -3.0, -2.0, 0.0, 2.0, 4.0)
 
 
 @torch.no_grad()
-def z_usage(model, x_0, logsnrs=ZUSAGE_LOGSNRS, x_src=None, seed=0, batch=256, rays_src=None, rays_tgt=None,
-            segments=None):
+def z_usage(model, x_0, logsnrs=ZUSAGE_LOGSNRS, x_src=None, seed=0, batch=256, rays_src=None, rays_tgt=None):
     """x0-MSE of the decoder with z against z masked (all sections off: the unconditional model),
     on a fixed log-SNR grid, with one fixed noise per image shared by every level. x_0: the images
     to denoise (B, 3, H, W) in [-1, 1]; x_src: the view z is encoded from (default x_0 itself:
     "how much of this image does z carry"). x0_hat = (x_t - sigma eps_hat) / alpha, clipped to
     [-1, 1] as the samplers do. Where the decoder ignores z both curves coincide (0% removed); where
     z carries the image the curve with z falls towards 0 at every noise level. Two reference lines:
-    a grey image (x0_hat = 0) and each image's own mean colour. segments: a DiffSiam model's
-    segment_schedule ("with z" = the segments training used at that level). Call under the
-    training autocast; the x0 math is fp32. -> dict of lists (one entry per level) and summaries."""
+    a grey image (x0_hat = 0) and each image's own mean colour. Call under the training
+    autocast; the x0 math is fp32. -> dict of lists (one entry per level) and summaries."""
     dev = x_0.device
     x_0 = x_0.float()
     x_src = x_0 if x_src is None else x_src
@@ -293,8 +265,7 @@ def z_usage(model, x_0, logsnrs=ZUSAGE_LOGSNRS, x_src=None, seed=0, batch=256, r
             logsnr = torch.full((B,), float(l), device=dev)
             abar = torch.sigmoid(logsnr)[:, None, None, None]
             x_t = q_sample(x_0[sl], logsnr, eps[sl])
-            keep_on = on if segments is None else model.keep_dims(on, segments(logsnr))
-            for k, keep in enumerate((keep_on, torch.zeros_like(keep_on))):
+            for k, keep in enumerate((on, torch.zeros_like(on))):
                 eps_hat = model.denoise(x_t, logsnr, z, keep, rt).float()
                 x0_hat = ((x_t - (1 - abar).sqrt() * eps_hat) / abar.sqrt()).clamp(-1, 1)
                 sums[j, k] += (x0_hat - x_0[sl]).pow(2).mean(dim=(1, 2, 3)).double().sum().cpu()
@@ -309,60 +280,3 @@ def z_usage(model, x_0, logsnrs=ZUSAGE_LOGSNRS, x_src=None, seed=0, batch=256, r
     res["removed_mean"] = sum(mid) / len(mid) if mid else None  # mean over log-SNR -6..+2
     res["worse_than_grey"] = [l for l, m in zip(res["logsnr"], res["mse_z"]) if m > res["grey"]]
     return res
-
-
-def z_usage_table(res):
-    """The z-usage dict as a small text table (one column per log-SNR)."""
-    row = lambda name, vals, fmt: f"{name:<16}" + "".join(f"{v:>8{fmt}}" for v in vals)
-    return "\n".join([row("log-SNR", res["logsnr"], ".0f"), row("x0-MSE with z", res["mse_z"], ".3f"),
-                      row("x0-MSE z masked", res["mse_masked"], ".3f"), row("removed by z %", res["removed"], ".1f"),
-                      f"grey image {res['grey']:.3f}, per-image mean colour {res['mean_colour']:.3f}; "
-                      f"z removes {res['removed_at_-3']:.1f}% at log-SNR -3, {res['removed_mean']:.1f}% on average over -6..+2"])
-
-
-def plot_z_usage(res, path, title="z usage"):
-    """Both x0-MSE curves against log-SNR, with the grey-image and mean-colour lines."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.plot(res["logsnr"], res["mse_masked"], "o-", label="z masked (unconditional)")
-    ax.plot(res["logsnr"], res["mse_z"], "o-", label="with z")
-    ax.axhline(res["grey"], ls="--", c="grey", label="grey image")
-    ax.axhline(res["mean_colour"], ls=":", c="k", label="each image's mean colour")
-    for l, m, r in zip(res["logsnr"], res["mse_z"], res["removed"]):
-        ax.annotate(f"{r:.0f}%", (l, m), textcoords="offset points", xytext=(0, -12), ha="center", fontsize=7)
-    ax.set(xlabel="log-SNR (noisier to the left)", ylabel="x0-MSE", yscale="log",
-           title=f"{title}: z removes {res['removed_at_-3']:.0f}% at -3, {res['removed_mean']:.0f}% over -6..+2")
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_schedules(path="schedules.png", n=200_000):
-    """A figure of what 'inverted' means: the density of logsnr under uniform u, per schedule."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    u = torch.rand(n, generator=torch.Generator().manual_seed(0))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    grid = torch.linspace(0, 1, 500)
-    for name in ["linear", "cosine", "sigmoid", "inverted", "inverted+cosine"]:
-        fn = get_schedule(name)
-        axes[0].plot(grid, torch.sigmoid(fn(grid)), label=name)
-        axes[1].hist(fn(u).numpy(), bins=120, range=(LOGSNR_MIN, LOGSNR_MAX), density=True,
-                     histtype="step", label=name)
-    axes[0].set(xlabel="u", ylabel="abar(u)", title="schedules")
-    axes[1].set(xlabel="log-SNR", ylabel="density", title="noise levels seen in training (u ~ U[0,1])")
-    axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
-
-
-if __name__ == "__main__":
-    import sys
-    print(plot_schedules(*sys.argv[1:2]))

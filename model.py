@@ -2,7 +2,8 @@
 SODA: the encoder, the z-modulated UNet denoiser, and the module tying them.
 
 Read top to bottom: small pieces (norm, embeddings, blocks), then the ResNet encoder E(x') = z,
-then the UNet decoder D(x_t, logsnr, z), then SODA itself, then the PRESETS dict.
+then the UNet decoder D(x_t, logsnr, z), then SODA itself, then the PRESETS dict. The thesis'
+DiffSiam variant extends SODA in diffsiam.py.
 Paper: Hudson et al., "SODA: Bottleneck Diffusion Models for Representation Learning", CVPR 2024.
 This file imports no other project file; the loss and the samplers live in diffusion.py.
 """
@@ -180,7 +181,7 @@ class ResBlock(nn.Module):
         self.z_proj = None
         if z_sec_dim:  # z_init = 0: zero-init, the untrained block ignores z and the encoder starts at
             # exactly zero gradient; > 0: weights N(0, z_init^2 / fan_in), so z reaches the loss from
-            # the first step (the paper writes z_s GN(h) + z_b and does not say; SPEC §2: a measured choice)
+            # the first step (the paper writes z_s GN(h) + z_b and does not say: a measured choice)
             self.z_proj = nn.Linear(z_sec_dim, 2 * cout)
             if z_init > 0:
                 nn.init.normal_(self.z_proj.weight, std=z_init / math.sqrt(z_sec_dim))
@@ -191,6 +192,16 @@ class ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_(nn.Conv2d(cout, cout, 3, 1, 1))
         self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def modulate(self, h, emb, z_sec=None):
+        """The paper's two steps, as written (§3.1): AdaGN on the noise level, then z's scale and
+        shift. forward() computes the same in one pass over h (a test checks that the two agree)."""
+        s_t, b_t = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + s_t) + b_t
+        if self.z_proj is not None:
+            s_z, b_z = self.z_proj(z_sec)[:, :, None, None].chunk(2, dim=1)
+            h = h * (1 + s_z) + b_z
+        return h
 
     def forward(self, x, emb, z_sec=None):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -260,8 +271,7 @@ class UNet(nn.Module):
     cond='emb': z only added to the noise-level embedding (the "w/o layer modulation" ablation)."""
 
     def __init__(self, z_dim, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,),
-                 dropout=0.0, image_size=32, in_ch=3, out_ch=3, cond="mod", n_tokens=8, decoder_only=False,
-                 z_init=0.0, top_skips=True):
+                 dropout=0.0, image_size=32, in_ch=3, out_ch=3, cond="mod", n_tokens=8, z_init=0.0, top_skips=True):
         super().__init__()
         m = len(ch_mult)
         self.cond = cond
@@ -310,12 +320,10 @@ class UNet(nn.Module):
                 res *= 2
         self.out = nn.Sequential(Norm(c), nn.SiLU(), zero_(nn.Conv2d(c, out_ch, 3, 1, 1)))
         self.ch, self.sec_dims, self.m = ch, sec_dims, m
-        if decoder_only:  # PDAE's gradient estimator: the down path's features come from another UNet
-            self.conv_in = self.down = None
 
-    def forward(self, x, logsnr, z, skips=None, return_skips=False):
-        """-> eps_hat (B, out_ch, H, W). skips: the down-path activations of another UNet (then this
-        one's own down path is not run); return_skips: also return this UNet's."""
+    def conditioning(self, logsnr, z):
+        """-> (noise-level embedding, z's sections for the modulated steps, z's tokens for
+        cross-attention): what every step of the UNet reads besides its input."""
         emb = self.emb(sinusoidal(logsnr, self.ch))
         z_secs, tokens = [None] * (self.m + 1), None
         if self.cond == "mod":
@@ -326,12 +334,19 @@ class UNet(nn.Module):
             tokens = tokens + self.tok_pos
         else:
             emb = emb + self.z_emb(z)
-        if skips is None:
-            h = self.conv_in(x)
-            skips = [h]
-            for blk in self.down:
-                h = blk(h, emb, z_secs, tokens) if isinstance(blk, Step) else blk(h)
-                skips.append(h)
+        return emb, z_secs, tokens
+
+    def down_path(self, x, emb, z_secs, tokens):
+        """-> the activations the up path's skip connections read, the deepest last."""
+        h = self.conv_in(x)
+        skips = [h]
+        for blk in self.down:
+            h = blk(h, emb, z_secs, tokens) if isinstance(blk, Step) else blk(h)
+            skips.append(h)
+        return skips
+
+    def up_path(self, skips, emb, z_secs, tokens):
+        """The middle block, then the up levels, each step reading its skip -> the output."""
         hs, use = list(skips), iter(self.use_skip)
         h = hs[-1]
         for blk in self.mid:
@@ -342,7 +357,12 @@ class UNet(nn.Module):
                 h = blk(torch.cat([h, skip], dim=1) if next(use) else h, emb, z_secs, tokens)
             else:
                 h = blk(h)
-        return (self.out(h), skips) if return_skips else self.out(h)
+        return self.out(h)
+
+    def forward(self, x, logsnr, z):
+        """-> the network's output (B, out_ch, H, W) for noisy x at noise level logsnr, given z."""
+        cond = self.conditioning(logsnr, z)
+        return self.up_path(self.down_path(x, *cond), *cond)
 
 
 class BatchStandardize(nn.Module):
@@ -377,37 +397,17 @@ class BatchStandardize(nn.Module):
         return (z - mean) / (var + self.eps).sqrt()
 
 
-class MLP(nn.Sequential):
-    """Linear - BatchNorm - ReLU - Linear (+ BatchNorm): SimSiam's heads. BatchNorm here, unlike the
-    encoder: SimSiam collapses without it (Chen & He 2021, Table 5), and so did our LayerNorm heads
-    (every image's z within cosine 0.9999 of the others after a CPU teaching run)."""
-
-    def __init__(self, cin, hidden, cout, out_norm=False):
-        layers = [nn.Linear(cin, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, cout)]
-        super().__init__(*layers, *([nn.BatchNorm1d(cout, affine=False)] if out_norm else []))
-
-
-def negative_cosine(p, h):
-    """SimSiam's D(p, h) = -cos(p, stopgrad(h)), averaged over the batch: -1 when aligned; no
-    gradient reaches h (Chen & He 2021)."""
-    return -(F.normalize(p, dim=1) * F.normalize(h.detach(), dim=1)).sum(dim=1).mean()
-
-
 # -----------------------------------------------------------------------------
 # SODA: encoder + bottleneck + aggregation + modulated denoiser
 
 class SODA(nn.Module):
     """eps_hat = D(x_t, logsnr, z = E(x')). `keep` (B, n_sections) of 0/1 switches sections of z
     off (zeroed: eps(x_t | 0) is the unconditional model, §3.2.1); `keep_pose` (B,) does the same
-    for the target rays. During training, forward() draws that dropout unless given.
-    DiffSiam (thesis §3.2, SPEC §8): `segments` > 0 cuts z into parts that the training schedule
-    switches on by noise level (diffusion.segment_keep); simsiam_dim > 0 adds SimSiam heads on z;
-    pdae=True makes the decoder a frozen pre-trained denoiser plus a trainable gradient estimator."""
+    for the target rays. During training, forward() draws that dropout unless given."""
 
     def __init__(self, encoder, unet, z_dim=128, image_size=32, cond="mod", n_tokens=8, agg="mean",
                  ray_freqs=0, p_mask_layer=0.0, p_uncond=0.0, p_uncond_pose=0.0, z_norm=False, bottleneck=True,
-                 segments=0, simsiam_dim=0, pdae=False, prediction="eps", z_init=0.0, z_bn=False, coords=False,
-                 top_skips=True):
+                 prediction="eps", z_init=0.0, z_bn=False, coords=False, top_skips=True):
         super().__init__()
         if prediction not in ("eps", "v", "x0"):
             raise ValueError(f"prediction must be 'eps', 'v' or 'x0', got {prediction!r}")
@@ -423,30 +423,14 @@ class SODA(nn.Module):
                 raise ValueError(f"bottleneck=False passes the {n} positions x {c} features of the encoder's map: "
                                  f"set cond='xattn', n_tokens={n}, z_dim={n * c}")
         self.agg = Aggregator(z_dim, agg)
-        self.unet = UNet(z_dim, image_size=image_size, in_ch=in_ch, cond=cond, n_tokens=n_tokens,
-                         decoder_only=pdae, z_init=z_init, top_skips=top_skips, **unet)
-        self.n_sections = self.unet.n_sections
-        self.segments, self.z_dim = segments, z_dim
+        self.unet = UNet(z_dim, image_size=image_size, in_ch=in_ch, cond=cond, n_tokens=n_tokens, z_init=z_init,
+                         top_skips=top_skips, **unet)
+        self.n_sections, self.z_dim = self.unet.n_sections, z_dim
         # z_bn: each dim of z standardised over the batch on its way into the decoder (running
         # statistics in eval). At init most of z's energy is one direction shared by every image
         # (pooled ReLU features); a per-image norm keeps it, batch statistics remove it, so the
         # decoder reads what differs between images. The statistics are the global batch's under DDP.
         self.z_bn = BatchStandardize(z_dim) if z_bn else None
-        if simsiam_dim:  # built last, so the encoder and UNet initialise as in plain SODA
-            self.projector = MLP(z_dim, simsiam_dim, simsiam_dim, out_norm=True)
-            self.predictor = MLP(simsiam_dim, simsiam_dim // 4, simsiam_dim)
-        self.frozen = None
-        if pdae:  # PDAE (Zhang et al. 2022), DiffSiam's decoder (thesis §3.2): a pre-trained denoiser
-            # eps_theta, frozen, of the same shape as a SODA UNet (train.py loads its weights), read
-            # with z = 0 (its unconditional mode); self.unet is then only its decoder half, G.
-            self.frozen = UNet(z_dim, image_size=image_size, in_ch=in_ch, cond=cond, n_tokens=n_tokens,
-                               top_skips=top_skips, **unet).requires_grad_(False)
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.frozen is not None:  # a frozen denoiser stays in eval mode (no dropout)
-            self.frozen.eval()
-        return self
 
     def _encoder_input(self, x, rays):
         # RGB, the ray embedding and the pixel coordinates side by side; the first conv mixes them
@@ -472,22 +456,10 @@ class SODA(nn.Module):
 
     def mask_z(self, z, keep):
         """keep (B, P) of 0/1: z cut into P near-equal parts (P = n_sections: the layer sections;
-        P = segments: DiffSiam's; P = z_dim: any mask), each zeroed where keep is 0."""
+        P = z_dim: any mask), each zeroed where keep is 0."""
         parts = torch.arange(z.shape[1]).tensor_split(keep.shape[1])  # the same cut as unet.sec_dims
         sizes = torch.tensor([t.numel() for t in parts], device=z.device)
         return z * keep.to(z.dtype).repeat_interleave(sizes, dim=1, output_size=z.shape[1])  # a static shape for torch.compile
-
-    def keep_dims(self, keep, seg_keep):
-        """A section keep (B, P) and DiffSiam's segment keep (B or 1, segments) -> one keep per dim
-        of z (B, z_dim): the two cut z differently, so they combine dim by dim."""
-        ones = torch.ones(keep.shape[0], self.z_dim, device=keep.device)
-        return self.mask_z(ones, keep) * self.mask_z(ones, seg_keep)
-
-    def simsiam_loss(self, z1, z2):
-        """Symmetrised SimSiam loss on two views' latents: D(pred(proj(z1)), proj(z2)) / 2 + the
-        same with the views swapped, the targets behind a stop-gradient (thesis eq. 3.9)."""
-        h1, h2 = self.projector(z1), self.projector(z2)
-        return 0.5 * (negative_cosine(self.predictor(h1), h2) + negative_cosine(self.predictor(h2), h1))
 
     def to_eps(self, out, x_t, logsnr):
         """The network's output read as eps (what the loss and the samplers use). 'eps': as is.
@@ -503,34 +475,33 @@ class SODA(nn.Module):
             return sigma * x_t + alpha * out
         return (x_t - alpha * out) / sigma
 
-    def denoise(self, x_t, logsnr, z, keep=None, rays_tgt=None, keep_pose=None):
-        """eps_hat for noisy targets x_t at noise level logsnr (B,), given a latent z."""
+    def decoder_latent(self, z, keep=None):
+        """z as the decoder reads it: standardised over the batch (z_bn), the sections that keep
+        switches off zeroed, each section layer-normalised (z_norm)."""
         if self.z_bn is not None:
             z = self.z_bn(z)
         if keep is not None:  # masked parts of z are zero before the norm too: they cannot reach its statistics
             z = self.mask_z(z, keep)
         if self.z_norm:  # each section to unit scale before the modulation
             z = torch.cat([F.layer_norm(t, t.shape[1:]) for t in z.split(self.unet.sec_dims, dim=1)], dim=1)
-            if keep is not None:  # a part smaller than a section (DiffSiam's segments) is zero again after it
+            if keep is not None:  # a part smaller than a section is zero again after it
                 z = self.mask_z(z, keep)
-        x_rgb = x_t
+        return z
+
+    def decoder_input(self, x_t, rays_tgt=None, keep_pose=None):
+        """x_t and, side by side, the target view's ray embedding (zeroed where keep_pose is 0) and
+        the pixel coordinates."""
         if self.ray_freqs:
             r = ray_embed(rays_tgt, self.ray_freqs)
             if keep_pose is not None:
                 r = r * keep_pose.to(r.dtype)[:, None, None, None]
             x_t = torch.cat([x_t, r], dim=1)
-        if self.coords:
-            x_t = with_coords(x_t)
-        if self.frozen is None:
-            return self.to_eps(self.unet(x_t, logsnr, z), x_rgb, logsnr)
-        # PDAE: eps_hat = eps_theta(x_t) - sqrt(1 - abar) G(x_t, z), G ~ grad_x_t log p(z | x_t), the
-        # classifier-guidance shift of the frozen model's eps (thesis eq. 3.8); G's decoder half reads
-        # the frozen down path's features, so only it and the encoder learn.
-        with torch.no_grad():
-            out, skips = self.frozen(x_t, logsnr, torch.zeros_like(z), return_skips=True)
-            eps_theta = self.to_eps(out, x_rgb, logsnr)  # the pre-trained model's own parameterisation
-        G = self.unet(x_t, logsnr, z, skips=skips)
-        return eps_theta - torch.sigmoid(-logsnr.float()).sqrt().to(G.dtype)[:, None, None, None] * G
+        return with_coords(x_t) if self.coords else x_t
+
+    def denoise(self, x_t, logsnr, z, keep=None, rays_tgt=None, keep_pose=None):
+        """eps_hat for noisy targets x_t at noise level logsnr (B,), given a latent z."""
+        z = self.decoder_latent(z, keep)
+        return self.to_eps(self.unet(self.decoder_input(x_t, rays_tgt, keep_pose), logsnr, z), x_t, logsnr)
 
     def draw_keep(self, rand):
         """Training dropout of z (§3.2.1): each section off with p_mask_layer (layer masking), all
@@ -542,20 +513,20 @@ class SODA(nn.Module):
         """Pose dropout, independent of the latent's (§3.3 "Guidance")."""
         return (rand() >= self.p_uncond_pose).float()
 
-    def forward(self, x_t, logsnr, x_src, keep=None, rays_src=None, rays_tgt=None, keep_pose=None, x_pair=None):
-        """Training forward: encode the source view(s), then denoise; without an explicit keep,
-        the dropout of z (and of the target pose) is drawn here. With x_pair (DiffSiam: the other
-        augmented view) -> (eps_hat, SimSiam loss of the two views' latents)."""
-        z = self.encode(x_src, rays_src)
+    def dropout(self, x_t, keep=None, keep_pose=None):
+        """In training, the dropout of z and of the target pose, drawn here where not given."""
         rand = lambda *shape: torch.rand(x_t.shape[0], *shape, device=x_t.device)
         if self.training and keep is None:
             keep = self.draw_keep(rand)
         if self.training and keep_pose is None and self.ray_freqs:
             keep_pose = self.draw_keep_pose(rand)
-        eps_hat = self.denoise(x_t, logsnr, z, keep, rays_tgt, keep_pose)
-        if x_pair is None:
-            return eps_hat
-        return eps_hat, self.simsiam_loss(z, self.encode(x_pair))
+        return keep, keep_pose
+
+    def forward(self, x_t, logsnr, x_src, keep=None, rays_src=None, rays_tgt=None, keep_pose=None):
+        """Training forward: encode the source view(s), then denoise (§3.2)."""
+        z = self.encode(x_src, rays_src)
+        keep, keep_pose = self.dropout(x_t, keep, keep_pose)
+        return self.denoise(x_t, logsnr, z, keep, rays_tgt, keep_pose)
 
 
 # -----------------------------------------------------------------------------
@@ -579,9 +550,9 @@ PRESETS = {
 }
 
 
-def build(encoder="tiny", unet="tiny", **kw):
-    """SODA from preset names; kw go to SODA (z_dim, image_size, cond, ...)."""
+def build(encoder="tiny", unet="tiny", cls=SODA, **kw):
+    """SODA (or a subclass: diffsiam.DiffSiam) from preset names; kw go to it (z_dim, image_size, cond, ...)."""
     for kind, name in (("encoder", encoder), ("unet", unet)):
         if name not in PRESETS[kind]:
             raise ValueError(f"unknown {kind} preset {name!r}; choose from {sorted(PRESETS[kind])}")
-    return SODA(PRESETS["encoder"][encoder], PRESETS["unet"][unet], **kw)
+    return cls(PRESETS["encoder"][encoder], PRESETS["unet"][unet], **kw)

@@ -21,16 +21,16 @@ import sys
 import torch
 from tqdm import tqdm
 
+import configurator
 import data
 import diffusion as D
-from sample import parse_list, perceptual_note, psnr, save_gif, save_grid, ssim, to_unit
-from train import CheckpointError, ConfigError, check_device, check_keys, check_schedules, configure, model_from_checkpoint, segment_schedule
+from configurator import ConfigError, check_device, check_keys, check_schedules, configure, parse_list
+from evaluation import CheckpointError, model_from_checkpoint, psnr, save_gif, save_grid, ssim, to_unit
 
 # -----------------------------------------------------------------------------
 ckpt = "out/cars3d_cpu/ckpt.pt"  # a train.py checkpoint of a posed multi-view model (its EMA is used)
 out_dir = ""  # default: <checkpoint dir>/nvs
 data_dir = ""  # default: the checkpoint's
-weights_dir = ""  # where LPIPS weights are looked for (default: torch hub's checkpoints dir)
 k = "1,2"  # numbers of source views evaluated
 n_targets = 16  # target views per held-out object
 sampler = "ddpm"  # 'ddpm' (the paper's) | 'ddim'
@@ -90,8 +90,7 @@ def generate(net, x_src, r_src, r_tgt, C, seed, keep=None):
     w = 1.0 if keep is not None else C["guidance_z"]  # the masked-z baseline is not guided by z
     return D.sample(net, z, (len(z), 3, *x_src.shape[-2:]), steps=C["steps"],
                     eta=1.0 if C["sampler"] == "ddpm" else 0.0, schedule=C["schedule"],
-                    generator=g, w=w, keep=keep, rays_tgt=r_tgt, w_pose=C["guidance_pose"],
-                    segments=C.get("segment_schedule"))
+                    generator=g, w=w, keep=keep, rays_tgt=r_tgt, w_pose=C["guidance_pose"])
 
 
 def main(argv):
@@ -110,7 +109,6 @@ def main(argv):
         torch.set_num_threads(C["threads"])
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if C["device"] == "auto" else C["device"]
     net, tcfg = model_from_checkpoint(C["ckpt"], dev)
-    C["segment_schedule"] = segment_schedule(tcfg)  # DiffSiam: the segments on at each step (None: all)
     if tcfg["dataset"] not in data.MULTIVIEW or not tcfg["ray_freqs"]:
         raise data.DataError(f"nvs.py needs a model trained on posed multi-view data ({', '.join(data.MULTIVIEW)}); "
                              f"this checkpoint was trained on {tcfg['dataset']!r}")
@@ -148,9 +146,6 @@ def main(argv):
             print(f"k={kk}: PSNR {r['psnr']:6.2f} dB SSIM {r['ssim']:.4f} | nearest source view "
                   f"{r['nearest_source']['psnr']:6.2f} / {r['nearest_source']['ssim']:.4f} | z masked "
                   f"{masked['psnr']:6.2f} / {masked['ssim']:.4f}")
-        for line in perceptual_note(C["weights_dir"]):
-            if line.startswith("LPIPS"):
-                print(line)
 
         # the grid: a spread of pairs, one row each
         show = torch.linspace(0, P - 1, min(C["n_show"], P)).round().long()
@@ -191,6 +186,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    configurator.plain_warnings()
     try:
         main(sys.argv[1:])
     except (ConfigError, CheckpointError, data.DataError) as e:

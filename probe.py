@@ -27,10 +27,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import configurator
 import data
 import diffusion as D
-from train import (CheckpointError, ConfigError, build_model, check_device, check_keys, configure, extract_features,
-                   knn_accuracy, load_checkpoint, segment_schedule)
+from configurator import ConfigError, build_model, check_device, check_keys, configure
+from evaluation import CheckpointError, extract_features, fit_logreg, knn_accuracy, load_checkpoint, plot_z_usage, z_usage_table
 
 # -----------------------------------------------------------------------------
 ckpt = "out/cifar10_cpu/ckpt.pt"  # a train.py checkpoint
@@ -58,23 +59,6 @@ DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") an
 TASK_DATA = {"linear": ("cifar10",), "knn": ("cifar10",), "fewshot": ("cifar10",), "zusage": ("cifar10",),
              "multilabel": ("celeba",), "dci": ("dsprites", "cars3d")}  # the first: the default
 WDS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
-
-
-def fit_logreg(x, y, n_classes, wd, iters=100, loss_fn=F.cross_entropy):
-    """Multinomial logistic regression, full batch L-BFGS, L2 penalty wd on the weights.
-    loss_fn=F.binary_cross_entropy_with_logits with y (N, n_classes) in {0, 1}: one logistic
-    regression per output."""
-    W = torch.zeros(x.shape[1], n_classes, requires_grad=True)
-    b = torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = loss_fn(x @ W + b, y) + wd * W.pow(2).sum()
-        loss.backward()
-        return loss
-    opt.step(closure)
-    return W.detach(), b.detach()
 
 
 @torch.no_grad()
@@ -347,10 +331,10 @@ def main(argv):
     if task == "zusage":  # how much of the image the decoder takes from z (diffusion.z_usage)
         x = xte[: cfg["n_images"] or 256].to(dev).float() / 127.5 - 1
         with torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=dev.startswith("cuda")):
-            res = D.z_usage(net, x, seed=cfg["seed"], segments=segment_schedule(tcfg))
-        res["plot"] = D.plot_z_usage(res, out[:-len(".json")] + ".png",
+            res = D.z_usage(net, x, seed=cfg["seed"])
+        res["plot"] = plot_z_usage(res, out[:-len(".json")] + ".png",
                                      title=f"{'random init' if cfg['random'] else 'step ' + str(ck['step'])}")
-        print(D.z_usage_table(res))
+        print(z_usage_table(res))
         summary = f"zusage removed_at_-3 {res['removed_at_-3']:.2f} removed_mean {res['removed_mean']:.2f}"
     elif task == "knn":
         res = {"top1": knn_accuracy(ftr, ytr, fte, yte)}
@@ -410,6 +394,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    configurator.plain_warnings()
     try:
         main(sys.argv[1:])
     except (ConfigError, CheckpointError, data.DataError) as e:

@@ -13,7 +13,7 @@ Images come from the CIFAR-10 test split; the model is the checkpoint's EMA. Eac
 labelled PNG grid to out_dir (default <checkpoint dir>/samples) and prints where. Deterministic under
 --seed: every sampler call gets its own torch.Generator, and the columns of a grid (settings being
 compared) reuse one seed, so that along a row only the setting changes. Reconstruction is
-meaningful for a model trained with views='identical' (SPEC §6); a views='augment' model decodes a
+meaningful for a model trained with views='identical' (§4.2.1); a views='augment' model decodes a
 novel view of its source, so its PSNR is lower by design.
 """
 import json
@@ -23,17 +23,17 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import configurator
 import data
 import diffusion as D
-from probe import fit_logreg
-from train import CheckpointError, ConfigError, check_device, check_keys, check_schedules, configure, model_from_checkpoint, segment_schedule
+from configurator import ConfigError, check_device, check_keys, check_schedules, configure, parse_groups, parse_list
+from evaluation import CheckpointError, fit_logreg, model_from_checkpoint, psnr, save_gif, save_grid, ssim, to_unit
 
 # -----------------------------------------------------------------------------
 ckpt = "out/cifar10_cpu/ckpt.pt"  # a train.py checkpoint (its EMA weights are used)
 mode = "recon"  # 'recon' | 'interp' | 'directions' | 'mix' | 'random'
 out_dir = ""  # default: <checkpoint dir>/samples
 data_dir = ""  # default: the checkpoint's
-weights_dir = ""  # recon: where LPIPS/FID weights are looked for (default: torch hub's checkpoints dir)
 index = 0  # the first test image used (interp: index and index + 1)
 n = 64  # recon: test images measured
 n_show = 4  # random: source images shown; mix: (A, B) pairs shown
@@ -56,58 +56,8 @@ seed = 0
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 
 
-def parse_list(text, kind=float):
-    try:
-        return [kind(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def parse_groups(text):
-    """'0,1' -> [[0, 1]]; '0-3;8-15' -> [[0, 1, 2, 3], [8, ..., 15]]: groups of section numbers."""
-    groups = []
-    for part in str(text).split(";"):
-        secs = []
-        for item in (i.strip() for i in part.split(",")):
-            if not item:
-                continue
-            lo, _, hi = item.partition("-")
-            if not (lo.isdigit() and (hi.isdigit() or not hi)):
-                raise ConfigError(f"sections: expected numbers and ranges like 0,1 or 0-7;8-15, got {text!r}")
-            secs += range(int(lo), int(hi or lo) + 1)
-        if secs:
-            groups.append(secs)
-    return groups
-
-
 # -----------------------------------------------------------------------------
-# Metrics and interpolation: images in [0, 1], (B, C, H, W)
-
-def psnr(x, y):
-    """Peak signal-to-noise ratio in dB per image -> (B,); inf where x == y."""
-    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
-    return (10 * torch.log10(1 / mse)).float()
-
-
-def gaussian_window(size=11, sigma=1.5):
-    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-r**2 / (2 * sigma**2))
-    return (g / g.sum())[:, None] * (g / g.sum())[None, :]  # (size, size), sums to 1
-
-
-def ssim(x, y, size=11, sigma=1.5):
-    """Structural similarity (Wang et al. 2004) per image -> (B,): Gaussian window 11 / sigma 1.5,
-    C1 = 0.01^2, C2 = 0.03^2 (data range 1), at every position where the window fits, averaged
-    over positions and channels."""
-    C1, C2 = 0.01**2, 0.03**2
-    x, y, ch = x.double(), y.double(), x.shape[1]
-    win = gaussian_window(size, sigma).to(x.device)[None, None].repeat(ch, 1, 1, 1)  # (C, 1, k, k)
-    blur = lambda t: F.conv2d(t, win, groups=ch)  # local means, channel by channel
-    mu_x, mu_y = blur(x), blur(y)
-    var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
-    s = (2 * mu_x * mu_y + C1) * (2 * cov + C2) / ((mu_x**2 + mu_y**2 + C1) * (var_x + var_y + C2))
-    return s.flatten(1).mean(1).float()
-
+# Interpolation
 
 def slerp(a, b, t):
     """Spherical interpolation of two noises (flattened). x_T ~ N(0, I) has norm ~ sqrt(dim): lerp
@@ -117,30 +67,6 @@ def slerp(a, b, t):
     if omega < 1e-4:  # (nearly) parallel: lerp is as good
         return (1 - t) * a + t * b
     return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
-
-
-# LPIPS and FID need pretrained networks; random weights would give numbers that mean nothing.
-PERCEPTUAL = {  # metric -> the files it needs: (name, size, where it comes from)
-    "FID": [("pt_inception-2015-12-05-6726825d.pth", "~91 MB",
-             "github.com/mseitzer/pytorch-fid/releases/download/fid_weights/")],
-    "LPIPS": [("alexnet-owt-7be5be79.pth", "~233 MB", "download.pytorch.org/models/"),
-              ("lpips_alex.pth", "~6 KB", "lpips/weights/v0.1/alex.pth of github.com/richzhang/PerceptualSimilarity")],
-}
-
-
-def perceptual_note(weights_dir):
-    """One line per metric: which weight files are missing and where to put them. The metrics
-    themselves are not computed by this script yet."""
-    where = weights_dir or os.path.join(torch.hub.get_dir(), "checkpoints")
-    lines = []
-    for metric, files in PERCEPTUAL.items():
-        missing = [f for f in files if not os.path.isfile(os.path.join(where, f[0]))]
-        if missing:
-            need = " and ".join(f"{name} ({size}, from {src})" for name, size, src in missing)
-            lines.append(f"{metric}: skipped; put {need} in {where} (or pass --weights_dir=DIR)")
-        else:
-            lines.append(f"{metric}: weights found in {where}, but sample.py does not compute {metric} yet")
-    return lines
 
 
 # -----------------------------------------------------------------------------
@@ -153,7 +79,7 @@ def decode(net, z, C, seed, keep=None, x_T=None, w=None):
     shape = (len(z), 3, C["image_size"], C["image_size"])
     return D.sample(net, z, shape, steps=C["steps"], eta=1.0 if C["sampler"] == "ddpm" else 0.0,
                     schedule=C["schedule"], generator=g, x_T=x_T, progress=True,
-                    w=C["guidance"] if w is None else w, keep=keep, segments=C.get("segment_schedule"))
+                    w=C["guidance"] if w is None else w, keep=keep)
 
 
 def section_mask(net, secs, z, parts=None):
@@ -167,43 +93,6 @@ def section_mask(net, secs, z, parts=None):
 def mix_latents(net, z_a, z_b, from_a):
     """z with the sections in `from_a` taken from z_a and the others from z_b."""
     return torch.where(section_mask(net, from_a, z_a).bool(), z_a, z_b)
-
-
-def to_unit(x):
-    # [-1, 1] -> [0, 1] on the 8-bit levels a saved image has
-    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 255
-
-
-def save_grid(path, images, row_labels, col_labels=()):
-    """images (R, C, 3, H, W) in [-1, 1] -> a PNG with a label per row (and column)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torchvision
-    R, Cn, _, H, W = images.shape
-    grid = torchvision.utils.make_grid(to_unit(images.flatten(0, 1)).cpu(), nrow=Cn, padding=1, pad_value=1)
-    fig, ax = plt.subplots(figsize=(2 + 0.7 * Cn, 0.4 + 0.7 * R))
-    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    ax.set_yticks([1 + i * (H + 1) + H / 2 for i in range(R)], row_labels, fontsize=8)
-    ax.set_xticks([1 + j * (W + 1) + W / 2 for j in range(len(col_labels))], col_labels, fontsize=8)
-    ax.tick_params(length=0)
-    for side in ax.spines.values():
-        side.set_visible(False)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def save_gif(path, frames, ms=150, bounce=True):
-    """frames (T, 3, H, W) in [-1, 1] -> a looping GIF (there and back if bounce), enlarged to >= 128 px."""
-    from PIL import Image
-    s = max(1, 128 // frames.shape[-1])
-    u8 = (to_unit(frames) * 255).round().to(torch.uint8).repeat_interleave(s, -1).repeat_interleave(s, -2)
-    imgs = [Image.fromarray(f.permute(1, 2, 0).cpu().numpy()) for f in u8]
-    if bounce:
-        imgs = imgs + imgs[-2:0:-1]
-    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=ms, loop=0)
-    return path
 
 
 def pick(x, i, k):
@@ -232,8 +121,6 @@ def recon(net, x, y, classes, C, out):
     how = f"{C['sampler']} {C['steps']} steps, w={C['guidance']:g}, {len(xs)} images"
     for name, label in (("z", "with z"), ("z_masked", "z masked (baseline)")):
         print(f"recon {label:20s}: PSNR {metrics[name]['psnr']:6.2f} dB  SSIM {metrics[name]['ssim']:.4f}  ({how})")
-    for line in perceptual_note(C["weights_dir"]):
-        print(line)
     k = min(len(xs), 16)
     grid = torch.stack([xs[:k], rec[:k], base[:k]])
     png = save_grid(os.path.join(out, "recon.png"), grid, ["source", "with z", "z masked"])
@@ -249,22 +136,21 @@ def interp(net, x, y, classes, C, out):
     chosen sections while the others stay A's), and decode every frame with DDIM from its x_T."""
     if C["frames"] < 2:
         raise ConfigError(f"frames must be >= 2, got {C['frames']}")
-    P = net.segments or net.n_sections  # a DiffSiam model interpolates its segments (thesis Alg. 2)
-    what = "segments" if net.segments else "sections"
+    segments = getattr(net, "segments", 0)  # a DiffSiam model interpolates its segments (thesis Alg. 2)
+    P, what = (segments, "segments") if segments else (net.n_sections, "sections")
     groups = parse_groups(C["sections"]) or [list(range(P))]  # one grid row per group (thesis Fig. 4.1)
     if any(not 0 <= s < P for secs in groups for s in secs):
         raise ConfigError(f"sections {C['sections']!r}: this model's z has {P} {what} (0..{P - 1})")
     xs = pick(x, C["index"], 2)
     z = net.encode(xs)
     schedule = D.get_schedule(C["schedule"], logsnr_min=C["invert_logsnr"])
-    x_T = D.ddim_invert(net, xs, z, C["steps"], schedule, progress=True, w=C["guidance"],
-                        segments=C.get("segment_schedule"))
+    x_T = D.ddim_invert(net, xs, z, C["steps"], schedule, progress=True, w=C["guidance"])
     ts = torch.linspace(0, 1, C["frames"]).tolist()
     moves = [section_mask(net, secs, z, P) for secs in groups]  # 1 where z goes from A to B
     z_t = torch.cat([z[:1] + t * (z[1:] - z[:1]) * m for m in moves for t in ts])  # (groups * frames, z_dim)
     x_T_t = torch.stack([slerp(x_T[0], x_T[1], t) for t in ts]).repeat(len(groups), 1, 1, 1)
     frames = D.ddim(net, z_t, x_T_t.shape, steps=C["steps"], schedule=schedule, x_T=x_T_t,
-                    progress=True, w=C["guidance"], segments=C.get("segment_schedule"))
+                    progress=True, w=C["guidance"])
     rows = frames.view(len(groups), len(ts), *frames.shape[1:])
 
     def label(secs):
@@ -368,7 +254,6 @@ def main(argv):
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if C["device"] == "auto" else C["device"]
     net, tcfg = model_from_checkpoint(C["ckpt"], dev)
     C["image_size"] = tcfg["image_size"]  # the decoder's output size
-    C["segment_schedule"] = segment_schedule(tcfg)  # DiffSiam: the segments on at each step (None: all)
     if tcfg["dataset"] != "cifar10":
         raise data.DataError(f"sample.py reads cifar10 so far, the checkpoint was trained on {tcfg['dataset']!r}")
     dd, why, dl = data.find_cifar10(C["data_dir"] or tcfg["data_dir"])  # '' searches as train.py does
@@ -385,6 +270,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    configurator.plain_warnings()
     try:
         main(sys.argv[1:])
     except (ConfigError, CheckpointError, data.DataError) as e:

@@ -11,37 +11,30 @@ them. Only existing keys may be set (a typo raises, naming the closest key), val
 Reading order: the config (the globals below), then main(), which is the loop: setup() builds a
 Run (the config as attributes, plus the processes, data, model, EMA and optimizer), and each step
 calls train_step(run, it), with evaluate(run, it) and save_run(run, it) at their intervals.
-Importing this file has no side effects: probe.py / sample.py / nvs.py import its config readers
-(configure, check_keys, ...) and the helpers in the section marked for them (load_checkpoint,
-build_model, extract_features, knn_accuracy, ...).
+What each key allows and what a resume may change: configurator.py.
 """
-import ast
-import builtins
 import contextlib
 import copy
-import difflib
 import json
 import math
 import os
-import platform
-import random
-import re
 import shutil
 import signal
 import sys
 import threading
 import time
-import traceback
 import types
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+import configurator
 import data
+import diffsiam
 import diffusion as D
-import model as M
+from configurator import ConfigError, build_model, configure, validate
+from evaluation import (CheckpointError, count_flops, evaluate_and_log, fixed_eval_batch, load_checkpoint, log_progress,
+                        rng_states, save_checkpoint, set_rng_states)
 
 # -----------------------------------------------------------------------------
 # default config (a small CPU run); every key can be set by a config file or --key=value
@@ -89,7 +82,7 @@ p_mask_layer = 0.1  # probability of zeroing each section of z (layer masking)
 p_uncond = 0.1  # probability of zeroing all of z (classifier-free guidance dropout)
 p_uncond_pose = 0.1  # multi-view: probability of zeroing the target's rays, independently (§3.3 "Guidance")
 enc_noise = 0.05  # std of the Gaussian noise on the encoder input ([-1, 1] images)
-# DiffSiam (thesis §3, SPEC §8): hierarchical latent segments + SimSiam on the two augmented views
+# DiffSiam (thesis §3, diffsiam.py): hierarchical latent segments + SimSiam on the two augmented views
 segments = 0  # > 0: z in this many segments; noise level u uses the first ceil(u n) (0: plain SODA)
 segment_mode = "hierarchical"  # 'hierarchical' (segments 1..k) | 'sequential' (segment k only; the thesis' ablation)
 simsiam_weight = 0.0  # weight of the SimSiam loss; > 0 builds its heads (needs segments > 0)
@@ -128,287 +121,6 @@ bench_warmup = 5
 bench_sample_n = 64  # images sampled with DDIM for the sampling figure
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 DEFAULTS = {k: globals()[k] for k in config_keys}  # configure() copies these, then applies files and flags
-# -----------------------------------------------------------------------------
-# the config: read (configure) and checked (validate); configure, check_keys, check_schedules and
-# check_device are shared with probe.py, sample.py, nvs.py
-
-class ConfigError(Exception):
-    pass
-
-
-def configure(argv, defaults):
-    """[config.py ...] [--key=value ...] -> a dict of `defaults` overridden. Config files are
-    executed as Python (only the files the user names); unknown keys raise naming the closest one."""
-    cfg = dict(defaults)
-
-    def set_key(k, v, where):
-        if k not in cfg:
-            close = difflib.get_close_matches(k, cfg, n=1)
-            raise ConfigError(f"unknown config key {k!r} in {where}" + (f"; did you mean {close[0]!r}?" if close else ""))
-        old = cfg[k]
-        if isinstance(v, bool) != isinstance(old, bool) or \
-                not isinstance(v, type(old)) and not (isinstance(old, float) and isinstance(v, int)):
-            raise ConfigError(f"{k} in {where} must be {type(old).__name__}, got {v!r}")
-        cfg[k] = float(v) if isinstance(old, float) else v
-
-    for arg in argv:
-        if arg.startswith("--"):
-            k, sep, v = arg[2:].partition("=")
-            if not sep:
-                raise ConfigError(f"flags look like --key=value, got {arg!r}")
-            if not isinstance(cfg.get(k), str):  # a string key keeps the text as typed (--ws=1,2)
-                try:
-                    v = ast.literal_eval(v)
-                except (ValueError, SyntaxError):
-                    pass  # left a string: set_key then names the type it wanted
-            set_key(k, v, arg)
-        else:
-            if not os.path.isfile(arg):
-                raise ConfigError(f"config file {arg!r} not found")
-            ns = {}
-            try:  # a mistake in the file is one line naming the file and the line
-                code = builtins.compile(open(arg).read(), arg, "exec")  # `compile` is a config key here
-            except SyntaxError as e:
-                raise ConfigError(f"config file {arg!r}, line {e.lineno}: {e.msg}") from None
-            except (OSError, ValueError) as e:  # unreadable, not UTF-8, NUL bytes
-                raise ConfigError(f"cannot read config file {arg!r}: {e}") from None
-            try:
-                exec(code, {}, ns)
-            except Exception as e:
-                line = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == arg][-1:] or ["?"]
-                raise ConfigError(f"config file {arg!r}, line {line[0]}: {type(e).__name__}: {e}") from None
-            for k, v in ns.items():
-                if not k.startswith("_") and not callable(v) and not isinstance(v, type(os)):
-                    set_key(k, v, arg)
-    return cfg
-
-
-def check_keys(cfg, choices=None, ranges=()):
-    """One ConfigError for the first value not allowed: choices {key: allowed values}, ranges
-    [(keys, test, what is allowed)]; floats must also be finite. Shared with probe/sample/nvs.py."""
-    for k, allowed in (choices or {}).items():
-        if cfg[k] not in allowed:
-            raise ConfigError(f"{k}={cfg[k]!r} is not allowed: choose from {', '.join(map(repr, allowed))}")
-    for keys, ok, what in ranges:
-        for k in keys:
-            if isinstance(cfg[k], float) and not math.isfinite(cfg[k]) or not ok(cfg[k]):
-                raise ConfigError(f"{k}={cfg[k]!r} is out of range: it must be {what}")
-
-
-CHOICES = dict(
-    init_from=("scratch", "resume"), dataset=("cifar10", "imagenet", "dsprites") + data.MULTIVIEW,
-    views=("augment", "identical", "class"), aug=("none", "cropflip", "simclr", "randaugment"),
-    cond=("mod", "xattn", "emb"), agg=("mean", "transformer"), prediction=("eps", "v", "x0"),
-    weighting=("eps", "v"), segment_mode=("hierarchical", "sequential"), dtype=("bfloat16", "float32"),
-    encoder=tuple(M.PRESETS["encoder"]), unet=tuple(M.PRESETS["unet"]))
-RANGES = [
-    (("batch_size", "max_iters", "log_interval", "ckpt_interval", "sample_steps", "k_max", "z_dim", "n_tokens",
-      "simsiam_dim", "bench_sample_n"), lambda v: v >= 1, ">= 1"),
-    (("eval_interval", "n_val", "num_workers", "ray_freqs", "segments", "threads", "warmup_iters", "bench_iters",
-      "bench_warmup", "weight_decay", "grad_clip", "enc_noise", "z_init", "simsiam_weight", "peak_flops",
-      "ema_rampup"), lambda v: v >= 0, ">= 0"),
-    (("lr", "enc_lr_mult", "ema_halflife_kimg"), lambda v: v > 0, "> 0"),
-    (("p_mask_layer", "p_uncond", "p_uncond_pose", "min_lr_ratio"), lambda v: 0 <= v <= 1, "in [0, 1]"),
-    (("beta2",), lambda v: 0 <= v < 1, "in [0, 1)"),
-    (("crop_min",), lambda v: 0 < v <= 1, "in (0, 1]"),
-    (("image_size",), lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8"),
-    (("logsnr_shift",), lambda v: True, "finite"),
-]
-# what a resume may change: where and how often to log / evaluate / save, how long to train, and
-# how fast (device, threads, kernels). Every other key changes the model, the data order or the
-# optimisation, and a resume with another value is refused.
-RESUME_MAY_CHANGE = {"out_dir", "init_from", "overwrite", "log_interval", "eval_interval", "ckpt_interval", "ckpt_keep",
-                     "eval_at_start", "max_iters", "data_dir", "download", "num_workers", "sample_steps",
-                     "sample_schedule", "device", "dtype", "cpu_bf16", "compile", "compile_backend", "fused_adamw",
-                     "channels_last", "threads", "peak_flops", "bench_iters", "bench_warmup", "bench_sample_n"}
-
-
-def check_schedules(cfg, *keys):
-    """Each key must name a schedule diffusion.get_schedule knows. Shared with sample/nvs.py."""
-    for k in keys:
-        try:
-            D.get_schedule(cfg[k])
-        except ValueError as e:
-            raise ConfigError(f"{k}={cfg[k]!r}: {e}") from None
-
-
-def check_device(dev):
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", dev):
-        raise ConfigError(f"device={dev!r} is not allowed: 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={dev!r}, but torch sees no CUDA device here: use device='auto' or 'cpu'")
-
-
-def validate(cfg):
-    """Every value against what it allows, before anything is read or written: one ConfigError
-    naming the key, the value given and what is allowed."""
-    check_keys(cfg, CHOICES, RANGES)
-    if cfg["cpu_bf16"].lower() not in ("auto", "true", "false"):
-        raise ConfigError(f"cpu_bf16={cfg['cpu_bf16']!r} is not allowed: choose from 'auto', 'true', 'false'")
-    check_schedules(cfg, "schedule", "sample_schedule")
-    check_device(cfg["device"])
-    if cfg["dataset"] != "cifar10" and not cfg["data_dir"] and not cfg["bench_iters"]:
-        raise ConfigError(f"dataset={cfg['dataset']!r} needs data_dir (only cifar10 is searched for or downloaded)")
-    if cfg["dataset"] in data.MULTIVIEW and not cfg["ray_freqs"] and not cfg["bench_iters"]:
-        raise ConfigError(f"dataset {cfg['dataset']!r} has camera poses: set ray_freqs > 0 so the model sees them")
-    if cfg["views"] == "class" and cfg["dataset"] == "imagenet":
-        raise ConfigError("views='class' pairs images of a class in memory: not for image folders (dataset='imagenet')")
-    if cfg["simsiam_weight"] > 0 and (cfg["segments"] < 1 or cfg["views"] != "augment"):
-        raise ConfigError("simsiam_weight > 0 is DiffSiam: it needs segments >= 1 and views='augment' (two augmented views)")
-    if cfg["pretrained"] and not os.path.isfile(cfg["pretrained"]):
-        raise ConfigError(f"pretrained={cfg['pretrained']!r}: no such checkpoint file")
-    try:  # the model's own checks (bottleneck=False shapes, ...), on the meta device: no memory, no time
-        with torch.device("meta"):
-            build_model(cfg)
-    except (ValueError, AssertionError) as e:
-        raise ConfigError(f"the model cannot be built: {e}") from None
-    out = cfg["out_dir"]
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"out_dir={out!r} is a file, not a directory")
-    if cfg["init_from"] == "scratch" and not cfg["bench_iters"] and not cfg["overwrite"] and \
-            os.path.exists(os.path.join(out, "ckpt.pt")):
-        raise ConfigError(f"out_dir={out!r} already holds ckpt.pt: continue it with --init_from=resume, "
-                          "pick another out_dir, or pass --overwrite=True to start over")
-
-
-def resume_conflicts(old, new):
-    """Keys whose value differs between a checkpoint's config and this run's, and may not."""
-    return [f"{k}={old[k]!r} (now {new[k]!r})" for k in new
-            if k not in RESUME_MAY_CHANGE and k in old and old[k] != new[k]]
-
-
-def cpu_native_bf16(cpuinfo="/proc/cpuinfo", machine=None):
-    """-> (bool, reason): does this CPU compute in bf16 natively, so CPU autocast pays off?
-    x86: avx512_bf16 or amx_bf16 in the flags; Linux aarch64: 'bf16' in Features."""
-    machine = (machine or platform.machine()).lower()
-    wanted = ("avx512_bf16", "amx_bf16") if machine in ("x86_64", "amd64", "i686") else \
-        ("bf16",) if machine in ("aarch64", "arm64") else ()
-    if not wanted:
-        return False, f"no native bf16 known for a {machine} CPU"
-    try:
-        lines = open(cpuinfo).read().splitlines()
-    except OSError:
-        return False, f"no native bf16: cannot read {cpuinfo}"
-    flags = {f for line in lines if line.startswith(("flags", "Features")) for f in line.partition(":")[2].split()}
-    hit = [f for f in wanted if f in flags]
-    if hit:
-        return True, f"{hit[0]} in {cpuinfo}"
-    return False, f"no native bf16: no {' or '.join(wanted)} in {cpuinfo}"
-
-
-def cpu_autocast(setting):
-    """cpu_bf16 ('auto' | 'true' | 'false') -> (use bf16 autocast on the CPU, reason)."""
-    setting = setting.lower()
-    if setting == "auto":
-        return cpu_native_bf16()
-    return setting == "true", f"cpu_bf16={setting!r}"
-
-
-# -----------------------------------------------------------------------------
-# helpers shared with probe.py, sample.py, nvs.py
-
-class CheckpointError(Exception):
-    pass
-
-
-def save_checkpoint(obj, path):
-    """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint, so an
-    interrupted write leaves the previous checkpoint intact."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, device="cpu"):
-    """torch.load with weights_only=True (no code runs from the file); one clear error otherwise."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path!r}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"could not read checkpoint {path!r} (corrupted or not a SODA checkpoint): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "ema" not in ckpt:
-        raise CheckpointError(f"{path!r} is not a SODA checkpoint (no config/ema entries)")
-    return ckpt
-
-
-def build_model(cfg):
-    return M.build(cfg["encoder"], cfg["unet"], z_dim=cfg["z_dim"], image_size=cfg["image_size"],
-                   cond=cfg["cond"], n_tokens=cfg["n_tokens"], agg=cfg["agg"], ray_freqs=cfg["ray_freqs"],
-                   p_mask_layer=cfg["p_mask_layer"], p_uncond=cfg["p_uncond"],
-                   p_uncond_pose=cfg["p_uncond_pose"] if cfg["ray_freqs"] else 0.0, z_norm=cfg.get("z_norm", False),
-                   z_bn=cfg.get("z_bn", False),
-                   bottleneck=cfg.get("bottleneck", True), segments=cfg.get("segments", 0),
-                   simsiam_dim=cfg["simsiam_dim"] if cfg.get("simsiam_weight", 0) > 0 else 0,
-                   pdae=bool(cfg.get("pretrained")), prediction=cfg.get("prediction", "eps"),
-                   z_init=cfg.get("z_init", 0.0), coords=cfg.get("coords", False),
-                   top_skips=cfg.get("top_skips", True))
-
-
-def load_pretrained_denoiser(net, path, cfg):
-    """PDAE / DiffSiam: the EMA UNet of a checkpoint `path` becomes net.frozen; it must have the
-    UNet shape this config builds."""
-    ck = load_checkpoint(path)
-    keys = ("unet", "z_dim", "image_size", "cond", "n_tokens", "ray_freqs", "prediction", "coords", "top_skips")
-    before = {"prediction": "eps", "coords": False, "top_skips": True}  # what checkpoints written before these keys had
-    old = lambda k: ck["config"].get(k, before.get(k))
-    diff = [f"{k}={old(k)!r} (here {cfg[k]!r})" for k in keys if old(k) != cfg[k]]
-    if diff or ck["config"].get("pretrained"):
-        raise ConfigError(f"pretrained={path!r} cannot be the frozen denoiser: " +
-                          (f"its {', '.join(diff)}" if diff else "it is itself a PDAE model"))
-    net.frozen.load_state_dict({k[5:]: v for k, v in ck["ema"].items() if k.startswith("unet.")})
-
-
-def model_from_checkpoint(path, device="cpu", which="ema"):
-    """-> (SODA in eval mode with the EMA (or 'model') weights, its config). path='random' is not
-    handled here: scripts build a fresh model from a config for that."""
-    ckpt = load_checkpoint(path, device)
-    net = build_model(ckpt["config"])
-    net.load_state_dict(ckpt[which])
-    return net.to(device).eval(), ckpt["config"]
-
-
-def segment_schedule(cfg):
-    """A DiffSiam config's segment schedule for the samplers (diffusion.segment_schedule), so they
-    condition each step on the segments training used at its noise level; None for plain SODA."""
-    if not cfg.get("segments"):
-        return None
-    return D.segment_schedule(cfg["segments"], cfg["segment_mode"],
-                              D.get_schedule(cfg["schedule"], cfg.get("logsnr_shift", 0.0)))
-
-
-@torch.no_grad()
-def extract_features(net, x, batch=500, cams=None):
-    """uint8 images (N, 3, H, W) -> (pooled (N, F), z (N, z_dim)) on the CPU, from net.encode_features.
-    cams: each image's (K (N, 3, 3), c2w (N, 4, 4)), for an encoder that reads camera rays."""
-    dev = next(net.parameters()).device
-    pooled, zs = [], []
-    for i in range(0, len(x), batch):
-        xb = x[i:i + batch].to(dev).float() / 127.5 - 1
-        rays = None if cams is None else data.camera_rays(cams[0][i:i + batch].to(dev), cams[1][i:i + batch].to(dev),
-                                                          *xb.shape[-2:])
-        p, z = net.encode_features(xb, rays)
-        pooled.append(p.float().cpu())
-        zs.append(z.float().cpu())
-    return torch.cat(pooled), torch.cat(zs)
-
-
-def knn_accuracy(train_f, train_y, test_f, test_y, k=20, T=0.07, n_classes=None):
-    """Weighted kNN top-1 (%) on cosine similarity, votes weighted by exp(sim / T) (Wu et al. 2018)."""
-    n_classes = n_classes or int(max(train_y.max(), test_y.max())) + 1
-    train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
-    correct = 0
-    for i in range(0, len(test_f), 1000):
-        sim, idx = (test_f[i:i + 1000] @ train_f.T).topk(min(k, len(train_f)), dim=1)
-        votes = torch.zeros(len(idx), n_classes).scatter_add_(1, train_y[idx], (sim / T).exp())
-        correct += (votes.argmax(1) == test_y[i:i + 1000]).sum().item()
-    return 100.0 * correct / len(test_f)
-
-
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 
 
@@ -419,8 +131,15 @@ def main(argv):
     cfg = configure(argv, DEFAULTS)
     validate(cfg)
     run = setup(cfg, resume_checkpoint(cfg))
-    if run.bench_iters > 0:
-        return bench(run)
+    try:
+        return bench(run) if run.bench_iters > 0 else loop(run)
+    finally:  # out_dir is free for the next run, however this one ended
+        if run.lock:
+            configurator.release_lock(run.lock)
+
+
+def loop(run):
+    """The training loop: a step, and at their intervals a log line, an evaluation, a checkpoint."""
     if run.eval_at_start and run.step == 0:
         evaluate_and_log(run, 0)
     # a bar on a terminal; in a file (nohup, a job log) one plain line per log_interval instead
@@ -478,7 +197,7 @@ def resume_checkpoint(cfg):
         return None
     path = os.path.join(cfg["out_dir"], "ckpt.pt")
     ckpt = load_checkpoint(path)
-    bad = resume_conflicts(ckpt["config"], cfg)
+    bad = configurator.resume_conflicts(ckpt["config"], cfg)
     if bad:
         raise ConfigError(f"cannot resume {path} with {', '.join(bad)}: these keys change the model, the data "
                           "order or the optimisation (start a new out_dir instead)")
@@ -495,13 +214,18 @@ def setup(cfg, ckpt=None):
     setup_model(run, ckpt)
     # image folders: DataLoader workers, built after setup_model so they start at the resumed step
     run.loader_iter = None if run.in_memory or run.multiview else iter(torch.utils.data.DataLoader(
-        run.train_set, batch_sampler=StepBatches(run.n_train, run.global_batch, run.rows, run.seed, run.step,
+        run.train_set, batch_sampler=data.StepBatches(run.n_train, run.global_batch, run.rows, run.seed, run.step,
                                                  run.max_iters),
         num_workers=run.num_workers, pin_memory=run.cuda, persistent_workers=run.num_workers > 0,
         prefetch_factor=4 if run.num_workers > 0 else None))  # batches of (seed, step): a resume replays them
     run.fixed = fixed_eval_batch(run)
+    run.lock = None
     if run.master:  # the first write of the run: a bad input above has left nothing behind
-        os.makedirs(run.out_dir, exist_ok=True)
+        try:
+            os.makedirs(run.out_dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"out_dir={run.out_dir!r} cannot be created: {e.strerror}") from None
+        run.lock = configurator.take_lock(run.out_dir)  # refused if a live run writes there
         if run.overwrite and run.init_from == "scratch" and os.path.exists(os.path.join(run.out_dir, "log.jsonl")):
             os.remove(os.path.join(run.out_dir, "log.jsonl"))  # a new run, a new log
     run.flops_per_img = count_flops(run.raw, run.image_size, run.dev, run.autocast) if run.cuda and run.master else 0.0
@@ -531,7 +255,7 @@ def setup_processes(run):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     amp_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[run.dtype]
-    cpu_amp, why = cpu_autocast(run.cpu_bf16)
+    cpu_amp, why = configurator.cpu_autocast(run.cpu_bf16)
     use_amp = amp_dtype != torch.float32 and (run.cuda or cpu_amp)
     run.autocast = lambda: torch.autocast("cuda" if run.cuda else "cpu", dtype=amp_dtype, enabled=use_amp)
     run.global_batch = run.batch_size * run.world
@@ -589,7 +313,11 @@ def setup_model(run, ckpt):
     torch.manual_seed(run.seed)
     raw = build_model(run.cfg).to(run.dev)
     if run.pretrained and run.init_from == "scratch":  # on resume the checkpoint holds the frozen denoiser
-        load_pretrained_denoiser(raw, run.pretrained, run.cfg)
+        ck = load_checkpoint(run.pretrained)  # PDAE: its EMA UNet becomes the frozen denoiser
+        why = diffsiam.check_pretrained(ck["config"], run.cfg)
+        if why:
+            raise ConfigError(f"pretrained={run.pretrained!r} cannot be the frozen denoiser: {why}")
+        diffsiam.load_frozen(raw, ck["ema"])
     if run.ddp and run.cuda:  # DiffSiam's SimSiam heads hold the only BatchNorms: statistics over the global batch
         raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     run.mem = torch.channels_last if run.channels_last else torch.contiguous_format
@@ -682,7 +410,7 @@ def train_step(run, it):
     keep = run.raw.draw_keep(rng.rand)
     u, eps = rng.rand(), rng.randn(*x_tgt.shape[1:])
     if run.segments:  # DiffSiam: the noise level decides which segments of z are on, on top of the dropout
-        keep = run.raw.keep_dims(keep, D.segment_keep(u, run.segments, run.segment_mode))
+        cond["seg_keep"] = diffsiam.segment_keep(u, run.segments, run.segment_mode)
         if run.simsiam_weight > 0:
             cond["x_pair"] = x_tgt  # the second augmented view
     if run.channels_last and not run.multiview:
@@ -709,116 +437,6 @@ def train_step(run, it):
     return loss.detach()
 
 
-def fixed_eval_batch(run):
-    """64 fixed (source, target, u, eps, source rays, target rays) for the z-gap and the sample grid:
-    held-out images, or one source view of an unseen object and another view of it. None for
-    ImageNet-style folders (probe.py measures those)."""
-    if run.multiview:
-        frng = data.Rng(run.seed, -1, 64, device=run.dev)
-        xs, rs, xt, rt = data.multiview_batch(run.mv_val, 1, frng)
-        return xs[:, 0], xt, frng.rand(), frng.randn(3, run.image_size, run.image_size), rs[:, 0], rt
-    if run.in_memory:
-        fx = run.x_val[:64].to(run.dev)
-        frng = data.Rng(run.seed, -1, len(fx), device=run.dev)
-        f_src, f_tgt = data.make_views(fx, run.views if run.views != "class" else "identical", run.aug, frng,
-                                       crop_min=run.crop_min)
-        return f_src, f_tgt, frng.rand(), frng.randn(3, run.image_size, run.image_size), None, None
-    return None
-
-
-# the evaluation's kNN compares held-out images with at most this many training images: a monitor that
-# stays cheap on big in-memory sets (dSprites: 41k images at 64 px took 6 minutes at 1 thread); probe.py
-# gives the real figure on the whole training set
-KNN_REFERENCES = 10_000
-
-
-@torch.no_grad()
-def evaluate(run, it):
-    """kNN of z on the held-out split, the z-gap (eps-MSE without z minus with z), z-usage
-    (diffusion.z_usage: x0-MSE with z vs z masked on the log-SNR grid, zusage.png), a sample grid."""
-    out = {}
-    if run.fixed is None:
-        return out
-    ema, autocast = run.ema, run.autocast
-    seg_schedule = segment_schedule(run.cfg)  # DiffSiam: the segments on at each noise level (None: plain SODA)
-    if not run.multiview:  # kNN of z on the held-out split (multi-view sets have no labels)
-        ref = slice(0, KNN_REFERENCES)
-        with autocast():
-            ftr = extract_features(ema, run.x_train[ref])[1]
-            fva = extract_features(ema, run.x_val)[1]
-        out["knn"] = knn_accuracy(ftr, run.y_train[ref].cpu(), fva, run.y_val)
-    f_src, f_tgt, u, eps, r_src, r_tgt = run.fixed
-    logsnr = run.schedule_fn(u)
-    x_t = D.q_sample(f_tgt, logsnr, eps)
-    with autocast():
-        z = ema.encode(f_src, r_src)
-    losses = []
-    on = torch.ones(len(f_src), ema.n_sections, device=run.dev)
-    if run.segments:  # DiffSiam: "with z" is the segments training switches on at these noise levels
-        on = ema.keep_dims(on, D.segment_keep(u, run.segments, run.segment_mode))
-    for keep in (on, torch.zeros_like(on)):
-        with autocast():
-            eps_hat = ema.denoise(x_t, logsnr, z, keep, r_tgt)
-        losses.append(F.mse_loss(eps_hat.float(), eps).item())
-    out["loss_z"], out["zgap"] = losses[0], losses[1] - losses[0]  # > 0: the decoder uses z
-    with autocast():  # x0-MSE with z vs z masked on the log-SNR grid (diffusion.z_usage)
-        if run.multiview:  # the source view of an unseen object -> its target view
-            zu = D.z_usage(ema, f_tgt, x_src=f_src, seed=run.seed, rays_src=r_src, rays_tgt=r_tgt, segments=seg_schedule)
-        else:  # held-out images, z from the image itself
-            zu = D.z_usage(ema, run.x_val[:256].to(run.dev).float() / 127.5 - 1, seed=run.seed, segments=seg_schedule)
-    out["zusage"] = {k: zu[k] for k in ("logsnr", "mse_z", "mse_masked", "removed", "grey", "mean_colour")}
-    out["z_removed_-3"], out["z_removed_mean"] = zu["removed_at_-3"], zu["removed_mean"]
-    D.plot_z_usage(zu, os.path.join(run.out_dir, "zusage.png"), title=f"step {it}")
-    n = 8
-    g = torch.Generator(run.dev).manual_seed(run.seed)
-    first = lambda t: None if t is None else t[:n]
-    with autocast():
-        rec = D.ddim(ema, ema.encode(f_src[:n], first(r_src)), f_tgt[:n].shape, steps=run.sample_steps,
-                     schedule=run.sample_schedule, generator=g, rays_tgt=first(r_tgt), segments=seg_schedule)
-    path = os.path.join(run.out_dir, f"samples_{it:06d}.png")
-    save_grid([f_src[:n], f_tgt[:n], rec], ["source", "target", "sample"], path)
-    out["grid"] = path
-    return out
-
-
-def evaluate_and_log(run, it):
-    """Rank 0: evaluate, print one line, append it to log.jsonl, redraw curves.png."""
-    if not run.master:
-        return
-    r = evaluate(run, it)
-    if r:
-        tqdm.write(f"step {it}{' (random init)' if it == 0 else ''}: {eval_line(r)}")
-        sys.stdout.flush()
-        write_log(run, {"step": it, **r})
-        plot_curves(run.out_dir)
-
-
-def log_progress(run, bar, loss_sum, n, t0, lr):
-    """Rank 0: the mean loss and img/s of the n steps since the last log line (at time t0), on the
-    bar or as a plain line, and into log.jsonl (with MFU on a GPU)."""
-    if not run.master:
-        return
-    ips = n * run.global_batch / (time.time() - t0)
-    loss_avg = (loss_sum / n).item()
-    rec = {"step": run.step, "loss": loss_avg, "lr": lr, "img_s": ips}
-    if run.flops_per_img and run.peak:
-        rec["mfu"] = run.flops_per_img * ips / (run.peak * run.world)
-    mfu = {"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}
-    if bar.disable:
-        run.say(f"step {run.step}/{run.max_iters} | loss {loss_avg:.4f} | {ips:.0f} img/s | elapsed "
-                f"{time.strftime('%H:%M:%S', time.gmtime(time.time() - run.t_start))}" +
-                "".join(f" | mfu {v}" for v in mfu.values()), flush=True)
-    else:
-        bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{ips:.0f}", **mfu)
-    write_log(run, rec)
-
-
-def write_log(run, rec):
-    if run.master:
-        with open(os.path.join(run.out_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-
 def save_run(run, it):
     """Rank 0: the resumable checkpoint out_dir/ckpt.pt (written atomically): model, EMA, optimizer,
     step, config, data position and every RNG state; with ckpt_keep also a copy ckpt_<step>.pt."""
@@ -832,22 +450,6 @@ def save_run(run, it):
     }, os.path.join(run.out_dir, "ckpt.pt"))
     if run.ckpt_keep:  # a learning curve: every checkpoint stays as ckpt_<step>.pt for the probes
         shutil.copyfile(os.path.join(run.out_dir, "ckpt.pt"), os.path.join(run.out_dir, f"ckpt_{it:06d}.pt"))
-
-
-def rng_states(cuda):
-    """torch (and CUDA), NumPy and Python RNG states, as a checkpoint stores them (weights_only-loadable)."""
-    np_state, py_state = np.random.get_state(), random.getstate()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None,
-            "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_rest": list(np_state[2:]),
-            "python": [py_state[0], list(py_state[1]), py_state[2]]}
-
-
-def set_rng_states(rng, cuda):
-    torch.set_rng_state(rng["torch"])
-    if cuda and rng.get("cuda") is not None:
-        torch.cuda.set_rng_state(rng["cuda"])
-    np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), *rng["numpy_rest"]))
-    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
 
 
 @contextlib.contextmanager
@@ -877,52 +479,7 @@ def stop_requested(run, stop, step):
 
 
 # -----------------------------------------------------------------------------
-# what a run writes (log lines, sample grids, curves.png), the benchmark, the DataLoader's sampler, FLOPs
-
-def eval_line(r):
-    knn = f"kNN {r['knn']:.2f}% " if "knn" in r else ""
-    return (f"{knn}z removes {r['z_removed_-3']:.1f}% of x0-MSE at log-SNR -3, {r['z_removed_mean']:.1f}% over -6..+2 "
-            f"(z-gap {r['zgap']:+.4f}) grid {r['grid']}")
-
-
-def save_grid(columns, labels, path, min_px=96):
-    """Labelled columns of images ((n, 3, H, W) in [-1, 1] each), one example per row, enlarged with
-    nearest to >= min_px a side so the pixels can be seen: one PNG."""
-    import torchvision
-    from PIL import Image, ImageDraw
-    s = -(-min_px // columns[0].shape[-1])  # an integer factor keeps the pixels square
-    cells = torch.stack([F.interpolate((c.float().cpu() + 1) / 2, scale_factor=s, mode="nearest") for c in columns], 1)
-    grid = torchvision.utils.make_grid(cells.flatten(0, 1).clamp(0, 1), nrow=len(columns), padding=2, pad_value=1)
-    img = Image.fromarray(grid.mul(255).add(0.5).byte().permute(1, 2, 0).numpy())
-    page = Image.new("RGB", (img.width, img.height + 14), "white")  # a row of labels on top
-    page.paste(img, (0, 14))
-    for i, text in enumerate(labels):
-        ImageDraw.Draw(page).text((4 + i * (cells.shape[-1] + 2), 1), text, fill="black")
-    page.save(path)
-
-
-def plot_curves(out_dir):
-    """out_dir/curves.png from what log.jsonl holds so far: loss, kNN and z-usage against the step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        recs = [json.loads(line) for line in f if line.strip()]
-    panels = [("training loss", {"loss": "loss"}), ("kNN top-1 (%), held-out split", {"knn": "kNN"}),
-              ("x0-MSE removed by z (%)", {"z_removed_-3": "at log-SNR -3", "z_removed_mean": "mean over -6..+2"})]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for ax, (title, keys) in zip(axes, panels):
-        for k, label in keys.items():
-            pts = [(r["step"], r[k]) for r in recs if k in r]
-            if pts:
-                ax.plot(*zip(*pts), marker="o" if len(pts) < 40 else "", ms=3, label=label)
-        ax.set(title=title, xlabel="step")
-        ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=90)
-    plt.close(fig)
+# the benchmark: configs/bench.py
 
 
 def bench(run):
@@ -953,7 +510,7 @@ def bench(run):
     t = time.perf_counter()
     with torch.no_grad(), run.autocast():
         D.ddim(run.ema, run.ema.encode(x), x.shape, steps=run.sample_steps, schedule=run.sample_schedule,
-               generator=torch.Generator(dev).manual_seed(0), segments=segment_schedule(run.cfg))
+               generator=torch.Generator(dev).manual_seed(0))
     sync()
     sample_s = time.perf_counter() - t
     if cuda:
@@ -976,38 +533,8 @@ def bench(run):
     return res
 
 
-class StepBatches(torch.utils.data.Sampler):
-    """Index batches for DataLoader workers: this process's rows of each global batch, starting at
-    `start` step, in the same (seed, epoch) order as the in-memory path."""
-
-    def __init__(self, n, global_batch, rows, seed, start, stop):
-        self.n, self.gb, self.rows, self.seed, self.start, self.stop = n, global_batch, rows, seed, start, stop
-
-    def __iter__(self):
-        per_epoch, order = self.n // self.gb, (None, None)
-        for it in range(self.start, self.stop):
-            epoch, i = divmod(it, per_epoch)
-            if order[0] != epoch:
-                order = (epoch, data.epoch_order(self.n, self.gb, self.seed, epoch))
-            yield order[1][i][self.rows].tolist()
-
-    def __len__(self):
-        return self.stop - self.start
-
-
-def count_flops(net, image_size, dev, autocast):
-    """Model FLOPs of one training image (forward + backward), counted once (for MFU)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    x = torch.randn(2, 3, image_size, image_size, device=dev)
-    rays = torch.randn(2, 6, image_size, image_size, device=dev) if net.ray_freqs else None
-    counter = FlopCounterMode(display=False)
-    with counter, autocast():
-        net(x, torch.zeros(2, device=dev), x, rays_src=rays, rays_tgt=rays).float().sum().backward()
-    net.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / 2
-
-
 if __name__ == "__main__":
+    configurator.plain_warnings()
     try:
         main(sys.argv[1:])
     except (ConfigError, CheckpointError, data.DataError, FloatingPointError) as e:

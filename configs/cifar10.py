@@ -1,7 +1,7 @@
 # CIFAR-10 on one GPU: ResNet-18 encoder + DDPM-size UNet (~39M), the paper's recipe at CIFAR scale.
 #   python train.py configs/cifar10.py
 # 100 epochs of the full 50k training set (9,750 steps at batch 512). Downloads CIFAR-10 into
-# data_dir on first use (needs internet). Wall time not yet measured on a GPU here: at the issue's
+# data_dir on first use (needs internet). Wall time not yet measured on a GPU here: at
 # ~40 GFLOP per image and 20-30% of an H100's bf16 peak that is 15-25 minutes.
 out_dir = "out/cifar10"
 data_dir = "data/cifar10"

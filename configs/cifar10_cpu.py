@@ -4,7 +4,7 @@
 # tiny decoder learns to denoise in a few hundred steps; the encoder gets twice that, §3.4), z
 # normalised per section on its way into the decoder. CIFAR-10 is found by train.py's search order
 # (data_dir=''); bf16 autocast on the CPU is automatic (cpu_bf16='auto': ~1.45x faster where the CPU
-# has avx512_bf16, bash configs/bench.sh).
+# has avx512_bf16, bash tools/bench.sh).
 # Where this differs from the paper (README "Making z carry the image", chosen by the z-usage
 # screens on the validation split): the UNet outputs v, not eps, with the v-loss weighting (an eps
 # output cannot express a good image at high noise, where only z can help: x0 error = eps error

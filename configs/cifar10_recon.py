@@ -1,4 +1,4 @@
-# The reconstruction model (paper §4.2.1, SPEC §4): auto-encoding views, source = target.
+# The reconstruction model (paper §4.2.1): auto-encoding views, source = target.
 #   python train.py configs/cifar10_recon.py
 #   python sample.py --ckpt=out/cifar10_recon/ckpt.pt --mode=recon --n=1000
 # A short CPU run with the teaching sizes; p_uncond keeps an unconditional model for the

@@ -1,4 +1,4 @@
-# DiffSiam (thesis ch. 3, SPEC §8) on CIFAR-10, one GPU: use on top of the SODA GPU config,
+# DiffSiam (thesis ch. 3) on CIFAR-10, one GPU: use on top of the SODA GPU config,
 #   python train.py configs/cifar10.py configs/diffsiam_cifar10.py
 # z in 64 segments; noise position u trains with the first ceil(64 u) of them on (hierarchical:
 # more noise, more lost attributes, more segments to compensate, thesis §3.2); the SimSiam loss

@@ -52,4 +52,5 @@ def light_eval(request, monkeypatch):
         return real(model, x_0[:n], logsnrs=(-3.0, 0.0), **kw)
 
     monkeypatch.setattr(diffusion, "z_usage", z_usage)
-    monkeypatch.setattr(diffusion, "plot_z_usage", lambda res, path, title="": path)
+    import evaluation
+    monkeypatch.setattr(evaluation, "plot_z_usage", lambda res, path, title="": path)

@@ -1,9 +1,12 @@
-"""DiffSiam (thesis ch. 3, SPEC §8): the SimSiam loss and its stop-gradient, the segment schedule,
+"""DiffSiam (thesis ch. 3, diffsiam.py): the SimSiam loss and its stop-gradient, the segment schedule,
 the reduction to plain SODA, and a DiffSiam run end to end."""
 import pytest
 import torch
 
+import configurator
+import diffsiam
 import diffusion as D
+import evaluation
 import model as M
 import train
 from test_train import base_args, cifar_dir, run_train, state  # noqa: F401  (cifar_dir: a fixture)
@@ -14,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("light_eval")  # conftest.py: a lighter end
 def test_negative_cosine_is_minus_one_and_stops_the_gradient():
     p = torch.randn(5, 16, requires_grad=True)
     h = (p.detach() * 3.0).requires_grad_(True)  # same directions, another scale
-    loss = M.negative_cosine(p, h)
+    loss = diffsiam.negative_cosine(p, h)
     assert torch.allclose(loss, torch.tensor(-1.0), atol=1e-6)
     loss.backward()
     assert h.grad is None  # stop-gradient: nothing flows into the target branch
@@ -23,7 +26,7 @@ def test_negative_cosine_is_minus_one_and_stops_the_gradient():
 
 def test_simsiam_loss_gradients_reach_both_views_through_the_predictor_branch():
     torch.manual_seed(0)
-    m = M.build("tiny", "tiny", z_dim=32, image_size=8, simsiam_dim=16)
+    m = diffsiam.build("tiny", "tiny", z_dim=32, image_size=8, simsiam_dim=16)
     z1, z2 = torch.randn(4, 32, requires_grad=True), torch.randn(4, 32, requires_grad=True)
     loss = m.simsiam_loss(z1, z2)
     assert -1 <= loss.item() <= 1
@@ -35,14 +38,14 @@ def test_simsiam_loss_gradients_reach_both_views_through_the_predictor_branch():
 def test_hierarchical_mask_activates_exactly_the_first_k(n):
     k = torch.arange(1, n + 1)
     u = (k - 0.5) / n  # the middle of level k
-    hier = D.segment_keep(u, n, "hierarchical")
-    seq = D.segment_keep(u, n, "sequential")
+    hier = diffsiam.segment_keep(u, n, "hierarchical")
+    seq = diffsiam.segment_keep(u, n, "sequential")
     for row, kk in enumerate(k.tolist()):
         assert hier[row].tolist() == [1.0] * kk + [0.0] * (n - kk)
         assert seq[row].tolist() == [0.0] * (kk - 1) + [1.0] + [0.0] * (n - kk)
-    assert D.segment_keep(torch.tensor([0.0, 1.0]), n).sum(1).tolist() == [1.0, float(n)]  # ends: 1 and all
+    assert diffsiam.segment_keep(torch.tensor([0.0, 1.0]), n).sum(1).tolist() == [1.0, float(n)]  # ends: 1 and all
     with pytest.raises(ValueError, match="segment_mode"):
-        D.segment_keep(u, n, "random")
+        diffsiam.segment_keep(u, n, "random")
 
 
 def test_mask_z_on_segments_zeroes_their_dims():
@@ -98,12 +101,11 @@ def test_counterfactual_interpolation_on_segments(cifar_dir, tmp_path):
 
 
 def test_parse_groups():
-    import sample
-    assert sample.parse_groups("0,1") == [[0, 1]]
-    assert sample.parse_groups("0-3; 8-9,12") == [[0, 1, 2, 3], [8, 9, 12]]
-    assert sample.parse_groups("") == []
-    with pytest.raises(train.ConfigError, match="ranges"):
-        sample.parse_groups("a-b")
+    assert configurator.parse_groups("0,1") == [[0, 1]]
+    assert configurator.parse_groups("0-3; 8-9,12") == [[0, 1, 2, 3], [8, 9, 12]]
+    assert configurator.parse_groups("") == []
+    with pytest.raises(configurator.ConfigError, match="ranges"):
+        configurator.parse_groups("a-b")
 
 
 # --- the samplers follow the segment schedule ------------------------------------
@@ -116,40 +118,33 @@ def test_segment_schedule_recovers_the_training_level(name, shift):
     u = (torch.arange(1, n + 1) - 0.5) / n  # the middle of each level
     logsnr = sched(u)
     inner = (logsnr > D.LOGSNR_MIN) & (logsnr < D.LOGSNR_MAX)  # clipped ends are flat: no unique u
-    got = D.segment_schedule(n, "hierarchical", sched)(logsnr)
-    assert torch.equal(got[inner], D.segment_keep(u, n, "hierarchical")[inner])
+    got = diffsiam.segment_schedule(n, "hierarchical", sched)(logsnr)
+    assert torch.equal(got[inner], diffsiam.segment_keep(u, n, "hierarchical")[inner])
     assert inner.sum() >= n // 2
 
 
-class _Spy(torch.nn.Module):
-    """A stand-in model that records the keep each denoise call gets."""
-    n_sections, z_dim = 2, 8
+def test_ddim_conditions_each_step_on_the_trained_segments(monkeypatch):
+    """A DiffSiam model trained on the cosine schedule: each DDIM step reaches SODA's denoise with
+    the segments training used at that step's noise level, in both guidance branches."""
+    n, keeps = 4, []
+    torch.manual_seed(0)
+    net = diffsiam.build("tiny", "tiny", z_dim=8, image_size=8, segments=n, schedule="cosine").eval()
+    assert net.n_sections == 4  # 2 dims of z a section, 2 a segment
 
-    def __init__(self):
-        super().__init__()
-        self.keeps = []
-        self.mask_z = M.SODA.mask_z.__get__(self)
-        self.keep_dims = M.SODA.keep_dims.__get__(self)
-
-    def denoise(self, x_t, logsnr, z, keep=None, rays_tgt=None, keep_pose=None):
-        self.keeps.append((logsnr[0].item(), keep.clone()))
+    def record(self, x_t, logsnr, z, keep=None, rays_tgt=None, keep_pose=None):
+        keeps.append((logsnr[0].item(), keep.clone()))
         return torch.zeros_like(x_t)
-
-
-def test_ddim_conditions_each_step_on_the_trained_segments():
-    spy, n = _Spy(), 4
+    monkeypatch.setattr(M.SODA, "denoise", record)
     sched = D.get_schedule("cosine")
-    seg = D.segment_schedule(n, "hierarchical", sched)
-    z = torch.ones(3, 8)
-    D.ddim(spy, z, (3, 1, 2, 2), steps=8, schedule=sched, segments=seg, w=2.0)  # guided: 2 branches a step
-    assert len(spy.keeps) == 8
-    for logsnr, keep in spy.keeps:
+    D.ddim(net, torch.ones(3, 8), (3, 3, 8, 8), steps=8, schedule=sched, w=2.0)  # guided: 2 branches a step
+    assert len(keeps) == 8
+    for logsnr, keep in keeps:
         cond, uncond = keep.chunk(2)
         u = D.invert_decreasing(sched, torch.tensor([logsnr]))
-        k = int(D.segment_keep(u, n).sum())  # segments on at this level: the first 2k of z's 8 dims
+        k = int(diffsiam.segment_keep(u, n).sum())  # segments on at this level: the first 2k of z's 8 dims
         assert cond.tolist() == [[1.0] * (2 * k) + [0.0] * (8 - 2 * k)] * 3
         assert uncond.sum() == 0
-    ks = [int(keep.chunk(2)[0][0].sum()) for _, keep in spy.keeps]
+    ks = [int(keep.chunk(2)[0][0].sum()) for _, keep in keeps]
     assert ks[0] == 8 and ks[-1] == 2 and ks == sorted(ks, reverse=True)  # all at the noisy end, one near clean
 
 
@@ -157,7 +152,7 @@ def test_ddim_conditions_each_step_on_the_trained_segments():
 
 def _pdae(seed=0):
     torch.manual_seed(seed)
-    return M.build("tiny", "tiny", z_dim=32, image_size=8, pdae=True)
+    return diffsiam.build("tiny", "tiny", z_dim=32, image_size=8, pdae=True)
 
 
 def test_pdae_starts_as_the_frozen_denoiser_and_only_the_estimator_learns():
@@ -183,8 +178,11 @@ def test_pdae_correction_is_the_guidance_shift():
         torch.nn.init.normal_(p, std=0.05)
     x, z = torch.randn(2, 3, 8, 8), torch.randn(2, 32)
     logsnr = torch.tensor([-3.0, 3.0])
-    eps_theta, skips = net.frozen(x, logsnr, torch.zeros_like(z), return_skips=True)
-    G = net.unet(x, logsnr, z, skips=skips)
+    cond = net.frozen.conditioning(logsnr, torch.zeros_like(z))
+    skips = net.frozen.down_path(x, *cond)
+    eps_theta = net.frozen.up_path(skips, *cond)
+    assert torch.equal(eps_theta, net.frozen(x, logsnr, torch.zeros_like(z)))
+    G = net.unet.up_path(skips, *net.unet.conditioning(logsnr, z))
     want = eps_theta - torch.sigmoid(-logsnr).sqrt()[:, None, None, None] * G
     assert torch.allclose(net.denoise(x, logsnr, z), want, atol=1e-6)
     assert G.abs().sum() > 0
@@ -202,7 +200,7 @@ def test_pdae_training_keeps_the_pretrained_denoiser(cifar_dir, tmp_path):
             assert torch.equal(ck["model"]["frozen." + name[5:]], v), name  # loaded and never trained
     init = train.build_model(ck["config"]).state_dict()
     assert not torch.equal(init["encoder.stem.0.weight"], ck["model"]["encoder.stem.0.weight"])
-    net, _ = train.model_from_checkpoint(str(tmp_path / "ds" / "ckpt.pt"))  # no need for the DM file now
+    net, _ = evaluation.model_from_checkpoint(str(tmp_path / "ds" / "ckpt.pt"))  # no need for the DM file now
     assert net.frozen is not None
     with pytest.raises(train.ConfigError, match="z_dim=32"):
         train.main(base_args(cifar_dir, tmp_path / "bad", z_dim=64, pretrained=str(tmp_path / "dm" / "ckpt.pt")))

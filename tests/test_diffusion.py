@@ -1,12 +1,15 @@
 """Tests for diffusion.py: schedules, the forward process, samplers on exact (fake) denoisers,
 DDIM inversion, guidance arithmetic, determinism, the loss under autocast, the schedule plot."""
 import math
+import os
 
 import pytest
 import torch
 
 import diffusion as D
 import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCHEDULES = ["linear", "cosine", "sigmoid", "inverted", "inverted_sigmoid", "inverted_linear", "inverted+cosine"]
 Z = 32
@@ -490,8 +493,13 @@ def test_loss_with_given_u_and_eps():
 # 10. plot
 
 def test_plot_schedules_writes_png(tmp_path):
+    """tools/schedules.py, the figure of docs/schedules.png."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("schedules", os.path.join(ROOT, "tools", "schedules.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
     path = tmp_path / "s.png"
-    D.plot_schedules(path, n=20_000)
+    tool.plot_schedules(path, n=20_000)
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 5000

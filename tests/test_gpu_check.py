@@ -1,5 +1,5 @@
-"""configs/gpu_check.sh --dry-run: the GPU check's code on the CPU at tiny sizes, so the one call a
-GPU session gets does not fail on a typo; and its per-item timeout."""
+"""tools/gpu_check.sh --dry-run: the GPU check's code on the CPU at tiny sizes, so the one call a
+GPU machine gets does not fail on a typo; and its per-item timeout."""
 import importlib.util
 import json
 import os
@@ -9,7 +9,7 @@ import time
 from test_kernels import other_kernel_set
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "configs", "gpu_check.py"))
+spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "tools", "gpu_check.py"))
 gpu_check = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_check)
 
@@ -19,7 +19,7 @@ def test_dry_run_reports_every_item(tmp_path):
     # tests/test_train.py, which runs them under this CPU's own kernels, so both sets are checked
     kernels = os.environ.get("ATEN_CPU_CAPABILITY") or other_kernel_set()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", ATEN_CPU_CAPABILITY=kernels)
-    r = subprocess.run(["bash", "configs/gpu_check.sh", str(tmp_path), "--dry-run"], cwd=ROOT, env=env,
+    r = subprocess.run(["bash", "tools/gpu_check.sh", str(tmp_path), "--dry-run"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "summary.json").read_text())

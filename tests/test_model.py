@@ -493,10 +493,13 @@ def test_top_skips_false_cuts_the_full_resolution_skips_only(top_skips):
     x, logsnr, g = inputs()
     z = torch.randn(2, Z, generator=g)
     with torch.no_grad():
-        out, skips = m.unet(x, logsnr, z, return_skips=True)
+        cond = m.unet.conditioning(logsnr, z)
+        skips = m.unet.down_path(x, *cond)
+        out = m.unet.up_path(skips, *cond)
+        assert torch.equal(out, m.unet(x, logsnr, z))
         for full_res in (True, False):
             poked = [s + 1.0 if (s.shape[-1] == 16) == full_res else s for s in skips]
-            changed = not torch.allclose(m.unet(x, logsnr, z, skips=poked), out)
+            changed = not torch.allclose(m.unet.up_path(poked, *cond), out)
             assert changed == (top_skips or not full_res), (full_res, changed)
     n_params = lambda net: sum(p.numel() for p in net.unet.parameters())
     assert (n_params(m) == n_params(make())) == top_skips  # no concatenation: narrower full-res up blocks
@@ -527,3 +530,17 @@ def test_each_z_section_drives_its_down_and_up_level_and_the_last_the_middle():
             seen[:] = []
             want = {("mid", 4)} if i == m.unet.m else {("down", 16 >> i), ("up", 16 >> i)}
             assert changed == want, (i, changed)
+
+
+def test_folded_adagn_equals_the_papers_two_steps():
+    """ResBlock folds h = GN(h)(1 + s_t) + b_t ; h = h(1 + s_z) + b_z into one pass over h (§3.1);
+    ResBlock.modulate writes the two steps as the paper does: the block's output is the same."""
+    torch.manual_seed(0)
+    blk = M.ResBlock(8, 16, emb_dim=12, z_sec_dim=5, z_init=1.0).eval()
+    for p in blk.parameters():  # no zero-initialised layer left: every term counts
+        torch.nn.init.normal_(p, std=0.3)
+    x, emb, z = torch.randn(3, 8, 6, 6), torch.randn(3, 12), torch.randn(3, 5)
+    h = blk.modulate(blk.conv1(F.silu(blk.norm1(x))), emb, z)
+    two_step = blk.skip(x) + blk.conv2(F.silu(h))
+    torch.testing.assert_close(blk(x, emb, z), two_step, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(blk(x, emb, z), blk(x, emb, torch.zeros_like(z)), atol=1e-3)  # z modulates

@@ -1,4 +1,4 @@
-"""A newcomer's machine (issue #17): CPU autocast chosen from the CPU's flags, CIFAR-10 found by a
+"""A newcomer's machine: CPU autocast chosen from the CPU's flags, CIFAR-10 found by a
 search order (or downloaded), readable progress / grids / curves, every bad input one line before
 anything is written, resume refusing keys that change the run, and Ctrl-C / SIGTERM stopping with a
 checkpoint that resumes bit-exactly."""
@@ -15,6 +15,7 @@ from PIL import Image
 
 from test_train import ROOT, base_args, cifar_dir, run_train, state  # noqa: F401  (cifar_dir: a fixture)
 import data  # noqa: E402
+import configurator  # noqa: E402
 import train  # noqa: E402
 
 
@@ -30,18 +31,18 @@ import train  # noqa: E402
 def test_native_bf16_is_read_from_cpuinfo(tmp_path, machine, line, native):
     info = tmp_path / "cpuinfo"
     info.write_text(f"processor\t: 0\n{line}\n\n")
-    ok, why = train.cpu_native_bf16(str(info), machine)
+    ok, why = configurator.cpu_native_bf16(str(info), machine)
     assert ok == native
     assert (why.startswith(("avx512_bf16", "amx_bf16", "bf16")) if native else why.startswith("no native bf16"))
-    assert train.cpu_native_bf16(str(tmp_path / "none"), "x86_64")[0] is False  # no /proc/cpuinfo: fp32
+    assert configurator.cpu_native_bf16(str(tmp_path / "none"), "x86_64")[0] is False  # no /proc/cpuinfo: fp32
 
 
 def test_cpu_bf16_setting(monkeypatch):
-    monkeypatch.setattr(train, "cpu_native_bf16", lambda: (True, "avx512_bf16 in /proc/cpuinfo"))
-    assert train.cpu_autocast("auto") == (True, "avx512_bf16 in /proc/cpuinfo")
-    monkeypatch.setattr(train, "cpu_native_bf16", lambda: (False, "no native bf16: mocked"))
-    assert train.cpu_autocast("auto")[0] is False
-    assert train.cpu_autocast("True")[0] is True and train.cpu_autocast("false")[0] is False
+    monkeypatch.setattr(configurator, "cpu_native_bf16", lambda: (True, "avx512_bf16 in /proc/cpuinfo"))
+    assert configurator.cpu_autocast("auto") == (True, "avx512_bf16 in /proc/cpuinfo")
+    monkeypatch.setattr(configurator, "cpu_native_bf16", lambda: (False, "no native bf16: mocked"))
+    assert configurator.cpu_autocast("auto")[0] is False
+    assert configurator.cpu_autocast("True")[0] is True and configurator.cpu_autocast("false")[0] is False
     with pytest.raises(train.ConfigError, match="cpu_bf16='maybe'.*'auto', 'true', 'false'"):
         train.validate(dict(train.DEFAULTS, cpu_bf16="maybe"))
 
@@ -49,8 +50,6 @@ def test_cpu_bf16_setting(monkeypatch):
 def test_no_config_forces_cpu_bf16():
     configs = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(ROOT, "configs")) for f in fs if f.endswith(".py")]
     for path in configs:
-        if '__name__ == "__main__"' in open(path).read():
-            continue  # a script beside the configs (gpu_check.py, loader_bench.py), not a config
         assert train.configure([path], train.DEFAULTS)["cpu_bf16"] == "auto", path
 
 
@@ -156,7 +155,7 @@ def test_config_file_mistakes_name_the_file_and_line(tmp_path):
 # --- a run: progress lines, grid, curves; resume refusals; overwrite ---------------------
 
 def test_run_resume_rules_and_overwrite(cifar_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train, "cpu_native_bf16", lambda: (False, "no native bf16: mocked"))
+    monkeypatch.setattr(configurator, "cpu_native_bf16", lambda: (False, "no native bf16: mocked"))
     out = tmp_path / "run"
     run_train(base_args(cifar_dir, out, max_iters=2, eval_interval=2, cpu_bf16="auto"))
     printed = capsys.readouterr()

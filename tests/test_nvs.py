@@ -321,7 +321,7 @@ def test_nvs_end_to_end(cars_dir, tmp_path, capsys):
     train.main(mv_args(cars_dir, tmp_path, max_iters=1, eval_interval=1))
     assert os.path.isfile(tmp_path / "samples_000001.png")  # the eval grid of unseen objects
     res = nvs.main([f"--ckpt={tmp_path / 'ckpt.pt'}", "--steps=2", "--n_targets=3", "--batch=4", "--device=cpu",
-                    "--turntable_view=1", f"--weights_dir={tmp_path / 'w'}"])
+                    "--turntable_view=1"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("k1 psnr ") and " k2 psnr " in last
     assert set(res) == {"k1", "k2"} and set(res["k1"]) >= {"psnr", "ssim", "nearest_source", "z_masked"}

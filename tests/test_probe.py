@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import probe  # noqa: E402
+import evaluation  # noqa: E402
 import train  # noqa: E402
 
 DSPRITES = os.path.join(ROOT, "..", "shared", "data", "dsprites")
@@ -75,8 +76,8 @@ def test_linear_probe_picks_wd_on_validation_rows_only(monkeypatch):
 def test_knn_on_identical_features_is_perfect():
     f = torch.randn(60, 32, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 5, (60,), generator=torch.Generator().manual_seed(1))  # random labels: only self-matches help
-    assert train.knn_accuracy(f, y, f, y) == 100.0
-    assert train.knn_accuracy(f, y, f, y.roll(1)) < 60
+    assert evaluation.knn_accuracy(f, y, f, y) == 100.0
+    assert evaluation.knn_accuracy(f, y, f, y.roll(1)) < 60
 
 
 # --- multi-label -----------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluation
 import sample
 import train
 
@@ -38,14 +39,14 @@ def ckpt(tmp_path_factory):
                 p.normal_(0, 0.1)
     sd = net.state_dict()
     path = str(root / "ckpt.pt")
-    train.save_checkpoint({"model": sd, "ema": sd, "config": cfg, "step": 0, "optimizer": {}, "rng": {},
+    evaluation.save_checkpoint({"model": sd, "ema": sd, "config": cfg, "step": 0, "optimizer": {}, "rng": {},
                            "data_pos": {}}, path)
     return path
 
 
 def run(ckpt, out, mode, **kw):
     args = dict(ckpt=ckpt, mode=mode, out_dir=str(out), steps=2, n=4, n_show=2, frames=3, n_dirs=2,
-                batch=4, device="cpu", weights_dir=str(out / "weights"))
+                batch=4, device="cpu")
     args.update(kw)
     return sample.main([f"--{k}={v}" for k, v in args.items()])
 
@@ -62,21 +63,21 @@ def assert_png(path):
 
 def test_psnr_known_cases():
     x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.8
-    assert torch.isinf(sample.psnr(x, x)).all()
+    assert torch.isinf(evaluation.psnr(x, x)).all()
     # a constant offset of 0.1 everywhere: MSE = 0.01, PSNR = 10 log10(1 / 0.01) = 20 dB
-    assert torch.allclose(sample.psnr(x, x + 0.1), torch.full((3,), 20.0), atol=1e-4)
+    assert torch.allclose(evaluation.psnr(x, x + 0.1), torch.full((3,), 20.0), atol=1e-4)
     # per image: an offset of 0.01 on the second image only -> 40 dB there
     y = x.clone()
     y[1] += 0.01
-    assert torch.isinf(sample.psnr(x, y)[0]) and abs(sample.psnr(x, y)[1].item() - 40.0) < 1e-3
+    assert torch.isinf(evaluation.psnr(x, y)[0]) and abs(evaluation.psnr(x, y)[1].item() - 40.0) < 1e-3
 
 
 def test_ssim_identical_is_one_and_noise_lowers_it():
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(sample.ssim(x, x), torch.ones(2), atol=1e-6)
+    assert torch.allclose(evaluation.ssim(x, x), torch.ones(2), atol=1e-6)
     noisy = (x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
-    s = sample.ssim(x, noisy)
-    assert (s < 0.9).all() and torch.allclose(s, sample.ssim(noisy, x), atol=1e-6)
+    s = evaluation.ssim(x, noisy)
+    assert (s < 0.9).all() and torch.allclose(s, evaluation.ssim(noisy, x), atol=1e-6)
 
 
 def test_ssim_constant_shift_matches_hand_formula():
@@ -86,9 +87,9 @@ def test_ssim_constant_shift_matches_hand_formula():
     a, d = torch.tensor([0.2, 0.4, 0.7]), 0.1
     x = a[None, :, None, None].expand(1, 3, 24, 24)
     hand = ((2 * a * (a + d) + C1) / (a**2 + (a + d) ** 2 + C1)).mean()
-    assert abs(sample.ssim(x, x + d).item() - hand.item()) < 1e-6
+    assert abs(evaluation.ssim(x, x + d).item() - hand.item()) < 1e-6
     # the Gaussian window is normalised: a window that sums to 2 would give a different number
-    assert abs(sample.gaussian_window().sum().item() - 1) < 1e-12
+    assert abs(evaluation.gaussian_window().sum().item() - 1) < 1e-12
 
 
 def test_ssim_one_bright_pixel_matches_hand_formula():
@@ -107,7 +108,7 @@ def test_ssim_one_bright_pixel_matches_hand_formula():
     x = torch.full((1, 3, 32, 32), m)
     y = x.clone()
     y[:, :, 16, 16] += d
-    assert abs(sample.ssim(x, y).item() - hand) < 1e-6 and hand < 0.99
+    assert abs(evaluation.ssim(x, y).item() - hand) < 1e-6 and hand < 0.99
 
 
 def test_slerp_end_points_and_norm():
@@ -125,7 +126,7 @@ def test_slerp_end_points_and_norm():
 # --- mixing ---------------------------------------------------------------------------
 
 def test_mix_latents_takes_sections_from_a(ckpt):
-    net, _ = train.model_from_checkpoint(ckpt)
+    net, _ = evaluation.model_from_checkpoint(ckpt)
     z_a, z_b = torch.randn(2, 32), torch.randn(2, 32)
     S, dims = net.n_sections, net.unet.sec_dims
     assert torch.equal(sample.mix_latents(net, z_a, z_b, range(S)), z_a)
@@ -140,7 +141,7 @@ def test_masked_sections_of_b_leak_nothing_under_layerwise_guidance(ckpt):
     """Sections 0, 1 from A and the rest from B, decoded with only sections 0, 1 on and layer-wise
     guidance (w = 2, section 0 on in the unconditional branch too) == A's z decoded the same way:
     B's masked sections reach neither branch. Changing the kept sections or keep_uncond shows."""
-    net, _ = train.model_from_checkpoint(ckpt)
+    net, _ = evaluation.model_from_checkpoint(ckpt)
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     S = net.n_sections
     keep, keep_uncond = torch.tensor([[1.0, 1, 0, 0]]), torch.tensor([[1.0, 0, 0, 0]])
@@ -159,7 +160,7 @@ def test_masked_sections_of_b_leak_nothing_under_layerwise_guidance(ckpt):
 
 # --- modes end to end -------------------------------------------------------------------
 
-def test_recon_metrics_baseline_and_weights_message(ckpt, tmp_path, capsys):
+def test_recon_metrics_and_baseline(ckpt, tmp_path, capsys):
     res = run(ckpt, tmp_path, "recon")
     out = capsys.readouterr().out
     assert_png(tmp_path / "recon.png")
@@ -168,14 +169,6 @@ def test_recon_metrics_baseline_and_weights_message(ckpt, tmp_path, capsys):
     assert m["z"] != m["z_masked"]  # the baseline is a different decode
     assert res["images"].shape == (3, 4, 3, 32, 32)
     assert "PSNR" in out and "z masked" in out and f"wrote {tmp_path / 'recon.png'}" in out
-    assert "pt_inception-2015-12-05-6726825d.pth (~91 MB" in out and str(tmp_path / "weights") in out
-    assert "alexnet-owt-7be5be79.pth" in out
-    # with the files on disk it does not pretend to compute the metrics
-    (tmp_path / "weights").mkdir()
-    for name in ("pt_inception-2015-12-05-6726825d.pth", "alexnet-owt-7be5be79.pth", "lpips_alex.pth"):
-        (tmp_path / "weights" / name).write_bytes(b"x")
-    lines = sample.perceptual_note(str(tmp_path / "weights"))
-    assert all("found" in line and "does not compute" in line for line in lines)
 
 
 def test_recon_is_deterministic_under_seed(ckpt, tmp_path):

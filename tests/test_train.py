@@ -1,5 +1,6 @@
 """train.py, data.py and the checkpoint helpers: config strictness, a smoke run, bit-exact resume,
 DDP (2 gloo processes) == 1 process, atomic checkpoints, and one-line errors."""
+import ast
 import json
 import os
 import socket
@@ -85,9 +86,11 @@ def test_every_config_file_sets_only_known_keys():
                    for f in fs if f.endswith(".py"))
     for want in ("cifar10_cpu.py", "cifar10.py", "imagenet.py", "cars3d_cpu.py", "ablations/no_bottleneck.py"):
         assert want in names
+    every = sorted(os.path.relpath(os.path.join(d, f), configs) for d, _, fs in os.walk(configs) for f in fs)
+    assert every == names, "configs/ holds config files only (programs live in tools/)"
     for f in names:
-        if '__name__ == "__main__"' in open(os.path.join(configs, f)).read():
-            continue  # a script kept beside the configs it runs (gpu_check.py, loader_bench.py), not a config
+        tree = ast.parse(open(os.path.join(configs, f)).read())
+        assert all(isinstance(node, ast.Assign) for node in tree.body), f"{f}: a config is assignments only"
         train.configure([os.path.join(configs, f)], defaults)
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluation
 import train
 from test_train import ROOT, base_args, cifar_dir, full_and_killed_then_resumed, run_train, state  # noqa: F401 (a fixture)
 
@@ -173,7 +174,7 @@ def test_the_pieces_make_the_loop(cifar_dir, tmp_path):
     moments = lambda ck: [t for s in ck["optimizer"]["state"].values() for t in s.values()]
     assert len(moments(a)) > 0 and all(torch.equal(x, y) for x, y in zip(moments(a), moments(b)))
     assert a["step"] == b["step"] == 3 and a["data_pos"] == b["data_pos"]
-    out = train.evaluate(run, 3)  # held-out kNN, z-gap, z-usage, a grid
+    out = evaluation.evaluate(run, 3)  # held-out kNN, z-gap, z-usage, a grid
     assert {"knn", "zgap", "z_removed_-3", "grid"} <= set(out) and os.path.isfile(out["grid"])
 
 

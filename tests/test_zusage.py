@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import diffusion as D
-import model as M
+import diffsiam
+import evaluation
 import train
 
-from test_model import make, inputs
+from test_model import Z, inputs, make, randomize_zeros
 
 
 class Oracle(torch.nn.Module):
@@ -19,9 +20,6 @@ class Oracle(torch.nn.Module):
 
     def encode(self, x, rays=None):
         return x.flatten(1)
-
-    def keep_dims(self, keep, seg_keep):
-        return keep
 
     def denoise(self, x_t, logsnr, z, keep, rays=None):
         abar = torch.sigmoid(logsnr)[:, None, None, None]
@@ -54,7 +52,7 @@ def test_z_usage_is_all_for_an_oracle_that_passes_x0_through_z():
     # the reference lines: a grey image scores E[x0^2], each image's mean colour its variance
     assert res["grey"] == pytest.approx(x.pow(2).mean().item())
     assert res["mean_colour"] < res["grey"]
-    assert "removed by z" in D.z_usage_table(res)
+    assert "removed by z" in evaluation.z_usage_table(res)
 
 
 def test_z_usage_uses_fixed_noise_and_batches_consistently():
@@ -125,18 +123,20 @@ def test_z_init_gives_the_encoder_a_gradient_at_step_zero():
 def test_masked_segments_have_no_influence_under_z_norm():
     """DiffSiam segments do not line up with the z_norm sections: a zeroed segment must still
     have no influence on the output (it leaked through the per-section statistics)."""
-    m = make(z_norm=True, z_init=1.0, segments=3)
+    torch.manual_seed(0)
+    m = diffsiam.build("tiny", "tiny", z_dim=Z, image_size=16, z_norm=True, z_init=1.0, segments=3).eval()
+    randomize_zeros(m, seed=100)
     x, logsnr, g = inputs()
     z = torch.randn(len(x), 32, generator=g)
-    seg = torch.tensor([[1.0, 0.0, 1.0]])  # the middle third of z off: it straddles two sections
-    keep = m.keep_dims(torch.ones(len(x), m.n_sections), seg)
+    on = torch.ones(len(x), m.n_sections)
+    seg = torch.tensor([[1.0, 0.0, 1.0]]).expand(len(x), -1)  # the middle third of z off: it straddles two sections
+    off = m.keep_dims(on, seg)[0] == 0
     z2 = z.clone()
-    off = keep[0] == 0
     z2[:, off] = torch.randn(len(x), int(off.sum()), generator=g) * 5
     with torch.no_grad():
-        a, b = m.denoise(x, logsnr, z, keep), m.denoise(x, logsnr, z2, keep)
+        a, b = m.denoise(x, logsnr, z, on, seg_keep=seg), m.denoise(x, logsnr, z2, on, seg_keep=seg)
         assert torch.equal(a, b)
-        assert not torch.allclose(m.denoise(x, logsnr, z2, torch.ones_like(keep)), a, atol=1e-4)
+        assert not torch.allclose(m.denoise(x, logsnr, z2, on, seg_keep=torch.ones_like(seg)), a, atol=1e-4)
 
 
 @pytest.mark.parametrize("flag", ["--batch_size=True", "--lr=True", "--z_init=False"])

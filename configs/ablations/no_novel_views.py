@@ -1,2 +1,2 @@
-# "w/o novel views" (Table 1): auto-encoding, the source view is the target view (§4.1, SPEC §4).
+# "w/o novel views" (Table 1): auto-encoding, the source view is the target view (§4.1).
 views = "identical"

@@ -1,4 +1,4 @@
-# The paper's recipe under every ablation variant (configs/ablations/run.sh passes it after the
+# The paper's recipe under every ablation variant (tools/ablations.sh passes it after the
 # base config): novel views from two augmentations, eps output and eps loss, z not standardised
 # over the batch. The teaching config's z-usage recipe (v, z_bn, one view) is not the paper's, and
 # "w/o novel views" would be the teaching config itself. The README's table: 1,500 steps

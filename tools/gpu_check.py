@@ -1,9 +1,9 @@
 """
-The GPU check (issue #21): in one call on one CUDA GPU (<= 8 minutes) everything the CPU sessions
-could not verify; with --dry-run the same code on the CPU at tiny sizes (tests/test_gpu_check.py).
+The GPU check: in one call on one CUDA GPU (<= 8 minutes) everything a CPU cannot verify; with
+--dry-run the same code on the CPU at tiny sizes (tests/test_gpu_check.py).
 
-    bash configs/gpu_check.sh OUT_DIR               # one CUDA GPU, ../shared/data/cifar10-subset
-    bash configs/gpu_check.sh OUT_DIR --dry-run     # CPU, tiny models, a 120-image fixture in OUT_DIR
+    bash tools/gpu_check.sh OUT_DIR               # one CUDA GPU, ../shared/data/cifar10-subset
+    bash tools/gpu_check.sh OUT_DIR --dry-run     # CPU, tiny models, a 120-image fixture in OUT_DIR
 
 Three groups of items, in one child process (so the compile bench and the learning run reuse graphs
 compiled before them); every item has its own alarm, and the child is killed at the budget's end.
@@ -12,7 +12,7 @@ OUT_DIR/summary.json is rewritten after every item, so a run cut short still rep
   correctness  bf16 autocast vs fp32, torch.compile vs eager, channels_last vs NCHW, fused vs
                looped AdamW (each alone against eager fp32, 4 steps of train.main), DDIM / DDPM under
                a torch.Generator, resume 2 + 2 == 4 steps, torchrun (1 process, nccl) == a plain run
-  speed        configs/bench.py per switch against all-off (as configs/bench.sh, one round):
+  speed        configs/bench.py per switch against all-off (as tools/bench.sh, one round):
                train img/s, MFU, peak memory, DDIM img-steps/s
   learning     configs/cifar10.py for ~150 s (max_iters from the img/s just measured), then
                probe.py --task=linear against --random=True, and --task=zusage; PNGs copied here
@@ -42,7 +42,7 @@ LEARN_REST_S = 100  # what the learning group needs besides training: final eval
 ITEMS = ("bf16_vs_fp32", "compile_vs_eager", "channels_last_vs_nchw", "fused_adamw_vs_looped", "samplers_deterministic",
          "resume_2_plus_2", "torchrun_vs_plain", "speed_all_off", "speed_bf16_autocast", "speed_fused_adamw",
          "speed_channels_last", "speed_compile", "speed_config", "learn_train", "learn_linear_vs_random", "learn_zusage")
-# the switches, as configs/bench.sh spells them: each alone on top of "all off"
+# the switches, as tools/bench.sh spells them: each alone on top of "all off"
 OFF = ["--cpu_bf16=false", "--dtype=float32", "--compile=False", "--channels_last=False", "--fused_adamw=False"]
 SWITCHES = {"bf16_autocast": ["--cpu_bf16=true", "--dtype=bfloat16"], "fused_adamw": ["--fused_adamw=True"],
             "channels_last": ["--channels_last=True"], "compile": ["--compile=True"]}
@@ -121,11 +121,11 @@ def compare(a_dir, b_dir):
     weights (max |a - b| and ||a - b|| / ||a - init||: the difference as a fraction of how far
     training moved the weights), and whether model, EMA and AdamW moments are bit-identical."""
     import torch
-    import train
+    import configurator
     la, lb = losses(a_dir), losses(b_dir)
     a, b = (torch.load(os.path.join(d, "ckpt.pt"), map_location="cpu", weights_only=True) for d in (a_dir, b_dir))
     torch.manual_seed(a["config"]["seed"])  # train.main's init, rebuilt
-    init = train.build_model(a["config"]).state_dict()
+    init = configurator.build_model(a["config"]).state_dict()
     w = [n for n, p in a["model"].items() if p.is_floating_point()]
     diff = math.sqrt(sum((a["model"][n] - b["model"][n]).double().pow(2).sum().item() for n in w))
     moved = math.sqrt(sum((a["model"][n] - init[n]).double().pow(2).sum().item() for n in w))
@@ -172,17 +172,17 @@ def light_eval():
     that in full): as tests/conftest.py's light_eval, z-usage on 2 noise levels and 8 images, no figures."""
     import torch
     import diffusion as D
-    import train
-    real = D.z_usage, D.plot_z_usage, train.plot_curves
+    import evaluation as E
+    real = D.z_usage, E.plot_z_usage, E.plot_curves
 
     def z_usage(model, x_0, logsnrs=None, **kw):
         kw = {k: v[:8] if torch.is_tensor(v) and len(v) == len(x_0) else v for k, v in kw.items()}
         return real[0](model, x_0[:8], logsnrs=(-3.0, 0.0), **kw)
-    D.z_usage, D.plot_z_usage, train.plot_curves = z_usage, lambda res, path, title="": path, lambda out_dir: None
+    D.z_usage, E.plot_z_usage, E.plot_curves = z_usage, lambda res, path, title="": path, lambda out_dir: None
     try:
         yield
     finally:
-        D.z_usage, D.plot_z_usage, train.plot_curves = real
+        D.z_usage, E.plot_z_usage, E.plot_curves = real
 
 
 @contextlib.contextmanager
@@ -222,7 +222,7 @@ def run_steps(out, dry, name, *flags):
 def correctness(out, dry):
     import torch
     import diffusion as D
-    import train
+    import evaluation
     cuda = torch.cuda.is_available() and not dry
     run = lambda name, *flags: run_steps(out, dry, name, *flags)
     ref = run("eager_fp32", "--overwrite=True")
@@ -264,7 +264,7 @@ def correctness(out, dry):
         "channels_last's does"))
 
     def samplers():
-        net, _ = train.model_from_checkpoint(os.path.join(ref, "ckpt.pt"), "cuda" if cuda else "cpu")
+        net, _ = evaluation.model_from_checkpoint(os.path.join(ref, "ckpt.pt"), "cuda" if cuda else "cpu")
         dev = next(net.parameters()).device
         x = torch.rand(4 if dry else 16, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(dev) * 2 - 1
         res = {"pass": True}
@@ -318,7 +318,7 @@ def ddp_check(out, dry):
 
 
 # -----------------------------------------------------------------------------
-# speed: configs/bench.py per switch (synthetic images), as configs/bench.sh does it
+# speed: configs/bench.py per switch (synthetic images), as tools/bench.sh does it
 
 def speed(out, dry):
     import gc
@@ -444,7 +444,7 @@ def main(argv):
     args = [a for a in argv if not a.startswith("--")]
     opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
     if len(args) != 1:
-        sys.exit("usage: bash configs/gpu_check.sh OUT_DIR [--dry-run]")
+        sys.exit("usage: bash tools/gpu_check.sh OUT_DIR [--dry-run]")
     out = os.path.abspath(args[0])
     if "--child" in argv:  # the groups; each skips the items a killed process before it finished
         import warnings
@@ -453,7 +453,7 @@ def main(argv):
         if dry:
             torch.set_num_threads(1)
         if not dry and not torch.cuda.is_available():
-            sys.exit("error: no CUDA device here; on a CPU run the dry run: bash configs/gpu_check.sh OUT_DIR --dry-run")
+            sys.exit("error: no CUDA device here; on a CPU run the dry run: bash tools/gpu_check.sh OUT_DIR --dry-run")
         record(out, "run", {"torch": torch.__version__, "device": "cpu (dry run: tiny sizes)" if dry else
                             f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPUs"})
         load_cifar_once()

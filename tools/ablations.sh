@@ -2,10 +2,10 @@
 # Paper Table 1 at CIFAR-10 scale: train each ablation variant on top of a base config, for several
 # seeds, probe its frozen features on the test split (linear and kNN; the unconditional baseline on
 # UNet features), measure its z-usage, print the table (mean +- sd over seeds).
-#   bash configs/ablations/run.sh                                     # the paper's recipe on configs/cifar10_cpu.py, seed 0
-#   SEEDS="0 1 2" OVERLAY=none bash configs/ablations/run.sh configs/cifar10_cpu.py --max_iters=500
+#   bash tools/ablations.sh                                     # the paper's recipe on configs/cifar10_cpu.py, seed 0
+#   SEEDS="0 1 2" OVERLAY=none bash tools/ablations.sh configs/cifar10_cpu.py --max_iters=500
 #                                                                     # the teaching config's own recipe, 3 seeds
-#   bash configs/ablations/run.sh configs/cifar10.py --compile=True   # one GPU (no_bottleneck: see its file)
+#   bash tools/ablations.sh configs/cifar10.py --compile=True   # one GPU (no_bottleneck: see its file)
 # OVERLAY (default configs/ablations/paper.py: two augmented views, eps output and loss, no z_bn)
 # goes between the base and each variant; OVERLAY=none keeps the base's recipe, and then the views
 # variant is novel_views.py (the base auto-encodes) instead of no_novel_views.py.
@@ -13,7 +13,7 @@
 # Runs already trained (out/ablations/<base>[-recipe]/<variant>-s<seed>/ckpt.pt) and probes already
 # written are not redone. Other flags go to every train.py call.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 base=${1:-configs/cifar10_cpu.py}
 shift || true
 overlay=${OVERLAY:-configs/ablations/paper.py}

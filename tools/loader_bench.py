@@ -5,8 +5,8 @@ one process with num_workers=0 and one thread, on synthetic JPEGs written to a t
 RandAugment runs later, batched on the training device (data.make_views); it is timed apart, on
 the CPU, for reference.
 
-    python configs/loader_bench.py                       # 500 JPEGs of 128 px, 3 rounds
-    python configs/loader_bench.py --size=500x375        # ImageNet's typical image (~110 kB JPEG)
+    python tools/loader_bench.py                       # 500 JPEGs of 128 px, 3 rounds
+    python tools/loader_bench.py --size=500x375        # ImageNet's typical image (~110 kB JPEG)
 
 The JPEGs are noise plus a smooth gradient at quality 90, so they decode like photographs of that
 size, roughly; a machine busy with other jobs reads low: the best of the rounds is reported.
@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import train  # noqa: E402
+
 
 
 def write_jpegs(root, n, w, h, classes=10):
@@ -55,7 +55,7 @@ def main():
         load, aug = [], []
         for r in range(a.rounds):
             # train.py's DataLoader for the image-folder path, with num_workers=0: this process is the worker
-            dl = torch.utils.data.DataLoader(ds, batch_sampler=train.StepBatches(len(ds), a.batch, slice(None), 0, 0, steps),
+            dl = torch.utils.data.DataLoader(ds, batch_sampler=data.StepBatches(len(ds), a.batch, slice(None), 0, 0, steps),
                                              num_workers=0)
             t = time.perf_counter()
             for xb, yb in dl:

@@ -3,14 +3,14 @@
 # config, for several seeds, and print what each did to z-usage (diffusion.z_usage: x0-MSE with z
 # vs z masked) and to the linear probe (pooled encoder features) against the same encoder at
 # random init.
-#   bash configs/zusage/run.sh val  "0"     name "flags" [name "flags" ...]   # screens: the val split
-#   bash configs/zusage/run.sh test "0 1 2" name "flags" [name "flags" ...]   # the final table, once
-# e.g. bash configs/zusage/run.sh val "0" eps "" v "--prediction=v --weighting=v"
+#   bash tools/zusage.sh val  "0"     name "flags" [name "flags" ...]   # screens: the val split
+#   bash tools/zusage.sh test "0 1 2" name "flags" [name "flags" ...]   # the final table, once
+# e.g. bash tools/zusage.sh val "0" eps "" v "--prediction=v --weighting=v"
 # Choices are made on split=val (train.py's n_val held-out training images); split=test is read
 # once, for the final table. Runs already trained (out/zusage/<name>-s<seed>/ckpt.pt) are only probed.
 # BASE (default configs/cifar10_cpu.py) and EXTRA (flags for every run, e.g. --threads=1) from the environment.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 split=$1; seeds=$2; shift 2
 base=${BASE:-configs/cifar10_cpu.py}
 rows=()

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The speed switches one at a time, against "all off" and the config as it is, in one run:
-#   bash configs/bench.sh                                   # the CPU teaching config
-#   bash configs/bench.sh configs/cifar10.py                # one GPU
-#   ROUNDS=5 bash configs/bench.sh configs/cifar10_cpu.py --threads=2
+#   bash tools/bench.sh                                   # the CPU teaching config
+#   bash tools/bench.sh configs/cifar10.py                # one GPU
+#   ROUNDS=5 bash tools/bench.sh configs/cifar10_cpu.py --threads=2
 # Every setting runs configs/bench.py (synthetic data) once per round, rounds interleaved, so a
 # slow spell of a noisy machine hits all settings alike; the table gives medians over the rounds
 # and train img/s as a ratio to "all off" (eager fp32, no fused AdamW, NCHW).

@@ -4,21 +4,22 @@ init. Measured on the validation split (train.py's n_val held-out images), so th
 for the final table.
 
     python train.py configs/cifar10_cpu.py --ckpt_keep=True --ckpt_interval=200 --max_iters=3000 --out_dir=out/curve
-    python configs/zusage/curve.py out/curve            # -> out/curve/curve.png, curve.json
+    python tools/zusage_curve.py out/curve            # -> out/curve/curve.png, curve.json
 """
 import glob
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import evaluation  # noqa: E402
 import probe  # noqa: E402
 
 
 def train_minutes(out_dir):
     """step -> minutes of training (evaluation excluded), from the img/s of log.jsonl's records."""
     recs = [json.loads(l) for l in open(os.path.join(out_dir, "log.jsonl"))]
-    cfg_batch = probe.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["config"]["batch_size"]
+    cfg_batch = evaluation.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["config"]["batch_size"]
     t, last, at = 0.0, 0, {0: 0.0}
     for r in recs:
         if "img_s" in r:

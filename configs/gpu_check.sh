@@ -1,7 +1,0 @@
-#!/usr/bin/env bash
-# The GPU check in one call (issue #21); what it runs and writes: configs/gpu_check.py's docstring.
-#   bash configs/gpu_check.sh OUT_DIR             # one CUDA GPU, <= 8 minutes -> OUT_DIR/summary.json + PNGs
-#   bash configs/gpu_check.sh OUT_DIR --dry-run   # the same code on the CPU at tiny sizes (< 25 s)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-exec python configs/gpu_check.py "$@"

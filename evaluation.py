@@ -1,0 +1,410 @@
+"""
+What the scripts share to load a trained SODA and to measure and show it: checkpoints (written
+atomically, read with weights_only=True), features of a frozen encoder, kNN and logistic
+regression on them, PSNR and SSIM, image grids and GIFs, the z-usage table and plot. train.py,
+probe.py, sample.py and nvs.py import it; it imports no script.
+"""
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import configurator
+import data
+import diffsiam
+import diffusion as D
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+class CheckpointError(Exception):
+    pass
+
+
+def save_checkpoint(obj, path):
+    """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint, so an
+    interrupted write leaves the previous checkpoint intact."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """torch.load with weights_only=True (no code runs from the file); one clear error otherwise."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path!r}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"could not read checkpoint {path!r} (corrupted or not a SODA checkpoint): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "ema" not in ckpt:
+        raise CheckpointError(f"{path!r} is not a SODA checkpoint (no config/ema entries)")
+    return ckpt
+
+
+def model_from_checkpoint(path, device="cpu", which="ema"):
+    """-> (SODA in eval mode with the EMA (or 'model') weights, its config). path='random' is not
+    handled here: scripts build a fresh model from a config for that."""
+    ckpt = load_checkpoint(path, device)
+    net = configurator.build_model(ckpt["config"])
+    net.load_state_dict(ckpt[which])
+    return net.to(device).eval(), ckpt["config"]
+
+
+# -----------------------------------------------------------------------------
+# features of a frozen encoder, and classifiers on them
+
+@torch.no_grad()
+def extract_features(net, x, batch=500, cams=None):
+    """uint8 images (N, 3, H, W) -> (pooled (N, F), z (N, z_dim)) on the CPU, from net.encode_features.
+    cams: each image's (K (N, 3, 3), c2w (N, 4, 4)), for an encoder that reads camera rays."""
+    dev = next(net.parameters()).device
+    pooled, zs = [], []
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch].to(dev).float() / 127.5 - 1
+        rays = None if cams is None else data.camera_rays(cams[0][i:i + batch].to(dev), cams[1][i:i + batch].to(dev),
+                                                          *xb.shape[-2:])
+        p, z = net.encode_features(xb, rays)
+        pooled.append(p.float().cpu())
+        zs.append(z.float().cpu())
+    return torch.cat(pooled), torch.cat(zs)
+
+
+def knn_accuracy(train_f, train_y, test_f, test_y, k=20, T=0.07, n_classes=None):
+    """Weighted kNN top-1 (%) on cosine similarity, votes weighted by exp(sim / T) (Wu et al. 2018)."""
+    n_classes = n_classes or int(max(train_y.max(), test_y.max())) + 1
+    train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
+    correct = 0
+    for i in range(0, len(test_f), 1000):
+        sim, idx = (test_f[i:i + 1000] @ train_f.T).topk(min(k, len(train_f)), dim=1)
+        votes = torch.zeros(len(idx), n_classes).scatter_add_(1, train_y[idx], (sim / T).exp())
+        correct += (votes.argmax(1) == test_y[i:i + 1000]).sum().item()
+    return 100.0 * correct / len(test_f)
+
+
+def fit_logreg(x, y, n_classes, wd, iters=100, loss_fn=F.cross_entropy):
+    """Multinomial logistic regression, full batch L-BFGS, L2 penalty wd on the weights.
+    loss_fn=F.binary_cross_entropy_with_logits with y (N, n_classes) in {0, 1}: one logistic
+    regression per output."""
+    W = torch.zeros(x.shape[1], n_classes, requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(x @ W + b, y) + wd * W.pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return W.detach(), b.detach()
+
+
+# -----------------------------------------------------------------------------
+# metrics: images in [0, 1], (B, C, H, W)
+
+def psnr(x, y):
+    """Peak signal-to-noise ratio in dB per image -> (B,); inf where x == y."""
+    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(1 / mse)).float()
+
+
+def gaussian_window(size=11, sigma=1.5):
+    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-r**2 / (2 * sigma**2))
+    return (g / g.sum())[:, None] * (g / g.sum())[None, :]  # (size, size), sums to 1
+
+
+def ssim(x, y, size=11, sigma=1.5):
+    """Structural similarity (Wang et al. 2004) per image -> (B,): Gaussian window 11 / sigma 1.5,
+    C1 = 0.01^2, C2 = 0.03^2 (data range 1), at every position where the window fits, averaged
+    over positions and channels."""
+    C1, C2 = 0.01**2, 0.03**2
+    x, y, ch = x.double(), y.double(), x.shape[1]
+    win = gaussian_window(size, sigma).to(x.device)[None, None].repeat(ch, 1, 1, 1)  # (C, 1, k, k)
+    blur = lambda t: F.conv2d(t, win, groups=ch)  # local means, channel by channel
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
+    s = (2 * mu_x * mu_y + C1) * (2 * cov + C2) / ((mu_x**2 + mu_y**2 + C1) * (var_x + var_y + C2))
+    return s.flatten(1).mean(1).float()
+
+
+# -----------------------------------------------------------------------------
+# pictures
+
+def to_unit(x):
+    # [-1, 1] -> [0, 1] on the 8-bit levels a saved image has
+    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 255
+
+
+def save_grid(path, images, row_labels, col_labels=()):
+    """images (R, C, 3, H, W) in [-1, 1] -> a PNG with a label per row (and column)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torchvision
+    R, Cn, _, H, W = images.shape
+    grid = torchvision.utils.make_grid(to_unit(images.flatten(0, 1)).cpu(), nrow=Cn, padding=1, pad_value=1)
+    fig, ax = plt.subplots(figsize=(2 + 0.7 * Cn, 0.4 + 0.7 * R))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_yticks([1 + i * (H + 1) + H / 2 for i in range(R)], row_labels, fontsize=8)
+    ax.set_xticks([1 + j * (W + 1) + W / 2 for j in range(len(col_labels))], col_labels, fontsize=8)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def save_columns(columns, labels, path, min_px=96):
+    """Labelled columns of images ((n, 3, H, W) in [-1, 1] each), one example per row, enlarged with
+    nearest to >= min_px a side so the pixels can be seen: one PNG."""
+    import torchvision
+    from PIL import Image, ImageDraw
+    s = -(-min_px // columns[0].shape[-1])  # an integer factor keeps the pixels square
+    cells = torch.stack([F.interpolate((c.float().cpu() + 1) / 2, scale_factor=s, mode="nearest") for c in columns], 1)
+    grid = torchvision.utils.make_grid(cells.flatten(0, 1).clamp(0, 1), nrow=len(columns), padding=2, pad_value=1)
+    img = Image.fromarray(grid.mul(255).add(0.5).byte().permute(1, 2, 0).numpy())
+    page = Image.new("RGB", (img.width, img.height + 14), "white")  # a row of labels on top
+    page.paste(img, (0, 14))
+    for i, text in enumerate(labels):
+        ImageDraw.Draw(page).text((4 + i * (cells.shape[-1] + 2), 1), text, fill="black")
+    page.save(path)
+
+
+def save_gif(path, frames, ms=150, bounce=True):
+    """frames (T, 3, H, W) in [-1, 1] -> a looping GIF (there and back if bounce), enlarged to >= 128 px."""
+    from PIL import Image
+    s = max(1, 128 // frames.shape[-1])
+    u8 = (to_unit(frames) * 255).round().to(torch.uint8).repeat_interleave(s, -1).repeat_interleave(s, -2)
+    imgs = [Image.fromarray(f.permute(1, 2, 0).cpu().numpy()) for f in u8]
+    if bounce:
+        imgs = imgs + imgs[-2:0:-1]
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=ms, loop=0)
+    return path
+
+
+def z_usage_table(res):
+    """The z-usage dict as a small text table (one column per log-SNR)."""
+    row = lambda name, vals, fmt: f"{name:<16}" + "".join(f"{v:>8{fmt}}" for v in vals)
+    return "\n".join([row("log-SNR", res["logsnr"], ".0f"), row("x0-MSE with z", res["mse_z"], ".3f"),
+                      row("x0-MSE z masked", res["mse_masked"], ".3f"), row("removed by z %", res["removed"], ".1f"),
+                      f"grey image {res['grey']:.3f}, per-image mean colour {res['mean_colour']:.3f}; "
+                      f"z removes {res['removed_at_-3']:.1f}% at log-SNR -3, {res['removed_mean']:.1f}% on average over -6..+2"])
+
+
+def plot_z_usage(res, path, title="z usage"):
+    """Both x0-MSE curves against log-SNR, with the grey-image and mean-colour lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot(res["logsnr"], res["mse_masked"], "o-", label="z masked (unconditional)")
+    ax.plot(res["logsnr"], res["mse_z"], "o-", label="with z")
+    ax.axhline(res["grey"], ls="--", c="grey", label="grey image")
+    ax.axhline(res["mean_colour"], ls=":", c="k", label="each image's mean colour")
+    for l, m, r in zip(res["logsnr"], res["mse_z"], res["removed"]):
+        ax.annotate(f"{r:.0f}%", (l, m), textcoords="offset points", xytext=(0, -12), ha="center", fontsize=7)
+    ax.set(xlabel="log-SNR (noisier to the left)", ylabel="x0-MSE", yscale="log",
+           title=f"{title}: z removes {res['removed_at_-3']:.0f}% at -3, {res['removed_mean']:.0f}% over -6..+2")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# a training run's evaluation (train.py, at every eval_interval) and what it draws
+
+def fixed_eval_batch(run):
+    """64 fixed (source, target, u, eps, source rays, target rays) for the z-gap and the sample grid:
+    held-out images, or one source view of an unseen object and another view of it. None for
+    ImageNet-style folders (probe.py measures those)."""
+    if run.multiview:
+        frng = data.Rng(run.seed, -1, 64, device=run.dev)
+        xs, rs, xt, rt = data.multiview_batch(run.mv_val, 1, frng)
+        return xs[:, 0], xt, frng.rand(), frng.randn(3, run.image_size, run.image_size), rs[:, 0], rt
+    if run.in_memory:
+        fx = run.x_val[:64].to(run.dev)
+        frng = data.Rng(run.seed, -1, len(fx), device=run.dev)
+        f_src, f_tgt = data.make_views(fx, run.views if run.views != "class" else "identical", run.aug, frng,
+                                       crop_min=run.crop_min)
+        return f_src, f_tgt, frng.rand(), frng.randn(3, run.image_size, run.image_size), None, None
+    return None
+
+
+
+# the evaluation's kNN compares held-out images with at most this many training images: a monitor that
+# stays cheap on big in-memory sets (dSprites: 41k images at 64 px took 6 minutes at 1 thread); probe.py
+# gives the real figure on the whole training set
+KNN_REFERENCES = 10_000
+
+
+
+@torch.no_grad()
+def evaluate(run, it):
+    """kNN of z on the held-out split, the z-gap (eps-MSE without z minus with z), z-usage
+    (diffusion.z_usage: x0-MSE with z vs z masked on the log-SNR grid, zusage.png), a sample grid."""
+    out = {}
+    if run.fixed is None:
+        return out
+    ema, autocast = run.ema, run.autocast
+    if not run.multiview:  # kNN of z on the held-out split (multi-view sets have no labels)
+        ref = slice(0, KNN_REFERENCES)
+        with autocast():
+            ftr = extract_features(ema, run.x_train[ref])[1]
+            fva = extract_features(ema, run.x_val)[1]
+        out["knn"] = knn_accuracy(ftr, run.y_train[ref].cpu(), fva, run.y_val)
+    f_src, f_tgt, u, eps, r_src, r_tgt = run.fixed
+    logsnr = run.schedule_fn(u)
+    x_t = D.q_sample(f_tgt, logsnr, eps)
+    with autocast():
+        z = ema.encode(f_src, r_src)
+    losses = []
+    on = torch.ones(len(f_src), ema.n_sections, device=run.dev)
+    # DiffSiam: "with z" is the segments training switches on at these noise levels (u)
+    seg = {"seg_keep": diffsiam.segment_keep(u, run.segments, run.segment_mode)} if run.segments else {}
+    for keep in (on, torch.zeros_like(on)):
+        with autocast():
+            eps_hat = ema.denoise(x_t, logsnr, z, keep, r_tgt, **seg)
+        losses.append(F.mse_loss(eps_hat.float(), eps).item())
+    out["loss_z"], out["zgap"] = losses[0], losses[1] - losses[0]  # > 0: the decoder uses z
+    with autocast():  # x0-MSE with z vs z masked on the log-SNR grid (diffusion.z_usage)
+        if run.multiview:  # the source view of an unseen object -> its target view
+            zu = D.z_usage(ema, f_tgt, x_src=f_src, seed=run.seed, rays_src=r_src, rays_tgt=r_tgt)
+        else:  # held-out images, z from the image itself
+            zu = D.z_usage(ema, run.x_val[:256].to(run.dev).float() / 127.5 - 1, seed=run.seed)
+    out["zusage"] = {k: zu[k] for k in ("logsnr", "mse_z", "mse_masked", "removed", "grey", "mean_colour")}
+    out["z_removed_-3"], out["z_removed_mean"] = zu["removed_at_-3"], zu["removed_mean"]
+    plot_z_usage(zu, os.path.join(run.out_dir, "zusage.png"), title=f"step {it}")
+    n = 8
+    g = torch.Generator(run.dev).manual_seed(run.seed)
+    first = lambda t: None if t is None else t[:n]
+    with autocast():
+        rec = D.ddim(ema, ema.encode(f_src[:n], first(r_src)), f_tgt[:n].shape, steps=run.sample_steps,
+                     schedule=run.sample_schedule, generator=g, rays_tgt=first(r_tgt))
+    path = os.path.join(run.out_dir, f"samples_{it:06d}.png")
+    save_columns([f_src[:n], f_tgt[:n], rec], ["source", "target", "sample"], path)
+    out["grid"] = path
+    return out
+
+
+
+def evaluate_and_log(run, it):
+    """Rank 0: evaluate, print one line, append it to log.jsonl, redraw curves.png."""
+    if not run.master:
+        return
+    r = evaluate(run, it)
+    if r:
+        tqdm.write(f"step {it}{' (random init)' if it == 0 else ''}: {eval_line(r)}")
+        sys.stdout.flush()
+        write_log(run, {"step": it, **r})
+        plot_curves(run.out_dir)
+
+
+
+def log_progress(run, bar, loss_sum, n, t0, lr):
+    """Rank 0: the mean loss and img/s of the n steps since the last log line (at time t0), on the
+    bar or as a plain line, and into log.jsonl (with MFU on a GPU)."""
+    if not run.master:
+        return
+    ips = n * run.global_batch / (time.time() - t0)
+    loss_avg = (loss_sum / n).item()
+    rec = {"step": run.step, "loss": loss_avg, "lr": lr, "img_s": ips}
+    if run.flops_per_img and run.peak:
+        rec["mfu"] = run.flops_per_img * ips / (run.peak * run.world)
+    mfu = {"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}
+    if bar.disable:
+        run.say(f"step {run.step}/{run.max_iters} | loss {loss_avg:.4f} | {ips:.0f} img/s | elapsed "
+                f"{time.strftime('%H:%M:%S', time.gmtime(time.time() - run.t_start))}" +
+                "".join(f" | mfu {v}" for v in mfu.values()), flush=True)
+    else:
+        bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{ips:.0f}", **mfu)
+    write_log(run, rec)
+
+
+
+def write_log(run, rec):
+    if run.master:
+        with open(os.path.join(run.out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+
+def eval_line(r):
+    knn = f"kNN {r['knn']:.2f}% " if "knn" in r else ""
+    return (f"{knn}z removes {r['z_removed_-3']:.1f}% of x0-MSE at log-SNR -3, {r['z_removed_mean']:.1f}% over -6..+2 "
+            f"(z-gap {r['zgap']:+.4f}) grid {r['grid']}")
+
+
+
+def plot_curves(out_dir):
+    """out_dir/curves.png from what log.jsonl holds so far: loss, kNN and z-usage against the step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    panels = [("training loss", {"loss": "loss"}), ("kNN top-1 (%), held-out split", {"knn": "kNN"}),
+              ("x0-MSE removed by z (%)", {"z_removed_-3": "at log-SNR -3", "z_removed_mean": "mean over -6..+2"})]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, (title, keys) in zip(axes, panels):
+        for k, label in keys.items():
+            pts = [(r["step"], r[k]) for r in recs if k in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if len(pts) < 40 else "", ms=3, label=label)
+        ax.set(title=title, xlabel="step")
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=90)
+    plt.close(fig)
+
+
+
+# -----------------------------------------------------------------------------
+# what a checkpoint holds besides tensors, and what a step costs
+
+def rng_states(cuda):
+    """torch (and CUDA), NumPy and Python RNG states, as a checkpoint stores them (weights_only-loadable)."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None,
+            "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_rest": list(np_state[2:]),
+            "python": [py_state[0], list(py_state[1]), py_state[2]]}
+
+
+
+def set_rng_states(rng, cuda):
+    torch.set_rng_state(rng["torch"])
+    if cuda and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), *rng["numpy_rest"]))
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+
+
+
+def count_flops(net, image_size, dev, autocast):
+    """Model FLOPs of one training image (forward + backward), counted once (for MFU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(2, 3, image_size, image_size, device=dev)
+    rays = torch.randn(2, 6, image_size, image_size, device=dev) if net.ray_freqs else None
+    counter = FlopCounterMode(display=False)
+    with counter, autocast():
+        net(x, torch.zeros(2, device=dev), x, rays_src=rays, rays_tgt=rays).float().sum().backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
