@@ -58,6 +58,8 @@ def configure(argv, defaults):
                     pass  # left a string: set_key then names the type it wanted
             set_key(k, v, arg)
         else:
+            if os.path.isdir(arg):
+                raise ConfigError(f"config file {arg!r} is a directory: name a Python file of key = value lines")
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file {arg!r} not found")
             ns = {}
@@ -104,6 +106,16 @@ def check_device(dev):
         raise ConfigError(f"device={dev!r} is not allowed: 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={dev!r}, but torch sees no CUDA device here: use device='auto' or 'cpu'")
+    if dev.startswith("cuda:") and int(dev[5:]) >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ConfigError(f"device={dev!r}, but torch sees {n} CUDA device{'s' * (n != 1)} here: use 'cuda:0'"
+                          + (f"..'cuda:{n - 1}'" if n > 1 else ""))
+    if dev == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={dev!r}, but this torch has no MPS (Apple GPU) device here: use device='auto' or 'cpu'")
+
+
+# a seed reaches torch.manual_seed scaled (train.py's data.Rng: seed * 1_000_003 + step), which must fit 64 bits
+SEED_RANGE = (("seed",), lambda v: abs(v) < 2**32, "an integer with |seed| < 2**32")
 
 
 def parse_list(text, kind=float):
@@ -124,6 +136,8 @@ def parse_groups(text):
             lo, _, hi = item.partition("-")
             if not (lo.isdigit() and (hi.isdigit() or not hi)):
                 raise ConfigError(f"sections: expected numbers and ranges like 0,1 or 0-7;8-15, got {text!r}")
+            if hi and int(hi) < int(lo):
+                raise ConfigError(f"sections={text!r}: the range {item!r} runs backwards: write it low-high ({hi}-{lo})")
             secs += range(int(lo), int(hi or lo) + 1)
         if secs:
             groups.append(secs)
@@ -136,7 +150,7 @@ def parse_groups(text):
 CHOICES = dict(
     init_from=("scratch", "resume"), dataset=("cifar10", "imagenet", "dsprites") + data.MULTIVIEW,
     views=("augment", "identical", "class"), aug=("none", "cropflip", "simclr", "randaugment"),
-    cond=("mod", "xattn", "emb"), agg=("mean", "transformer"), prediction=("eps", "v", "x0"),
+    cond=("mod", "xattn", "mod+xattn", "emb"), agg=("mean", "transformer"), prediction=("eps", "v", "x0"),
     weighting=("eps", "v"), segment_mode=("hierarchical", "sequential"), dtype=("bfloat16", "float32"),
     encoder=tuple(M.PRESETS["encoder"]), unet=tuple(M.PRESETS["unet"]))
 
@@ -147,11 +161,13 @@ RANGES = [
       "bench_warmup", "weight_decay", "grad_clip", "enc_noise", "z_init", "simsiam_weight", "peak_flops",
       "ema_rampup"), lambda v: v >= 0, ">= 0"),
     (("lr", "enc_lr_mult", "ema_halflife_kimg"), lambda v: v > 0, "> 0"),
-    (("p_mask_layer", "p_uncond", "p_uncond_pose", "min_lr_ratio"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("p_mask_layer", "p_uncond", "p_uncond_pose", "p_uncond_src_pose", "min_lr_ratio"), lambda v: 0 <= v <= 1,
+     "in [0, 1]"),
     (("beta2",), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("crop_min",), lambda v: 0 < v <= 1, "in (0, 1]"),
     (("image_size",), lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8"),
     (("logsnr_shift",), lambda v: True, "finite"),
+    SEED_RANGE,
 ]
 
 # what a resume may change: where and how often to log / evaluate / save, how long to train, and
@@ -175,12 +191,29 @@ def validate(cfg):
         raise ConfigError(f"dataset={cfg['dataset']!r} needs data_dir (only cifar10 is searched for or downloaded)")
     if cfg["dataset"] in data.MULTIVIEW and not cfg["ray_freqs"] and not cfg["bench_iters"]:
         raise ConfigError(f"dataset {cfg['dataset']!r} has camera poses: set ray_freqs > 0 so the model sees them")
+    if cfg["ray_freqs"] and cfg["bench_iters"]:
+        raise ConfigError(f"ray_freqs={cfg['ray_freqs']} with bench_iters={cfg['bench_iters']}: the benchmark's synthetic "
+                          "images have no camera poses; time the model with --ray_freqs=0")
+    if cfg["ray_freqs"] and cfg["dataset"] not in data.MULTIVIEW:
+        raise ConfigError(f"ray_freqs={cfg['ray_freqs']} feeds the model camera rays, but dataset={cfg['dataset']!r} "
+                          f"has no camera poses: set ray_freqs=0, or train on {', '.join(data.MULTIVIEW)}")
+    if cfg["p_uncond_src_pose"] > 0 and cfg["dataset"] not in data.MULTIVIEW:
+        raise ConfigError(f"p_uncond_src_pose={cfg['p_uncond_src_pose']} drops source poses: only multi-view datasets "
+                          f"have them ({', '.join(data.MULTIVIEW)}), not {cfg['dataset']!r}")
     if cfg["views"] == "class" and cfg["dataset"] == "imagenet":
         raise ConfigError("views='class' pairs images of a class in memory: not for image folders (dataset='imagenet')")
     if cfg["simsiam_weight"] > 0 and (cfg["segments"] < 1 or cfg["views"] != "augment"):
         raise ConfigError("simsiam_weight > 0 is DiffSiam: it needs segments >= 1 and views='augment' (two augmented views)")
     if cfg["pretrained"] and not os.path.isfile(cfg["pretrained"]):
-        raise ConfigError(f"pretrained={cfg['pretrained']!r}: no such checkpoint file")
+        raise ConfigError(f"pretrained={cfg['pretrained']!r}: " + ("a directory, not a checkpoint file"
+                          if os.path.isdir(cfg["pretrained"]) else "no such checkpoint file"))
+    if cfg["compile"]:
+        from torch._dynamo import list_backends
+        backends = list_backends(exclude_tags=())
+        if cfg["compile_backend"] not in backends:
+            raise ConfigError(f"compile_backend={cfg['compile_backend']!r} is not a torch.compile backend: choose from "
+                              f"{', '.join(map(repr, sorted(set(list_backends()) | {'aot_eager', 'eager'})))} "
+                              "(all: torch._dynamo.list_backends(exclude_tags=()))")
     try:  # the model's own checks (bottleneck=False shapes, ...), on the meta device: no memory, no time
         with torch.device("meta"):
             build_model(cfg)
@@ -214,6 +247,15 @@ def check_out_dir(key, path):
         os.rmdir(tempfile.mkdtemp(dir=parent))
     except OSError as e:
         raise ConfigError(f"{key}={path!r} cannot be written: {e.strerror} in {parent!r}") from None
+
+
+def check_writable(key, value, folder, what):
+    """folder, an existing directory, must take new files: one ConfigError naming key=value otherwise.
+    what: what the script writes there. Nothing is left behind (a probe directory, made and removed)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=folder))
+    except OSError as e:
+        raise ConfigError(f"{key}={value!r}: {what} goes to {folder!r}, which cannot be written ({e.strerror})") from None
 
 
 # A run holds out_dir/run.lock (its pid) from its first write to its end, so that a second train.py

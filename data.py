@@ -205,7 +205,12 @@ def _load_cifar_records(data_dir, train):
         def _check_integrity(self):  # a cut copy (like ../shared/data) fails the md5: read it anyway
             return os.path.isdir(os.path.join(self.root, self.base_folder))
 
-    ds = PartialCIFAR10(data_dir, train=train, download=False)
+    try:
+        ds = PartialCIFAR10(data_dir, train=train, download=False)
+    except Exception as e:  # a missing, cut short or foreign batch file
+        where = os.path.join(os.path.abspath(data_dir), "cifar-10-batches-py")
+        raise DataError(f"cannot read the CIFAR-10 records in {where!r} ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:200]}): {CIFAR_HINT}") from None
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes
 
 
@@ -404,6 +409,20 @@ def load_celeba(data_dir, split="train", image_size=64, n=0):
 DSPRITES_FACTORS = ("shape", "scale", "orientation", "posX", "posY")
 
 
+def read_npz(path, keys, **kw):
+    """np.load of an .npz that must hold `keys`: a file numpy cannot read, or one without them, is
+    one DataError naming it."""
+    try:
+        d = np.load(path, **kw)
+        missing = [k for k in keys if k not in getattr(d, "files", ())]
+    except Exception as e:
+        raise DataError(f"cannot read {path!r} as an .npz archive ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
+    if missing:
+        raise DataError(f"{path!r} has no {', '.join(missing)}: expected the keys {', '.join(keys)}")
+    return d
+
+
 def load_dsprites(data_dir, split="train", n=0, n_val=500, seed=0, test_frac=0.1):
     """dSprites' full coarse factor grid (46,080 images, ../shared/data/dsprites/README.md) as
     (uint8 images (N, 3, 64, 64) in {0, 255}, factor classes (N, 5): DSPRITES_FACTORS).
@@ -415,7 +434,7 @@ def load_dsprites(data_dir, split="train", n=0, n_val=500, seed=0, test_frac=0.1
                         "with keys imgs (N, 64, 64) and latents_classes (N, 5)")
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-    d = np.load(path, allow_pickle=True, encoding="latin1")
+    d = read_npz(path, ("imgs", "latents_classes"), allow_pickle=True, encoding="latin1")
     perm = torch.randperm(len(d["imgs"]), generator=torch.Generator().manual_seed(seed))
     n_test = int(test_frac * len(perm))
     idx = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}[split]
@@ -483,7 +502,7 @@ CARS3D_FOV_DEG = 40.0  # horizontal field of view
 
 def cars3d_camera(azimuth_deg, elevation_deg, radius=CARS3D_RADIUS):
     """Camera-to-world of a Cars3D view: C = r (cos e sin a, sin e, cos e cos a), looking at the
-    origin, +y up (the README's convention: azimuth 0 is the front view, the nose along +z)."""
+    origin, +y up (our convention: azimuth 0 is the front view, the nose along +z)."""
     a, e = math.radians(azimuth_deg), math.radians(elevation_deg)
     return look_at((radius * math.cos(e) * math.sin(a), radius * math.sin(e), radius * math.cos(e) * math.cos(a)))
 
@@ -497,7 +516,7 @@ def load_cars3d(data_dir, split="train", image_size=64):
                         "(images, elevation_deg, azimuth_deg, object_names, split; ../shared/data/cars3d)")
     if split not in ("train", "test"):
         raise ValueError(f"Cars3D splits are 'train' and 'test', got {split!r}")
-    d = np.load(path)
+    d = read_npz(path, ("images", "elevation_deg", "azimuth_deg", "object_names", "split"))
     objs = np.flatnonzero(d["split"] == split)
     x = torch.from_numpy(d["images"][objs])  # (N, E, A, 64, 64, 3)
     N, E, A = x.shape[:3]

@@ -119,11 +119,11 @@ class DiffSiam(M.SODA):
         G = self.unet.up_path(skips, *self.unet.conditioning(logsnr, z))
         return eps_theta - torch.sigmoid(-logsnr.float()).sqrt().to(G.dtype)[:, None, None, None] * G
 
-    def forward(self, x_t, logsnr, x_src, keep=None, rays_src=None, rays_tgt=None, keep_pose=None, seg_keep=None,
-                x_pair=None):
+    def forward(self, x_t, logsnr, x_src, keep=None, rays_src=None, rays_tgt=None, keep_pose=None,
+                keep_src_pose=None, seg_keep=None, x_pair=None):
         """SODA's training forward; with x_pair (the other augmented view) -> (eps_hat, the SimSiam
         loss of the two views' latents), which diffusion.loss hands back beside the diffusion loss."""
-        z = self.encode(x_src, rays_src)
+        z = self.encode(x_src, rays_src, keep_src_pose)
         keep, keep_pose = self.dropout(x_t, keep, keep_pose)
         eps_hat = self.denoise(x_t, logsnr, z, keep, rays_tgt, keep_pose, seg_keep)
         if x_pair is None:

@@ -41,24 +41,67 @@ def save_checkpoint(obj, path):
 
 def load_checkpoint(path, device="cpu"):
     """torch.load with weights_only=True (no code runs from the file); one clear error otherwise."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path!r} is a directory, not a checkpoint file (train.py writes OUT_DIR/ckpt.pt)")
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path!r}")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"could not read checkpoint {path!r} (corrupted or not a SODA checkpoint): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "ema" not in ckpt:
-        raise CheckpointError(f"{path!r} is not a SODA checkpoint (no config/ema entries)")
+                              f"{_load_failure(path, e)}") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("ema"), dict):
+        held = f"a dict of {', '.join(map(repr, list(ckpt)[:6]))}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        raise CheckpointError(f"{path!r} is not a SODA checkpoint (no config/ema entries): train.py's hold a 'config' "
+                              f"dict and 'ema' weights, this file holds {held}")
     return ckpt
+
+
+def _load_failure(path, e):
+    # torch.load's error -> a few words: its messages run to many lines of advice
+    msg = str(e)
+    if "WeightsUnpickler error:" in msg:
+        detail = " ".join(msg.split("WeightsUnpickler error:", 1)[1].split())
+        if detail.startswith("Unsupported global"):
+            return f"it holds Python objects besides tensors ({detail.split(' was not')[0]}), which weights_only refuses"
+        with open(path, "rb") as f:
+            head = f.read(8)
+        return f"not a torch.save file (it starts with {head!r})"
+    lines = msg.strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+
+
+# what every train.py checkpoint's config holds, and the scripts read besides build_model's keys
+CONFIG_KEYS = ("dataset", "data_dir", "image_size", "encoder", "unet", "z_dim", "cond", "ray_freqs")
+
+
+def model_of(ckpt, path, which="ema"):
+    """The model a loaded checkpoint's config describes, with its `which` weights (None: left at
+    their init); a config or weights this code cannot build or load is one CheckpointError."""
+    missing = [k for k in CONFIG_KEYS if k not in ckpt["config"]]
+    if missing:
+        raise CheckpointError(f"{path!r} is not a train.py checkpoint: its config has no {', '.join(missing)}")
+    try:
+        net = configurator.build_model(ckpt["config"])
+    except (KeyError, TypeError, ValueError, AssertionError) as e:
+        raise CheckpointError(f"{path!r}: its config does not describe a model this code builds "
+                              f"({type(e).__name__}: {e})") from None
+    if which:
+        if not isinstance(ckpt.get(which), dict):
+            raise CheckpointError(f"{path!r} holds no {which!r} weights")
+        try:
+            net.load_state_dict(ckpt[which])
+        except (RuntimeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path!r}: its {which!r} weights do not fit the model its config describes "
+                                  f"({' '.join(str(e).split())[:300]})") from None
+    return net
 
 
 def model_from_checkpoint(path, device="cpu", which="ema"):
     """-> (SODA in eval mode with the EMA (or 'model') weights, its config). path='random' is not
     handled here: scripts build a fresh model from a config for that."""
     ckpt = load_checkpoint(path, device)
-    net = configurator.build_model(ckpt["config"])
-    net.load_state_dict(ckpt[which])
+    net = model_of(ckpt, path, which)
     return net.to(device).eval(), ckpt["config"]
 
 

@@ -268,6 +268,8 @@ class UNet(nn.Module):
     """D(x_t, logsnr, z): m resolution levels down, a middle, m levels up, skip connections.
     cond='mod': z split into m+1 sections, one per level pair + the middle (AdaGN, §3.2.1);
     cond='xattn': z split into n_tokens tokens, cross-attention at the attention resolutions;
+    cond='mod+xattn': both, "cross attention with feature modulation" (§3.3, Table 3's NVS model):
+    the m+1 sections modulate, the n_tokens tokens are attended to, masking acts on the sections;
     cond='emb': z only added to the noise-level embedding (the "w/o layer modulation" ablation)."""
 
     def __init__(self, z_dim, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,),
@@ -275,21 +277,22 @@ class UNet(nn.Module):
         super().__init__()
         m = len(ch_mult)
         self.cond = cond
-        self.n_sections = {"mod": m + 1, "xattn": n_tokens, "emb": 1}[cond]
+        self.n_sections = {"mod": m + 1, "xattn": n_tokens, "mod+xattn": m + 1, "emb": 1}[cond]
         emb_dim = 4 * ch
         self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         sec_dims = [t.numel() for t in torch.arange(z_dim).tensor_split(self.n_sections)]
-        if cond == "mod":
+        if cond in ("mod", "mod+xattn"):
             z_secs = sec_dims
         else:
             z_secs = [0] * (m + 1)
-        if cond == "xattn":
-            tok_dim = max(sec_dims)  # sections may differ by one: pad to the widest
+        if cond in ("xattn", "mod+xattn"):
+            self.tok_dims = [t.numel() for t in torch.arange(z_dim).tensor_split(n_tokens)]
+            tok_dim = max(self.tok_dims)  # tokens may differ by one: pad to the widest
             self.tok_dim = tok_dim
             self.tok_pos = nn.Parameter(torch.randn(1, n_tokens, tok_dim) * 0.02)
         if cond == "emb":
             self.z_emb = zero_(nn.Linear(z_dim, emb_dim))
-        xattn_dim = self.tok_dim if cond == "xattn" else None
+        xattn_dim = self.tok_dim if cond in ("xattn", "mod+xattn") else None
         step = lambda cin, cout, lvl, attn: Step(cin, cout, emb_dim, lvl, z_secs[lvl], attn, xattn_dim, dropout,
                                              z_init)
         self.conv_in = nn.Conv2d(in_ch, ch, 3, 1, 1)
@@ -326,13 +329,13 @@ class UNet(nn.Module):
         cross-attention): what every step of the UNet reads besides its input."""
         emb = self.emb(sinusoidal(logsnr, self.ch))
         z_secs, tokens = [None] * (self.m + 1), None
-        if self.cond == "mod":
+        if self.cond in ("mod", "mod+xattn"):
             z_secs = list(z.split(self.sec_dims, dim=1))
-        elif self.cond == "xattn":
+        if self.cond in ("xattn", "mod+xattn"):
             tokens = torch.stack([F.pad(t, (0, self.tok_dim - t.shape[1]))
-                                  for t in z.split(self.sec_dims, dim=1)], dim=1)  # (B, n, tok_dim)
+                                  for t in z.split(self.tok_dims, dim=1)], dim=1)  # (B, n, tok_dim)
             tokens = tokens + self.tok_pos
-        else:
+        if self.cond == "emb":
             emb = emb + self.z_emb(z)
         return emb, z_secs, tokens
 
@@ -432,26 +435,32 @@ class SODA(nn.Module):
         # decoder reads what differs between images. The statistics are the global batch's under DDP.
         self.z_bn = BatchStandardize(z_dim) if z_bn else None
 
-    def _encoder_input(self, x, rays):
-        # RGB, the ray embedding and the pixel coordinates side by side; the first conv mixes them
+    def _encoder_input(self, x, rays, keep_pose=None):
+        # RGB, the ray embedding (zeroed where keep_pose is 0: no pose) and the pixel coordinates
+        # side by side; the first conv mixes them
         if self.ray_freqs:
-            x = torch.cat([x, ray_embed(rays, self.ray_freqs)], dim=1)
+            r = ray_embed(rays, self.ray_freqs)
+            if keep_pose is not None:
+                r = r * keep_pose.to(r.dtype)[:, None, None, None]
+            x = torch.cat([x, r], dim=1)
         return with_coords(x) if self.coords else x
 
-    def encode_features(self, x_src, rays_src=None):
+    def encode_features(self, x_src, rays_src=None, keep_pose=None):
         """One view per image: (B, C, H, W) -> (pooled (B, feat_dim), z (B, z_dim)), for probes."""
-        return self.encoder.forward_features(self._encoder_input(x_src, rays_src))
+        return self.encoder.forward_features(self._encoder_input(x_src, rays_src, keep_pose))
 
-    def encode(self, x_src, rays_src=None):
-        """(B, C, H, W) or k views (B, k, C, H, W) -> z (B, z_dim)."""
+    def encode(self, x_src, rays_src=None, keep_pose=None):
+        """(B, C, H, W) or k views (B, k, C, H, W) -> z (B, z_dim). keep_pose (B,) or (B, k) of 0/1:
+        the source views whose pose the encoder sees (training: source-pose dropout, §3.3)."""
         if x_src.dim() == 4 and self.agg.kind == "mean":
-            return self.encode_features(x_src, rays_src)[1]
+            return self.encode_features(x_src, rays_src, keep_pose)[1]
         if x_src.dim() == 4:
             x_src = x_src[:, None]
             rays_src = rays_src[:, None] if rays_src is not None else None
+            keep_pose = keep_pose[:, None] if keep_pose is not None else None
         B, k = x_src.shape[:2]
         flat = lambda t: None if t is None else t.flatten(0, 1)  # (B*k, C, H, W)
-        zs = self.encode_features(flat(x_src), flat(rays_src))[1]
+        zs = self.encode_features(flat(x_src), flat(rays_src), flat(keep_pose))[1]
         return self.agg(zs.view(B, k, -1))
 
     def mask_z(self, z, keep):
@@ -522,9 +531,10 @@ class SODA(nn.Module):
             keep_pose = self.draw_keep_pose(rand)
         return keep, keep_pose
 
-    def forward(self, x_t, logsnr, x_src, keep=None, rays_src=None, rays_tgt=None, keep_pose=None):
+    def forward(self, x_t, logsnr, x_src, keep=None, rays_src=None, rays_tgt=None, keep_pose=None,
+                keep_src_pose=None):
         """Training forward: encode the source view(s), then denoise (§3.2)."""
-        z = self.encode(x_src, rays_src)
+        z = self.encode(x_src, rays_src, keep_src_pose)
         keep, keep_pose = self.dropout(x_t, keep, keep_pose)
         return self.denoise(x_t, logsnr, z, keep, rays_tgt, keep_pose)
 

@@ -24,7 +24,8 @@ from tqdm import tqdm
 import configurator
 import data
 import diffusion as D
-from configurator import ConfigError, check_device, check_keys, check_schedules, configure, parse_list
+from configurator import (SEED_RANGE, ConfigError, check_device, check_keys, check_out_dir, check_schedules, check_writable,
+                          configure, parse_list)
 from evaluation import CheckpointError, model_from_checkpoint, psnr, save_gif, save_grid, ssim, to_unit
 
 # -----------------------------------------------------------------------------
@@ -97,24 +98,44 @@ def main(argv):
     C = configure(argv, DEFAULTS)
     if C["sampler"] not in ("ddpm", "ddim"):
         raise ConfigError(f"sampler must be 'ddpm' or 'ddim', got {C['sampler']!r}")
-    ks = sorted(set(parse_list(C["k"], int)))
+    try:
+        ks = sorted(set(parse_list(C["k"], int)))
+    except ConfigError:
+        raise ConfigError(f"k={C['k']!r}: expected comma-separated whole numbers of source views, e.g. 1,2") from None
     if not ks or min(ks) < 1:
         raise ConfigError(f"k must be comma-separated numbers of source views >= 1, got {C['k']!r}")
     check_keys(C, None, [(("n_targets", "steps", "n_show", "batch"), lambda v: v >= 1, ">= 1"),
                          (("turntable_object", "turntable_view", "threads"), lambda v: v >= 0, ">= 0"),
-                         (("guidance_z", "guidance_pose"), lambda v: True, "finite")])
+                         (("guidance_z", "guidance_pose"), lambda v: True, "finite"), SEED_RANGE])
     check_schedules(C, "schedule")
     check_device(C["device"])
+    ck_dir = os.path.dirname(C["ckpt"]) or "."
+    out = C["out_dir"] or os.path.join(ck_dir, "nvs")
+    if os.path.isdir(ck_dir):  # before anything heavy is loaded (else: no checkpoint, said below)
+        check_writable("ckpt", C["ckpt"], ck_dir, "nvs.json (beside the checkpoint)")
+    if C["out_dir"] or os.path.isdir(ck_dir):
+        check_out_dir("out_dir", out)  # made only once every input is known good
     if C["threads"] > 0:
         torch.set_num_threads(C["threads"])
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if C["device"] == "auto" else C["device"]
     net, tcfg = model_from_checkpoint(C["ckpt"], dev)
     if tcfg["dataset"] not in data.MULTIVIEW or not tcfg["ray_freqs"]:
-        raise data.DataError(f"nvs.py needs a model trained on posed multi-view data ({', '.join(data.MULTIVIEW)}); "
-                             f"this checkpoint was trained on {tcfg['dataset']!r}")
+        raise data.DataError(f"nvs.py needs a model trained on posed multi-view data ({', '.join(data.MULTIVIEW)}, "
+                             f"ray_freqs > 0); this checkpoint was trained on {tcfg['dataset']!r} with "
+                             f"ray_freqs={tcfg['ray_freqs']}")
     mv = data.load_multiview(tcfg["dataset"], C["data_dir"] or tcfg["data_dir"], "test", tcfg["image_size"])
     N, V, _, H, W = mv.images.shape
-    out = C["out_dir"] or os.path.join(os.path.dirname(C["ckpt"]) or ".", "nvs")
+    if max(ks) > V - 1:
+        raise ConfigError(f"k={C['k']!r}: the held-out objects have {V} views, so k (source views besides the target) "
+                          f"must be <= {V - 1}")
+    if C["n_targets"] > V:
+        raise ConfigError(f"n_targets={C['n_targets']} is out of range: the held-out objects have {V} views, so "
+                          f"n_targets must be <= {V}")
+    if C["turntable_object"] >= N:
+        raise ConfigError(f"turntable_object={C['turntable_object']} is out of range: there are {N} held-out objects "
+                          f"(0..{N - 1})")
+    if C["turntable_view"] >= V:
+        raise ConfigError(f"turntable_view={C['turntable_view']} is out of range: the objects have {V} views (0..{V - 1})")
     os.makedirs(out, exist_ok=True)
     objs, tgts, srcs = eval_pairs(N, V, C["n_targets"], max(ks), C["seed"])
     P = len(objs)

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 import configurator
 import data
 import diffusion as D
-from configurator import ConfigError, build_model, check_device, check_keys, configure
-from evaluation import CheckpointError, extract_features, fit_logreg, knn_accuracy, load_checkpoint, plot_z_usage, z_usage_table
+from configurator import SEED_RANGE, ConfigError, check_device, check_keys, check_writable, configure
+from evaluation import (CheckpointError, extract_features, fit_logreg, knn_accuracy, load_checkpoint, model_of, plot_z_usage,
+                        z_usage_table)
 
 # -----------------------------------------------------------------------------
 ckpt = "out/cifar10_cpu/ckpt.pt"  # a train.py checkpoint
@@ -217,13 +218,19 @@ def entropy(p, base, dim):
     return -(p * p.clamp(min=1e-12).log()).sum(dim) / math.log(base)
 
 
-def gbt_importance(ctr, ytr, cte, yte, seed=0):
-    """disentanglement_lib's DCI predictors: per factor a scikit-learn GradientBoostingClassifier
-    (default settings) on the raw codes -> (importances (n_codes, n_factors), test accuracy per factor)."""
+def gbt_classifier():
+    """scikit-learn's GradientBoostingClassifier, or one ConfigError saying how to install it."""
     try:
         from sklearn.ensemble import GradientBoostingClassifier
     except ImportError:
         raise ConfigError("dci_model='gbt' needs scikit-learn, which is optional: pip install scikit-learn") from None
+    return GradientBoostingClassifier
+
+
+def gbt_importance(ctr, ytr, cte, yte, seed=0):
+    """disentanglement_lib's DCI predictors: per factor a scikit-learn GradientBoostingClassifier
+    (default settings) on the raw codes -> (importances (n_codes, n_factors), test accuracy per factor)."""
+    GradientBoostingClassifier = gbt_classifier()
     from tqdm import tqdm
     R, acc = [], []
     for j in tqdm(range(ytr.shape[1]), desc="dci gbt, one factor at a time", disable=ytr.shape[1] < 2 or len(ytr) < 2000):
@@ -281,27 +288,33 @@ def save_heatmap(R, names, path):
 def main(argv):
     cfg = configure(argv, DEFAULTS)
     task = cfg["task"]
-    if task not in TASK_DATA:
-        raise ConfigError(f"task must be one of {', '.join(map(repr, TASK_DATA))}, got {task!r}")
-    if cfg["features"] not in ("pool", "z", "unet"):
-        raise ConfigError(f"features must be 'pool', 'z' or 'unet', got {cfg['features']!r}")
-    check_keys(cfg, {"split": ("test", "val"), "dci_model": ("logreg", "gbt")}, [(("episodes",), lambda v: v >= 1, ">= 1"),
-                                                 (("probe_aug", "n_images"), lambda v: v >= 0, ">= 0"),
-                                                 (("val_frac",), lambda v: 0 < v < 1, "in (0, 1)"),
-                                                 (("unet_logsnr",), lambda v: True, "finite")])
+    check_keys(cfg, {"task": tuple(TASK_DATA), "features": ("pool", "z", "unet"), "split": ("test", "val"),
+                     "dci_model": ("logreg", "gbt")},
+               [(("episodes",), lambda v: v >= 1, ">= 1"), (("probe_aug", "n_images"), lambda v: v >= 0, ">= 0"),
+                (("val_frac",), lambda v: 0 < v < 1, "in (0, 1)"), (("unet_logsnr",), lambda v: True, "finite"),
+                SEED_RANGE])
     check_device(cfg["device"])
+    allowed = TASK_DATA[task]
+    if cfg["dataset"] and cfg["dataset"] not in allowed:
+        raise ConfigError(f"dataset={cfg['dataset']!r} is not allowed with task={task!r}: choose from "
+                          f"{', '.join(map(repr, allowed))} (or '': the task's default)")
+    if task == "dci" and cfg["dci_model"] == "gbt":
+        gbt_classifier()  # scikit-learn is there, or one ConfigError now
+    ck_dir = os.path.dirname(cfg["ckpt"]) or "."
+    if os.path.isdir(ck_dir):  # else load_checkpoint says there is no checkpoint
+        check_writable("ckpt", cfg["ckpt"], ck_dir, "probe.py's result (a JSON beside the checkpoint)")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"]
     ck = load_checkpoint(cfg["ckpt"], dev)
     tcfg = ck["config"]
     torch.manual_seed(cfg["seed"])  # --random=True: this seed's init is the baseline
-    net = build_model(tcfg)
-    if not cfg["random"]:
-        net.load_state_dict(ck["ema"])
-    net = net.to(dev).eval()
-    allowed = TASK_DATA[task]
+    net = model_of(ck, cfg["ckpt"], None if cfg["random"] else "ema").to(dev).eval()
     ds = cfg["dataset"] or (tcfg["dataset"] if tcfg["dataset"] in allowed else allowed[0])
-    if ds not in allowed:
-        raise data.DataError(f"task {task!r} reads {' or '.join(allowed)}, got dataset {ds!r}")
+    if tcfg["ray_freqs"] and ds != "cars3d":  # Cars3D is the one probe set with cameras
+        raise ConfigError(f"the checkpoint's model reads camera rays (ray_freqs={tcfg['ray_freqs']}, trained on "
+                          f"{tcfg['dataset']}), and task={task!r} on {ds} has no cameras: only task='dci' on cars3d "
+                          "gives it its rays")
+    if tcfg["ray_freqs"] and cfg["features"] == "unet":
+        raise ConfigError("features='unet' gives the denoiser no camera: use 'pool' or 'z' for Cars3D DCI")
     dd = cfg["data_dir"] or (tcfg["data_dir"] if tcfg["dataset"] == ds else "")
     dl = False
     if ds == "cifar10":  # '' searches as train.py does: ./data/cifar10, ../shared/data/cifar10-subset, download
@@ -309,6 +322,9 @@ def main(argv):
         print(f"data: using {dd} ({why})")
     if not dd:
         raise ConfigError(f"the checkpoint was trained on {tcfg['dataset']}: say where {ds} is with --data_dir")
+    if ds == "dsprites" and tcfg["image_size"] != 64:
+        raise data.DataError(f"dSprites images are 64x64, but the checkpoint's image_size is {tcfg['image_size']}"
+                             "; --dataset=cars3d measures DCI at any size")
     which = 0 if cfg["features"] == "pool" else 1
     feats = lambda x, cams=None: extract_features(net, x, cams=cams)[which]
     if cfg["features"] == "unet":
@@ -333,7 +349,7 @@ def main(argv):
         with torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=dev.startswith("cuda")):
             res = D.z_usage(net, x, seed=cfg["seed"])
         res["plot"] = plot_z_usage(res, out[:-len(".json")] + ".png",
-                                     title=f"{'random init' if cfg['random'] else 'step ' + str(ck['step'])}")
+                                     title=f"{'random init' if cfg['random'] else 'step ' + str(ck.get('step'))}")
         print(z_usage_table(res))
         summary = f"zusage removed_at_-3 {res['removed_at_-3']:.2f} removed_mean {res['removed_mean']:.2f}"
     elif task == "knn":
@@ -364,19 +380,15 @@ def main(argv):
     else:  # dci
         gbt = cfg["dci_model"] == "gbt"
         n_tr, n_te = cfg["n_images"] or (10000 if gbt else 0), cfg["n_images"] or (5000 if gbt else 0)
-        if ds == "dsprites":
-            if tcfg["image_size"] != 64:
-                raise data.DataError(f"dSprites images are 64x64, but the checkpoint's image_size is {tcfg['image_size']}")
+        if ds == "dsprites":  # image_size 64: checked above
             (xtr, ctr), (xte, cte) = data.load_dsprites(dd, "train", n_tr), data.load_dsprites(dd, "test", n_te)
             names, cams_tr, cams_te = data.DSPRITES_FACTORS, None, None
         else:  # cars3d: every view of all 183 cars, each with its camera (K, c2w) for an encoder that reads rays
             splits = data.load_cars3d_factors(dd, tcfg["image_size"], n_tr, n_te)
             (xtr, ctr, *cams_tr), (xte, cte, *cams_te) = splits["train"], splits["test"]
             names = data.CARS3D_FACTORS
-            if not tcfg["ray_freqs"]:
+            if not tcfg["ray_freqs"]:  # a posed model with features='unet': refused above
                 cams_tr = cams_te = None
-            elif cfg["features"] == "unet":
-                raise ConfigError("features='unet' gives the denoiser no camera: use 'pool' or 'z' for Cars3D DCI")
         print(f"dci ({cfg['dci_model']}): {len(xtr):,} train / {len(xte):,} test images, factors {', '.join(names)}")
         res = dci(feats(xtr, cams_tr), ctr, feats(xte, cams_te), cte, model=cfg["dci_model"], seed=cfg["seed"])
         R = res.pop("R")
@@ -385,7 +397,7 @@ def main(argv):
         save_heatmap(R, names, res["heatmap"])
         summary = f"dci D {res['D']:.2f} C {res['C']:.2f} I {res['I']:.2f}"
     res.update(task=task, features=cfg["features"], random_init=cfg["random"], ckpt=cfg["ckpt"], split=cfg["split"],
-               step=ck["step"], n_train=len(xtr), n_test=len(xte))
+               step=ck.get("step"), n_train=len(xtr), n_test=len(xte))
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
     print(f"{name}: {json.dumps({k: v for k, v in res.items() if not isinstance(v, list)})}")  # lists: in the file

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 import configurator
 import data
 import diffusion as D
-from configurator import ConfigError, check_device, check_keys, check_schedules, configure, parse_groups, parse_list
+from configurator import (SEED_RANGE, ConfigError, check_device, check_keys, check_out_dir, check_schedules, configure,
+                          parse_groups, parse_list)
 from evaluation import CheckpointError, fit_logreg, model_from_checkpoint, psnr, save_gif, save_grid, ssim, to_unit
 
 # -----------------------------------------------------------------------------
@@ -131,16 +132,23 @@ def recon(net, x, y, classes, C, out):
     return {"files": [png, js], "metrics": metrics, "images": grid}
 
 
+def interp_groups(net, C):
+    """-> (P, 'sections' or 'segments', the groups of C['sections']): the parts of z interp moves,
+    one grid row per group (thesis Fig. 4.1); a part the model does not have is one ConfigError."""
+    segments = getattr(net, "segments", 0)  # a DiffSiam model interpolates its segments (thesis Alg. 2)
+    P, what = (segments, "segments") if segments else (net.n_sections, "sections")
+    groups = parse_groups(C["sections"]) or [list(range(P))]
+    if any(not 0 <= s < P for secs in groups for s in secs):
+        raise ConfigError(f"sections {C['sections']!r}: this model's z has {P} {what} (0..{P - 1})")
+    return P, what, groups
+
+
 def interp(net, x, y, classes, C, out):
     """§4.3: DDIM-invert A and B to x_T (each with its own z), slerp x_T, lerp z (all of it, or the
     chosen sections while the others stay A's), and decode every frame with DDIM from its x_T."""
     if C["frames"] < 2:
         raise ConfigError(f"frames must be >= 2, got {C['frames']}")
-    segments = getattr(net, "segments", 0)  # a DiffSiam model interpolates its segments (thesis Alg. 2)
-    P, what = (segments, "segments") if segments else (net.n_sections, "sections")
-    groups = parse_groups(C["sections"]) or [list(range(P))]  # one grid row per group (thesis Fig. 4.1)
-    if any(not 0 <= s < P for secs in groups for s in secs):
-        raise ConfigError(f"sections {C['sections']!r}: this model's z has {P} {what} (0..{P - 1})")
+    P, what, groups = interp_groups(net, C)
     xs = pick(x, C["index"], 2)
     z = net.encode(xs)
     schedule = D.get_schedule(C["schedule"], logsnr_min=C["invert_logsnr"])
@@ -183,8 +191,7 @@ def directions(net, x, y, classes, C, out):
     """§4.3: unsupervised (PCA of z over the test set) and supervised (a linear probe of class
     `attr`) directions; the image at `index` walks along each, z + alpha * std * d, every cell
     decoded from one fixed x_T, so only z changes across the grid."""
-    if not 0 <= C["attr"] < len(classes) or not (y == C["attr"]).any():
-        raise ConfigError(f"attr must be a class index present in the test split (0..{len(classes) - 1}), got {C['attr']}")
+    check_attr(y, classes, C)
     pick(x, C["index"], 1)
     zs = torch.cat([net.encode(x[i:i + C["batch"]]) for i in range(0, len(x), C["batch"])])  # (N, z_dim)
     dirs = torch.cat([pca_directions(zs, C["n_dirs"]), probe_direction(zs, y == C["attr"])[None]])  # (R, z_dim)
@@ -236,6 +243,27 @@ def random_samples(net, x, y, classes, C, out):
 
 
 MODES = {"recon": recon, "interp": interp, "directions": directions, "mix": mix, "random": random_samples}
+# the test images a mode reads from index on
+IMAGES = {"recon": lambda C: C["n"], "interp": lambda C: 2, "directions": lambda C: 1, "mix": lambda C: 2 * C["n_show"],
+          "random": lambda C: C["n_show"]}
+
+
+def check_attr(y, classes, C):
+    if not 0 <= C["attr"] < len(classes) or not (y == C["attr"]).any():
+        raise ConfigError(f"attr must be a class index present in the test split (0..{len(classes) - 1}), got {C['attr']}")
+
+
+def check_images(x, y, classes, C):
+    """The test images (and class) the mode reads exist: one error naming the keys, before any file is written."""
+    k = IMAGES[C["mode"]](C)
+    if C["index"] + k > len(x):
+        keys = {"recon": f"index={C['index']}, n={C['n']}", "mix": f"index={C['index']}, n_show={C['n_show']} (pairs)",
+                "random": f"index={C['index']}, n_show={C['n_show']}"}.get(C["mode"], f"index={C['index']}")
+        fix = f"index must be <= {len(x) - k}" if k <= len(x) else f"it has fewer than the {k} images the mode reads"
+        raise data.DataError(f"{keys}: mode={C['mode']!r} reads test images {C['index']}..{C['index'] + k - 1}, but "
+                             f"the test split has {len(x)} ({fix})")
+    if C["mode"] == "directions":
+        check_attr(y, classes, C)
 
 
 def main(argv):
@@ -246,9 +274,22 @@ def main(argv):
         raise ConfigError(f"sampler must be 'ddpm' or 'ddim', got {C['sampler']!r}")
     check_keys(C, None, [(("steps", "n", "n_show", "n_dirs", "batch"), lambda v: v >= 1, ">= 1"),
                          (("frames",), lambda v: v >= 2, ">= 2"), (("index", "threads"), lambda v: v >= 0, ">= 0"),
-                         (("guidance", "invert_logsnr"), lambda v: True, "finite")])
+                         (("guidance",), lambda v: True, "finite"),
+                         (("invert_logsnr",), lambda v: D.LOGSNR_MIN <= v < D.LOGSNR_MAX,
+                          f"in [{D.LOGSNR_MIN:g}, {D.LOGSNR_MAX:g}) (the log-SNR range the model knows)"), SEED_RANGE])
     check_schedules(C, "schedule")
     check_device(C["device"])
+    for key in ("alphas", "ws"):  # the lists, parsed now: a typo is an error before any work
+        try:
+            parse_list(C[key])
+        except ConfigError:
+            raise ConfigError(f"{key}={C[key]!r}: expected comma-separated numbers, e.g. 1,2,3") from None
+    if C["mode"] == "directions" and not parse_list(C["alphas"]):
+        raise ConfigError("alphas='' gives the directions grid no steps: name some, e.g. -2,0,2")
+    parse_groups(C["sections"])
+    out = C["out_dir"] or os.path.join(os.path.dirname(C["ckpt"]) or ".", "samples")
+    if C["out_dir"] or os.path.isdir(os.path.dirname(C["ckpt"]) or "."):  # (else: no checkpoint, said below)
+        check_out_dir("out_dir", out)  # before anything heavy is loaded; made only once every input is known good
     if C["threads"] > 0:
         torch.set_num_threads(C["threads"])
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if C["device"] == "auto" else C["device"]
@@ -256,11 +297,16 @@ def main(argv):
     C["image_size"] = tcfg["image_size"]  # the decoder's output size
     if tcfg["dataset"] != "cifar10":
         raise data.DataError(f"sample.py reads cifar10 so far, the checkpoint was trained on {tcfg['dataset']!r}")
+    if tcfg["ray_freqs"]:
+        raise data.DataError(f"the checkpoint's model reads camera rays (ray_freqs={tcfg['ray_freqs']}): CIFAR-10 has "
+                             "no cameras, so sample.py cannot run it")
+    if C["mode"] == "interp":
+        interp_groups(net, C)
     dd, why, dl = data.find_cifar10(C["data_dir"] or tcfg["data_dir"])  # '' searches as train.py does
     print(f"data: using {dd} ({why})")
     x, y, classes = data.load_cifar10(dd, "test", dl)
+    check_images(x, y, classes, C)
     x = x.to(dev).float() / 127.5 - 1  # (N, 3, 32, 32) in [-1, 1]
-    out = C["out_dir"] or os.path.join(os.path.dirname(C["ckpt"]) or ".", "samples")
     os.makedirs(out, exist_ok=True)
     with torch.no_grad():
         res = MODES[C["mode"]](net, x, y.to(dev), classes, C, out)

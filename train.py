@@ -8,10 +8,9 @@ Train SODA. One code path for a laptop CPU, one GPU, and many GPUs:
 Config files are plain Python assignments to the globals below; `--key=value` flags override
 them. Only existing keys may be set (a typo raises, naming the closest key), values keep their type.
 
-Reading order: the config (the globals below), then main(), which is the loop: setup() builds a
-Run (the config as attributes, plus the processes, data, model, EMA and optimizer), and each step
-calls train_step(run, it), with evaluate(run, it) and save_run(run, it) at their intervals.
-What each key allows and what a resume may change: configurator.py.
+Reading order: the config (the globals below), then main() and loop(): setup() builds a Run (the
+config as attributes, plus the processes, data, model, EMA and optimizer), and each step calls
+train_step(run, it), with evaluate (evaluation.py) and save_run at their intervals.
 """
 import contextlib
 import copy
@@ -63,7 +62,7 @@ num_workers = 4  # DataLoader workers (image-folder datasets only)
 encoder = "tiny"  # model.PRESETS['encoder'] key
 unet = "tiny"  # model.PRESETS['unet'] key
 z_dim = 128  # size of the bottleneck latent z
-cond = "mod"  # 'mod' (layer modulation) | 'xattn' (cross-attention) | 'emb' (z into the noise embedding)
+cond = "mod"  # 'mod' (layer modulation) | 'xattn' (cross-attention) | 'mod+xattn' (both, §3.3) | 'emb' (z into the noise embedding)
 n_tokens = 8  # tokens of z for cond='xattn'
 agg = "mean"  # aggregation of k source views: 'mean' | 'transformer'
 ray_freqs = 0  # ray positional-encoding frequencies for posed 3D views (0: no poses)
@@ -81,6 +80,7 @@ weighting = "eps"  # 'eps' (the paper's plain eps-MSE) | 'v' (eps-MSE / abar: mo
 p_mask_layer = 0.1  # probability of zeroing each section of z (layer masking)
 p_uncond = 0.1  # probability of zeroing all of z (classifier-free guidance dropout)
 p_uncond_pose = 0.1  # multi-view: probability of zeroing the target's rays, independently (§3.3 "Guidance")
+p_uncond_src_pose = 0.0  # multi-view: probability of zeroing each source view's rays (§3.3; 0: never, no draw)
 enc_noise = 0.05  # std of the Gaussian noise on the encoder input ([-1, 1] images)
 # DiffSiam (thesis §3, diffsiam.py): hierarchical latent segments + SimSiam on the two augmented views
 segments = 0  # > 0: z in this many segments; noise level u uses the first ceil(u n) (0: plain SODA)
@@ -197,6 +197,9 @@ def resume_checkpoint(cfg):
         return None
     path = os.path.join(cfg["out_dir"], "ckpt.pt")
     ckpt = load_checkpoint(path)
+    if any(k not in ckpt for k in ("model", "optimizer", "step", "rng")):
+        raise CheckpointError(f"cannot resume {path}: it holds no model/optimizer/step/rng, so it is not a resumable "
+                              "train.py checkpoint (start a new out_dir, or --init_from=scratch --overwrite=True)")
     bad = configurator.resume_conflicts(ckpt["config"], cfg)
     if bad:
         raise ConfigError(f"cannot resume {path} with {', '.join(bad)}: these keys change the model, the data "
@@ -274,6 +277,10 @@ def setup_data(run, ckpt):
         run.mv_train = data.load_multiview(run.dataset, run.data_dir, "train", run.image_size)
         run.mv_val = data.load_multiview(run.dataset, run.data_dir, "test", run.image_size)
         run.n_train = run.mv_train.images.shape[0] * run.mv_train.images.shape[1]
+        V = min(run.mv_train.images.shape[1], run.mv_val.images.shape[1])  # a step takes k_max sources + a target
+        if run.k_max >= V:
+            raise ConfigError(f"k_max={run.k_max} is out of range: the objects of {run.dataset} in {run.data_dir!r} have "
+                              f"{V} view(s), and a step needs k_max source views and another one, the target")
     elif run.bench_iters > 0:  # synthetic uint8 images of the dataset's shape
         n_syn = max(4096, 2 * run.global_batch)
         run.train_set = (torch.randint(0, 256, (n_syn, 3, run.image_size, run.image_size), dtype=torch.uint8),
@@ -403,6 +410,8 @@ def train_step(run, it):
         k = 1 + rng.shared_randint(run.k_max)
         x_src, rays_src, x_tgt, rays_tgt = data.multiview_batch(run.mv_train, k, rng)
         cond = dict(rays_src=rays_src, rays_tgt=rays_tgt, keep_pose=run.raw.draw_keep_pose(rng.rand))
+        if run.p_uncond_src_pose > 0:  # each source view's pose dropped too (§3.3: "absence of source ... positional information")
+            cond["keep_src_pose"] = (rng.rand(k) >= run.p_uncond_src_pose).float()
     else:
         xb, _, idx = get_batch(run, it)
         x_src, x_tgt = views_of(run, xb, idx, rng)

@@ -11,8 +11,8 @@
 # the xattn decoder had not started to use z: z-gap 5e-6 vs 5e-4 with 'mod'; k=2 PSNR 12.72 =
 # z masked, vs 13.19 with 'mod'), and training at more noise (log-SNR shift -2, v weighting),
 # where the target pose alone cannot tell the decoder the car's colour and shape. And the z-usage
-# recipe of configs/cifar10_cpu.py (README "Making z carry the image"): a v output, and z
-# standardised over the batch; with them k=1 PSNR went 17.57 -> 19.51 dB (README "Novel views").
+# recipe of configs/cifar10_cpu.py (docs/zusage.md): a v output, and z
+# standardised over the batch; with them k=1 PSNR went 17.57 -> 19.51 dB (docs/nvs.md).
 out_dir = "out/cars3d_cpu"
 dataset = "cars3d"
 data_dir = "../shared/data/cars3d"

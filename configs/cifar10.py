@@ -24,7 +24,7 @@ ckpt_interval = 1000
 sample_steps = 50
 compile = True
 channels_last = True
-# From the CPU z-usage study (README "Making z carry the image"), the two choices whose reason does
+# From the CPU z-usage study (docs/zusage.md), the two choices whose reason does
 # not depend on scale: a v output with the v-loss weighting (an eps output cannot express a good
 # image at high noise, where only z helps) and z standardised over the (global) batch before the
 # decoder. Views stay the paper's two augmentations (auto-encoding won at 32 px on a tiny model;

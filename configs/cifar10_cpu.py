@@ -5,7 +5,7 @@
 # normalised per section on its way into the decoder. CIFAR-10 is found by train.py's search order
 # (data_dir=''); bf16 autocast on the CPU is automatic (cpu_bf16='auto': ~1.45x faster where the CPU
 # has avx512_bf16, bash tools/bench.sh).
-# Where this differs from the paper (README "Making z carry the image", chosen by the z-usage
+# Where this differs from the paper (docs/zusage.md, chosen by the z-usage
 # screens on the validation split): the UNet outputs v, not eps, with the v-loss weighting (an eps
 # output cannot express a good image at high noise, where only z can help: x0 error = eps error
 # x sigma / alpha, x54 at log-SNR -8); z is standardised over the batch on its way into the

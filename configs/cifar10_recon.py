@@ -7,7 +7,7 @@
 # log-SNR shifted by -2 and the v-loss weighting (eps-MSE / abar, i.e. x0-MSE (1 + SNR)). In
 # 400-step screens (64 test images, DDIM 50) that raised recon PSNR from 8.1 dB (plain, z_norm)
 # to 10.2 dB; shift -3 alone gave 9.6, v alone 8.9. With the z-usage recipe of configs/cifar10_cpu.py
-# on top (a v output, z standardised over the batch; README "Making z carry the image"), recon on
+# on top (a v output, z standardised over the batch; docs/zusage.md), recon on
 # 1,000 test images went from 12.15 to 13.55 dB (DDIM 50).
 out_dir = "out/cifar10_recon"
 views = "identical"

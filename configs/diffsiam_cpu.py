@@ -9,7 +9,7 @@ segments = 64
 segment_mode = "hierarchical"
 simsiam_weight = 1.0
 simsiam_dim = 512
-# The setting the README's DiffSiam figures were measured with (the teaching config before the
+# The setting the DiffSiam figures of docs/diffsiam.md were measured with (the teaching config before the
 # z-usage recipe): two augmented views (SimSiam needs them), eps output and loss, no z_bn, 1,500 steps.
 views = "augment"
 prediction = "eps"

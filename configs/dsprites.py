@@ -12,7 +12,7 @@ n_val = 1000
 encoder = "resnet18"
 unet = "small"
 z_dim = 64
-coords = True  # x, y channels on the input: global pooling cannot see position (README "Disentanglement")
+coords = True  # x, y channels on the input: global pooling cannot see position (docs/dci.md)
 # The paper's eps output and inverted schedule. On the 2-core CPU (configs/dsprites_cpu.py) the decoder only
 # read z once it was trained on the cosine schedule with a v output: try those here if z-usage stays low.
 batch_size = 256

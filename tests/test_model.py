@@ -544,3 +544,38 @@ def test_folded_adagn_equals_the_papers_two_steps():
     two_step = blk.skip(x) + blk.conv2(F.silu(h))
     torch.testing.assert_close(blk(x, emb, z), two_step, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(blk(x, emb, z), blk(x, emb, torch.zeros_like(z)), atol=1e-3)  # z modulates
+
+
+def test_mod_plus_xattn_reads_z_through_both_paths():
+    """cond='mod+xattn' (Table 3's NVS model): the sections modulate and the tokens are attended to;
+    with either path cut, z still reaches the output through the other; masking acts on sections."""
+    m = make(cond="mod+xattn", n_tokens=4)
+    assert m.n_sections == 4 and any(s.xattn is not None for s in m.unet.modules() if isinstance(s, M.Step))
+    x, logsnr, g = inputs()
+    z1, z2 = torch.randn(2, Z, generator=g), torch.randn(2, Z, generator=g)
+    with torch.no_grad():
+        assert maxdiff(m.denoise(x, logsnr, z1), m.denoise(x, logsnr, z2)) > 1e-4
+        for cut in ("z_proj", "xattn.proj"):  # zero one path's output projections
+            m2 = make(cond="mod+xattn", n_tokens=4)
+            for name, p in m2.named_parameters():
+                if cut in name:
+                    p.zero_()
+            assert maxdiff(m2.denoise(x, logsnr, z1), m2.denoise(x, logsnr, z2)) > 1e-4, cut
+        off = torch.zeros(2, m.n_sections)
+        assert torch.equal(m.denoise(x, logsnr, z1, off), m.denoise(x, logsnr, z2, off))  # all masked: z-free
+
+
+def test_source_pose_dropout_removes_the_source_rays():
+    """keep_pose=0 on a source view: the encoder sees no ray embedding (zeros), not the rays of 0."""
+    m = make(ray_freqs=2)
+    x, _, g = inputs()
+    rays = torch.randn(2, 6, 16, 16, generator=g)
+    with torch.no_grad():
+        z_off = m.encode(x, rays, keep_pose=torch.tensor([0.0, 1.0]))
+        z_on = m.encode(x, rays)
+        blank = torch.cat([x, torch.zeros(2, M.ray_channels(2), 16, 16)], dim=1)
+        assert torch.allclose(z_off[0], m.encoder(blank)[0], atol=1e-6)
+        assert torch.equal(z_off[1], z_on[1]) and maxdiff(z_off[0], z_on[0]) > 1e-4
+        views = m.encode(x[:, None].repeat(1, 2, 1, 1, 1), rays[:, None].repeat(1, 2, 1, 1, 1),
+                         keep_pose=torch.tensor([[0.0, 1.0], [1.0, 1.0]]))  # k = 2 views, one pose dropped
+        assert views.shape == (2, Z)

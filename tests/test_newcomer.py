@@ -2,11 +2,13 @@
 search order (or downloaded), readable progress / grids / curves, every bad input one line before
 anything is written, resume refusing keys that change the run, and Ctrl-C / SIGTERM stopping with a
 checkpoint that resumes bit-exactly."""
+import json
 import os
 import pickle
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -211,3 +213,44 @@ def test_signal_stops_with_a_checkpoint_that_resumes_bit_exactly(cifar_dir, tmp_
     for key in ("model", "ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after the signal and resume"
+
+
+# --- two runs into one out_dir ------------------------------------------------------------
+
+def test_a_second_run_into_a_live_out_dir_is_refused(cifar_dir, tmp_path):
+    """A live run holds out_dir/run.lock (its pid) from its first write: a second train.py into the
+    same out_dir (scratch with --overwrite, or a resume) is refused in one line and touches nothing;
+    the first run's log and checkpoint come out whole; a lock whose process is gone is stale. And a
+    warning (a partial CIFAR-10 copy) is one plain line, without our file names or source."""
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "train.py"] + base_args(cifar_dir, out, max_iters=20, ckpt_interval=10),
+                             cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    lock = out / "run.lock"
+    for _ in range(600):  # its first write, after data and model are set up
+        if lock.exists() and lock.read_text().strip() or first.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run ended before the second could meet it"
+    assert lock.read_text().strip() == str(first.pid)
+    for kw in (dict(overwrite=True), dict(init_from="resume")):
+        with pytest.raises(train.ConfigError, match=rf"in use by a live run \(pid {first.pid}"):
+            train.main(base_args(cifar_dir, out, max_iters=2, **kw))
+    assert first.poll() is None, "the second run was refused after the first had finished"
+    stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps == list(range(1, 21)) and state(out / "ckpt.pt")["step"] == 20
+    assert not lock.exists()  # released at the end
+    warning = [line for line in stderr.splitlines() if "partial copy" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning: CIFAR-10 train: found 120 of 50,000"), stderr[-2000:]
+    assert "data.py" not in stderr and "load_cifar10(" not in stderr  # no file name, no source line
+    # a stale lock: its process has ended
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text(str(gone.pid))
+    assert configurator.lock_holder(str(out)) is None
+    path = configurator.take_lock(str(out))
+    assert lock.read_text() == str(os.getpid())
+    configurator.release_lock(path)
+    assert not lock.exists()

@@ -358,21 +358,14 @@ def test_compiled_step_equals_eager(cifar_dir, tmp_path, eager_fp32):
 
 
 @pytest.mark.numerics
-def test_channels_last_equals_nchw(cifar_dir, tmp_path, eager_fp32):
-    """channels_last (NHWC convolutions) gives the NCHW losses and weights to float32 rounding."""
+@pytest.mark.parametrize("switch", [dict(channels_last=True), dict(fused_adamw=False)], ids=["channels_last", "looped_adamw"])
+def test_rounding_switch_equals_the_reference(cifar_dir, tmp_path, eager_fp32, switch):
+    """channels_last (NHWC convolutions), and AdamW as a loop over parameters instead of the fused
+    kernel, give the reference's losses and weights to float32 rounding."""
     loss_e, ck_e = eager_fp32
-    loss_n, ck_n = losses_and_checkpoint(cifar_dir, tmp_path, channels_last=True)
-    torch.testing.assert_close(loss_n, loss_e, rtol=ROUNDING_LOSS_RTOL, atol=0)
-    assert moved_apart(ck_e, ck_n) < ROUNDING_MOVED
-
-
-@pytest.mark.numerics
-def test_looped_adamw_equals_fused(cifar_dir, tmp_path, eager_fp32):
-    """AdamW as a loop over parameters (fused_adamw=False) gives the fused kernel's training."""
-    loss_e, ck_e = eager_fp32
-    loss_l, ck_l = losses_and_checkpoint(cifar_dir, tmp_path, fused_adamw=False)
-    torch.testing.assert_close(loss_l, loss_e, rtol=ROUNDING_LOSS_RTOL, atol=0)
-    assert moved_apart(ck_e, ck_l) < ROUNDING_MOVED
+    loss_s, ck_s = losses_and_checkpoint(cifar_dir, tmp_path, **switch)
+    torch.testing.assert_close(loss_s, loss_e, rtol=ROUNDING_LOSS_RTOL, atol=0)
+    assert moved_apart(ck_e, ck_s) < ROUNDING_MOVED
 
 
 @pytest.mark.numerics

@@ -135,7 +135,7 @@ def test_cpu_configs_have_no_dropout_or_batchnorm(path):
     """The exact-DDP claim needs a model with no per-rank randomness or per-rank batch statistics
     (z_bn's are all-reduced over the ranks: model.BatchStandardize, in the DDP test): every CPU
     config (on top of cifar10_cpu.py, as the DiffSiam ones are run) builds one, except DiffSiam's
-    BatchNorm heads, which the README leaves out of the claim."""
+    BatchNorm heads, which docs/tests.md leaves out of the claim."""
     argv = [path] if not os.path.basename(path).startswith("diffsiam") else \
         [os.path.join(ROOT, "configs", "cifar10_cpu.py"), os.path.join(ROOT, "configs", "diffsiam_cpu.py"), path]
     cfg = train.configure(list(dict.fromkeys(argv)), train.DEFAULTS)  # build_model loads no weights
@@ -147,7 +147,7 @@ def test_cpu_configs_have_no_dropout_or_batchnorm(path):
     bn = [n for n, m in net.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert not dropout, dropout
     if os.path.basename(path) in DIFFSIAM:
-        assert bn, "DiffSiam's SimSiam heads hold BatchNorms (the README's exception)"
+        assert bn, "DiffSiam's SimSiam heads hold BatchNorms (the exception docs/tests.md names)"
     else:
         assert not bn, bn
 

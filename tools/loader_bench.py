@@ -37,16 +37,29 @@ def write_jpegs(root, n, w, h, classes=10):
         Image.fromarray(img).save(os.path.join(d, f"{i}.JPEG"), quality=90)
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as the project's scripts say it
+        self.exit(2, f"error: {message} (see python tools/loader_bench.py --help)\n")
+
+
 def main():
-    p = argparse.ArgumentParser()
+    p = Parser()
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--size", default="128x128", help="WxH of the JPEGs")
     p.add_argument("--image_size", type=int, default=128, help="train.py's image_size (configs/imagenet.py: 128)")
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
+    for k in ("n", "image_size", "batch", "rounds"):
+        if getattr(a, k) < 1:
+            p.error(f"--{k}={getattr(a, k)} is out of range: it must be >= 1")
+    if a.batch > a.n:
+        p.error(f"--batch={a.batch} is larger than --n={a.n}: a round needs at least one full batch")
+    w, _, h = a.size.partition("x")
+    if not (w.isdigit() and h.isdigit() and int(w) >= 1 and int(h) >= 1):
+        p.error(f"--size={a.size!r}: expected WxH in pixels, e.g. 500x375")
+    w, h = int(w), int(h)
     torch.set_num_threads(1)
-    w, h = map(int, a.size.split("x"))
     with tempfile.TemporaryDirectory() as root:
         write_jpegs(root, a.n, w, h)
         kb = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(root) for f in fs) / a.n / 1024

@@ -1,6 +1,6 @@
 """
 What 'inverted' means, as a figure: each schedule abar(u), and the density of the log-SNR that
-training draws under uniform u (paper §3.4, Fig. 3). The README's docs/schedules.png:
+training draws under uniform u (paper §3.4, Fig. 3). It draws docs/schedules.png:
 
     python tools/schedules.py docs/schedules.png
 """
@@ -34,5 +34,31 @@ def plot_schedules(path="schedules.png", n=200_000):
     return path
 
 
+def path_problem(path):
+    """What stops the figure from being written to path ('' if nothing): an image file name that
+    matplotlib writes, in an existing directory this process can write into."""
+    import tempfile
+    from matplotlib.backend_bases import FigureCanvasBase
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    folder = os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        return f"{path!r} is a directory: name the figure's file, e.g. {os.path.join(path, 'schedules.png')!r}"
+    if os.path.splitext(path)[1][1:].lower() not in kinds:
+        return f"{path!r}: the figure's file name must end in one of {', '.join('.' + k for k in sorted(kinds))}"
+    if not os.path.isdir(folder):
+        return f"{path!r}: no directory {folder!r} to write it in"
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=folder))
+    except OSError as e:
+        return f"{path!r}: {folder!r} cannot be written ({e.strerror})"
+    return ""
+
+
 if __name__ == "__main__":
-    print(plot_schedules(*sys.argv[1:2]))
+    if len(sys.argv) > 2:
+        sys.exit(f"error: expected at most one argument (the figure's path), got {len(sys.argv) - 1}")
+    path = sys.argv[1] if len(sys.argv) > 1 else "schedules.png"
+    why = path_problem(path)
+    if why:
+        sys.exit(f"error: {why}")
+    print(plot_schedules(path))

@@ -9,17 +9,52 @@ for the final table.
 import glob
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import configurator  # noqa: E402
+import data  # noqa: E402
 import evaluation  # noqa: E402
 import probe  # noqa: E402
+from configurator import ConfigError  # noqa: E402
+
+USAGE = "usage: python tools/zusage_curve.py OUT_DIR (a train.py out_dir of a run with --ckpt_keep=True)"
+
+
+def kept_checkpoints(out_dir):
+    """OUT_DIR's ckpt_<step>.pt files, by step; what the curve needs is checked before any probe runs:
+    a directory this process can write into (the curve, the probes' JSON), log.jsonl, ckpt.pt, a kept checkpoint."""
+    if not os.path.isdir(out_dir):
+        raise ConfigError(f"out_dir={out_dir!r} is not a directory. {USAGE}")
+    configurator.check_writable("out_dir", out_dir, out_dir, "curve.json, curve.png and the probes' JSON files")
+    paths = sorted(p for p in glob.glob(os.path.join(out_dir, "ckpt_*.pt"))
+                   if re.fullmatch(r"ckpt_\d+\.pt", os.path.basename(p)))
+    if not paths:
+        raise ConfigError(f"out_dir={out_dir!r} holds no kept checkpoints ckpt_<step>.pt: train with --ckpt_keep=True")
+    return paths
 
 
 def train_minutes(out_dir):
     """step -> minutes of training (evaluation excluded), from the img/s of log.jsonl's records."""
-    recs = [json.loads(l) for l in open(os.path.join(out_dir, "log.jsonl"))]
-    cfg_batch = evaluation.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["config"]["batch_size"]
+    log = os.path.join(out_dir, "log.jsonl")
+    try:
+        lines = open(log).read().splitlines()
+    except OSError as e:
+        raise ConfigError(f"cannot read {log!r} ({e.strerror}): the curve's minutes come from the run's log") from None
+    recs = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{log!r} line {i} is not a JSON record ({e.msg}): not a train.py log") from None
+    if any(not isinstance(r, dict) or "img_s" in r and not ("step" in r and isinstance(r["img_s"], (int, float)) and r["img_s"] > 0) for r in recs):
+        raise ConfigError(f"{log!r} is not a train.py log: its img_s records need a step and a speed > 0")
+    cfg_batch = evaluation.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["config"].get("batch_size")
+    if not isinstance(cfg_batch, int):
+        raise evaluation.CheckpointError(f"{os.path.join(out_dir, 'ckpt.pt')!r}: its config has no batch_size")
     t, last, at = 0.0, 0, {0: 0.0}
     for r in recs:
         if "img_s" in r:
@@ -30,9 +65,10 @@ def train_minutes(out_dir):
 
 
 def main(out_dir):
+    paths = kept_checkpoints(out_dir)
     at = train_minutes(out_dir)
     rows = []
-    for path in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt"))):
+    for path in paths:
         step = int(os.path.basename(path)[5:-3])
         lin = probe.main([f"--ckpt={path}", "--split=val", "--task=linear"])
         zu = probe.main([f"--ckpt={path}", "--split=val", "--task=zusage"])
@@ -65,4 +101,10 @@ def main(out_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    configurator.plain_warnings()
+    if len(sys.argv) != 2:
+        sys.exit(f"error: expected one argument, got {len(sys.argv) - 1}. {USAGE}")
+    try:
+        main(sys.argv[1])
+    except (ConfigError, evaluation.CheckpointError, data.DataError) as e:
+        sys.exit(f"error: {e}")
