@@ -308,7 +308,10 @@ def main(argv):
     tcfg = ck["config"]
     torch.manual_seed(cfg["seed"])  # --random=True: this seed's init is the baseline
     net = model_of(ck, cfg["ckpt"], None if cfg["random"] else "ema").to(dev).eval()
-    ds = cfg["dataset"] or (tcfg["dataset"] if tcfg["dataset"] in allowed else allowed[0])
+    if not cfg["dataset"] and tcfg["dataset"] not in allowed:  # never a stand-in dataset without being asked
+        raise ConfigError(f"the checkpoint was trained on {tcfg['dataset']}, and task={task!r} reads "
+                          f"{' or '.join(allowed)}: pass --dataset={allowed[0]} (and its --data_dir) to measure it there")
+    ds = cfg["dataset"] or tcfg["dataset"]
     if tcfg["ray_freqs"] and ds != "cars3d":  # Cars3D is the one probe set with cameras
         raise ConfigError(f"the checkpoint's model reads camera rays (ray_freqs={tcfg['ray_freqs']}, trained on "
                           f"{tcfg['dataset']}), and task={task!r} on {ds} has no cameras: only task='dci' on cars3d "

@@ -273,10 +273,12 @@ def test_probe_values(w, refused, monkeypatch):
         ([f"--ckpt={w.noconfig}"], r"noconfig\.pt.*not a train.py checkpoint.*dataset"),
         ([f"--ckpt={w.mismatch}"], r"mismatch/ckpt\.pt.*'ema' weights do not fit"),
         # combinations that cannot work
-        ([ck, "--task=dci"], "trained on cifar10: say where dsprites is with --data_dir"),
-        ([ck, "--task=dci", f"--data_dir={w.root}"], "dSprites images are 64x64.*image_size is 32"),
+        ([ck, "--task=dci"], "trained on cifar10, and task='dci' reads dsprites or cars3d: pass --dataset=dsprites"),
+        ([ck, "--task=dci", "--dataset=dsprites"], "trained on cifar10: say where dsprites is with --data_dir"),
+        ([ck, "--task=dci", "--dataset=dsprites", f"--data_dir={w.root}"], "dSprites images are 64x64.*image_size is 32"),
         ([ck, "--task=multilabel"], "--data_dir"),
-        ([f"--ckpt={w.posed}", "--task=knn"], "camera rays .*task='knn'"),
+        ([f"--ckpt={w.posed}", "--task=knn"], "trained on cars3d, and task='knn' reads cifar10"),
+        ([f"--ckpt={w.posed}", "--task=knn", "--dataset=cifar10"], "camera rays .*task='knn'"),
         ([f"--ckpt={w.posed}", "--task=dci", "--features=unet"], "features='unet'"),
         # data
         ([ck, "--task=knn", f"--data_dir={w.badsize}"], r"z_big\.png' is 40x40"),

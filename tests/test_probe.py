@@ -299,16 +299,19 @@ def test_cli_fewshot_multilabel_dci(tmp_path, capsys, celeba_dir):
     assert re.fullmatch(r"knn top1 [\d.]+", last_line(capsys))
     assert json.load(open(tmp_path / "probe_knn_unet.json"))["features"] == "unet"
 
-    probe.main([f"--ckpt={ck32}", "--task=multilabel", f"--data_dir={celeba_dir[0]}"])
+    probe.main([f"--ckpt={ck32}", "--task=multilabel", "--dataset=celeba", f"--data_dir={celeba_dir[0]}"])
     assert re.fullmatch(r"multilabel f1 [\d.]+", last_line(capsys))
     assert len(json.load(open(tmp_path / "probe_multilabel_pool.json"))["f1_per_attribute"]) == 40
     with pytest.raises(data.DataError, match="celeba"):
-        probe.main([f"--ckpt={ck32}", "--task=multilabel", f"--data_dir={tmp_path}"])
+        probe.main([f"--ckpt={ck32}", "--task=multilabel", "--dataset=celeba", f"--data_dir={tmp_path}"])
+    with pytest.raises(train.ConfigError, match="trained on cifar10, and task='dci' reads dsprites or cars3d"):
+        probe.main([f"--ckpt={ck32}", "--task=dci"])  # never a silent stand-in dataset
     with pytest.raises(train.ConfigError, match="--data_dir"):
-        probe.main([f"--ckpt={ck32}", "--task=dci"])
+        probe.main([f"--ckpt={ck32}", "--task=dci", "--dataset=dsprites"])
 
     ck64 = make_ckpt(tmp_path / "ck64.pt", 64)
-    probe.main([f"--ckpt={ck64}", "--task=dci", "--n_images=40", f"--data_dir={DSPRITES}", "--features=z"])
+    probe.main([f"--ckpt={ck64}", "--task=dci", "--dataset=dsprites", "--n_images=40", f"--data_dir={DSPRITES}",
+                "--features=z"])
     assert re.fullmatch(r"dci D [\d.]+ C [\d.]+ I [\d.]+", last_line(capsys))
     res = json.load(open(tmp_path / "probe_dci_z.json"))
     assert np.array(res["importance"]).shape == (16, 5) and res["n_train"] == 40
