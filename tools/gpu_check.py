@@ -10,7 +10,7 @@ compiled before them); every item has its own alarm, and the child is killed at 
 A child killed or crashed inside an item fails that item, and a fresh child runs the rest.
 OUT_DIR/summary.json is rewritten after every item, so a run cut short still reports what it did:
   correctness  bf16 autocast vs fp32, torch.compile vs eager, channels_last vs NCHW, fused vs
-               looped AdamW (each alone against eager fp32, 4 steps of train.main), DDIM / DDPM under
+               looped AdamW (each alone against eager fp32, 4 steps of train.py), DDIM / DDPM under
                a torch.Generator, resume 2 + 2 == 4 steps, torchrun (1 process, nccl) == a plain run
   speed        configs/bench.py per switch against all-off (as tools/bench.sh, one round):
                train img/s, MFU, peak memory, DDIM img-steps/s
@@ -109,7 +109,7 @@ def item(out, name, seconds, fn):
 
 
 # -----------------------------------------------------------------------------
-# correctness: train.main runs of 4 steps, compared through their logs and checkpoints
+# correctness: train.py runs of 4 steps, compared through their logs and checkpoints
 
 def losses(run_dir):
     with open(os.path.join(run_dir, "log.jsonl")) as f:
@@ -124,7 +124,7 @@ def compare(a_dir, b_dir):
     import configurator
     la, lb = losses(a_dir), losses(b_dir)
     a, b = (torch.load(os.path.join(d, "ckpt.pt"), map_location="cpu", weights_only=True) for d in (a_dir, b_dir))
-    torch.manual_seed(a["config"]["seed"])  # train.main's init, rebuilt
+    torch.manual_seed(a["config"]["seed"])  # train.py's init, rebuilt
     init = configurator.build_model(a["config"]).state_dict()
     w = [n for n, p in a["model"].items() if p.is_floating_point()]
     diff = math.sqrt(sum((a["model"][n] - b["model"][n]).double().pow(2).sum().item() for n in w))
@@ -211,11 +211,26 @@ def check_args(out, dry):
             "--ckpt_interval=100", "--eval_at_start=False", "--sample_steps=4"] + (TINY if dry else []) + OFF
 
 
+def run_script(script, argv):
+    """`python SCRIPT ARGV`, run in this process (one interpreter for every run: no start-up per
+    run, graphs compiled once): the script's own command-line entry, so this check depends on what a
+    user types, not on its functions. Its one-line error (sys.exit) becomes a RuntimeError."""
+    import runpy
+    saved = sys.argv
+    sys.argv = [os.path.join(ROOT, script)] + list(argv)
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise RuntimeError(str(e.code)) from None
+    finally:
+        sys.argv = saved
+
+
 def run_steps(out, dry, name, *flags):
     """A correctness run in this process -> its out_dir."""
-    import train
     d = os.path.join(out, "runs", name)
-    train.main(check_args(out, dry) + [f"--out_dir={d}", *flags])
+    run_script("train.py", check_args(out, dry) + [f"--out_dir={d}", *flags])
     return d
 
 
@@ -323,7 +338,6 @@ def ddp_check(out, dry):
 def speed(out, dry):
     import gc
     import torch
-    import train
     base = [os.path.join(ROOT, "configs", "cifar10.py"), os.path.join(ROOT, "configs", "bench.py")] + \
         (TINY + ["--bench_iters=2", "--bench_warmup=1", "--sample_steps=2", "--bench_sample_n=4"] if dry else
          ["--bench_iters=20", "--bench_warmup=3"])  # warm-up: compilation happens in the first step
@@ -332,7 +346,9 @@ def speed(out, dry):
         def bench(name=name, flags=flags):
             cuda = torch.cuda.is_available()
             left = torch.cuda.memory_allocated() / 2**30 if cuda else None  # counted in peak_mem_gb too
-            res = train.main(base + flags + [f"--out_dir={os.path.join(out, 'bench', name)}"])
+            run_script("train.py", base + flags + [f"--out_dir={os.path.join(out, 'bench', name)}"])
+            with open(os.path.join(out, "bench", name, "bench.json")) as f:
+                res = json.load(f)
             off = summary(out)["items"].get("speed_all_off", {}).get("train_img_s")
             x = res["train_img_s"] / off if off else None
             return {"pass": res["train_img_s"] > 0 and res["sample_s"] > 0, "x_all_off": x,
@@ -349,7 +365,6 @@ def speed(out, dry):
 
 def learning(out, dry, deadline):
     import probe
-    import train
     d = os.path.join(out, "learn")
     bench = summary(out)["items"].get("speed_config", {})
     train_s = max(20.0, min(TRAIN_S, deadline - time.time() - LEARN_REST_S))
@@ -366,7 +381,7 @@ def learning(out, dry, deadline):
 
     def run_train():
         t = time.time()
-        train.main(argv)
+        run_script("train.py", argv)
         log = [json.loads(line) for line in open(os.path.join(d, "log.jsonl"))]
         loss = [r["loss"] for r in log if "loss" in r]
         ev = [r for r in log if "zgap" in r][-1]
