@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 from test_train import ROOT, base_args, cifar_dir, run_train, state  # noqa: F401  (cifar_dir: a fixture)
-import data  # noqa: E402
 import configurator  # noqa: E402
+import data  # noqa: E402
+from test_inputs import one_line_error  # noqa: E402
 import train  # noqa: E402
 
 
@@ -150,8 +151,8 @@ def test_config_file_mistakes_name_the_file_and_line(tmp_path):
     with pytest.raises(train.ConfigError, match="line 3: NameError"):
         train.configure([str(bad)], train.DEFAULTS)
     assert not (tmp_path / "o").exists()
-    one_line(["probe.py", "--episodes=0"], "episodes=0")
-    one_line(["sample.py", "--schedule=cosin"], "schedule='cosin'")
+    assert "episodes=0" in one_line_error(["probe.py", "--episodes=0"])  # their __main__, in this process
+    assert "schedule='cosin'" in one_line_error(["sample.py", "--schedule=cosin"])
 
 
 # --- a run: progress lines, grid, curves; resume refusals; overwrite ---------------------
@@ -188,11 +189,20 @@ def test_run_resume_rules_and_overwrite(cifar_dir, tmp_path, capsys, monkeypatch
 
 # --- Ctrl-C / SIGTERM -------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def four_steps(cifar_dir, tmp_path_factory):
+    """The uninterrupted run the signal tests resume against."""
+    out = tmp_path_factory.mktemp("full")
+    with pytest.warns(UserWarning, match="partial copy"):
+        train.main(base_args(cifar_dir, out))
+    return state(out / "ckpt.pt")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_stops_with_a_checkpoint_that_resumes_bit_exactly(cifar_dir, tmp_path, monkeypatch, capsys, sig):
+def test_signal_stops_with_a_checkpoint_that_resumes_bit_exactly(cifar_dir, tmp_path, monkeypatch, capsys, sig,
+                                                                  four_steps):
     args = lambda out, **kw: base_args(cifar_dir, out, **kw)
     before = signal.getsignal(sig)
-    run_train(args(tmp_path / "full"))
     real_loss = train.D.loss
 
     def loss_then_signal(*a, **k):  # the signal arrives in the middle of step 1
@@ -208,7 +218,7 @@ def test_signal_stops_with_a_checkpoint_that_resumes_bit_exactly(cifar_dir, tmp_
     assert f"stopped by {sig.name} after step 2" in capsys.readouterr().out
     assert signal.getsignal(sig) is before  # the handlers are restored
     run_train(args(tmp_path / "split", init_from="resume"))
-    a, b = state(tmp_path / "full" / "ckpt.pt"), state(tmp_path / "split" / "ckpt.pt")
+    a, b = four_steps, state(tmp_path / "split" / "ckpt.pt")
     assert a["step"] == b["step"] == 4
     for key in ("model", "ema"):
         for name in a[key]:
@@ -223,7 +233,7 @@ def test_a_second_run_into_a_live_out_dir_is_refused(cifar_dir, tmp_path):
     the first run's log and checkpoint come out whole; a lock whose process is gone is stale. And a
     warning (a partial CIFAR-10 copy) is one plain line, without our file names or source."""
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "train.py"] + base_args(cifar_dir, out, max_iters=20, ckpt_interval=10),
+    first = subprocess.Popen([sys.executable, "train.py"] + base_args(cifar_dir, out, max_iters=12, ckpt_interval=6),
                              cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     lock = out / "run.lock"
@@ -240,7 +250,7 @@ def test_a_second_run_into_a_live_out_dir_is_refused(cifar_dir, tmp_path):
     stdout, stderr = first.communicate(timeout=120)
     assert first.returncode == 0, stderr[-2000:]
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
-    assert steps == list(range(1, 21)) and state(out / "ckpt.pt")["step"] == 20
+    assert steps == list(range(1, 13)) and state(out / "ckpt.pt")["step"] == 12
     assert not lock.exists()  # released at the end
     warning = [line for line in stderr.splitlines() if "partial copy" in line]
     assert len(warning) == 1 and warning[0].startswith("warning: CIFAR-10 train: found 120 of 50,000"), stderr[-2000:]

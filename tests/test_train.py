@@ -226,20 +226,30 @@ def assert_same_training_state(a, b):
                                        msg=lambda m: f"optimizer state {i} {k}: {m}")
 
 
+# the DDP comparison's run (also tests/test_kernels.py's): 3 steps at lr 1e-3, layer masking, two augmented views
+DDP_COMMON = dict(max_iters=3, p_mask_layer=0.3, aug="simclr", views="augment", lr=1e-3, warmup_iters=1,
+                  grad_clip=0.0, z_bn=True, prediction="v", weighting="v")
+
+
 @pytest.mark.numerics
 def test_ddp_two_processes_equal_one(cifar_dir, tmp_path):
-    """2 gloo processes x batch 4 == 1 process x batch 8: weights, EMA and AdamW moments to float rounding."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    """2 gloo processes x batch 4 == 1 process x batch 8: weights, EMA and AdamW moments to float
+    rounding. Both arms are new processes under the second CPU kernel set (tests/test_kernels.py),
+    so that CI runs this comparison on kernels other than the ones the suite's other comparisons use."""
+    from test_kernels import other_kernel_set
+    kernels = os.environ.get("ATEN_CPU_CAPABILITY") or other_kernel_set()
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=kernels, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     # no gradient clipping: at these first steps the gradient norm is above 1, and clipping it to 1
     # would hide a gradient scale bug in the moments too (measured: loss x world size then passes)
     # z_bn: batch statistics of z, all-reduced over the ranks (the teaching config's recipe, with v)
-    common = dict(max_iters=3, p_mask_layer=0.3, aug="simclr", views="augment", lr=1e-3, warmup_iters=1,
-                  grad_clip=0.0, z_bn=True, prediction="v", weighting="v")
-    run_train(base_args(cifar_dir, tmp_path / "one", batch_size=8, **common))  # in this process: no RANK set
+    one = [sys.executable, "train.py"] + base_args(cifar_dir, tmp_path / "one", batch_size=8, **DDP_COMMON)
     two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "train.py"] + base_args(cifar_dir, tmp_path / "two", batch_size=4, **common)
-    r = subprocess.run(two, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
+           "train.py"] + base_args(cifar_dir, tmp_path / "two", batch_size=4, **DDP_COMMON)
+    runs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for cmd in (one, two)]  # side by side: one core each
+    for r in runs:
+        _, err = r.communicate(timeout=300)
+        assert r.returncode == 0, f"under ATEN_CPU_CAPABILITY={kernels}:\n" + err[-3000:]
     a, b = state(tmp_path / "one" / "ckpt.pt"), state(tmp_path / "two" / "ckpt.pt")
     assert_same_training_state(a, b)
     torch.manual_seed(0)
