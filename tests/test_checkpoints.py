@@ -1,6 +1,6 @@
 """Checkpoints written before the library split (configurator.py, evaluation.py, diffsiam.py)
 still load: every variant builds the same state-dict names and shapes as then.
-tests/data/state_dict_keys.json was written by the code of that time, for each variant."""
+tests/fixtures/state_dict_keys.json was written by the code of that time, for each variant."""
 import json
 import os
 
@@ -11,7 +11,7 @@ import configurator
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BEFORE = json.load(open(os.path.join(ROOT, "tests", "data", "state_dict_keys.json")))
+BEFORE = json.load(open(os.path.join(ROOT, "tests", "fixtures", "state_dict_keys.json")))
 
 
 @pytest.mark.parametrize("name", sorted(BEFORE))
