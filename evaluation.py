@@ -1,8 +1,10 @@
 """
 What the scripts share to load a trained SODA and to measure and show it: checkpoints (written
 atomically, read with weights_only=True), features of a frozen encoder, kNN and logistic
-regression on them, PSNR and SSIM, image grids and GIFs, the z-usage table and plot. train.py,
-probe.py, sample.py and nvs.py import it; it imports no script.
+regression on them, PSNR and SSIM, image grids and GIFs, the z-usage table and plot; and what a
+training run measures and writes at its intervals (evaluate, log lines, curves.png, the RNG states
+a checkpoint holds, FLOPs for MFU). train.py, probe.py, sample.py and nvs.py import it; it imports
+no script.
 """
 import json
 import os
