@@ -196,7 +196,7 @@ def moved_apart(a, b, key="model"):
 
 # Switches that change only float rounding, judged as tools/gpu_check.py judges them, by bounds set
 # between what rounding does and what the smallest bug does, measured on several kernel sets
-# (ATEN_CPU_CAPABILITY=avx512 / avx2 / default, an AMD EPYC with AVX2 only). Adam divides each
+# (ATEN_CPU_CAPABILITY=avx512 / avx2 / default on an Intel Xeon; fused AdamW on an AMD EPYC). Adam divides each
 # gradient entry by its own RMS, so entries whose gradient is rounding noise (conv1 behind a
 # zero-initialised conv2 at step 0) take a full lr step either way: the weights drift apart far more
 # than the loss does, by an amount the kernels decide. Rounding measured loss <= 4e-6 and weights

@@ -243,8 +243,8 @@ def correctness(out, dry):
     ref = run("eager_fp32", "--overwrite=True")
     # Tolerances for the switches that change only float rounding (compile, channels_last, fused
     # AdamW), set between what rounding does and what the smallest bug does, both measured with this
-    # check's own 4-step dry run on several kernel sets (ATEN_CPU_CAPABILITY=avx512 / avx2 / default
-    # on an Intel Xeon, and an AMD EPYC with AVX2 only), never on one CPU alone:
+    # check's own 4-step dry run on three kernel sets (ATEN_CPU_CAPABILITY=avx512 / avx2 / default,
+    # on an Intel Xeon; an AMD EPYC with AVX2 only gave fused AdamW 1.45e-4), never on one CPU alone:
     #   rounding: loss_rel_diff <= 4e-6, weight_rel_diff <= 5.4e-4 (channels_last; fused AdamW
     #     0.9e-4 .. 1.9e-4 across the kernel sets). Adam divides each gradient entry by its own RMS,
     #     so an entry whose gradient is mostly rounding (behind a zero-initialised conv at step 1)
