@@ -243,10 +243,7 @@ def check_out_dir(key, path):
         if os.path.lexists(parent):  # a file (or a broken link) on the way
             raise ConfigError(f"{key}={path!r} cannot be created: {parent!r} is not a directory")
         parent = os.path.dirname(parent)
-    try:
-        os.rmdir(tempfile.mkdtemp(dir=parent))
-    except OSError as e:
-        raise ConfigError(f"{key}={path!r} cannot be written: {e.strerror} in {parent!r}") from None
+    check_writable(key, path, parent, "its files")
 
 
 def check_writable(key, value, folder, what):
@@ -255,7 +252,7 @@ def check_writable(key, value, folder, what):
     try:
         os.rmdir(tempfile.mkdtemp(dir=folder))
     except OSError as e:
-        raise ConfigError(f"{key}={value!r}: {what} goes to {folder!r}, which cannot be written ({e.strerror})") from None
+        raise ConfigError(f"{key}={value!r}: {what} cannot be written in {folder!r} ({e.strerror})") from None
 
 
 # A run holds out_dir/run.lock (its pid) from its first write to its end, so that a second train.py
