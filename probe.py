@@ -53,6 +53,7 @@ n_images = 0  # multilabel, dci: use at most this many images of each split (0 =
 # train / 5,000 test, disentanglement_lib's numbers); zusage: (0 = 256)
 dci_model = "logreg"  # dci: 'logreg' (fast: |weights| of a logistic regression per factor) | 'gbt' (the paper's
 # Table 4 and disentanglement_lib's recipe: gradient-boosted trees' feature importances; needs scikit-learn)
+out = ""  # the result JSON (its PNGs go beside it); '': beside the checkpoint, named by task and features
 device = "auto"
 seed = 0
 # -----------------------------------------------------------------------------
@@ -300,9 +301,12 @@ def main(argv):
                           f"{', '.join(map(repr, allowed))} (or '': the task's default)")
     if task == "dci" and cfg["dci_model"] == "gbt":
         gbt_classifier()  # scikit-learn is there, or one ConfigError now
-    ck_dir = os.path.dirname(cfg["ckpt"]) or "."
-    if os.path.isdir(ck_dir):  # else load_checkpoint says there is no checkpoint
-        check_writable("ckpt", cfg["ckpt"], ck_dir, "probe.py's result (a JSON beside the checkpoint)")
+    if cfg["out"] and not (cfg["out"].endswith(".json") and os.path.isdir(os.path.dirname(cfg["out"]) or ".")):
+        raise ConfigError(f"out={cfg['out']!r} must be a .json file in an existing directory ('': beside the checkpoint)")
+    res_dir = os.path.dirname(cfg["out"] or cfg["ckpt"]) or "."
+    if os.path.isdir(res_dir):  # else load_checkpoint says there is no checkpoint
+        key = "out" if cfg["out"] else "ckpt"
+        check_writable(key, cfg[key], res_dir, "probe.py's result (a JSON" + ("" if cfg["out"] else " beside the checkpoint") + ")")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"]
     ck = load_checkpoint(cfg["ckpt"], dev)
     tcfg = ck["config"]
@@ -333,7 +337,7 @@ def main(argv):
     if cfg["features"] == "unet":
         feats = lambda x, cams=None: unet_features(net, x, cfg["unet_logsnr"], seed=cfg["seed"])
     name = f"{task} {cfg['features']}{' random-init' if cfg['random'] else ''}"
-    out = os.path.join(os.path.dirname(cfg["ckpt"]) or ".",
+    out = cfg["out"] or os.path.join(os.path.dirname(cfg["ckpt"]) or ".",
                        f"probe_{task}{'_gbt' if task == 'dci' and cfg['dci_model'] == 'gbt' else ''}_{cfg['features']}"
                        f"{'_random' if cfg['random'] else ''}"
                        f"{'_val' if cfg['split'] == 'val' else ''}.json")

@@ -277,6 +277,8 @@ def test_probe_values(w, refused, monkeypatch):
         ([ck, "--task=dci", "--dataset=dsprites"], "trained on cifar10: say where dsprites is with --data_dir"),
         ([ck, "--task=dci", "--dataset=dsprites", f"--data_dir={w.root}"], "dSprites images are 64x64.*image_size is 32"),
         ([ck, "--task=multilabel"], "--data_dir"),
+        ([ck, "--out=result.txt"], r"out=.result.txt. must be a .json file"),
+        ([ck, f"--out={w.root}/nowhere/r.json"], "must be a .json file in an existing directory"),
         ([f"--ckpt={w.posed}", "--task=knn"], "trained on cars3d, and task='knn' reads cifar10"),
         ([f"--ckpt={w.posed}", "--task=knn", "--dataset=cifar10"], "camera rays .*task='knn'"),
         ([f"--ckpt={w.posed}", "--task=dci", "--features=unet"], "features='unet'"),

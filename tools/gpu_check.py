@@ -363,8 +363,15 @@ def speed(out, dry):
 # -----------------------------------------------------------------------------
 # learning: the config as it is, for the time the budget leaves; probes; the PNGs
 
+def probe(out, name, *argv):
+    """`python probe.py ARGV` (as run_script runs train.py) -> the result it writes to OUT/learn/NAME.json."""
+    path = os.path.join(out, "learn", f"{name}.json")
+    run_script("probe.py", [*argv, f"--out={path}"])
+    with open(path) as f:
+        return json.load(f)
+
+
 def learning(out, dry, deadline):
-    import probe
     d = os.path.join(out, "learn")
     bench = summary(out)["items"].get("speed_config", {})
     train_s = max(20.0, min(TRAIN_S, deadline - time.time() - LEARN_REST_S))
@@ -400,14 +407,14 @@ def learning(out, dry, deadline):
     ckpt = os.path.join(d, "ckpt.pt")
 
     def linear():
-        a = probe.main([f"--ckpt={ckpt}", "--task=linear"])
-        b = probe.main([f"--ckpt={ckpt}", "--task=linear", "--random=True"])
+        a = probe(out, "probe_linear", f"--ckpt={ckpt}", "--task=linear")
+        b = probe(out, "probe_linear_random", f"--ckpt={ckpt}", "--task=linear", "--random=True")
         return {"pass": a["top1"] > b["top1"], "top1": a["top1"], "top1_random_init": b["top1"],
                 "top5": a["top5"], "top5_random_init": b["top5"], "why": "pass: above the same encoder at random init"}
     item(out, "learn_linear_vs_random", 90, linear)
 
     def zusage():
-        r = probe.main([f"--ckpt={ckpt}", "--task=zusage"])
+        r = probe(out, "probe_zusage", f"--ckpt={ckpt}", "--task=zusage")
         shutil.copyfile(r["plot"], os.path.join(out, "learn_zusage.png"))
         return {"pass": r["removed_mean"] > 0, "removed_at_-3": r["removed_at_-3"], "removed_mean": r["removed_mean"],
                 "removed": r["removed"], "logsnr": r["logsnr"], "plot": "learn_zusage.png",
@@ -437,7 +444,7 @@ def data_dir(out, dry):
 
 def run_child(out, dry, deadline, grace=30):
     """The three groups in one child process (the learning run and the compile bench then reuse
-    graphs compiled before them), in a session of its own. Killed, with its torchrun children, at
+    graphs compiled before them), in a process group of its own. Killed, with its torchrun children, at
     the deadline, or when an item is `grace` s past its own limit (its alarm could not fire: a hang
     inside a C call). -> its return code, or 'killed'."""
     cmd = [sys.executable, os.path.abspath(__file__), out, "--child", f"--deadline={deadline}"] + \

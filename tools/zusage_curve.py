@@ -10,13 +10,14 @@ import glob
 import json
 import os
 import re
+import subprocess
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
 import configurator  # noqa: E402
 import data  # noqa: E402
 import evaluation  # noqa: E402
-import probe  # noqa: E402
 from configurator import ConfigError  # noqa: E402
 
 USAGE = "usage: python tools/zusage_curve.py OUT_DIR (a train.py out_dir of a run with --ckpt_keep=True)"
@@ -64,18 +65,30 @@ def train_minutes(out_dir):
     return at
 
 
+def probe(out_dir, name, *argv):
+    """`python probe.py ARGV --split=val`, in its own process -> the result it writes to OUT_DIR/NAME.json;
+    its one-line error is this tool's."""
+    path = os.path.join(out_dir, f"{name}.json")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "probe.py"), *argv, "--split=val", f"--out={path}"],
+                       stderr=subprocess.PIPE, text=True)
+    if r.returncode:
+        raise ConfigError(f"probe.py {' '.join(argv)}: " + (r.stderr.strip().splitlines() or ["failed"])[-1])
+    with open(path) as f:
+        return json.load(f)
+
+
 def main(out_dir):
     paths = kept_checkpoints(out_dir)
     at = train_minutes(out_dir)
     rows = []
     for path in paths:
         step = int(os.path.basename(path)[5:-3])
-        lin = probe.main([f"--ckpt={path}", "--split=val", "--task=linear"])
-        zu = probe.main([f"--ckpt={path}", "--split=val", "--task=zusage"])
+        lin = probe(out_dir, f"probe_linear_{step:06d}", f"--ckpt={path}", "--task=linear")
+        zu = probe(out_dir, f"probe_zusage_{step:06d}", f"--ckpt={path}", "--task=zusage")
         minutes = at[max(s for s in at if s <= step)]  # the last logged step at or before it
         rows.append({"step": step, "minutes": minutes, "linear": lin["top1"],
                      "z_removed_-3": zu["removed_at_-3"], "z_removed_mean": zu["removed_mean"]})
-    rnd = probe.main([f"--ckpt={path}", "--split=val", "--task=linear", "--random=True"])["top1"]
+    rnd = probe(out_dir, "probe_linear_random", f"--ckpt={path}", "--task=linear", "--random=True")["top1"]
     res = {"rows": rows, "random_init_linear": rnd}
     with open(os.path.join(out_dir, "curve.json"), "w") as f:
         json.dump(res, f, indent=1)
