@@ -3,7 +3,7 @@ Data for SODA: datasets -> batches of views (x_src, x_tgt, label), paper §3.3 a
 
 Small sets (CIFAR-10) live in memory as one uint8 tensor; a batch is gathered by index and
 augmented as a whole batch on the training device (one affine grid_sample for crops, flips,
-rotations and shears; elementwise ops for colour). Large sets (ImageNet) are decoded by DataLoader
+rotations and shears; elementwise ops for colour). Large sets (ImageNet, CelebA) are decoded by DataLoader
 workers, then augmented the same batched way. Every random number comes from `Rng`: drawn for the
 global batch and sliced to this process's rows, from a generator seeded by (seed, step). So a
 DDP run equals one process on the same global batch, and resuming at a step replays it exactly.
@@ -140,15 +140,23 @@ def randaugment(x, rng, n_ops=2, magnitude=9):
     return x
 
 
+GAUSSIAN_STD = 0.1  # aug='gaussian': std of the pixel noise, images in [0, 1]
+
+
 def augment(x, aug, rng, crop_min=0.25):
     """uint8 or [0,1] images (B, 3, H, W) -> augmented images in [0, 1]. aug: 'none' | 'cropflip'
-    (light: crop + flip) | 'simclr' (+ colour jitter) | 'randaugment' (crop + flip + RandAugment).
-    crop_min: the smallest crop, as a fraction of the image's area."""
+    (light: crop + flip) | 'simclr' (+ colour jitter) | 'randaugment' (crop + flip + RandAugment) |
+    'gaussian' (CelebA, §4.1 "Gaussian data augmentation": a horizontal flip and additive N(0,
+    GAUSSIAN_STD^2) pixel noise, clipped to [0, 1]; the paper names no more, so no crop: the faces
+    stay aligned). crop_min: the smallest crop, as a fraction of the image's area."""
     x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
     if aug == "none":
         return x
+    if aug == "gaussian":
+        flip = (rng.rand() < 0.5).view(-1, 1, 1, 1)
+        return (torch.where(flip, x.flip(-1), x) + GAUSSIAN_STD * rng.randn(*x.shape[1:])).clamp(0, 1)
     if aug not in ("cropflip", "simclr", "randaugment"):
-        raise ValueError(f"aug must be 'none', 'cropflip', 'simclr' or 'randaugment', got {aug!r}")
+        raise ValueError(f"aug must be 'none', 'cropflip', 'simclr', 'randaugment' or 'gaussian', got {aug!r}")
     x = _affine(x, crop_flip_theta(rng, scale=(crop_min, 1.0)))
     if aug == "simclr":
         x = color_jitter(x, rng)
@@ -306,20 +314,24 @@ class FolderData(torch.utils.data.Dataset):
 
 
 def load(dataset, data_dir, split="train", image_size=32, download=False, n_val=500, seed=0):
-    """dataset name -> either (x uint8 (N,3,H,W), y (N,)) in memory, or a FolderData for big sets."""
+    """dataset name -> either (x uint8 (N,3,H,W), y (N,)) in memory, or a Dataset that DataLoader
+    workers decode (image folders, CelebA). split: 'train' | 'val' | 'test'; ImageNet's val folder
+    serves 'val' and 'test'."""
     if dataset == "cifar10":
         if image_size != 32:
             raise DataError(f"cifar10 images are 32x32, but image_size={image_size}")
         x, y, _ = load_cifar10(data_dir, split, download, n_val, seed)
         return x, y
     if dataset == "imagenet":
-        return FolderData(os.path.join(data_dir, "val" if split == "test" else "train"), image_size)
+        return FolderData(os.path.join(data_dir, "train" if split == "train" else "val"), image_size)
+    if dataset == "celeba":  # the official partition: train / val / test
+        return CelebAData(data_dir, split, image_size)
     if dataset == "dsprites":
         if image_size != 64:
             raise DataError(f"dsprites images are 64x64, but image_size={image_size}")
         x, factors = load_dsprites(data_dir, split, n_val=n_val)  # fixed split seed: probe.py's test images stay unseen
         return x, factors[:, 0]  # shape as the label for the kNN check / views='class'
-    raise DataError(f"unknown dataset {dataset!r}: 'cifar10', 'imagenet' or 'dsprites'")
+    raise DataError(f"unknown dataset {dataset!r}: 'cifar10', 'imagenet', 'celeba' or 'dsprites'")
 
 
 def epoch_order(n, global_batch, seed, epoch):
@@ -365,45 +377,70 @@ CELEBA_HINT = ("expected torchvision's CelebA layout: DATA_DIR/celeba/img_align_
                "DATA_DIR/celeba/list_attr_celeba.txt, DATA_DIR/celeba/list_eval_partition.txt")
 
 
+class CelebAData(torch.utils.data.Dataset):
+    """CelebA in torchvision's layout, one split ('train' | 'val' | 'test': the official partition
+    0 / 1 / 2), read by DataLoader workers: (uint8 (3, S, S), attributes (40,) in {0, 1}). Images
+    are resized (short side) and centre-cropped to image_size; n > 0 keeps the first n."""
+
+    def __init__(self, data_dir, split="train", image_size=64, n=0):
+        import torchvision.transforms.v2 as T
+        root = os.path.join(data_dir, "celeba")
+        paths = [os.path.join(root, p) for p in ("img_align_celeba", "list_attr_celeba.txt", "list_eval_partition.txt")]
+        for p in paths:
+            if not os.path.exists(p):
+                raise DataError(f"no {os.path.abspath(p)!r}: {CELEBA_HINT}")
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        # list_attr_celeba.txt: a count line, a line of 40 names, then "000001.jpg -1  1 ..." rows
+        lines = open(paths[1]).read().split("\n")
+        self.names = lines[1].split()
+        attrs = {}
+        for line in lines[2:]:
+            if line.strip():
+                f, *v = line.split()
+                if len(v) != len(self.names):
+                    raise DataError(f"{paths[1]!r}: row {f!r} has {len(v)} values for {len(self.names)} attributes")
+                attrs[f] = [int(a) > 0 for a in v]
+        # list_eval_partition.txt: "000001.jpg 0" rows, 0 train / 1 val / 2 test
+        want = {"train": "0", "val": "1", "test": "2"}[split]
+        files = [f for f, s in (line.split() for line in open(paths[2]) if line.strip()) if s == want]
+        files = files[:n] if n > 0 else files
+        if not files:
+            raise DataError(f"no {split} images listed in {paths[2]!r}")
+        for f in files:
+            if f not in attrs:
+                raise DataError(f"{f} is listed in list_eval_partition.txt but has no row in {paths[1]!r}")
+            if not os.path.isfile(os.path.join(paths[0], f)):
+                raise DataError(f"no {os.path.abspath(os.path.join(paths[0], f))!r}, listed in list_eval_partition.txt: "
+                                f"{CELEBA_HINT}")
+        self.files = [os.path.join(paths[0], f) for f in files]
+        self.targets = torch.tensor([attrs[f] for f in files], dtype=torch.long)  # (N, 40)
+        self.tf = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)])
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        img = torch.from_numpy(read_rgb(Image.open, self.files[i])).permute(2, 0, 1)
+        return self.tf(img), self.targets[i]
+
+
 def load_celeba(data_dir, split="train", image_size=64, n=0):
-    """CelebA as (uint8 images (N, 3, S, S), attributes (N, 40) in {0, 1}, attribute names).
-    split: 'train' | 'val' | 'test' (the official partition 0 / 1 / 2); n > 0 keeps the first n.
-    Images are resized (short side) and centre-cropped to image_size."""
-    import torchvision.transforms.v2 as T
-    from PIL import Image
-    root = os.path.join(data_dir, "celeba")
-    paths = [os.path.join(root, p) for p in ("img_align_celeba", "list_attr_celeba.txt", "list_eval_partition.txt")]
-    for p in paths:
-        if not os.path.exists(p):
-            raise DataError(f"no {os.path.abspath(p)!r}: {CELEBA_HINT}")
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-    # list_attr_celeba.txt: a count line, a line of 40 names, then "000001.jpg -1  1 ..." rows
-    lines = open(paths[1]).read().split("\n")
-    names = lines[1].split()
-    attrs = {}
-    for line in lines[2:]:
-        if line.strip():
-            f, *v = line.split()
-            if len(v) != len(names):
-                raise DataError(f"{paths[1]!r}: row {f!r} has {len(v)} values for {len(names)} attributes")
-            attrs[f] = [int(a) > 0 for a in v]
-    # list_eval_partition.txt: "000001.jpg 0" rows, 0 train / 1 val / 2 test
-    want = {"train": "0", "val": "1", "test": "2"}[split]
-    files = [f for f, s in (line.split() for line in open(paths[2]) if line.strip()) if s == want]
-    files = files[:n] if n > 0 else files
-    if not files:
-        raise DataError(f"no {split} images listed in {paths[2]!r}")
-    tf = T.Compose([T.PILToTensor(), T.Resize(image_size, antialias=True), T.CenterCrop(image_size)])
-    x = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
-    for i, f in enumerate(files):
-        p = os.path.join(paths[0], f)
-        if not os.path.isfile(p):
-            raise DataError(f"no {os.path.abspath(p)!r}, listed in list_eval_partition.txt: {CELEBA_HINT}")
-        if f not in attrs:
-            raise DataError(f"{f} is listed in list_eval_partition.txt but has no row in {paths[1]!r}")
-        x[i] = tf(Image.open(p).convert("RGB"))
-    return x, torch.tensor([attrs[f] for f in files], dtype=torch.long), names
+    """CelebA in memory: (uint8 images (N, 3, S, S), attributes (N, 40) in {0, 1}, attribute names)."""
+    ds = CelebAData(data_dir, split, image_size, n)
+    return torch.stack([ds[i][0] for i in range(len(ds))]), ds.targets, ds.names
+
+
+def subset(ds, n, seed=0):
+    """At most n images of a Dataset, a fixed random choice (an image folder lists its classes in
+    order, so its first n would be a few classes), kept in the folder's order."""
+    if n <= 0 or n >= len(ds):
+        return ds
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    sub = torch.utils.data.Subset(ds, idx.tolist())
+    sub.targets = ds.targets[idx]
+    return sub
 
 
 DSPRITES_FACTORS = ("shape", "scale", "orientation", "posX", "posY")

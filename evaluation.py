@@ -6,7 +6,9 @@ training run measures and writes at its intervals (evaluate, log lines, curves.p
 a checkpoint holds, FLOPs for MFU). train.py, probe.py, sample.py and nvs.py import it; it imports
 no script.
 """
+import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -126,16 +128,91 @@ def extract_features(net, x, batch=500, cams=None):
     return torch.cat(pooled), torch.cat(zs)
 
 
-def knn_accuracy(train_f, train_y, test_f, test_y, k=20, T=0.07, n_classes=None):
-    """Weighted kNN top-1 (%) on cosine similarity, votes weighted by exp(sim / T) (Wu et al. 2018)."""
+def image_batches(source, batch, num_workers=0):
+    """(uint8 images (B, 3, H, W), labels) batches, in order: from (images, labels) tensors in memory,
+    or from a Dataset of (uint8 image, label) decoded by DataLoader workers."""
+    if isinstance(source, tuple):
+        x, y = source
+        for i in range(0, len(x), batch):
+            yield x[i:i + batch], y[i:i + batch]
+        return
+    try:
+        yield from torch.utils.data.DataLoader(source, batch_size=batch, num_workers=num_workers,
+                                               prefetch_factor=4 if num_workers else None)
+    except data.DataError as e:  # from a worker, the message is its traceback's last line
+        raise data.DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+
+
+@torch.no_grad()
+def stream_features(fn, source, device, batch=256, num_workers=0, desc="features"):
+    """fn (images in [-1, 1] on the device -> (B, D) features) over every image of `source` (see
+    image_batches) -> (features fp16 (N, D), labels) on the CPU. Memory holds one batch of images
+    and the fp16 features, however many images there are; a progress bar, then the img/s."""
+    feats, labels, t0, n = [], [], time.time(), len(source[0]) if isinstance(source, tuple) else len(source)
+    with tqdm(total=n, desc=desc, unit="img", disable=n < 5000 or not sys.stderr.isatty(), leave=False) as bar:
+        for xb, yb in image_batches(source, batch, num_workers):
+            feats.append(fn(xb.to(device, non_blocking=True).float() / 127.5 - 1).half().cpu())
+            labels.append(torch.as_tensor(yb))
+            bar.update(len(xb))
+    dt = time.time() - t0
+    print(f"{desc}: {n:,} images in {dt:.1f} s ({n / max(dt, 1e-9):,.0f} img/s)")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def file_digest(path, n_hex=12):
+    """The first n_hex hex digits of a file's SHA-256 (read 1 MB at a time): a cache key that
+    changes whenever the checkpoint does."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:n_hex]
+
+
+def cached_features(path, key, compute):
+    """compute() -> (features, labels), stored at `path` with `key` (a dict of str / int / float) and
+    read back instead of computed when the file holds the same key. path '': no cache."""
+    if path and os.path.isfile(path):
+        try:
+            got = torch.load(path, weights_only=True)
+            if got.get("key") == key:
+                print(f"features: read {path}")
+                return got["features"], got["labels"]
+        except Exception:
+            pass  # unreadable or of another version: computed again and replaced
+    f, y = compute()
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        save_checkpoint({"key": key, "features": f, "labels": y}, path)
+    return f, y
+
+
+def knn_accuracy(train_f, train_y, test_f, test_y, k=20, T=0.07, n_classes=None, chunk=65536, top5=False):
+    """Weighted kNN top-1 (%) on cosine similarity, votes weighted by exp(sim / T) (Wu et al. 2018).
+    Streams: queries 1,000 at a time against `chunk` training features at a time (a running top k),
+    so memory stays bounded for any number of training images. top5=True: (top-1, top-5)."""
     n_classes = n_classes or int(max(train_y.max(), test_y.max())) + 1
-    train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
-    correct = 0
+    k = min(k, len(train_f))
+    refs = [F.normalize(train_f.float(), dim=1)] if len(train_f) <= chunk else None  # one chunk: normalised once
+    correct1 = correct5 = 0
     for i in range(0, len(test_f), 1000):
-        sim, idx = (test_f[i:i + 1000] @ train_f.T).topk(min(k, len(train_f)), dim=1)
+        q = F.normalize(test_f[i:i + 1000].float(), dim=1)
+        sim = idx = None
+        for c, j in enumerate(range(0, len(train_f), chunk)):
+            ref = refs[c] if refs is not None else F.normalize(train_f[j:j + chunk].float(), dim=1)
+            s, ix = (q @ ref.T).topk(min(k, len(ref)), dim=1)
+            if sim is None:
+                sim, idx = s, ix + j
+            else:  # the running top k over the chunks seen so far
+                sim, pos = torch.cat([sim, s], 1).topk(k, dim=1)
+                idx = torch.cat([idx, ix + j], 1).gather(1, pos)
         votes = torch.zeros(len(idx), n_classes).scatter_add_(1, train_y[idx], (sim / T).exp())
-        correct += (votes.argmax(1) == test_y[i:i + 1000]).sum().item()
-    return 100.0 * correct / len(test_f)
+        y = test_y[i:i + 1000]
+        correct1 += (votes.argmax(1) == y).sum().item()
+        if top5:
+            correct5 += (votes.topk(min(5, n_classes), dim=1).indices == y[:, None]).any(1).sum().item()
+    acc1 = 100.0 * correct1 / len(test_f)
+    return (acc1, 100.0 * correct5 / len(test_f)) if top5 else acc1
 
 
 def fit_logreg(x, y, n_classes, wd, iters=100, loss_fn=F.cross_entropy):
@@ -153,6 +230,73 @@ def fit_logreg(x, y, n_classes, wd, iters=100, loss_fn=F.cross_entropy):
         return loss
     opt.step(closure)
     return W.detach(), b.detach()
+
+
+def standardise_stats(f, chunk=65536):
+    """Mean and std (float32, (D,)) of the rows of f (any float dtype), a chunk at a time."""
+    n, s1, s2 = len(f), 0.0, 0.0
+    for i in range(0, n, chunk):
+        x = f[i:i + chunk].double()
+        s1, s2 = s1 + x.sum(0), s2 + x.pow(2).sum(0)
+    mean = s1 / n
+    var = (s2 - n * mean.pow(2)) / max(n - 1, 1)
+    return mean.float(), var.clamp(min=0).sqrt().float() + 1e-6
+
+
+def top_eigenvalue(f, mean, std, n=10_000, iters=100, seed=0):
+    """The largest eigenvalue of the covariance of the standardised rows of f (n of them, drawn with
+    a fixed seed), by power iteration: it bounds the curvature of the logistic loss, so 1 / it is a
+    step size that cannot diverge whatever the number of features."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(len(f), generator=g)[:n].to(f.device)
+    x = (f[rows].float() - mean) / std
+    cov = x.T @ x / len(x)
+    v = torch.randn(len(cov), 1, generator=g).to(cov)
+    for _ in range(iters):
+        v = F.normalize(cov @ v, dim=0)
+    return (v.T @ cov @ v).item()
+
+
+def fit_linear(f, y, n_classes, settings, mean, std, batch=256, seed=0, lr_scale=3.0, curvature=None):
+    """The objective of fit_logreg (mean cross-entropy + wd |W|^2 on the standardised features
+    (f - mean) / std) minimised by mini-batch SGD with momentum 0.9, for feature sets of any size:
+    f stays as it is (fp16 is fine), a batch is standardised at a time, on f's device. settings:
+    (wd, epochs) pairs, trained side by side as one stacked weight (every pair sees the same
+    batches; each has its own cosine decay over its epochs and stops there) -> [(W, b)] in order.
+    The step is lr_scale / L, L = curvature / 2 + 2 wd bounding the loss's curvature (softmax
+    cross-entropy's Hessian is at most half the features' covariance; heavy-ball momentum 0.9 is
+    stable below 3.8 / L)."""
+    dev, C = f.device, len(settings)
+    lam = curvature if curvature is not None else top_eigenvalue(f, mean, std, seed=seed)
+    wd = torch.tensor([w for w, _ in settings], device=dev)
+    peak = lr_scale / (0.5 * lam + 2 * wd)  # (C,)
+    W = torch.zeros(C, f.shape[1], n_classes, device=dev, requires_grad=True)
+    b = torch.zeros(C, 1, n_classes, device=dev, requires_grad=True)
+    vW, vb = torch.zeros_like(W), torch.zeros_like(b)  # momentum buffers
+    g = torch.Generator().manual_seed(seed)
+    per_epoch = math.ceil(len(f) / batch)
+    steps = torch.tensor([ep * per_epoch for _, ep in settings], device=dev, dtype=torch.float64)
+    for epoch in range(max(ep for _, ep in settings)):
+        perm = torch.randperm(len(f), generator=g).to(dev)
+        for i in range(0, len(f), batch):
+            step = epoch * per_epoch + i // batch
+            lr = (peak * 0.5 * (1 + torch.cos(math.pi * step / steps))).where(step < steps, 0.0).float()  # (C,)
+            idx = perm[i:i + batch]
+            logits = torch.einsum("bd,cdk->cbk", (f[idx].float() - mean) / std, W) + b  # (C, B, K)
+            ce = F.cross_entropy(logits.flatten(0, 1), y[idx].repeat(C), reduction="none").view(C, -1).mean(1)
+            loss = ce.sum() + (wd * W.pow(2).sum((1, 2))).sum()  # the pairs' losses are independent
+            gW, gb = torch.autograd.grad(loss, [W, b])
+            with torch.no_grad():
+                vW.mul_(0.9).add_(gW)
+                vb.mul_(0.9).add_(gb)
+                W.sub_(lr[:, None, None] * vW)
+                b.sub_(lr[:, None, None] * vb)
+    return [(W[c].detach(), b[c, 0].detach()) for c in range(C)]
+
+
+def linear_logits(f, W, b, mean, std, chunk=65536):
+    """Logits of standardised features, a chunk at a time (on the CPU)."""
+    return torch.cat([((f[i:i + chunk].float() - mean) / std @ W + b).cpu() for i in range(0, len(f), chunk)])
 
 
 # -----------------------------------------------------------------------------
@@ -276,13 +420,12 @@ def plot_z_usage(res, path, title="z usage"):
 
 def fixed_eval_batch(run):
     """64 fixed (source, target, u, eps, source rays, target rays) for the z-gap and the sample grid:
-    held-out images, or one source view of an unseen object and another view of it. None for
-    ImageNet-style folders (probe.py measures those)."""
+    held-out images, or one source view of an unseen object and another view of it."""
     if run.multiview:
         frng = data.Rng(run.seed, -1, 64, device=run.dev)
         xs, rs, xt, rt = data.multiview_batch(run.mv_val, 1, frng)
         return xs[:, 0], xt, frng.rand(), frng.randn(3, run.image_size, run.image_size), rs[:, 0], rt
-    if run.in_memory:
+    if run.x_val is not None:  # in memory, or a folder run's fixed validation images (rank 0)
         fx = run.x_val[:64].to(run.dev)
         frng = data.Rng(run.seed, -1, len(fx), device=run.dev)
         f_src, f_tgt = data.make_views(fx, run.views if run.views != "class" else "identical", run.aug, frng,
@@ -291,12 +434,24 @@ def fixed_eval_batch(run):
     return None
 
 
-
 # the evaluation's kNN compares held-out images with at most this many training images: a monitor that
 # stays cheap on big in-memory sets (dSprites: 41k images at 64 px took 6 minutes at 1 thread); probe.py
 # gives the real figure on the whole training set
 KNN_REFERENCES = 10_000
+# image folders (ImageNet, CelebA): the evaluation reads this many fixed random train and val images,
+# decoded once when the run starts and held as uint8 on the CPU (at 128 px: 246 + 49 MB)
+FOLDER_EVAL = (5_000, 1_000)
 
+
+def folder_eval_sets(run):
+    """A folder run's evaluation images: ((train x, y), (val x, y)), uint8 on the CPU, a fixed random
+    FOLDER_EVAL choice of each split, decoded once by DataLoader workers."""
+    sets = []
+    for ds, n in ((run.train_set, FOLDER_EVAL[0]), (run.val_set, FOLDER_EVAL[1])):
+        xs, ys = zip(*image_batches(data.subset(ds, n, run.seed), 256, run.num_workers))
+        sets.append((torch.cat(xs), torch.cat(ys)))
+    run.say(f"evaluation images: {len(sets[0][0]):,} train and {len(sets[1][0]):,} val, decoded once")
+    return sets
 
 
 @torch.no_grad()
@@ -307,12 +462,14 @@ def evaluate(run, it):
     if run.fixed is None:
         return out
     ema, autocast = run.ema, run.autocast
-    if not run.multiview:  # kNN of z on the held-out split (multi-view sets have no labels)
+    if not run.multiview and run.y_val.dim() == 1:  # kNN of z on held-out images (no labels: multi-view; CelebA's
+        # are 40 attributes)
         ref = slice(0, KNN_REFERENCES)
+        x_ref, y_ref = (run.x_train[ref], run.y_train[ref]) if run.in_memory else (run.x_knn, run.y_knn)
         with autocast():
-            ftr = extract_features(ema, run.x_train[ref])[1]
+            ftr = extract_features(ema, x_ref)[1]
             fva = extract_features(ema, run.x_val)[1]
-        out["knn"] = knn_accuracy(ftr, run.y_train[ref].cpu(), fva, run.y_val)
+        out["knn"] = knn_accuracy(ftr, y_ref.cpu(), fva, run.y_val)
     f_src, f_tgt, u, eps, r_src, r_tgt = run.fixed
     logsnr = run.schedule_fn(u)
     x_t = D.q_sample(f_tgt, logsnr, eps)

@@ -19,10 +19,12 @@ on a validation split of the training set, then it is refitted on the whole trai
 measured once on the test split. The last line printed is a machine-readable summary, and the
 same figures go to a JSON file beside the checkpoint (DCI also saves its importance heat map).
 """
+import hashlib
 import json
 import math
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -30,26 +32,34 @@ import torch.nn.functional as F
 import configurator
 import data
 import diffusion as D
-from configurator import SEED_RANGE, ConfigError, check_device, check_keys, check_writable, configure
-from evaluation import (CheckpointError, extract_features, fit_logreg, knn_accuracy, load_checkpoint, model_of, plot_z_usage,
-                        z_usage_table)
+from configurator import SEED_RANGE, ConfigError, check_device, check_keys, check_writable, configure, parse_list
+from evaluation import (CheckpointError, cached_features, extract_features, file_digest, fit_linear, fit_logreg,
+                        knn_accuracy, linear_logits, load_checkpoint, model_of, plot_z_usage, standardise_stats,
+                        stream_features, top_eigenvalue, z_usage_table)
 
 # -----------------------------------------------------------------------------
 ckpt = "out/cifar10_cpu/ckpt.pt"  # a train.py checkpoint
 random = False  # True: the same encoder config at random init (the baseline for every figure)
 task = "linear"  # 'linear' | 'knn' | 'fewshot' | 'zusage' (cifar10) | 'multilabel' (celeba) | 'dci' (dsprites, cars3d)
-features = "pool"  # 'pool' (encoder features before the bottleneck) | 'z' (the bottleneck latent)
+features = "z"  # 'z' (the bottleneck latent: the paper's probe, §4.1) | 'pool' (the encoder's features before the bottleneck)
 # | 'unet' (the denoiser's pooled middle block on a lightly noised image, z masked: the paper's
 #   unconditional-diffusion baseline, footnote 2)
 unet_logsnr = 4.0  # features='unet': the noise level of the image the denoiser sees (4: abar = 0.98)
-dataset = ""  # default: the task's (cifar10, celeba or dsprites)
+dataset = ""  # default: the checkpoint's, if the task reads it (cifar10, imagenet, celeba, dsprites, cars3d); else refused
 data_dir = ""  # default: the checkpoint's, when it was trained on that dataset
-split = "test"  # cifar10: 'test' (train on train, measure on test: the final figure) | 'val' (train on
-# train.py's training split, measure on its n_val held-out images: for choosing recipes without the test split)
+split = "test"  # 'test' (train on train, measure on test; imagenet: DATA_DIR/val, the final figure) | 'val'
+# (cifar10: train on train.py's training split, measure on its n_val held-out images: choosing recipes without the test split)
 probe_aug = 0  # linear: number of crop+flip copies of the probe's training set (0 = none)
-val_frac = 0.1  # linear: fraction of the training set used to choose the weight decay
+val_frac = 0.1  # linear: fraction of the training set held out to choose the weight decay and epochs
+solver = "sgd"  # linear: 'sgd' (mini-batch, any size: epochs chosen from lin_epochs) | 'lbfgs' (full batch, small sets)
+lin_epochs = "10,30,100"  # linear, solver='sgd': the epoch counts tried
+lin_batch = 0  # linear, solver='sgd': mini-batch size (0: max(256, images / 200))
 episodes = 2000  # fewshot: episodes per shot count (thesis §4.1.2: 2000)
-n_images = 0  # multilabel, dci: use at most this many images of each split (0 = all; dci_model='gbt': 10,000
+batch = 256  # images per encoder call when extracting features
+num_workers = 4  # DataLoader workers decoding image files (image folders, CelebA)
+cache = True  # keep extracted features (fp16) in <checkpoint dir>/features/, keyed by checkpoint, data, split and
+# features, so the next probe of the same checkpoint reads them instead of extracting again
+n_images = 0  # linear, knn on image folders; multilabel, dci: at most this many images of each split (0 = all; dci_model='gbt': 10,000
 # train / 5,000 test, disentanglement_lib's numbers); zusage: (0 = 256)
 dci_model = "logreg"  # dci: 'logreg' (fast: |weights| of a logistic regression per factor) | 'gbt' (the paper's
 # Table 4 and disentanglement_lib's recipe: gradient-boosted trees' feature importances; needs scikit-learn)
@@ -58,57 +68,78 @@ device = "auto"
 seed = 0
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
-TASK_DATA = {"linear": ("cifar10",), "knn": ("cifar10",), "fewshot": ("cifar10",), "zusage": ("cifar10",),
-             "multilabel": ("celeba",), "dci": ("dsprites", "cars3d")}  # the first: the default
+TASK_DATA = {"linear": ("cifar10", "imagenet"), "knn": ("cifar10", "imagenet"), "fewshot": ("cifar10", "imagenet"),
+             "zusage": ("cifar10", "imagenet", "celeba"), "multilabel": ("celeba",), "dci": ("dsprites", "cars3d")}
 WDS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+EPOCHS = (10, 30, 100)
 
 
-@torch.no_grad()
-def unet_features(net, x, logsnr=4.0, batch=500, seed=0):
-    """uint8 images (N, 3, H, W) -> (N, C): the UNet's middle block, average-pooled, over the image
-    noised to `logsnr` with fixed noise, with z masked (the decoder alone: the paper's "unconditional
-    diffusion" features, footnote 2: a middle denoiser layer over a lightly-noised image)."""
+def unet_features(net, logsnr=4.0, seed=0):
+    """-> a function of images in [-1, 1] (B, 3, H, W) -> (B, C): the UNet's middle block,
+    average-pooled, over the image noised to `logsnr` with noise from one generator (fixed by seed),
+    with z masked (the decoder alone: the paper's "unconditional diffusion" features, footnote 2: a
+    middle denoiser layer over a lightly-noised image)."""
     dev = next(net.parameters()).device
     g = torch.Generator(dev).manual_seed(seed)
-    out, acts = [], []
-    hook = net.unet.mid[-1].register_forward_hook(lambda mod, inp, h: acts.append(h.mean(dim=(2, 3)).float().cpu()))
-    try:
-        for i in range(0, len(x), batch):
-            xb = x[i:i + batch].to(dev).float() / 127.5 - 1
+
+    @torch.no_grad()
+    def fn(xb):
+        acts = []
+        hook = net.unet.mid[-1].register_forward_hook(lambda mod, inp, h: acts.append(h.mean(dim=(2, 3)).float()))
+        try:
             ls = torch.full((len(xb),), float(logsnr), device=dev)
             x_t = D.q_sample(xb, ls, torch.randn(xb.shape, generator=g, device=dev))
             net.denoise(x_t, ls, torch.zeros(len(xb), sum(net.unet.sec_dims), device=dev),
                         keep=torch.zeros(len(xb), net.n_sections, device=dev))
-            out.append(acts.pop())
-    finally:
-        hook.remove()
-    return torch.cat(out)
+        finally:
+            hook.remove()
+        return acts[0]
+    return fn
 
 
 def topk(logits, y, k):
     return 100.0 * (logits.topk(min(k, logits.shape[1]), dim=1).indices == y[:, None]).any(1).float().mean().item()
 
 
-def linear_probe(ftr, ytr, fte, yte, n_classes, wds=WDS, val_frac=0.1, seed=0, n_orig=None):
-    """-> dict(top1, top5, wd). ftr may hold augmented copies after the first n_orig rows; the
-    validation rows are taken from the originals and their copies are left out of the fit."""
+def linear_probe(ftr, ytr, fte, yte, n_classes, wds=WDS, epochs=EPOCHS, val_frac=0.1, seed=0, n_orig=None,
+                 solver="sgd", batch=0, device="cpu"):
+    """-> dict(top1, top5, wd, epochs, val_top1). A multinomial logistic regression on standardised
+    features: its weight decay (and, solver='sgd', its epochs) chosen on a held-out val_frac of the
+    training rows, then refitted on all of them and measured once on the test rows. solver='sgd':
+    mini-batch (evaluation.fit_linear; any number of features, on `device`); 'lbfgs': full batch
+    (evaluation.fit_logreg; small sets). ftr may hold augmented copies after the first n_orig rows;
+    the validation rows are taken from the originals and their copies are left out of the fit."""
     n_orig = n_orig or len(ftr)
-    mean, std = ftr.mean(0), ftr.std(0) + 1e-6
-    ftr, fte = (ftr - mean) / std, (fte - mean) / std
+    ftr, ytr = ftr.to(device), ytr.to(device)
+    mean, std = standardise_stats(ftr)
     perm = torch.randperm(n_orig, generator=torch.Generator().manual_seed(seed))
-    val = perm[: int(val_frac * n_orig)]
-    is_val = torch.zeros(len(ftr), dtype=torch.bool)
+    val = perm[: int(val_frac * n_orig)].to(device)
+    is_val = torch.zeros(len(ftr), dtype=torch.bool, device=device)
     for c in range(len(ftr) // n_orig):  # an image in the validation split, with all its copies
         is_val[val + c * n_orig] = True
-    scores = {}
-    for wd in wds:
-        W, b = fit_logreg(ftr[~is_val], ytr[~is_val], n_classes, wd)
-        scores[wd] = topk(ftr[val] @ W + b, ytr[val], 1)
-    best = max(wds, key=lambda wd: (scores[wd], wd))
-    W, b = fit_logreg(ftr, ytr, n_classes, best)
-    logits = fte @ W + b
-    return {"top1": topk(logits, yte, 1), "top5": topk(logits, yte, 5), "wd": best,
-            "val_top1": scores[best]}
+    if solver == "lbfgs":  # on the CPU, standardised once
+        ftr, fte = ((ftr.float() - mean) / std).cpu(), ((fte.float().to(device) - mean) / std).cpu()
+        fits = lambda rows, settings: [fit_logreg(ftr[rows.cpu()], ytr[rows].cpu(), n_classes, wd) for wd, _ in settings]
+        logits = lambda f, W, b: f @ W + b
+        epochs = (0,)
+    else:  # every (weight decay, epochs) pair side by side, in one pass over the data
+        batch = batch or max(256, len(ftr) // 200)  # at least 200 steps an epoch on big sets
+        lam = top_eigenvalue(ftr, mean, std, seed=seed)
+        fits = lambda rows, settings: fit_linear(ftr[rows], ytr[rows], n_classes, settings, mean, std, batch, seed,
+                                                 curvature=lam)
+        logits = lambda f, W, b: linear_logits(f.to(device), W, b, mean, std)
+    grid = [(wd, ep) for wd in wds for ep in epochs]
+    heads = fits((~is_val).nonzero().squeeze(1), grid)
+    scores = {k: topk(logits(ftr[val.cpu() if solver == "lbfgs" else val], W, b), ytr[val].cpu(), 1)
+              for k, (W, b) in zip(grid, heads)}
+    best_wd, best_ep = max(scores, key=lambda k: (scores[k], k[0], -k[1]))  # ties: more decay, fewer epochs
+    W, b = fits(torch.arange(len(ftr), device=device), [(best_wd, best_ep)])[0]
+    out = logits(fte, W, b)
+    res = {"top1": topk(out, yte, 1), "top5": topk(out, yte, 5), "wd": best_wd, "val_top1": scores[best_wd, best_ep],
+           "solver": solver}
+    if solver == "sgd":
+        res.update(epochs=best_ep, batch=batch)
+    return res
 
 
 # -----------------------------------------------------------------------------
@@ -286,19 +317,46 @@ def save_heatmap(R, names, path):
 
 # -----------------------------------------------------------------------------
 
+def probe_sets(ds, dd, dl, tcfg, cfg):
+    """-> (train, test, class names): (uint8 images, labels) tensors for sets held in memory, or
+    Datasets whose images DataLoader workers decode batch by batch (image folders, CelebA)."""
+    if ds == "cifar10":  # the probe trains on the whole training split (train + train.py's held-out val)
+        if cfg["split"] == "test":
+            xtr, ytr, classes = data.load_cifar10(dd, "train", dl, n_val=0)
+            xte, yte, _ = data.load_cifar10(dd, "test", dl)
+        else:  # 'val': the same held-out images train.py set aside (its n_val and seed)
+            xtr, ytr, classes = data.load_cifar10(dd, "train", dl, n_val=tcfg["n_val"], seed=tcfg["seed"])
+            xte, yte, _ = data.load_cifar10(dd, "val", dl, n_val=tcfg["n_val"], seed=tcfg["seed"])
+        return (xtr, ytr), (xte, yte), classes
+    n = cfg["n_images"]
+    if ds == "imagenet":  # DATA_DIR/train and DATA_DIR/val, at the checkpoint's image size
+        train = data.FolderData(os.path.join(dd, "train"), tcfg["image_size"])
+        test = data.FolderData(os.path.join(dd, "val"), tcfg["image_size"])
+        if train.ds.classes != test.ds.classes:
+            raise data.DataError(f"{dd!r}: train/ and val/ hold different classes ({len(train.ds.classes)} and "
+                                 f"{len(test.ds.classes)}): a probe needs the same classes in both")
+        return data.subset(train, n, cfg["seed"]), data.subset(test, n, cfg["seed"]), train.ds.classes
+    train, test = (data.CelebAData(dd, sp, tcfg["image_size"], n) for sp in ("train", "test"))
+    return train, test, train.names
+
+
 def main(argv):
     cfg = configure(argv, DEFAULTS)
     task = cfg["task"]
     check_keys(cfg, {"task": tuple(TASK_DATA), "features": ("pool", "z", "unet"), "split": ("test", "val"),
-                     "dci_model": ("logreg", "gbt")},
-               [(("episodes",), lambda v: v >= 1, ">= 1"), (("probe_aug", "n_images"), lambda v: v >= 0, ">= 0"),
+                     "dci_model": ("logreg", "gbt"), "solver": ("sgd", "lbfgs")},
+               [(("episodes", "batch"), lambda v: v >= 1, ">= 1"),
+                (("probe_aug", "n_images", "lin_batch", "num_workers"), lambda v: v >= 0, ">= 0"),
                 (("val_frac",), lambda v: 0 < v < 1, "in (0, 1)"), (("unet_logsnr",), lambda v: True, "finite"),
                 SEED_RANGE])
+    epochs = parse_list(cfg["lin_epochs"])
+    if not epochs or any(e < 1 or e != int(e) for e in epochs):
+        raise ConfigError(f"lin_epochs={cfg['lin_epochs']!r}: expected comma-separated whole numbers >= 1, e.g. 10,30,100")
     check_device(cfg["device"])
     allowed = TASK_DATA[task]
     if cfg["dataset"] and cfg["dataset"] not in allowed:
         raise ConfigError(f"dataset={cfg['dataset']!r} is not allowed with task={task!r}: choose from "
-                          f"{', '.join(map(repr, allowed))} (or '': the task's default)")
+                          f"{', '.join(map(repr, allowed))} (or '': the checkpoint's)")
     if task == "dci" and cfg["dci_model"] == "gbt":
         gbt_classifier()  # scikit-learn is there, or one ConfigError now
     if cfg["out"] and not (cfg["out"].endswith(".json") and os.path.isdir(os.path.dirname(cfg["out"]) or ".")):
@@ -322,6 +380,11 @@ def main(argv):
                           "gives it its rays")
     if tcfg["ray_freqs"] and cfg["features"] == "unet":
         raise ConfigError("features='unet' gives the denoiser no camera: use 'pool' or 'z' for Cars3D DCI")
+    if cfg["split"] == "val" and ds != "cifar10":
+        raise ConfigError(f"split='val' is CIFAR-10's (train.py's held-out images); {ds} is probed on its test split "
+                          "(imagenet: DATA_DIR/val), and its weight decay is chosen on a held-out part of train")
+    if cfg["probe_aug"] and ds != "cifar10":
+        raise ConfigError(f"probe_aug={cfg['probe_aug']} augments a training set held in memory (cifar10); {ds} is streamed")
     dd = cfg["data_dir"] or (tcfg["data_dir"] if tcfg["dataset"] == ds else "")
     dl = False
     if ds == "cifar10":  # '' searches as train.py does: ./data/cifar10, ../shared/data/cifar10-subset, download
@@ -333,26 +396,47 @@ def main(argv):
         raise data.DataError(f"dSprites images are 64x64, but the checkpoint's image_size is {tcfg['image_size']}"
                              "; --dataset=cars3d measures DCI at any size")
     which = 0 if cfg["features"] == "pool" else 1
-    feats = lambda x, cams=None: extract_features(net, x, cams=cams)[which]
-    if cfg["features"] == "unet":
-        feats = lambda x, cams=None: unet_features(net, x, cfg["unet_logsnr"], seed=cfg["seed"])
+    fn = unet_features(net, cfg["unet_logsnr"], cfg["seed"]) if cfg["features"] == "unet" else \
+        (lambda xb: net.encode_features(xb)[which])
+    digest = file_digest(cfg["ckpt"]) if cfg["cache"] else ""
+
+    def feats(source, split):
+        """Features of every image of a split (streamed), read from the cache when it holds them."""
+        n = len(source[0]) if isinstance(source, tuple) else len(source)
+        key = {"ckpt": digest, "dataset": ds, "data_dir": os.path.abspath(dd), "split": split, "n": n,
+               "image_size": tcfg["image_size"], "features": cfg["features"], "random": cfg["random"],
+               "seed": cfg["seed"] if cfg["random"] or cfg["features"] == "unet" else 0,
+               "unet_logsnr": cfg["unet_logsnr"] if cfg["features"] == "unet" else 0.0}
+        tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+        path = os.path.join(os.path.dirname(cfg["ckpt"]) or ".", "features",
+                            f"{ds}_{split}_{cfg['features']}_{tag}.pt") if cfg["cache"] else ""
+        def extract():
+            t = time.time()
+            got = stream_features(fn, source, dev, cfg["batch"], cfg["num_workers"],
+                                  desc=f"{ds} {split} {cfg['features']} features")
+            speed[split] = round(n / (time.time() - t), 1)  # img/s of an extraction (not of a cache read)
+            return got
+        return cached_features(path, key, extract)
+    speed = {}
+
     name = f"{task} {cfg['features']}{' random-init' if cfg['random'] else ''}"
     out = cfg["out"] or os.path.join(os.path.dirname(cfg["ckpt"]) or ".",
                        f"probe_{task}{'_gbt' if task == 'dci' and cfg['dci_model'] == 'gbt' else ''}_{cfg['features']}"
                        f"{'_random' if cfg['random'] else ''}"
                        f"{'_val' if cfg['split'] == 'val' else ''}.json")
-    if ds == "cifar10":
-        # the probe trains on the whole training split (train + the held-out val of train.py) and tests on test
-        if cfg["split"] == "test":
-            xtr, ytr, classes = data.load_cifar10(dd, "train", dl, n_val=0)
-            xte, yte, _ = data.load_cifar10(dd, "test", dl)
-        else:  # 'val' (checked above): the same held-out images train.py set aside (its n_val and seed)
-            xtr, ytr, classes = data.load_cifar10(dd, "train", dl, n_val=tcfg["n_val"], seed=tcfg["seed"])
-            xte, yte, _ = data.load_cifar10(dd, "val", dl, n_val=tcfg["n_val"], seed=tcfg["seed"])
+    if task in ("linear", "knn", "fewshot", "zusage"):
+        train, test, classes = probe_sets(ds, dd, dl, tcfg, cfg)
+        n_tr, n_te = (len(s[0]) if isinstance(s, tuple) else len(s) for s in (train, test))
+        print(f"probe: {task} on {ds}, {n_tr:,} train / {n_te:,} {cfg['split']} images, {len(classes)} classes, "
+              f"features {cfg['features']}")
         if task != "zusage":
-            ftr, fte = feats(xtr), feats(xte)
+            ftr, ytr = feats(train, "train")
+            fte, yte = feats(test, cfg["split"])
+    t_task = time.time()
     if task == "zusage":  # how much of the image the decoder takes from z (diffusion.z_usage)
-        x = xte[: cfg["n_images"] or 256].to(dev).float() / 127.5 - 1
+        k = min(cfg["n_images"] or 256, n_te)
+        x = test[0][:k] if isinstance(test, tuple) else torch.stack([test[i][0] for i in range(k)])  # only those read
+        x = x.to(dev).float() / 127.5 - 1
         with torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=dev.startswith("cuda")):
             res = D.z_usage(net, x, seed=cfg["seed"])
         res["plot"] = plot_z_usage(res, out[:-len(".json")] + ".png",
@@ -360,31 +444,32 @@ def main(argv):
         print(z_usage_table(res))
         summary = f"zusage removed_at_-3 {res['removed_at_-3']:.2f} removed_mean {res['removed_mean']:.2f}"
     elif task == "knn":
-        res = {"top1": knn_accuracy(ftr, ytr, fte, yte)}
-        summary = f"knn top1 {res['top1']:.2f}"
+        top1, top5 = knn_accuracy(ftr, ytr, fte, yte, n_classes=len(classes), top5=True)
+        res = {"top1": top1, "top5": top5}
+        summary = f"knn top1 {res['top1']:.2f} top5 {res['top5']:.2f}"
     elif task == "linear":
         copies = [ftr]
         for c in range(cfg["probe_aug"]):  # crop+flip copies of the training images (paper Table 1)
-            rng = data.Rng(cfg["seed"], c, len(xtr))
-            xa = (data.augment(xtr, "cropflip", rng) * 255).round().to(torch.uint8)
-            copies.append(feats(xa))
-        res = linear_probe(torch.cat(copies), ytr.repeat(len(copies)), fte, yte, len(classes),
-                           val_frac=cfg["val_frac"], seed=cfg["seed"], n_orig=len(ftr))
+            rng = data.Rng(cfg["seed"], c, len(train[0]))
+            xa = (data.augment(train[0], "cropflip", rng) * 255).round().to(torch.uint8)
+            copies.append(stream_features(fn, (xa, ytr), dev, cfg["batch"], desc=f"augmented copy {c + 1}")[0])
+        res = linear_probe(torch.cat(copies), ytr.repeat(len(copies)), fte, yte, len(classes), epochs=tuple(map(int, epochs)),
+                           val_frac=cfg["val_frac"], seed=cfg["seed"], n_orig=len(ftr), solver=cfg["solver"],
+                           batch=cfg["lin_batch"], device=dev)
         summary = f"linear top1 {res['top1']:.2f} top5 {res['top5']:.2f}"
     elif task == "fewshot":
-        mean, std = ftr.mean(0), ftr.std(0) + 1e-6
-        res = fewshot_probe((fte - mean) / std, yte, cfg["episodes"], seed=cfg["seed"])
+        mean, std = standardise_stats(ftr)
+        res = fewshot_probe((fte.float() - mean) / std, yte, cfg["episodes"], seed=cfg["seed"])
         res["episodes"] = cfg["episodes"]
         summary = "fewshot " + " ".join(f"{k}shot {res[f'{k}shot']:.2f}+-{res[f'{k}shot_ci95']:.2f}" for k in (1, 5, 10))
     elif task == "multilabel":
-        n = cfg["n_images"]
-        xtr, ytr, names = data.load_celeba(dd, "train", tcfg["image_size"], n)
-        xva, yva, _ = data.load_celeba(dd, "val", tcfg["image_size"], n)
-        xte, yte, _ = data.load_celeba(dd, "test", tcfg["image_size"], n)
-        res = multilabel_probe(feats(xtr), ytr, feats(xva), yva, feats(xte), yte)
-        res["attributes"] = names
+        sets = [data.CelebAData(dd, sp, tcfg["image_size"], cfg["n_images"]) for sp in ("train", "val", "test")]
+        (ftr, ytr), (fva, yva), (fte, yte) = (feats(s, sp) for s, sp in zip(sets, ("train", "val", "test")))
+        n_tr, n_te = len(ftr), len(fte)
+        res = multilabel_probe(ftr.float(), ytr, fva.float(), yva, fte.float(), yte)
+        res["attributes"] = sets[0].names
         summary = f"multilabel f1 {res['f1']:.2f}"
-    else:  # dci
+    else:  # dci: in memory, each image with its factors (and, Cars3D, its camera)
         gbt = cfg["dci_model"] == "gbt"
         n_tr, n_te = cfg["n_images"] or (10000 if gbt else 0), cfg["n_images"] or (5000 if gbt else 0)
         if ds == "dsprites":  # image_size 64: checked above
@@ -397,14 +482,18 @@ def main(argv):
             if not tcfg["ray_freqs"]:  # a posed model with features='unet': refused above
                 cams_tr = cams_te = None
         print(f"dci ({cfg['dci_model']}): {len(xtr):,} train / {len(xte):,} test images, factors {', '.join(names)}")
-        res = dci(feats(xtr, cams_tr), ctr, feats(xte, cams_te), cte, model=cfg["dci_model"], seed=cfg["seed"])
+        posed = lambda x, cams: (stream_features(fn, (x, torch.zeros(len(x))), dev, cfg["batch"])[0].float()
+                                 if cfg["features"] == "unet" else extract_features(net, x, cams=cams)[which])
+        res = dci(posed(xtr, cams_tr), ctr, posed(xte, cams_te), cte, model=cfg["dci_model"], seed=cfg["seed"])
+        n_tr, n_te = len(xtr), len(xte)
         R = res.pop("R")
         res.update(factors=list(names), dci_model=cfg["dci_model"], dataset=ds, importance=R.tolist(),
                    heatmap=out[:-len(".json")] + ".png")
         save_heatmap(R, names, res["heatmap"])
         summary = f"dci D {res['D']:.2f} C {res['C']:.2f} I {res['I']:.2f}"
     res.update(task=task, features=cfg["features"], random_init=cfg["random"], ckpt=cfg["ckpt"], split=cfg["split"],
-               step=ck.get("step"), n_train=len(xtr), n_test=len(xte))
+               dataset=ds, step=ck.get("step"), n_train=n_tr, n_test=n_te, extract_img_s=speed,
+               task_s=round(time.time() - t_task, 2))
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
     print(f"{name}: {json.dumps({k: v for k, v in res.items() if not isinstance(v, list)})}")  # lists: in the file

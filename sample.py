@@ -9,7 +9,9 @@ interpolations, latent directions, layer-wise mixing, guided samples.
     python sample.py --ckpt=out/cifar10_cpu/ckpt.pt --mode=mix                    # sections of A into B
     python sample.py --ckpt=out/cifar10_cpu/ckpt.pt --mode=random --ws=1,2,3      # unconditional vs guided
 
-Images come from the CIFAR-10 test split; the model is the checkpoint's EMA. Each mode writes a
+Images come from the test split of the checkpoint's dataset (CIFAR-10; ImageNet: DATA_DIR/val;
+CelebA: its test partition), of which only the images a mode shows are read from files; the model
+is the checkpoint's EMA. Each mode writes a
 labelled PNG grid to out_dir (default <checkpoint dir>/samples) and prints where. Deterministic under
 --seed: every sampler call gets its own torch.Generator, and the columns of a grid (settings being
 compared) reuse one seed, so that along a row only the setting changes. Reconstruction is
@@ -96,9 +98,12 @@ def mix_latents(net, z_a, z_b, from_a):
     return torch.where(section_mask(net, from_a, z_a).bool(), z_a, z_b)
 
 
-def pick(x, i, k):
+def pick(x, C, k):
+    """The k images from test image `index` on: x holds the images main() read, test image `index`
+    at row C['at']."""
+    i = C["at"]
     if i < 0 or i + k > len(x):
-        raise data.DataError(f"need test images {i}..{i + k - 1}, but the test split has {len(x)}")
+        raise data.DataError(f"need test images {C['index']}..{C['index'] + k - 1}, but {len(x)} were read")
     return x[i:i + k]
 
 
@@ -108,7 +113,7 @@ def pick(x, i, k):
 def recon(net, x, y, classes, C, out):
     """§4.2.1: encode, decode, measure. The same images and seeds decoded with z masked (keep = 0,
     the unconditional model) are the baseline that gives the numbers their meaning."""
-    xs = pick(x, C["index"], C["n"])
+    xs = pick(x, C, C["n"])
     uncond = torch.zeros(1, net.n_sections, device=x.device)
     rec, base = [], []
     for i in range(0, len(xs), C["batch"]):
@@ -149,7 +154,7 @@ def interp(net, x, y, classes, C, out):
     if C["frames"] < 2:
         raise ConfigError(f"frames must be >= 2, got {C['frames']}")
     P, what, groups = interp_groups(net, C)
-    xs = pick(x, C["index"], 2)
+    xs = pick(x, C, 2)
     z = net.encode(xs)
     schedule = D.get_schedule(C["schedule"], logsnr_min=C["invert_logsnr"])
     x_T = D.ddim_invert(net, xs, z, C["steps"], schedule, progress=True, w=C["guidance"])
@@ -192,18 +197,18 @@ def directions(net, x, y, classes, C, out):
     `attr`) directions; the image at `index` walks along each, z + alpha * std * d, every cell
     decoded from one fixed x_T, so only z changes across the grid."""
     check_attr(y, classes, C)
-    pick(x, C["index"], 1)
+    pick(x, C, 1)
     zs = torch.cat([net.encode(x[i:i + C["batch"]]) for i in range(0, len(x), C["batch"])])  # (N, z_dim)
-    dirs = torch.cat([pca_directions(zs, C["n_dirs"]), probe_direction(zs, y == C["attr"])[None]])  # (R, z_dim)
-    labels = [f"PC{i + 1}" for i in range(len(dirs) - 1)] + [f"class {classes[C['attr']]}"]
+    dirs = torch.cat([pca_directions(zs, C["n_dirs"]), probe_direction(zs, members(y, C["attr"]))[None]])  # (R, z_dim)
+    labels = [f"PC{i + 1}" for i in range(len(dirs) - 1)] + [f"{'attribute' if y.dim() == 2 else 'class'} {classes[C['attr']]}"]
     sd = ((zs - zs.mean(0)) @ dirs.T).std(0)[:, None]  # (R, 1): spread of z along each direction
     R, hw = len(dirs), C["image_size"]
     g = torch.Generator(x.device).manual_seed(C["seed"])
     x_T = torch.randn(1, 3, hw, hw, generator=g, device=x.device).expand(R, -1, -1, -1)
     alphas = parse_list(C["alphas"])
-    z0 = zs[C["index"]]
+    z0 = zs[C["at"]]
     cols = [decode(net, z0 + a * sd * dirs, C, C["seed"], x_T=x_T) for a in alphas]
-    grid = torch.stack([x[C["index"]].expand(R, -1, -1, -1)] + cols, dim=1)  # (R, 1 + alphas, 3, H, W)
+    grid = torch.stack([x[C["at"]].expand(R, -1, -1, -1)] + cols, dim=1)  # (R, 1 + alphas, 3, H, W)
     png = save_grid(os.path.join(out, "directions.png"), grid, labels, ["source"] + [f"{a:+g} sd" for a in alphas])
     return {"files": [png], "images": grid, "directions": dirs}
 
@@ -212,7 +217,7 @@ def mix(net, x, y, classes, C, out):
     """§4.3 layer-wise mixing: section s from A and the rest from B; and only section s of A with
     the other sections unconditioned (keep = 0 there: layer-wise guidance, §3.2.1). One seed for
     every row, so rows differ only in what conditions the decoder."""
-    xs = pick(x, C["index"], 2 * C["n_show"])
+    xs = pick(x, C, 2 * C["n_show"])
     x_a, x_b = xs[0::2], xs[1::2]
     z_a, z_b = net.encode(x_a), net.encode(x_b)
     S = net.n_sections
@@ -231,7 +236,7 @@ def mix(net, x, y, classes, C, out):
 def random_samples(net, x, y, classes, C, out):
     """Unconditional samples (keep = 0) beside samples guided by each source's z at several
     scales w (§3.2.1), with the same noise along a row."""
-    xs = pick(x, C["index"], C["n_show"])
+    xs = pick(x, C, C["n_show"])
     z = net.encode(xs)
     uncond = torch.zeros(1, net.n_sections, device=x.device)
     ws_ = parse_list(C["ws"])
@@ -248,22 +253,60 @@ IMAGES = {"recon": lambda C: C["n"], "interp": lambda C: 2, "directions": lambda
           "random": lambda C: C["n_show"]}
 
 
+def members(y, attr):
+    """Which images have class `attr` (labels (N,)) or attribute `attr` (CelebA's (N, 40))."""
+    return y[:, attr] == 1 if y.dim() == 2 else y == attr
+
+
 def check_attr(y, classes, C):
-    if not 0 <= C["attr"] < len(classes) or not (y == C["attr"]).any():
-        raise ConfigError(f"attr must be a class index present in the test split (0..{len(classes) - 1}), got {C['attr']}")
+    what = "an attribute" if y.dim() == 2 else "a class"
+    if not 0 <= C["attr"] < len(classes) or not members(y, C["attr"]).any():
+        raise ConfigError(f"attr must be {what} index present in the test images (0..{len(classes) - 1}), got {C['attr']}")
 
 
-def check_images(x, y, classes, C):
-    """The test images (and class) the mode reads exist: one error naming the keys, before any file is written."""
+def check_images(n_test, y, classes, C):
+    """The test images (and class) the mode reads exist: one error naming the keys, before any file is
+    written. y: the labels of the images directions reads."""
     k = IMAGES[C["mode"]](C)
-    if C["index"] + k > len(x):
+    if C["index"] + k > n_test:
         keys = {"recon": f"index={C['index']}, n={C['n']}", "mix": f"index={C['index']}, n_show={C['n_show']} (pairs)",
                 "random": f"index={C['index']}, n_show={C['n_show']}"}.get(C["mode"], f"index={C['index']}")
-        fix = f"index must be <= {len(x) - k}" if k <= len(x) else f"it has fewer than the {k} images the mode reads"
+        fix = f"index must be <= {n_test - k}" if k <= n_test else f"it has fewer than the {k} images the mode reads"
         raise data.DataError(f"{keys}: mode={C['mode']!r} reads test images {C['index']}..{C['index'] + k - 1}, but "
-                             f"the test split has {len(x)} ({fix})")
+                             f"the test split has {n_test} ({fix})")
     if C["mode"] == "directions":
         check_attr(y, classes, C)
+
+
+TEST_SPLIT = {"cifar10": "the test split", "imagenet": "DATA_DIR/val", "celeba": "the test partition"}
+DIRECTIONS_FROM_FILES = 2_000  # directions on images read from files: z of this many test images, a fixed random choice
+
+
+def test_images(C, tcfg):
+    """-> (uint8 images, labels, class or attribute names): the test images the mode reads, and no
+    others for sets read from files (ImageNet's val folder, CelebA); test image `index` is row
+    C['at']. CIFAR-10 is held in memory whole; directions on a set read from files takes the z of
+    DIRECTIONS_FROM_FILES test images (a fixed random choice) and image `index`."""
+    dd = C["data_dir"] or tcfg["data_dir"]
+    if tcfg["dataset"] == "cifar10":
+        dd, why, dl = data.find_cifar10(dd)  # '' searches as train.py does
+        print(f"data: using {dd} ({why})")
+        x, y, classes = data.load_cifar10(dd, "test", dl)
+        check_images(len(x), y, classes, C)
+        C["at"] = C["index"]
+        return x, y, classes
+    ds = data.load(tcfg["dataset"], dd, "test", tcfg["image_size"])
+    classes = ds.ds.classes if tcfg["dataset"] == "imagenet" else ds.names
+    if C["mode"] == "directions":
+        ref = torch.randperm(len(ds), generator=torch.Generator().manual_seed(C["seed"]))[:DIRECTIONS_FROM_FILES]
+        rows = sorted(set(ref.tolist()) | {C["index"]}) if C["index"] < len(ds) else []
+    else:
+        rows = list(range(C["index"], min(C["index"] + IMAGES[C["mode"]](C), len(ds))))
+    check_images(len(ds), ds.targets[rows], classes, C)
+    C["at"] = rows.index(C["index"])
+    print(f"data: {len(rows):,} of the {len(ds):,} images of {tcfg['dataset']}'s {TEST_SPLIT[tcfg['dataset']]} ({dd})")
+    x, y = zip(*(ds[i] for i in rows))
+    return torch.stack(x), torch.stack([torch.as_tensor(v) for v in y]), classes
 
 
 def main(argv):
@@ -295,18 +338,16 @@ def main(argv):
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if C["device"] == "auto" else C["device"]
     net, tcfg = model_from_checkpoint(C["ckpt"], dev)
     C["image_size"] = tcfg["image_size"]  # the decoder's output size
-    if tcfg["dataset"] != "cifar10":
-        raise data.DataError(f"sample.py reads cifar10 so far, the checkpoint was trained on {tcfg['dataset']!r}")
+    if tcfg["dataset"] not in TEST_SPLIT:
+        raise data.DataError(f"sample.py reads {', '.join(TEST_SPLIT)}; the checkpoint was trained on {tcfg['dataset']!r}"
+                             + (" (nvs.py shows its novel views)" if tcfg["dataset"] in data.MULTIVIEW else ""))
     if tcfg["ray_freqs"]:
-        raise data.DataError(f"the checkpoint's model reads camera rays (ray_freqs={tcfg['ray_freqs']}): CIFAR-10 has "
-                             "no cameras, so sample.py cannot run it")
+        raise data.DataError(f"the checkpoint's model reads camera rays (ray_freqs={tcfg['ray_freqs']}), and "
+                             f"{tcfg['dataset']} has no cameras, so sample.py cannot run it")
     if C["mode"] == "interp":
         interp_groups(net, C)
-    dd, why, dl = data.find_cifar10(C["data_dir"] or tcfg["data_dir"])  # '' searches as train.py does
-    print(f"data: using {dd} ({why})")
-    x, y, classes = data.load_cifar10(dd, "test", dl)
-    check_images(x, y, classes, C)
-    x = x.to(dev).float() / 127.5 - 1  # (N, 3, 32, 32) in [-1, 1]
+    x, y, classes = test_images(C, tcfg)
+    x = x.to(dev).float() / 127.5 - 1  # (N, 3, S, S) in [-1, 1]
     os.makedirs(out, exist_ok=True)
     with torch.no_grad():
         res = MODES[C["mode"]](net, x, y.to(dev), classes, C, out)

@@ -32,8 +32,8 @@ import data
 import diffsiam
 import diffusion as D
 from configurator import ConfigError, build_model, configure, validate
-from evaluation import (CheckpointError, count_flops, evaluate_and_log, fixed_eval_batch, load_checkpoint, log_progress,
-                        rng_states, save_checkpoint, set_rng_states)
+from evaluation import (CheckpointError, count_flops, evaluate_and_log, fixed_eval_batch, folder_eval_sets, load_checkpoint,
+                        log_progress, rng_states, save_checkpoint, set_rng_states)
 
 # -----------------------------------------------------------------------------
 # default config (a small CPU run); every key can be set by a config file or --key=value
@@ -47,7 +47,7 @@ ckpt_interval = 500  # steps between checkpoints (and one at the end)
 ckpt_keep = False  # also keep every checkpoint as ckpt_<step>.pt (learning curves: probe each one)
 eval_at_start = True  # evaluate the untrained model too: the baseline every figure is compared with
 # data
-dataset = "cifar10"  # 'cifar10' | 'imagenet' | 'dsprites' | multi-view: 'cars3d' | 'nmr' | 'srn'
+dataset = "cifar10"  # 'cifar10' | 'imagenet' (DATA_DIR/train|val/<class>/*) | 'celeba' | 'dsprites' | multi-view: 'cars3d' | 'nmr' | 'srn'
 data_dir = ""  # '' (cifar10 only): ./data/cifar10, else ../shared/data/cifar10-subset, else download into ./data/cifar10
 download = False  # with a data_dir that holds no CIFAR-10: let torchvision download it there (needs internet)
 image_size = 32
@@ -221,6 +221,8 @@ def setup(cfg, ckpt=None):
                                                  run.max_iters),
         num_workers=run.num_workers, pin_memory=run.cuda, persistent_workers=run.num_workers > 0,
         prefetch_factor=4 if run.num_workers > 0 else None))  # batches of (seed, step): a resume replays them
+    if run.master and not (run.in_memory or run.multiview):  # decoded once: the evaluation's kNN and z-usage images
+        (run.x_knn, run.y_knn), (run.x_val, run.y_val) = folder_eval_sets(run)
     run.fixed = fixed_eval_batch(run)
     run.lock = None
     if run.master:  # the first write of the run: a bad input above has left nothing behind
@@ -297,8 +299,9 @@ def setup_data(run, ckpt):
         run.n_train = len(run.x_train)
         run.x_val, run.y_val = run.train_set if run.bench_iters else \
             data.load(run.dataset, data_path, "val", run.image_size, dl, run.n_val, run.seed)
-    elif not run.multiview:  # ImageNet: the kNN check uses probe.py on the val folder instead
+    elif not run.multiview:  # image folders, CelebA: the evaluation reads a fixed part of train and val (setup)
         run.n_train, run.y_train = len(run.train_set), run.train_set.targets
+        run.val_set = data.load(run.dataset, data_path, "val", run.image_size)
     run.steps_per_epoch = run.n_train // run.global_batch
     run.order_cache = {}  # in memory: the current epoch's order (get_batch)
     if run.steps_per_epoch == 0:

@@ -262,7 +262,8 @@ def test_probe_values(w, refused, monkeypatch):
         ([ck, "--seed=99999999999999999999"], "seed="),
         ([ck, "--random=1"], "random"),
         ([ck, "--device=cuda:7"], "device='cuda:7'"),
-        ([ck, "--dataset=imagenet"], "dataset='imagenet' .*task='linear'.*'cifar10'"),
+        ([ck, "--dataset=imagenet"], "trained on cifar10: say where imagenet is with --data_dir"),
+        ([ck, "--dataset=celeba"], "dataset='celeba' .*task='linear'.*'cifar10', 'imagenet'"),
         ([ck, "--epsiodes=3"], "'episodes'"),
         # checkpoints: missing, a directory, not a torch file, not a checkpoint, another model's
         ([f"--ckpt={w.root}/none.pt"], "no checkpoint at .*none.pt"),

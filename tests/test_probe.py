@@ -36,20 +36,23 @@ def blobs(n_per, n_classes, dim, sep, seed):
 
 # --- linear, kNN ---------------------------------------------------------------
 
-def test_linear_probe_learns_separable_labels_not_shuffled_ones():
+@pytest.mark.parametrize("solver", ["sgd", "lbfgs"])
+def test_linear_probe_learns_separable_labels_not_shuffled_ones(solver):
     f, y = blobs(150, 4, 16, 1.0, seed=0)
     test = torch.arange(len(y)) % 3 == 0
     ftr, ytr, fte, yte = f[~test], y[~test], f[test], y[test]
-    res = probe.linear_probe(ftr, ytr, fte, yte, 4)
+    res = probe.linear_probe(ftr, ytr, fte, yte, 4, solver=solver)
     assert res["top1"] > 95
     shuffled = ytr[torch.randperm(len(ytr), generator=torch.Generator().manual_seed(2))]
-    res = probe.linear_probe(ftr, shuffled, fte, yte, 4)
+    res = probe.linear_probe(ftr, shuffled, fte, yte, 4, solver=solver)
     assert res["top1"] < 45  # chance is 25
 
 
-def test_linear_probe_picks_wd_on_validation_rows_only(monkeypatch):
-    """The weight decay is chosen by fits that leave out the validation images and their augmented
-    copies, scored on those images: the test set plays no part (two test sets, one choice)."""
+@pytest.mark.parametrize("solver", ["sgd", "lbfgs"])
+def test_linear_probe_picks_wd_on_validation_rows_only(monkeypatch, solver):
+    """The weight decay (and epochs) are chosen by fits that leave out the validation images and
+    their augmented copies, scored on those images: the test set plays no part (two test sets, one
+    choice)."""
     f_all, y_all = blobs(50, 4, 8, 0.5, seed=3)
     test = torch.arange(len(y_all)) % 5 == 0
     f, y = f_all[~test], y_all[~test]  # 160 originals
@@ -58,16 +61,19 @@ def test_linear_probe_picks_wd_on_validation_rows_only(monkeypatch):
     ftr = torch.cat([f, f + 0.3 * torch.randn(f.shape, generator=g)])  # one augmented copy each
     ftr = torch.cat([torch.arange(2 * n, dtype=torch.float32)[:, None], ftr], dim=1)  # column 0: the row's id
     ytr = torch.cat([y, y])
-    fits, real_fit = [], probe.fit_logreg
-    monkeypatch.setattr(probe, "fit_logreg", lambda x, *a, **k: fits.append(x[:, 0].clone()) or real_fit(x, *a, **k))
+    name = "fit_logreg" if solver == "lbfgs" else "fit_linear"
+    fits, real_fit = [], getattr(probe, name)
+    monkeypatch.setattr(probe, name, lambda x, *a, **k: fits.append(x[:, 0].clone()) or real_fit(x, *a, **k))
     fte, yte = torch.cat([torch.zeros(40, 1), f_all[test]], dim=1), y_all[test]
-    r1 = probe.linear_probe(ftr, ytr, fte, yte, 4, n_orig=n)
+    r1 = probe.linear_probe(ftr, ytr, fte, yte, 4, n_orig=n, solver=solver)
     r2 = probe.linear_probe(ftr, ytr, torch.randn(40, 9, generator=g), torch.randint(0, 4, (40,), generator=g), 4,
-                            n_orig=n)
-    assert (r1["wd"], r1["val_top1"]) == (r2["wd"], r2["val_top1"]) and r1["top1"] != r2["top1"]
-    ids = fits[len(probe.WDS)]  # the final refit sees every row; column 0 (standardised) names them
+                            n_orig=n, solver=solver)
+    assert (r1["wd"], r1["val_top1"], r1.get("epochs")) == (r2["wd"], r2["val_top1"], r2.get("epochs"))
+    assert r1["top1"] != r2["top1"]
+    per_run = len(fits) // 2  # the selection fits, then the final refit, of r1
+    ids = fits[per_run - 1]  # the final refit sees every row; column 0 (standardised for L-BFGS) names them
     assert len(ids) == 2 * n
-    for x in fits[:len(probe.WDS)]:  # the selection fits
+    for x in fits[:per_run - 1]:  # the selection fits
         out = sorted(set(range(2 * n)) - {int((ids == v).nonzero()) for v in x})
         val = [i for i in out if i < n]
         assert len(val) == n // 10 and out == val + [i + n for i in val]  # each image with its copy
@@ -296,12 +302,12 @@ def test_cli_fewshot_multilabel_dci(tmp_path, capsys, celeba_dir):
     assert json.load(open(tmp_path / "probe_fewshot_z.json"))["episodes"] == 20
 
     probe.main([f"--ckpt={ck32}", "--task=knn", f"--data_dir={cifar}", "--features=unet"])
-    assert re.fullmatch(r"knn top1 [\d.]+", last_line(capsys))
+    assert re.fullmatch(r"knn top1 [\d.]+ top5 [\d.]+", last_line(capsys))
     assert json.load(open(tmp_path / "probe_knn_unet.json"))["features"] == "unet"
 
     probe.main([f"--ckpt={ck32}", "--task=multilabel", "--dataset=celeba", f"--data_dir={celeba_dir[0]}"])
     assert re.fullmatch(r"multilabel f1 [\d.]+", last_line(capsys))
-    assert len(json.load(open(tmp_path / "probe_multilabel_pool.json"))["f1_per_attribute"]) == 40
+    assert len(json.load(open(tmp_path / "probe_multilabel_z.json"))["f1_per_attribute"]) == 40  # z: the default
     with pytest.raises(data.DataError, match="celeba"):
         probe.main([f"--ckpt={ck32}", "--task=multilabel", "--dataset=celeba", f"--data_dir={tmp_path}"])
     with pytest.raises(train.ConfigError, match="trained on cifar10, and task='dci' reads dsprites or cars3d"):
@@ -360,14 +366,16 @@ def test_unet_features_see_the_image_not_z():
             if not p.any():
                 p.normal_(0, 0.1)
     x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
-    f = probe.unet_features(net, x, logsnr=4.0, batch=4)
+    # as probe.py streams them: batches of 4, one generator for the noise of the whole pass
+    feats = lambda: evaluation.stream_features(probe.unet_features(net, logsnr=4.0), (x, torch.zeros(6)), "cpu", 4)[0]
+    f = feats()
     assert f.shape == (6, net.unet.mid[-1].res.conv2.out_channels)
-    assert torch.equal(f, probe.unet_features(net, x, logsnr=4.0, batch=4))  # fixed noise: deterministic
+    assert torch.equal(f, feats())  # fixed noise: deterministic
     assert (f[0] - f[1]).abs().max() > 1e-4  # different images, different features
     real_denoise = net.denoise
     g = torch.Generator().manual_seed(1)
     with_z = lambda x_t, ls, z, keep: real_denoise(x_t, ls, torch.randn(z.shape, generator=g), keep)
     net.denoise = with_z  # another z, under the keep unet_features passes: nothing changes (masked)
-    assert torch.allclose(f, probe.unet_features(net, x, logsnr=4.0, batch=4), atol=1e-6)
+    assert torch.equal(f, feats())
     net.denoise = lambda x_t, ls, z, keep: with_z(x_t, ls, z, torch.ones_like(keep))
-    assert (f - probe.unet_features(net, x, logsnr=4.0, batch=4)).abs().max() > 1e-3  # unmasked, z would show
+    assert (f - feats()).abs().max() > 1e-3  # unmasked, z would show

@@ -15,7 +15,9 @@ OUT_DIR/summary.json is rewritten after every item, so a run cut short still rep
   speed        configs/bench.py per switch against all-off (as tools/bench.sh, one round):
                train img/s, MFU, peak memory, DDIM img-steps/s
   learning     configs/cifar10.py for ~150 s (max_iters from the img/s just measured), then
-               probe.py --task=linear against --random=True, and --task=zusage; PNGs copied here
+               probe.py --task=linear against --random=True, and --task=zusage; PNGs copied here;
+               the ImageNet folder path (the CIFAR-10 PNGs as train/ and val/): train.py
+               --dataset=imagenet 60 steps, the streaming linear probe and kNN, extraction img/s
 Every item is {"pass": true | false | null (skipped, with why), ...what was measured..., "tol", "why"}.
 """
 import contextlib
@@ -38,10 +40,11 @@ DATA = os.path.join(ROOT, "..", "shared", "data", "cifar10-subset")
 GROUPS = {"correctness": 200, "speed,learning": 400}
 BUDGET = 470  # the whole GPU check, seconds; the learning run gets what is left, at most TRAIN_S
 TRAIN_S = 150  # the learning run's training time, if the budget allows
-LEARN_REST_S = 100  # what the learning group needs besides training: final eval, 3 probes, the PNGs
+LEARN_REST_S = 150  # what the learning group needs besides training: final eval, 3 probes, the PNGs, the folder path
 ITEMS = ("bf16_vs_fp32", "compile_vs_eager", "channels_last_vs_nchw", "fused_adamw_vs_looped", "samplers_deterministic",
          "resume_2_plus_2", "torchrun_vs_plain", "speed_all_off", "speed_bf16_autocast", "speed_fused_adamw",
-         "speed_channels_last", "speed_compile", "speed_config", "learn_train", "learn_linear_vs_random", "learn_zusage")
+         "speed_channels_last", "speed_compile", "speed_config", "learn_train", "learn_linear_vs_random", "learn_zusage",
+         "folder_imagenet_path")
 # the switches, as tools/bench.sh spells them: each alone on top of "all off"
 OFF = ["--cpu_bf16=false", "--dtype=float32", "--compile=False", "--channels_last=False", "--fused_adamw=False"]
 SWITCHES = {"bf16_autocast": ["--cpu_bf16=true", "--dtype=bfloat16"], "fused_adamw": ["--fused_adamw=True"],
@@ -420,6 +423,43 @@ def learning(out, dry, deadline):
                 "removed": r["removed"], "logsnr": r["logsnr"], "plot": "learn_zusage.png",
                 "why": "pass: z lowers the decoder's x0 error on average over log-SNR -6..+2"}
     item(out, "learn_zusage", 60, zusage)
+    folder_path(out, dry)
+
+
+def folder_path(out, dry):
+    """The ImageNet code path on real images: the CIFAR-10 PNGs laid out as an ImageNet folder
+    (train/ and val/ links), train.py --dataset=imagenet for a few dozen steps (its evaluation reads
+    the folder), then probe.py's streaming linear probe (features extracted and cached) and kNN (read
+    from that cache): extraction img/s and each probe's seconds."""
+    root = os.path.join(out, "folder_imagenet")
+    os.makedirs(root, exist_ok=True)
+    for split, name in (("train", "train"), ("test", "val")):
+        if not os.path.exists(os.path.join(root, name)):
+            os.symlink(os.path.abspath(os.path.join(data_dir(out, dry), split)), os.path.join(root, name))
+    d, iters, workers = os.path.join(out, "folder_run"), 8 if dry else 60, "0" if dry else "8"
+    argv = ["--dataset=imagenet", f"--data_dir={root}", "--image_size=32", f"--out_dir={d}", "--overwrite=True",
+            f"--max_iters={iters}", f"--eval_interval={iters // 2}", "--warmup_iters=1", f"--log_interval={iters // 4}",
+            f"--num_workers={workers}", "--sample_steps=4"] + (TINY if dry else ["--batch_size=64"])
+
+    def run():
+        t = time.time()
+        run_script("train.py", argv)
+        train_s = time.time() - t
+        log = [json.loads(line) for line in open(os.path.join(d, "log.jsonl"))]
+        evs = [r for r in log if "knn" in r]
+        ck = f"--ckpt={os.path.join(d, 'ckpt.pt')}"
+        lin = probe(out, "folder_linear", ck, "--task=linear", f"--num_workers={workers}")
+        knn = probe(out, "folder_knn", ck, "--task=knn", f"--num_workers={workers}")
+        shutil.copyfile(os.path.join(d, "curves.png"), os.path.join(out, "folder_curves.png"))
+        cached = knn["extract_img_s"] == {}  # the kNN read the features the linear probe extracted
+        return {"pass": len(evs) == 3 and cached and (dry or lin["top1"] > 10), "max_iters": iters, "train_s": round(train_s, 1),
+                "knn_in_training": [r["knn"] for r in evs], "z_removed_mean": [r["z_removed_mean"] for r in evs],
+                "extract_img_s": lin["extract_img_s"], "linear_s": lin["task_s"], "knn_s": knn["task_s"],
+                "knn_read_cache": cached, "linear_top1": lin["top1"], "linear_top5": lin["top5"], "knn_top1": knn["top1"],
+                "curves": "folder_curves.png",
+                "why": "pass: the run evaluates at start, middle and end; the kNN reads the linear probe's cached "
+                       "features; on the GPU the linear probe is above chance (10%)"}
+    item(out, "folder_imagenet_path", 60 if dry else 120, run)
 
 
 # -----------------------------------------------------------------------------

@@ -24,8 +24,8 @@ while [ $# -ge 2 ]; do
       python train.py "$base" --out_dir="$out" --seed="$s" --eval_interval=0 ${EXTRA:-} $flags
       echo $(( $(date +%s) - t0 )) > "$out/wall_s"
     fi
-    python probe.py --ckpt="$out/ckpt.pt" --split="$split" --seed="$s" --task=linear | tail -1
-    python probe.py --ckpt="$out/ckpt.pt" --split="$split" --seed="$s" --task=linear --random=True | tail -1
+    python probe.py --ckpt="$out/ckpt.pt" --split="$split" --seed="$s" --task=linear --features=pool --solver=lbfgs | tail -1
+    python probe.py --ckpt="$out/ckpt.pt" --split="$split" --seed="$s" --task=linear --random=True --features=pool --solver=lbfgs | tail -1
     python probe.py --ckpt="$out/ckpt.pt" --split="$split" --seed="$s" --task=zusage | tail -1
     rows+=("$name|$s|$out|$flags")
   done
@@ -37,7 +37,7 @@ sfx = "_val" if split == "val" else ""
 by = {}
 for name, seed, out, flags in rows:
     get = lambda f: json.load(open(os.path.join(out, f)))
-    lin, rnd, zu = get(f"probe_linear_pool{sfx}.json"), get(f"probe_linear_pool_random{sfx}.json"), get(f"probe_zusage_pool{sfx}.json")
+    lin, rnd, zu = get(f"probe_linear_pool{sfx}.json"), get(f"probe_linear_pool_random{sfx}.json"), get(f"probe_zusage_z{sfx}.json")
     wall = int(open(os.path.join(out, "wall_s")).read()) if os.path.isfile(os.path.join(out, "wall_s")) else 0
     by.setdefault((name, flags), []).append((zu["removed_at_-3"], zu["removed_mean"], zu["mse_z"][0], zu["grey"],
                                              lin["top1"], rnd["top1"], lin["top1"] - rnd["top1"], wall))

@@ -20,6 +20,8 @@ import data  # noqa: E402
 import evaluation  # noqa: E402
 from configurator import ConfigError  # noqa: E402
 
+POOLED = ("--features=pool", "--solver=lbfgs")  # the probe of docs/zusage.md's curve: pooled features, L-BFGS
+
 USAGE = "usage: python tools/zusage_curve.py OUT_DIR (a train.py out_dir of a run with --ckpt_keep=True)"
 
 
@@ -83,12 +85,12 @@ def main(out_dir):
     rows = []
     for path in paths:
         step = int(os.path.basename(path)[5:-3])
-        lin = probe(out_dir, f"probe_linear_{step:06d}", f"--ckpt={path}", "--task=linear")
+        lin = probe(out_dir, f"probe_linear_{step:06d}", f"--ckpt={path}", "--task=linear", *POOLED)
         zu = probe(out_dir, f"probe_zusage_{step:06d}", f"--ckpt={path}", "--task=zusage")
         minutes = at[max(s for s in at if s <= step)]  # the last logged step at or before it
         rows.append({"step": step, "minutes": minutes, "linear": lin["top1"],
                      "z_removed_-3": zu["removed_at_-3"], "z_removed_mean": zu["removed_mean"]})
-    rnd = probe(out_dir, "probe_linear_random", f"--ckpt={path}", "--task=linear", "--random=True")["top1"]
+    rnd = probe(out_dir, "probe_linear_random", f"--ckpt={path}", "--task=linear", "--random=True", *POOLED)["top1"]
     res = {"rows": rows, "random_init_linear": rnd}
     with open(os.path.join(out_dir, "curve.json"), "w") as f:
         json.dump(res, f, indent=1)
