@@ -34,15 +34,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture
-def light_eval(request, monkeypatch):
-    """train.main evaluates at the end of every run; for these tiny runs that costs ~1.6 s, most of
-    it the z-usage curve (8 noise levels) and its matplotlib figure, which only the smoke test reads.
-    Modules that use this fixture get the real diffusion.z_usage on 2 levels and 8 images, and no
-    figure; a test marked full_eval keeps the real evaluation."""
-    if "full_eval" in request.keywords:
-        return
+def lighten_eval(mp):
+    """The real diffusion.z_usage on 2 noise levels and 8 images, and no z-usage figure (see light_eval)."""
     import diffusion
+    import evaluation
 
     real = diffusion.z_usage
 
@@ -51,6 +46,15 @@ def light_eval(request, monkeypatch):
         kw = {k: v[:n] if isinstance(v, torch.Tensor) and len(v) == len(x_0) else v for k, v in kw.items()}
         return real(model, x_0[:n], logsnrs=(-3.0, 0.0), **kw)
 
-    monkeypatch.setattr(diffusion, "z_usage", z_usage)
-    import evaluation
-    monkeypatch.setattr(evaluation, "plot_z_usage", lambda res, path, title="": path)
+    mp.setattr(diffusion, "z_usage", z_usage)
+    mp.setattr(evaluation, "plot_z_usage", lambda res, path, title="": path)
+
+
+@pytest.fixture
+def light_eval(request, monkeypatch):
+    """train.main evaluates at the end of every run; for these tiny runs that costs ~1.6 s, most of
+    it the z-usage curve (8 noise levels) and its matplotlib figure, which only the smoke test reads.
+    Modules that use this fixture get the real diffusion.z_usage on 2 levels and 8 images, and no
+    figure; a test marked full_eval keeps the real evaluation."""
+    if "full_eval" not in request.keywords:
+        lighten_eval(monkeypatch)
