@@ -506,14 +506,16 @@ def evaluate(run, it):
 
 
 def evaluate_and_log(run, it):
-    """Rank 0: evaluate, print one line, append it to log.jsonl, redraw curves.png."""
+    """Rank 0: evaluate, print one line, append it to log.jsonl (with the evaluation's seconds,
+    eval_s), redraw curves.png."""
     if not run.master:
         return
+    t = time.time()
     r = evaluate(run, it)
     if r:
         tqdm.write(f"step {it}{' (random init)' if it == 0 else ''}: {eval_line(r)}")
         sys.stdout.flush()
-        write_log(run, {"step": it, **r})
+        write_log(run, {"step": it, **r, "eval_s": round(time.time() - t, 2)})
         plot_curves(run.out_dir)
 
 

@@ -25,7 +25,15 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "full_eval: keep train.main's full end-of-run evaluation (see light_eval)")
 
 
+# the longest tests start first, so that with two processes the others fill the time around them
+# (longest-first scheduling) instead of one long test starting last and running alone
+LONGEST_FIRST = ("test_gpu_check.py::test_dry_run_reports_every_item", "test_train.py::test_ddp_two_processes_equal_one",
+                 "test_train.py::test_compiled_step_equals_eager", "test_train.py::test_imagenet_config_builds_and_steps")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("/")[-1], len(rank)))  # stable: the rest keep their order
     if config.getoption("--runslow"):
         return
     skip = pytest.mark.skip(reason="slow: run with --runslow")

@@ -22,7 +22,7 @@ from test_probe import write_celeba  # noqa: E402
 
 CIFAR_PNG = os.path.join(ROOT, "..", "shared", "data", "cifar10-subset")
 TINY = ["--encoder=tiny", "--unet=tiny", "--z_dim=32", "--batch_size=16", "--num_workers=0", "--threads=1",
-        "--sample_steps=2", "--warmup_iters=1", "--log_interval=6"]
+        "--sample_steps=2", "--warmup_iters=1", "--log_interval=2"]
 
 
 @pytest.fixture(scope="module")
@@ -41,27 +41,27 @@ def imagenet_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def imagenet_run(imagenet_dir, tmp_path_factory):
-    """12 steps of train.py --dataset=imagenet at 32 px, evaluated at steps 0, 6 and 12 on a fixed
+    """4 steps of train.py --dataset=imagenet at 32 px, evaluated at steps 0, 2 and 4 on a fixed
     part of the folders (FOLDER_EVAL made small: 120 train, 40 val images; z-usage on 2 noise levels)."""
     out = tmp_path_factory.mktemp("imagenet_run")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(evaluation, "FOLDER_EVAL", (120, 40))
         lighten_eval(mp)
         train.main(["--dataset=imagenet", f"--data_dir={imagenet_dir}", "--image_size=32", f"--out_dir={out}",
-                    "--max_iters=12", "--eval_interval=6", *TINY])
+                    "--max_iters=4", "--eval_interval=2", *TINY])
     return out
 
 
 def test_a_folder_run_evaluates_like_a_cifar_run(imagenet_run):
     log = [json.loads(line) for line in open(imagenet_run / "log.jsonl")]
     evals = [r for r in log if "knn" in r]
-    assert [r["step"] for r in evals] == [0, 6, 12]
+    assert [r["step"] for r in evals] == [0, 2, 4]
     for r in evals:
         assert 0 <= r["knn"] <= 100 and np.isfinite(r["zgap"]) and np.isfinite(r["z_removed_mean"])
-    for name in ("curves.png", "samples_000000.png", "samples_000012.png"):
+    for name in ("curves.png", "samples_000000.png", "samples_000004.png"):
         assert (imagenet_run / name).stat().st_size > 1000, name
     ck = torch.load(imagenet_run / "ckpt.pt", weights_only=True)
-    assert ck["config"]["dataset"] == "imagenet" and ck["step"] == 12
+    assert ck["config"]["dataset"] == "imagenet" and ck["step"] == 4
 
 
 def test_streaming_probe_of_a_folder_run_and_its_cache(imagenet_run, capsys, monkeypatch):

@@ -313,9 +313,10 @@ def test_imagenet_config_builds_and_steps(tmp_path, monkeypatch):
                 Image.fromarray((rs.rand(80, 96, 3) * 255).astype(np.uint8)).save(root / split / f"n0{c}" / f"{i}.JPEG")
     saved = []
     monkeypatch.setattr(train, "save_checkpoint", lambda obj, path: saved.append(obj))
+    monkeypatch.setattr(train, "evaluate_and_log", lambda run, it: None)  # a folder run's evaluation: tests/test_folders.py
     argv = [os.path.join(ROOT, "configs", "imagenet.py"), f"--data_dir={root}", f"--out_dir={tmp_path / 'o'}",
             "--image_size=32", "--batch_size=2", "--max_iters=1", "--num_workers=0", "--compile=False",
-            "--eval_at_start=False", "--threads=1", "--sample_steps=1"]  # the end-of-run evaluation: a 1-step grid
+            "--eval_at_start=False", "--threads=1"]
     train.main(argv)
     (ck,) = saved
     assert ck["step"] == 1 and ck["config"]["encoder"] == "resnet50x2" and ck["config"]["z_dim"] == 2048

@@ -96,14 +96,15 @@ def assert_bit_exact(a, b):
 
 @pytest.fixture(scope="module")
 def folder_dir(tmp_path_factory):
-    """An ImageFolder (ImageNet layout): 2 classes x 6 train images of 40x48 px (resized to 32)."""
+    """An ImageFolder (ImageNet layout): 2 classes x 6 train and 2 val images of 40x48 px (resized to 32)."""
     root = tmp_path_factory.mktemp("folder")
     rs = np.random.RandomState(1)
-    for c in range(2):
-        d = root / "train" / f"n0{c}"
-        d.mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray((rs.rand(40, 48, 3) * 255).astype(np.uint8)).save(d / f"{i}.JPEG")
+    for split, n in (("train", 6), ("val", 2)):
+        for c in range(2):
+            d = root / split / f"n0{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray((rs.rand(40, 48, 3) * 255).astype(np.uint8)).save(d / f"{i}.JPEG")
     return str(root)
 
 
