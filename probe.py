@@ -349,7 +349,10 @@ def main(argv):
                 (("probe_aug", "n_images", "lin_batch", "num_workers"), lambda v: v >= 0, ">= 0"),
                 (("val_frac",), lambda v: 0 < v < 1, "in (0, 1)"), (("unet_logsnr",), lambda v: True, "finite"),
                 SEED_RANGE])
-    epochs = parse_list(cfg["lin_epochs"])
+    try:
+        epochs = parse_list(cfg["lin_epochs"])
+    except ConfigError:
+        epochs = []
     if not epochs or any(e < 1 or e != int(e) for e in epochs):
         raise ConfigError(f"lin_epochs={cfg['lin_epochs']!r}: expected comma-separated whole numbers >= 1, e.g. 10,30,100")
     check_device(cfg["device"])

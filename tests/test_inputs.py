@@ -265,6 +265,11 @@ def test_probe_values(w, refused, monkeypatch):
         ([ck, "--dataset=imagenet"], "trained on cifar10: say where imagenet is with --data_dir"),
         ([ck, "--dataset=celeba"], "dataset='celeba' .*task='linear'.*'cifar10', 'imagenet'"),
         ([ck, "--epsiodes=3"], "'episodes'"),
+        ([ck, "--solver=adam"], "solver='adam'.*'sgd'"),
+        ([ck, "--lin_epochs=ten"], "lin_epochs='ten'"),
+        ([ck, "--lin_epochs=30,0.5"], "lin_epochs='30,0.5'.*whole numbers"),
+        ([ck, "--batch=0"], "batch=0"),
+        ([ck, "--num_workers=-1"], "num_workers=-1"),
         # checkpoints: missing, a directory, not a torch file, not a checkpoint, another model's
         ([f"--ckpt={w.root}/none.pt"], "no checkpoint at .*none.pt"),
         ([f"--ckpt={w.root}"], "is a directory, not a checkpoint file"),

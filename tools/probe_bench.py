@@ -11,6 +11,7 @@ Peak memory is the probe process's maximum resident set size (wait4: the largest
 the DataLoader workers it reaped), so the default is --workers=0: one process, all of its memory in
 one figure. Without --ckpt, train.py runs one step on the first folder for a tiny 32 px checkpoint.
 """
+import itertools
 import json
 import os
 import subprocess
@@ -27,10 +28,12 @@ USAGE = "usage: python tools/probe_bench.py [--ckpt=PATH] [--sizes=2000,20000] [
 
 
 def make_folder(root, png, n_train, n_val=1000):
-    """root/train with n_train links and root/val with n_val, cycling through png/train and png/test."""
+    """root/train with n_train links and root/val with n_val, cycling through png/train and png/test
+    one class after another (so every size holds every class)."""
     for split, src, n in (("train", "train", n_train), ("val", "test", n_val)):
-        files = [(c, f) for c in sorted(os.listdir(os.path.join(png, src)))
-                 for f in sorted(os.listdir(os.path.join(png, src, c)))]
+        per_class = [[(c, f) for f in sorted(os.listdir(os.path.join(png, src, c)))]
+                     for c in sorted(os.listdir(os.path.join(png, src)))]
+        files = [cf for row in itertools.zip_longest(*per_class) for cf in row if cf]
         for i in range(n):
             c, f = files[i % len(files)]
             os.makedirs(os.path.join(root, split, c), exist_ok=True)
