@@ -3,21 +3,27 @@ Measure the representation of a trained SODA encoder (paper §4.1, §4.3.2, thes
 EMA-encoder features: a linear probe or kNN classifier, a multi-label probe of CelebA's 40
 attributes, 5-way few-shot episodes, or DCI disentanglement on dSprites or Cars3D.
 
-    python probe.py --ckpt=out/cifar10_cpu/ckpt.pt                      # linear, pooled features
-    python probe.py --ckpt=out/cifar10_cpu/ckpt.pt --features=z --task=knn
+    python probe.py --ckpt=out/cifar10_cpu/ckpt.pt                      # linear probe on z (the paper's)
+    python probe.py --ckpt=out/cifar10_cpu/ckpt.pt --task=knn           # reads the features cached above
     python probe.py --ckpt=out/cifar10_cpu/ckpt.pt --random=True        # same encoder, random init
+    python probe.py --ckpt=out/cifar10_cpu/ckpt.pt --features=pool      # the pooled features before the bottleneck
+    python probe.py --ckpt=out/imagenet/ckpt.pt                         # DATA_DIR/train -> DATA_DIR/val, streamed
     python probe.py --ckpt=out/cifar10_cpu/ckpt.pt --task=fewshot --episodes=2000
-    python probe.py --ckpt=out/celeba/ckpt.pt --task=multilabel --data_dir=data   # data/celeba/...
-    python probe.py --ckpt=out/dsprites_cpu/ckpt.pt --task=dci --features=z
-    python probe.py --ckpt=out/dsprites_cpu/ckpt.pt --task=dci --features=z --dci_model=gbt   # the paper's Table 4 recipe
-    python probe.py --ckpt=out/cars3d_cpu/ckpt.pt --task=dci --features=z   # elevation, azimuth, object
+    python probe.py --ckpt=out/celeba/ckpt.pt --task=multilabel         # DATA_DIR/celeba/...
+    python probe.py --ckpt=out/dsprites_cpu/ckpt.pt --task=dci
+    python probe.py --ckpt=out/dsprites_cpu/ckpt.pt --task=dci --dci_model=gbt   # the paper's Table 4 recipe
+    python probe.py --ckpt=out/cars3d_cpu/ckpt.pt --task=dci            # elevation, azimuth, object
     python probe.py --ckpt=out/cifar10_cpu/ckpt.pt --task=zusage         # x0-MSE with z vs z masked
 
-Features are extracted once (no grad, batched) and standardised with training-set statistics.
-The linear probe is a multinomial logistic regression fitted by L-BFGS; its weight decay is chosen
-on a validation split of the training set, then it is refitted on the whole training set and
-measured once on the test split. The last line printed is a machine-readable summary, and the
-same figures go to a JSON file beside the checkpoint (DCI also saves its importance heat map).
+The dataset is the checkpoint's (another only when --dataset= asks). Features are streamed: image
+files are decoded by DataLoader workers a batch at a time, encoded without gradients, kept as fp16
+and cached beside the checkpoint (keyed by checkpoint, data, split and features), so the next probe
+of the same checkpoint reads them. The linear probe is a multinomial logistic regression on
+standardised features, fitted by mini-batch SGD (any number of images; solver='lbfgs': full
+batch): its weight decay and epochs are chosen on a held-out part of the training split, then it
+is refitted on the whole training split and measured once on the test split (top-1, top-5). The
+last line printed is a machine-readable summary, and the same figures go to a JSON file beside the
+checkpoint (DCI also saves its importance heat map).
 """
 import hashlib
 import json

@@ -1,6 +1,6 @@
 # DiffSiam teaching run on a 2-core CPU (~10 minutes), on top of the SODA teaching config:
 #   python train.py configs/cifar10_cpu.py configs/diffsiam_cpu.py
-#   python probe.py --ckpt=out/diffsiam_cpu/ckpt.pt --task=fewshot
+#   python probe.py --ckpt=out/diffsiam_cpu/ckpt.pt --task=fewshot --features=pool
 #   python sample.py --ckpt=out/diffsiam_cpu/ckpt.pt --mode=interp --sections=0,1,2,3   # segments 0-3
 # The same model and steps as configs/cifar10_cpu.py, with z in 64 hierarchical segments and the
 # SimSiam loss (weight 1); its second encoder pass costs about 1/6 of the step on this CPU.

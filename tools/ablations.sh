@@ -26,10 +26,10 @@ else
   overlay=("$overlay")
 fi
 variants=${VARIANTS:-full no_schedule $views no_modulation no_bottleneck uncond}
-probe() {  # probe.py unless its json is there: out task feats [extra flags]
+probe() {  # probe.py unless its json is there: out task feats [extra flags]; L-BFGS, as docs/ablations.md was measured
   local out=$1 task=$2 feats=$3; shift 3
   local sfx=""; [ "${1:-}" = --random=True ] && sfx=_random
-  [ -f "$out/probe_${task}_${feats}${sfx}.json" ] || python probe.py --ckpt="$out/ckpt.pt" --task="$task" --features="$feats" --seed="$s" "$@" | tail -1
+  [ -f "$out/probe_${task}_${feats}${sfx}.json" ] || python probe.py --ckpt="$out/ckpt.pt" --task="$task" --features="$feats" --seed="$s" --solver=lbfgs "$@" | tail -1
 }
 for v in $variants; do
   for s in $seeds; do
