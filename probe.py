@@ -413,12 +413,14 @@ def main(argv):
         """Features of every image of a split (streamed), read from the cache when it holds them."""
         n = len(source[0]) if isinstance(source, tuple) else len(source)
         key = {"ckpt": digest, "dataset": ds, "data_dir": os.path.abspath(dd), "split": split, "n": n,
+               "probe_split": cfg["split"],  # cifar10's train split differs between split='test' and 'val'
                "image_size": tcfg["image_size"], "features": cfg["features"], "random": cfg["random"],
-               "seed": cfg["seed"] if cfg["random"] or cfg["features"] == "unet" else 0,
+               "seed": cfg["seed"] if cfg["random"] or cfg["features"] == "unet" or cfg["n_images"] else 0,  # what it draws
                "unet_logsnr": cfg["unet_logsnr"] if cfg["features"] == "unet" else 0.0}
         tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
         path = os.path.join(os.path.dirname(cfg["ckpt"]) or ".", "features",
                             f"{ds}_{split}_{cfg['features']}_{tag}.pt") if cfg["cache"] else ""
+
         def extract():
             t = time.time()
             got = stream_features(fn, source, dev, cfg["batch"], cfg["num_workers"],

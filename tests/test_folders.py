@@ -22,7 +22,7 @@ from test_probe import write_celeba  # noqa: E402
 
 CIFAR_PNG = os.path.join(ROOT, "..", "shared", "data", "cifar10-subset")
 TINY = ["--encoder=tiny", "--unet=tiny", "--z_dim=32", "--batch_size=16", "--num_workers=0", "--threads=1",
-        "--sample_steps=2", "--warmup_iters=1", "--log_interval=2"]
+        "--sample_steps=2", "--warmup_iters=1", "--log_interval=12"]
 
 
 @pytest.fixture(scope="module")
@@ -41,27 +41,27 @@ def imagenet_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def imagenet_run(imagenet_dir, tmp_path_factory):
-    """4 steps of train.py --dataset=imagenet at 32 px, evaluated at steps 0, 2 and 4 on a fixed
+    """24 steps of train.py --dataset=imagenet at 32 px, evaluated at steps 0, 12 and 24 on a fixed
     part of the folders (FOLDER_EVAL made small: 120 train, 40 val images; z-usage on 2 noise levels)."""
     out = tmp_path_factory.mktemp("imagenet_run")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(evaluation, "FOLDER_EVAL", (120, 40))
         lighten_eval(mp)
         train.main(["--dataset=imagenet", f"--data_dir={imagenet_dir}", "--image_size=32", f"--out_dir={out}",
-                    "--max_iters=4", "--eval_interval=2", *TINY])
+                    "--max_iters=24", "--eval_interval=12", *TINY])
     return out
 
 
 def test_a_folder_run_evaluates_like_a_cifar_run(imagenet_run):
     log = [json.loads(line) for line in open(imagenet_run / "log.jsonl")]
     evals = [r for r in log if "knn" in r]
-    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert [r["step"] for r in evals] == [0, 12, 24]
     for r in evals:
         assert 0 <= r["knn"] <= 100 and np.isfinite(r["zgap"]) and np.isfinite(r["z_removed_mean"])
-    for name in ("curves.png", "samples_000000.png", "samples_000004.png"):
+    for name in ("curves.png", "samples_000000.png", "samples_000024.png"):
         assert (imagenet_run / name).stat().st_size > 1000, name
     ck = torch.load(imagenet_run / "ckpt.pt", weights_only=True)
-    assert ck["config"]["dataset"] == "imagenet" and ck["step"] == 4
+    assert ck["config"]["dataset"] == "imagenet" and ck["step"] == 24
 
 
 def test_streaming_probe_of_a_folder_run_and_its_cache(imagenet_run, capsys, monkeypatch):
@@ -96,7 +96,7 @@ def test_probe_refuses_another_dataset_unless_asked(imagenet_run):
         probe.main([ck, f"--data_dir={imagenet_run}"])  # a folder without train/ and val/
 
 
-def test_sample_recon_reads_only_the_images_it_shows(imagenet_run, imagenet_dir, capsys, monkeypatch):
+def test_sample_reads_only_the_images_it_shows(imagenet_run, imagenet_dir, capsys, monkeypatch):
     reads = []
     real = data.FolderData.__getitem__
     monkeypatch.setattr(data.FolderData, "__getitem__", lambda self, i: reads.append(i) or real(self, i))
@@ -106,6 +106,10 @@ def test_sample_recon_reads_only_the_images_it_shows(imagenet_run, imagenet_dir,
     assert all(np.isfinite(res["metrics"][k]["psnr"]) for k in ("z", "z_masked"))
     got = json.load(open(imagenet_run / "samples" / "recon.json"))
     assert got["n"] == 4 and "data: 4 of the 80 images of imagenet" in capsys.readouterr().out
+    reads.clear()
+    res = sample.main([f"--ckpt={imagenet_run / 'ckpt.pt'}", "--mode=interp", "--index=40", "--steps=2", "--frames=3",
+                       "--threads=1", f"--out_dir={imagenet_run / 'samples'}"])
+    assert reads == [40, 41] and res["frames"].shape == (3, 3, 32, 32)
     with pytest.raises(data.DataError, match="the test split has 80"):
         sample.main([f"--ckpt={imagenet_run / 'ckpt.pt'}", "--mode=interp", "--index=79", "--steps=2"])
 
