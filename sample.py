@@ -278,11 +278,11 @@ def check_images(n_test, y, classes, C):
         check_attr(y, classes, C)
 
 
-TEST_SPLIT = {"cifar10": "the test split", "imagenet": "DATA_DIR/val", "celeba": "the test partition"}
+TEST_SPLIT = {"cifar10": "test split", "imagenet": "val folder", "celeba": "test partition"}
 DIRECTIONS_FROM_FILES = 2_000  # directions on images read from files: z of this many test images, a fixed random choice
 
 
-def test_images(C, tcfg):
+def read_test_images(C, tcfg):
     """-> (uint8 images, labels, class or attribute names): the test images the mode reads, and no
     others for sets read from files (ImageNet's val folder, CelebA); test image `index` is row
     C['at']. CIFAR-10 is held in memory whole; directions on a set read from files takes the z of
@@ -304,7 +304,7 @@ def test_images(C, tcfg):
         rows = list(range(C["index"], min(C["index"] + IMAGES[C["mode"]](C), len(ds))))
     check_images(len(ds), ds.targets[rows], classes, C)
     C["at"] = rows.index(C["index"])
-    print(f"data: {len(rows):,} of the {len(ds):,} images of {tcfg['dataset']}'s {TEST_SPLIT[tcfg['dataset']]} ({dd})")
+    print(f"data: {len(rows):,} of the {len(ds):,} images of the {tcfg['dataset']} {TEST_SPLIT[tcfg['dataset']]} ({dd})")
     x, y = zip(*(ds[i] for i in rows))
     return torch.stack(x), torch.stack([torch.as_tensor(v) for v in y]), classes
 
@@ -346,7 +346,7 @@ def main(argv):
                              f"{tcfg['dataset']} has no cameras, so sample.py cannot run it")
     if C["mode"] == "interp":
         interp_groups(net, C)
-    x, y, classes = test_images(C, tcfg)
+    x, y, classes = read_test_images(C, tcfg)
     x = x.to(dev).float() / 127.5 - 1  # (N, 3, S, S) in [-1, 1]
     os.makedirs(out, exist_ok=True)
     with torch.no_grad():

@@ -105,7 +105,7 @@ def test_sample_reads_only_the_images_it_shows(imagenet_run, imagenet_dir, capsy
     assert reads == [10, 11, 12, 13]
     assert all(np.isfinite(res["metrics"][k]["psnr"]) for k in ("z", "z_masked"))
     got = json.load(open(imagenet_run / "samples" / "recon.json"))
-    assert got["n"] == 4 and "data: 4 of the 80 images of imagenet" in capsys.readouterr().out
+    assert got["n"] == 4 and "data: 4 of the 80 images of the imagenet val folder" in capsys.readouterr().out
     reads.clear()
     res = sample.main([f"--ckpt={imagenet_run / 'ckpt.pt'}", "--mode=interp", "--index=40", "--steps=2", "--frames=3",
                        "--threads=1", f"--out_dir={imagenet_run / 'samples'}"])
@@ -169,4 +169,4 @@ def test_celeba_trains_probes_and_samples(tmp_path, capsys, light_eval):
     got = sample.main([f"--ckpt={out / 'ckpt.pt'}", "--mode=directions", "--attr=2", "--steps=2", "--alphas=-1,1",
                        "--n_dirs=2", "--threads=1"])
     assert got["images"].shape[:2] == (3, 3)  # PC1, PC2 and the attribute's probe direction x (source + 2 steps)
-    assert "data: 4 of the 4 images of celeba's the test partition" in capsys.readouterr().out
+    assert "data: 4 of the 4 images of the celeba test partition" in capsys.readouterr().out
