@@ -24,6 +24,12 @@ class DataError(Exception):
     """A data problem the user can fix; train.py prints it as one line."""
 
 
+def from_worker(e):
+    """A DataError raised in a DataLoader worker reaches the main process with the worker's
+    traceback as its message: the same error, with only the line the worker's raise said."""
+    return DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1])
+
+
 class Rng:
     """Per-sample random numbers for a global batch of `n` samples, of which this process holds
     `rows`. Every process draws the same numbers, in the same order, from a generator seeded by
@@ -432,12 +438,19 @@ def load_celeba(data_dir, split="train", image_size=64, n=0):
     return torch.stack([ds[i][0] for i in range(len(ds))]), ds.targets, ds.names
 
 
+def fixed_choice(n_total, n, seed=0):
+    """min(n, n_total) of range(n_total), a fixed random choice by seed, in order (n <= 0: all)."""
+    if n <= 0 or n >= n_total:
+        return torch.arange(n_total)
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
 def subset(ds, n, seed=0):
     """At most n images of a Dataset, a fixed random choice (an image folder lists its classes in
     order, so its first n would be a few classes), kept in the folder's order."""
     if n <= 0 or n >= len(ds):
         return ds
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    idx = fixed_choice(len(ds), n, seed)
     sub = torch.utils.data.Subset(ds, idx.tolist())
     sub.targets = ds.targets[idx]
     return sub

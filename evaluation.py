@@ -128,6 +128,11 @@ def extract_features(net, x, batch=500, cams=None):
     return torch.cat(pooled), torch.cat(zs)
 
 
+def count_images(source):
+    """The number of images of (images, labels) tensors or of a Dataset."""
+    return len(source[0]) if isinstance(source, tuple) else len(source)
+
+
 def image_batches(source, batch, num_workers=0):
     """(uint8 images (B, 3, H, W), labels) batches, in order: from (images, labels) tensors in memory,
     or from a Dataset of (uint8 image, label) decoded by DataLoader workers."""
@@ -139,8 +144,8 @@ def image_batches(source, batch, num_workers=0):
     try:
         yield from torch.utils.data.DataLoader(source, batch_size=batch, num_workers=num_workers,
                                                prefetch_factor=4 if num_workers else None)
-    except data.DataError as e:  # from a worker, the message is its traceback's last line
-        raise data.DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+    except data.DataError as e:
+        raise data.from_worker(e) from None
 
 
 @torch.no_grad()
@@ -148,7 +153,7 @@ def stream_features(fn, source, device, batch=256, num_workers=0, desc="features
     """fn (images in [-1, 1] on the device -> (B, D) features) over every image of `source` (see
     image_batches) -> (features fp16 (N, D), labels) on the CPU. Memory holds one batch of images
     and the fp16 features, however many images there are; a progress bar, then the img/s."""
-    feats, labels, t0, n = [], [], time.time(), len(source[0]) if isinstance(source, tuple) else len(source)
+    feats, labels, t0, n = [], [], time.time(), count_images(source)
     with tqdm(total=n, desc=desc, unit="img", disable=n < 5000 or not sys.stderr.isatty(), leave=False) as bar:
         for xb, yb in image_batches(source, batch, num_workers):
             feats.append(fn(xb.to(device, non_blocking=True).float() / 127.5 - 1).half().cpu())
@@ -193,13 +198,12 @@ def knn_accuracy(train_f, train_y, test_f, test_y, k=20, T=0.07, n_classes=None,
     so memory stays bounded for any number of training images. top5=True: (top-1, top-5)."""
     n_classes = n_classes or int(max(train_y.max(), test_y.max())) + 1
     k = min(k, len(train_f))
-    refs = [F.normalize(train_f.float(), dim=1)] if len(train_f) <= chunk else None  # one chunk: normalised once
     correct1 = correct5 = 0
     for i in range(0, len(test_f), 1000):
         q = F.normalize(test_f[i:i + 1000].float(), dim=1)
         sim = idx = None
-        for c, j in enumerate(range(0, len(train_f), chunk)):
-            ref = refs[c] if refs is not None else F.normalize(train_f[j:j + chunk].float(), dim=1)
+        for j in range(0, len(train_f), chunk):
+            ref = F.normalize(train_f[j:j + chunk].float(), dim=1)  # row by row: the same as normalising them all once
             s, ix = (q @ ref.T).topk(min(k, len(ref)), dim=1)
             if sim is None:
                 sim, idx = s, ix + j

@@ -39,9 +39,9 @@ import configurator
 import data
 import diffusion as D
 from configurator import SEED_RANGE, ConfigError, check_device, check_keys, check_writable, configure, parse_list
-from evaluation import (CheckpointError, cached_features, extract_features, file_digest, fit_linear, fit_logreg,
-                        knn_accuracy, linear_logits, load_checkpoint, model_of, plot_z_usage, standardise_stats,
-                        stream_features, top_eigenvalue, z_usage_table)
+from evaluation import (CheckpointError, cached_features, count_images, extract_features, file_digest, fit_linear,
+                        fit_logreg, knn_accuracy, linear_logits, load_checkpoint, model_of, plot_z_usage,
+                        standardise_stats, stream_features, top_eigenvalue, z_usage_table)
 
 # -----------------------------------------------------------------------------
 ckpt = "out/cifar10_cpu/ckpt.pt"  # a train.py checkpoint
@@ -136,8 +136,7 @@ def linear_probe(ftr, ytr, fte, yte, n_classes, wds=WDS, epochs=EPOCHS, val_frac
         logits = lambda f, W, b: linear_logits(f.to(device), W, b, mean, std)
     grid = [(wd, ep) for wd in wds for ep in epochs]
     heads = fits((~is_val).nonzero().squeeze(1), grid)
-    scores = {k: topk(logits(ftr[val.cpu() if solver == "lbfgs" else val], W, b), ytr[val].cpu(), 1)
-              for k, (W, b) in zip(grid, heads)}
+    scores = {k: topk(logits(ftr[val.to(ftr.device)], W, b), ytr[val].cpu(), 1) for k, (W, b) in zip(grid, heads)}
     best_wd, best_ep = max(scores, key=lambda k: (scores[k], k[0], -k[1]))  # ties: more decay, fewer epochs
     W, b = fits(torch.arange(len(ftr), device=device), [(best_wd, best_ep)])[0]
     out = logits(fte, W, b)
@@ -407,11 +406,14 @@ def main(argv):
     which = 0 if cfg["features"] == "pool" else 1
     fn = unet_features(net, cfg["unet_logsnr"], cfg["seed"]) if cfg["features"] == "unet" else \
         (lambda xb: net.encode_features(xb)[which])
-    digest = file_digest(cfg["ckpt"]) if cfg["cache"] else ""
+    digest = ""  # the checkpoint's SHA-256: read when features are first cached (DCI and z-usage need none)
 
     def feats(source, split):
         """Features of every image of a split (streamed), read from the cache when it holds them."""
-        n = len(source[0]) if isinstance(source, tuple) else len(source)
+        nonlocal digest
+        n = count_images(source)
+        if cfg["cache"] and not digest:
+            digest = file_digest(cfg["ckpt"])
         key = {"ckpt": digest, "dataset": ds, "data_dir": os.path.abspath(dd), "split": split, "n": n,
                "probe_split": cfg["split"],  # cifar10's train split differs between split='test' and 'val'
                "image_size": tcfg["image_size"], "features": cfg["features"], "random": cfg["random"],
@@ -437,7 +439,7 @@ def main(argv):
                        f"{'_val' if cfg['split'] == 'val' else ''}.json")
     if task in ("linear", "knn", "fewshot", "zusage"):
         train, test, classes = probe_sets(ds, dd, dl, tcfg, cfg)
-        n_tr, n_te = (len(s[0]) if isinstance(s, tuple) else len(s) for s in (train, test))
+        n_tr, n_te = count_images(train), count_images(test)
         print(f"probe: {task} on {ds}, {n_tr:,} train / {n_te:,} {cfg['split']} images, {len(classes)} classes, "
               f"features {cfg['features']}")
         if task != "zusage":

@@ -298,7 +298,7 @@ def read_test_images(C, tcfg):
     ds = data.load(tcfg["dataset"], dd, "test", tcfg["image_size"])
     classes = ds.ds.classes if tcfg["dataset"] == "imagenet" else ds.names
     if C["mode"] == "directions":
-        ref = torch.randperm(len(ds), generator=torch.Generator().manual_seed(C["seed"]))[:DIRECTIONS_FROM_FILES]
+        ref = data.fixed_choice(len(ds), DIRECTIONS_FROM_FILES, C["seed"])
         rows = sorted(set(ref.tolist()) | {C["index"]}) if C["index"] < len(ds) else []
     else:
         rows = list(range(C["index"], min(C["index"] + IMAGES[C["mode"]](C), len(ds))))

@@ -389,8 +389,8 @@ def get_batch(run, it):
         return run.x_train[idx], run.y_train[idx], idx
     try:
         xb, yb = next(run.loader_iter)
-    except data.DataError as e:  # from a worker, the message is its traceback's last line
-        raise data.DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+    except data.DataError as e:
+        raise data.from_worker(e) from None
     return xb.to(run.dev, non_blocking=True), yb.to(run.dev, non_blocking=True), None
 
 
