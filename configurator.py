@@ -155,7 +155,7 @@ CHOICES = dict(
     encoder=tuple(M.PRESETS["encoder"]), unet=tuple(M.PRESETS["unet"]))
 
 RANGES = [
-    (("batch_size", "max_iters", "log_interval", "ckpt_interval", "sample_steps", "k_max", "z_dim", "n_tokens",
+    (("batch_size", "grad_accum", "max_iters", "log_interval", "ckpt_interval", "sample_steps", "k_max", "z_dim", "n_tokens",
       "simsiam_dim", "bench_sample_n"), lambda v: v >= 1, ">= 1"),
     (("eval_interval", "n_val", "num_workers", "ray_freqs", "segments", "threads", "warmup_iters", "bench_iters",
       "bench_warmup", "weight_decay", "grad_clip", "enc_noise", "z_init", "simsiam_weight", "peak_flops",
@@ -170,10 +170,12 @@ RANGES = [
     SEED_RANGE,
 ]
 
-# what a resume may change: where and how often to log / evaluate / save, how long to train, and
-# how fast (device, threads, kernels). Every other key changes the model, the data order or the
-# optimisation, and a resume with another value is refused.
+# what a resume may change: where and how often to log / evaluate / save, how long to train, how
+# fast (device, threads, kernels), and how the global batch is split (batch_size, grad_accum: train.py
+# checks that their product with the process count stays). Every other key changes the model, the
+# data order or the optimisation, and a resume with another value is refused.
 RESUME_MAY_CHANGE = {"out_dir", "init_from", "overwrite", "log_interval", "eval_interval", "ckpt_interval", "ckpt_keep",
+                     "batch_size", "grad_accum",
                      "eval_at_start", "max_iters", "data_dir", "download", "num_workers", "sample_steps",
                      "sample_schedule", "device", "dtype", "cpu_bf16", "compile", "compile_backend", "fused_adamw",
                      "channels_last", "threads", "peak_flops", "bench_iters", "bench_warmup", "bench_sample_n"}

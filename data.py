@@ -9,6 +9,7 @@ global batch and sliced to this process's rows, from a generator seeded by (seed
 DDP run equals one process on the same global batch, and resuming at a step replays it exactly.
 This file imports no other project file.
 """
+import functools
 import glob
 import math
 import os
@@ -56,6 +57,19 @@ class Rng:
 # -----------------------------------------------------------------------------
 # Batched augmentations on float images in [0, 1], (B, 3, H, W)
 
+@functools.lru_cache(maxsize=None)
+def constant(values, device):
+    """A tensor of Python numbers (nested tuples), made once per device: built inside a training
+    step, it would be copied from the host every step (on CUDA, a wait for the GPU)."""
+    return torch.tensor(values, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def yiq_matrices(device):
+    """RGB -> YIQ and its inverse (for the hue rotation), inverted once on the CPU, then copied."""
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    return yiq.to(device), torch.linalg.inv(yiq).to(device)
+
 def _affine(x, theta):
     # theta (B, 2, 3) maps output coords to input coords, in [-1, 1]; reflect at the borders
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
@@ -89,13 +103,12 @@ def color_jitter(x, rng, b=0.4, c=0.4, s=0.4, h=0.1, p=0.8, p_gray=0.2):
     y = x * bf
     y = (y - gray(y).mean(dim=(2, 3), keepdim=True)) * cf + gray(y).mean(dim=(2, 3), keepdim=True)
     y = gray(y) + (y - gray(y)) * sf
-    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                       device=x.device)
+    yiq, yiq_inv = yiq_matrices(x.device)
     cos, sin = angle.cos(), angle.sin()
     one, zero = torch.ones_like(cos), torch.zeros_like(cos)
     rot = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1),
                        torch.stack([zero, sin, cos], 1)], 1)  # (B, 3, 3)
-    M = torch.linalg.inv(yiq) @ rot @ yiq
+    M = yiq_inv @ rot @ yiq
     y = torch.einsum("bij,bjhw->bihw", M, y).clamp(0, 1)
     y = torch.where(on, y, x)
     return torch.where(to_gray, gray(y).expand(-1, 3, -1, -1), y)
@@ -110,6 +123,7 @@ def randaugment(x, rng, n_ops=2, magnitude=9):
            "autocontrast", "rotate", "shear_x", "shear_y", "translate_x", "translate_y"]
     B = x.shape[0]
     eye = torch.eye(2, 3, device=x.device).expand(B, 2, 3)
+    row0, row1 = constant(((1.0,), (0.0,)), x.device), constant(((0.0,), (1.0,)), x.device)
     for _ in range(n_ops):
         op = rng.randint(len(ops))
         sign = torch.where(rng.rand() < 0.5, -1.0, 1.0)[:, None, None, None]
@@ -124,10 +138,10 @@ def randaugment(x, rng, n_ops=2, magnitude=9):
         thetas = {
             "rotate": torch.cat([torch.cat([rot.cos(), -rot.sin(), 0 * rot], 1)[:, None],
                                  torch.cat([rot.sin(), rot.cos(), 0 * rot], 1)[:, None]], 1),
-            "shear_x": eye + F.pad(shear, (1, 1))[:, None, :] * torch.tensor([[1.0], [0.0]], device=x.device),
-            "shear_y": eye + F.pad(shear, (0, 2))[:, None, :] * torch.tensor([[0.0], [1.0]], device=x.device),
-            "translate_x": eye + F.pad(shift, (2, 0))[:, None, :] * torch.tensor([[1.0], [0.0]], device=x.device),
-            "translate_y": eye + F.pad(shift, (2, 0))[:, None, :] * torch.tensor([[0.0], [1.0]], device=x.device),
+            "shear_x": eye + F.pad(shear, (1, 1))[:, None, :] * row0,
+            "shear_y": eye + F.pad(shear, (0, 2))[:, None, :] * row1,
+            "translate_x": eye + F.pad(shift, (2, 0))[:, None, :] * row0,
+            "translate_y": eye + F.pad(shift, (2, 0))[:, None, :] * row1,
         }
         outs = {
             "identity": x,
@@ -347,8 +361,9 @@ def epoch_order(n, global_batch, seed, epoch):
 
 
 class StepBatches(torch.utils.data.Sampler):
-    """Index batches for DataLoader workers: this process's rows of each global batch, starting at
-    `start` step, in the same (seed, epoch) order as the in-memory path."""
+    """Index batches for DataLoader workers: this process's rows of each global batch, one batch per
+    micro-step (`rows`: a slice per micro-step), starting at `start` step, in the same (seed, epoch)
+    order as the in-memory path."""
 
     def __init__(self, n, global_batch, rows, seed, start, stop):
         self.n, self.gb, self.rows, self.seed, self.start, self.stop = n, global_batch, rows, seed, start, stop
@@ -359,21 +374,26 @@ class StepBatches(torch.utils.data.Sampler):
             epoch, i = divmod(it, per_epoch)
             if order[0] != epoch:
                 order = (epoch, epoch_order(self.n, self.gb, self.seed, epoch))
-            yield order[1][i][self.rows].tolist()
+            for rows in self.rows:
+                yield order[1][i][rows].tolist()
 
     def __len__(self):
-        return self.stop - self.start
+        return (self.stop - self.start) * len(self.rows)
 
 
+def class_table(y):
+    """For class_partners, made once: every index grouped by class (increasing within a class), and
+    where each class starts in that order and how many it has."""
+    count = torch.bincount(y)
+    return torch.sort(y, stable=True).indices, count.cumsum(0) - count, count
 
-def class_partners(idx, y, rng):
-    """For views='class': for each index another index of the same class, drawn by rng."""
-    out = torch.empty_like(idx)
-    r = rng.rand().cpu()
-    for j, i in enumerate(idx.tolist()):
-        same = (y == y[i]).nonzero().squeeze(1)
-        out[j] = same[int(r[j] * len(same)) % len(same)]
-    return out
+
+def class_partners(idx, y, table, rng):
+    """For views='class': for each index another index of the same class, drawn by rng: one of the
+    class's indices (class_table) picked by a uniform draw, on the device (no host sync)."""
+    order, start, count = table
+    c = y[idx]
+    return order[start[c] + (rng.rand() * count[c]).long() % count[c]]
 
 
 # -----------------------------------------------------------------------------

@@ -40,9 +40,33 @@ def abar_sigmoid(u, start=-3.0, end=3.0, tau=1.0):
 BASES = {"linear": abar_linear, "cosine": abar_cosine, "sigmoid": abar_sigmoid}
 
 
+# Each base's inverse function in closed form: t in [0, 1] with base(t) = y (y outside the base's
+# range gives the nearer end). Arithmetic on the device only: a training step never waits for the host.
+
+def inverse_linear(y, beta_0=1e-4, beta_1=0.02, T=1000):
+    # T (beta_0 t + (beta_1 - beta_0) t^2 / 2) = -log y, the positive root of the quadratic
+    a = 0.5 * (beta_1 - beta_0)
+    return ((beta_0**2 - 4 * a * y.log() / T).sqrt() - beta_0) / (2 * a)
+
+
+def inverse_cosine(y, s=0.008):
+    # cos^2((t + s) / (1 + s) pi / 2) = y cos^2(s / (1 + s) pi / 2)
+    c0 = math.cos(s / (1 + s) * math.pi / 2) ** 2
+    return 2 * (1 + s) / math.pi * torch.arccos((c0 * y).sqrt()) - s
+
+
+def inverse_sigmoid(y, start=-3.0, end=3.0, tau=1.0):
+    # sigmoid((t (end - start) + start) / tau) = sig(end) - y (sig(end) - sig(start))
+    sig_s, sig_e = 1 / (1 + math.exp(-start / tau)), 1 / (1 + math.exp(-end / tau))
+    return (tau * torch.logit(sig_e - y * (sig_e - sig_s)) - start) / (end - start)
+
+
+INVERSES = {abar_linear: inverse_linear, abar_cosine: inverse_cosine, abar_sigmoid: inverse_sigmoid}
+
+
 def invert_decreasing(fn, y, iters=60):
     """The t in [0, 1] with fn(t) = y, for a decreasing fn, by bisection (the smallest such t where
-    fn is flat, e.g. clipped)."""
+    fn is flat, e.g. clipped): for functions with no closed-form inverse (a mixture's table, once)."""
     lo, hi = torch.zeros_like(y), torch.ones_like(y)
     for _ in range(iters):
         mid = (lo + hi) / 2
@@ -54,21 +78,26 @@ def invert_decreasing(fn, y, iters=60):
 def abar_inverted(u, base=abar_cosine):
     """The inverse function of a base S-shaped schedule: abar_inv = base^{-1} (§3.4, Fig. 3).
     The base is steep in the middle and flat at the ends, so its inverse is flat in the middle and
-    steep at the ends: uniform u then lands mostly on medium noise levels. Solved by bisection, so
-    any monotone base works."""
-    return invert_decreasing(base, u)
+    steep at the ends: uniform u then lands mostly on medium noise levels. In closed form
+    (INVERSES)."""
+    return INVERSES[base](u.clamp(0, 1)).clamp(0, 1)
 
 
 def mixture(fns, n=4001):
     """An equal mixture of schedules (u -> logsnr functions), as one monotone schedule. Under uniform
     u, schedule i puts a fraction u_i(l) = fn_i^{-1}(l) of its draws at log-SNR >= l; the mixture's
-    fraction is their mean, tabulated on a log-SNR grid and inverted by linear interpolation. So
-    uniform u draws each schedule's noise levels half the time, and u = 0 is still clean, 1 noise."""
+    fraction is their mean, tabulated on a log-SNR grid (once, by bisection) and inverted by linear
+    interpolation, the table copied to each device once. So uniform u draws each schedule's noise
+    levels half the time, and u = 0 is still clean, 1 noise."""
     grid = torch.linspace(LOGSNR_MAX, LOGSNR_MIN, n, dtype=torch.float64)
     u_grid = sum(invert_decreasing(lambda u: fn(u).double(), grid) for fn in fns) / len(fns)
+    tables = {}
 
     def logsnr_fn(u):
-        u, ug, g = u.double().clamp(0, 1), u_grid.to(u.device), grid.to(u.device)
+        if u.device not in tables:
+            tables[u.device] = u_grid.to(u.device), grid.to(u.device)
+        ug, g = tables[u.device]
+        u = u.double().clamp(0, 1)
         i = torch.searchsorted(ug, u).clamp(1, n - 1)  # ug[i - 1] <= u <= ug[i]
         frac = ((u - ug[i - 1]) / (ug[i] - ug[i - 1]).clamp_min(1e-12)).clamp(0, 1)
         return g[i - 1] + (g[i] - g[i - 1]) * frac

@@ -23,6 +23,7 @@ import configurator
 import data
 import diffsiam
 import diffusion as D
+import model as M
 
 
 # -----------------------------------------------------------------------------
@@ -605,14 +606,19 @@ def set_rng_states(rng, cuda):
 
 
 
-def count_flops(net, image_size, dev, autocast):
-    """Model FLOPs of one training image (forward + backward), counted once (for MFU)."""
+def count_flops(build, image_size):
+    """Model FLOPs of one training image (forward + backward), for MFU: counted on a fresh copy of
+    the model, build(), on the meta device (no memory, no arithmetic), so it issues no collective
+    (z_bn's all-reduce is off in the copy) and touches no weight, statistic or RNG of the run."""
     from torch.utils.flop_counter import FlopCounterMode
-    x = torch.randn(2, 3, image_size, image_size, device=dev)
-    rays = torch.randn(2, 6, image_size, image_size, device=dev) if net.ray_freqs else None
+    with torch.device("meta"):
+        net = build().train()
+        x = torch.empty(2, 3, image_size, image_size)
+        rays = torch.empty(2, 6, image_size, image_size) if net.ray_freqs else None
+    for m in net.modules():
+        if isinstance(m, M.BatchStandardize):
+            m.sync = False
     counter = FlopCounterMode(display=False)
-    with counter, autocast():
-        net(x, torch.zeros(2, device=dev), x, rays_src=rays, rays_tgt=rays).float().sum().backward()
-    net.zero_grad(set_to_none=True)
+    with counter, torch.random.fork_rng(devices=[]):
+        net(x, torch.zeros(2, device="meta"), x, rays_src=rays, rays_tgt=rays).float().sum().backward()
     return counter.get_total_flops() / 2
-

@@ -372,11 +372,12 @@ class BatchStandardize(nn.Module):
     """Each dim of z to zero mean and unit variance over the batch in training, running statistics
     in eval (BatchNorm without the affine part). Under DDP the sums are all-reduced (with their
     gradient) over the ranks, so the statistics are the global batch's and a DDP run equals one
-    process. The buffers carry BatchNorm1d's names."""
+    process. The buffers carry BatchNorm1d's names. sync=False keeps the statistics to this
+    process's batch (a copy counted for FLOPs, train.py, issues no collective)."""
 
     def __init__(self, dim, momentum=0.01, eps=1e-5):
         super().__init__()
-        self.momentum, self.eps = momentum, eps
+        self.momentum, self.eps, self.sync = momentum, eps, True
         self.register_buffer("running_mean", torch.zeros(dim))
         self.register_buffer("running_var", torch.ones(dim))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
@@ -387,9 +388,9 @@ class BatchStandardize(nn.Module):
             return (z - self.running_mean) / (self.running_var + self.eps).sqrt()
         sums = torch.stack([z.sum(0), z.pow(2).sum(0)])  # (2, dim)
         n = z.shape[0]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            import torch.distributed.nn.functional as dist_fn
-            sums = dist_fn.all_reduce(sums)
+        if self.sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+            from torch.distributed import _functional_collectives as collectives  # with autograd; compiles
+            sums = collectives.all_reduce(sums, "sum", torch.distributed.group.WORLD)
             n *= torch.distributed.get_world_size()
         mean = sums[0] / n
         var = (sums[1] / n - mean ** 2).clamp(min=0)
@@ -466,9 +467,12 @@ class SODA(nn.Module):
     def mask_z(self, z, keep):
         """keep (B, P) of 0/1: z cut into P near-equal parts (P = n_sections: the layer sections;
         P = z_dim: any mask), each zeroed where keep is 0."""
-        parts = torch.arange(z.shape[1]).tensor_split(keep.shape[1])  # the same cut as unet.sec_dims
-        sizes = torch.tensor([t.numel() for t in parts], device=z.device)
-        return z * keep.to(z.dtype).repeat_interleave(sizes, dim=1, output_size=z.shape[1])  # a static shape for torch.compile
+        # the same cut as unet.sec_dims (tensor_split): the first r parts have q + 1 dims, the rest q;
+        # each dim's part computed on z's device (a training step never waits for the host)
+        q, r = divmod(z.shape[1], keep.shape[1])
+        dim = torch.arange(z.shape[1], device=z.device)
+        part = torch.where(dim < r * (q + 1), dim // (q + 1), r + (dim - r * (q + 1)) // max(q, 1))
+        return z * keep.to(z.dtype)[:, part]
 
     def to_eps(self, out, x_t, logsnr):
         """The network's output read as eps (what the loss and the samplers use). 'eps': as is.

@@ -41,7 +41,7 @@ from evaluation import (CheckpointError, count_flops, evaluate_and_log, fixed_ev
 out_dir = "out"  # checkpoint, log.jsonl and sample grids go here
 init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 overwrite = False  # a scratch run may replace an out_dir that already holds ckpt.pt (and its log)
-log_interval = 20  # steps between log lines (the only host syncs in the loop)
+log_interval = 20  # steps between log lines (with checkpoint steps, the only waits for the GPU)
 eval_interval = 500  # steps between evaluations (kNN, z-gap, sample grid); 0 = only at the end
 ckpt_interval = 500  # steps between checkpoints (and one at the end)
 ckpt_keep = False  # also keep every checkpoint as ckpt_<step>.pt (learning curves: probe each one)
@@ -89,7 +89,8 @@ simsiam_weight = 0.0  # weight of the SimSiam loss; > 0 builds its heads (needs 
 simsiam_dim = 512  # width of the SimSiam projector (the predictor's hidden layer is a quarter of it)
 pretrained = ""  # PDAE decoder: a checkpoint whose EMA UNet becomes the frozen denoiser ('': train the UNet jointly)
 # optimizer
-batch_size = 64  # per process; the global batch is batch_size * world_size
+batch_size = 64  # images per process and micro-step
+grad_accum = 1  # micro-steps per optimizer step: the global batch is batch_size * world_size * grad_accum
 max_iters = 2000
 lr = 2e-4  # decoder learning rate (peak)
 enc_lr_mult = 1.0  # the encoder's learning rate is lr * enc_lr_mult
@@ -130,57 +131,71 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "
 def main(argv):
     cfg = configure(argv, DEFAULTS)
     validate(cfg)
-    run = setup(cfg, resume_checkpoint(cfg))
-    try:
-        return bench(run) if run.bench_iters > 0 else loop(run)
-    finally:  # out_dir is free for the next run, however this one ended
-        if run.lock:
-            configurator.release_lock(run.lock)
+    run = None
+    # a signal (Ctrl-C, SIGTERM, SIGUSR1) from here on asks the loop to stop with a checkpoint, one
+    # that comes during setup too: a launcher's or a cluster's SIGTERM does not wait for the loop
+    with stop_signals(enabled=not cfg["bench_iters"]) as stop:
+        try:
+            run = setup(cfg, resume_checkpoint(cfg))
+            run.stop = stop
+            return bench(run) if run.bench_iters > 0 else loop(run)
+        finally:  # out_dir is free for the next run, and the process group is gone, however this one ended
+            if run is not None and run.lock:
+                configurator.release_lock(run.lock)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
 
 def loop(run):
-    """The training loop: a step, and at their intervals a log line, an evaluation, a checkpoint."""
+    """The training loop: a step, and at their intervals a log line, an evaluation, a checkpoint.
+    After every step the processes agree whether a signal asked any of them to stop (stop_requested);
+    at log and checkpoint steps whether any step on any of them was not finite (first_bad_step)."""
+    if stop_requested(run):  # a signal during setup: nothing trained, nothing to save
+        run.say(f"stopped by {signal.Signals(run.stop[0]).name if run.stop else 'a signal'} before step "
+                f"{run.step + 1}; nothing saved")
+        return
     if run.eval_at_start and run.step == 0:
         evaluate_and_log(run, 0)
     # a bar on a terminal; in a file (nohup, a job log) one plain line per log_interval instead
     run.t_start = time.time()  # the elapsed time of the plain lines counts from here
     bar = tqdm(total=run.max_iters, initial=run.step, disable=not (run.master and sys.stderr.isatty()),
                dynamic_ncols=True, desc="train")
-    bad = torch.zeros((), dtype=torch.long, device=run.dev) - 1  # first step with a non-finite loss, or -1
+    # first step with a non-finite loss or gradient norm, or -1 (a device tensor: read at log and checkpoint steps)
+    bad = torch.zeros((), dtype=torch.long, device=run.dev) - 1
     loss_sum, t0, seen0 = torch.zeros((), device=run.dev), time.time(), run.step  # since the last log line
     run.raw.train()
-    with stop_signals() as stop:  # Ctrl-C (SIGINT) or SIGTERM: finish the step, save a resumable checkpoint, stop
-        while run.step < run.max_iters:
-            it = run.step
-            loss = train_step(run, it)
-            bad = torch.where((bad < 0) & ~torch.isfinite(loss), it, bad)
-            loss_sum += loss
-            run.step = step = it + 1
-            bar.update(1)
-            last = step == run.max_iters
-            halt = not last and stop_requested(run, stop, step)
-            if step % run.log_interval == 0 or step % run.ckpt_interval == 0 or last or halt:
-                if bad.item() >= 0:  # a host sync, only at log and checkpoint steps: never save a NaN model
-                    raise FloatingPointError(f"non-finite loss at step {bad.item()}; stopping. The last good "
-                                             f"checkpoint is {os.path.join(run.out_dir, 'ckpt.pt')} (if any)")
-            if step % run.log_interval == 0 or last:
-                log_progress(run, bar, loss_sum, step - seen0, t0, lr_at(run, it))
-                t0, seen0 = time.time(), step
-                loss_sum.zero_()
-            if (run.eval_interval > 0 and step % run.eval_interval == 0) or last:
-                t_eval = time.time()
-                evaluate_and_log(run, step)
-                t0 += time.time() - t_eval  # evaluation time is not training time
-            if step % run.ckpt_interval == 0 or last or halt:
-                save_run(run, step)
-            if halt:
-                bar.close()
-                run.say(f"stopped by {signal.Signals(stop[0]).name if stop else 'a signal'} after step {step}; "
-                        f"checkpoint {os.path.join(run.out_dir, 'ckpt.pt')}; continue with --init_from=resume", flush=True)
-                break
+    while run.step < run.max_iters:
+        it = run.step
+        loss = train_step(run, it)
+        bad = torch.where((bad < 0) & ~(torch.isfinite(loss) & torch.isfinite(run.grad_norm)), it, bad)
+        loss_sum += loss
+        run.step = step = it + 1
+        bar.update(1)
+        last = step == run.max_iters
+        halt = not last and stop_requested(run)
+        if step % run.log_interval == 0 or step % run.ckpt_interval == 0 or last or halt:
+            first = first_bad_step(run, bad)  # a host sync, at log and checkpoint steps only: never save a NaN model
+            if first >= 0:
+                raise FloatingPointError(f"non-finite loss or gradient at step {first}; stopping. The last good "
+                                         f"checkpoint is {os.path.join(run.out_dir, 'ckpt.pt')} (if any)")
+        if step % run.log_interval == 0 or last:
+            log_progress(run, bar, loss_sum, step - seen0, t0, lr_at(run, it))
+            t0, seen0 = time.time(), step
+            loss_sum.zero_()
+        if (run.eval_interval > 0 and step % run.eval_interval == 0) or last:
+            t_eval = time.time()
+            evaluate_and_log(run, step)
+            t0 += time.time() - t_eval  # evaluation time is not training time
+        if step % run.ckpt_interval == 0 or last or halt:
+            save_run(run, step)
+        if halt:
+            bar.close()
+            run.say(f"stopped by {signal.Signals(run.stop[0]).name if run.stop else 'a signal'} after step {step}; "
+                    f"checkpoint {os.path.join(run.out_dir, 'ckpt.pt')}; continue with --init_from=resume", flush=True)
+            break
     bar.close()
-    if run.ddp:
-        torch.distributed.destroy_process_group()
+    if run.ddp:  # every process waits for rank 0's last evaluation and save before the group goes
+        torch.distributed.barrier()
     run.say(f"done: {run.step} steps; checkpoint {os.path.join(run.out_dir, 'ckpt.pt')}")
 
 
@@ -204,6 +219,18 @@ def resume_checkpoint(cfg):
     if bad:
         raise ConfigError(f"cannot resume {path} with {', '.join(bad)}: these keys change the model, the data "
                           "order or the optimisation (start a new out_dir instead)")
+    # the global batch must stay; how it is split (processes x batch_size x grad_accum) may change. A
+    # checkpoint from before the split was recorded came from one process without accumulation.
+    was = ckpt.get("batch") or {"world": 1, "batch_size": ckpt["config"]["batch_size"], "grad_accum": 1}
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    now = {"world": world, "batch_size": cfg["batch_size"], "grad_accum": cfg["grad_accum"]}
+    if math.prod(was.values()) != math.prod(now.values()):
+        split = lambda b: f"{math.prod(b.values())} ({b['world']} process{'es' * (b['world'] != 1)} x " \
+                          f"batch_size={b['batch_size']} x grad_accum={b['grad_accum']})"
+        raise ConfigError(f"cannot resume {path}: it was trained with a global batch of {split(was)}, this run's is "
+                          f"{split(now)}; keep the global batch (e.g. --batch_size={cfg['batch_size']} "
+                          f"--grad_accum={max(1, math.prod(was.values()) // (world * cfg['batch_size']))}) or start "
+                          "a new out_dir")
     return ckpt
 
 
@@ -217,7 +244,7 @@ def setup(cfg, ckpt=None):
     setup_model(run, ckpt)
     # image folders: DataLoader workers, built after setup_model so they start at the resumed step
     run.loader_iter = None if run.in_memory or run.multiview else iter(torch.utils.data.DataLoader(
-        run.train_set, batch_sampler=data.StepBatches(run.n_train, run.global_batch, run.rows, run.seed, run.step,
+        run.train_set, batch_sampler=data.StepBatches(run.n_train, run.global_batch, run.micro_rows, run.seed, run.step,
                                                  run.max_iters),
         num_workers=run.num_workers, pin_memory=run.cuda, persistent_workers=run.num_workers > 0,
         prefetch_factor=4 if run.num_workers > 0 else None))  # batches of (seed, step): a resume replays them
@@ -233,7 +260,7 @@ def setup(cfg, ckpt=None):
         run.lock = configurator.take_lock(run.out_dir)  # refused if a live run writes there
         if run.overwrite and run.init_from == "scratch" and os.path.exists(os.path.join(run.out_dir, "log.jsonl")):
             os.remove(os.path.join(run.out_dir, "log.jsonl"))  # a new run, a new log
-    run.flops_per_img = count_flops(run.raw, run.image_size, run.dev, run.autocast) if run.cuda and run.master else 0.0
+    run.flops_per_img = count_flops(lambda: build_model(run.cfg), run.image_size)  # every process, no collective
     run.peak = run.peak_flops or next((v for k, v in GPU_PEAK_BF16.items()
                                        if run.cuda and k in torch.cuda.get_device_name(run.dev)), 0.0)
     return run
@@ -244,14 +271,18 @@ def setup_processes(run):
     anywhere); the device, threads and autocast; this process's rows of each global batch."""
     run.ddp = int(os.environ.get("RANK", -1)) != -1
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if run.device == "auto" else run.device
+    run.stop_group = None  # the processes' stop flag goes through the default group: gloo on the CPU
     if run.ddp:
         run.rank, run.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        run.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if dev.startswith("cuda"):
-            dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            dev = f"cuda:{run.local_rank}"
             torch.cuda.set_device(dev)
         torch.distributed.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+        if dev.startswith("cuda"):  # on GPUs a gloo group of the CPUs: agreeing to stop never waits for a GPU
+            run.stop_group = torch.distributed.new_group(backend="gloo")
     else:
-        run.rank, run.world = 0, 1
+        run.rank, run.world, run.local_rank = 0, 1, 0
     run.dev, run.cuda, run.master = dev, dev.startswith("cuda"), run.rank == 0
     if run.threads > 0:
         torch.set_num_threads(run.threads)
@@ -263,8 +294,11 @@ def setup_processes(run):
     cpu_amp, why = configurator.cpu_autocast(run.cpu_bf16)
     use_amp = amp_dtype != torch.float32 and (run.cuda or cpu_amp)
     run.autocast = lambda: torch.autocast("cuda" if run.cuda else "cpu", dtype=amp_dtype, enabled=use_amp)
-    run.global_batch = run.batch_size * run.world
-    run.rows = slice(run.rank * run.batch_size, (run.rank + 1) * run.batch_size)  # this process's rows
+    run.global_batch = run.batch_size * run.world * run.grad_accum
+    # the global batch in slots of batch_size rows; micro-step m of this process takes slot m * world + rank:
+    # one process x grad_accum 2 and two processes x 1 split it the same way
+    run.slots = [m * run.world + run.rank for m in range(run.grad_accum)]
+    run.micro_rows = [slice(s * run.batch_size, (s + 1) * run.batch_size) for s in run.slots]
     run.say = print if run.master else (lambda *a, **k: None)
     if not run.cuda:
         run.say(f"CPU autocast: {'bf16' if use_amp else 'fp32'} ({why if amp_dtype != torch.float32 else 'dtype=float32'})")
@@ -275,6 +309,44 @@ def setup_data(run, ckpt):
     multi-view sets: the train objects, and the unseen test objects for the evaluation grid."""
     run.multiview = run.dataset in data.MULTIVIEW and run.bench_iters == 0
     run.train_set = run.x_train = run.y_train = run.x_val = run.y_val = None
+    with local_rank_first(run):  # one download per node
+        load_data(run)
+    run.in_memory = isinstance(run.train_set, tuple)
+    if run.in_memory:
+        run.x_train, run.y_train = (t.to(run.dev) for t in run.train_set)
+        run.n_train = len(run.x_train)
+        if run.views == "class":
+            run.classes = tuple(t.to(run.dev) for t in data.class_table(run.y_train.cpu()))
+    elif not run.multiview:  # image folders, CelebA: the evaluation reads a fixed part of train and val (setup)
+        run.n_train, run.y_train = len(run.train_set), run.train_set.targets
+    run.steps_per_epoch = run.n_train // run.global_batch
+    run.order_cache = {}  # in memory: the current epoch's order (get_batch)
+    if run.steps_per_epoch == 0:
+        raise data.DataError(f"the global batch ({run.global_batch}) is larger than the training set ({run.n_train})")
+    if ckpt is not None and ckpt.get("data_pos", {}).get("n_train", run.n_train) != run.n_train:
+        raise data.DataError(f"cannot resume: the checkpoint was trained on {ckpt['data_pos']['n_train']:,} images, "
+                             f"data_dir now gives {run.n_train:,} (another copy of the data changes the data order)")
+    split = f"{run.batch_size} x {run.world} processes" + (f" x {run.grad_accum} micro-steps" if run.grad_accum > 1 else "")
+    run.say(f"data: {run.dataset} {run.n_train:,} train images, global batch {run.global_batch} "
+            f"({split}), {run.steps_per_epoch} steps per epoch")
+    if run.multiview:
+        run.say(f"multi-view: {run.mv_train.images.shape[0]} train objects x {run.mv_train.images.shape[1]} views, "
+                f"1..{run.k_max} source views per step; {run.mv_val.images.shape[0]} unseen objects for the eval grid")
+
+
+@contextlib.contextmanager
+def local_rank_first(run):
+    """The block runs on each node's first process (LOCAL_RANK 0) first, then on the others, which
+    find what it downloaded or wrote (torchrun: every process calls this once)."""
+    if run.ddp and run.local_rank != 0:
+        torch.distributed.barrier()
+    yield
+    if run.ddp and run.local_rank == 0:
+        torch.distributed.barrier()
+
+
+def load_data(run):
+    """The training split and the validation split (or the multi-view train and test objects)."""
     if run.multiview:  # batches come from data.multiview_batch; an "epoch" counts train_images images
         run.mv_train = data.load_multiview(run.dataset, run.data_dir, "train", run.image_size)
         run.mv_val = data.load_multiview(run.dataset, run.data_dir, "test", run.image_size)
@@ -293,27 +365,11 @@ def setup_data(run, ckpt):
             data_path, why, dl = data.find_cifar10(run.data_dir, run.download)
             run.say(f"data: using {data_path} ({why})")
         run.train_set = data.load(run.dataset, data_path, "train", run.image_size, dl, run.n_val, run.seed)
-    run.in_memory = isinstance(run.train_set, tuple)
-    if run.in_memory:
-        run.x_train, run.y_train = (t.to(run.dev) for t in run.train_set)
-        run.n_train = len(run.x_train)
+    if isinstance(run.train_set, tuple):
         run.x_val, run.y_val = run.train_set if run.bench_iters else \
             data.load(run.dataset, data_path, "val", run.image_size, dl, run.n_val, run.seed)
-    elif not run.multiview:  # image folders, CelebA: the evaluation reads a fixed part of train and val (setup)
-        run.n_train, run.y_train = len(run.train_set), run.train_set.targets
+    elif not run.multiview:
         run.val_set = data.load(run.dataset, data_path, "val", run.image_size)
-    run.steps_per_epoch = run.n_train // run.global_batch
-    run.order_cache = {}  # in memory: the current epoch's order (get_batch)
-    if run.steps_per_epoch == 0:
-        raise data.DataError(f"the global batch ({run.global_batch}) is larger than the training set ({run.n_train})")
-    if ckpt is not None and ckpt.get("data_pos", {}).get("n_train", run.n_train) != run.n_train:
-        raise data.DataError(f"cannot resume: the checkpoint was trained on {ckpt['data_pos']['n_train']:,} images, "
-                             f"data_dir now gives {run.n_train:,} (another copy of the data changes the data order)")
-    run.say(f"data: {run.dataset} {run.n_train:,} train images, global batch {run.global_batch} "
-            f"({run.batch_size} x {run.world} processes), {run.steps_per_epoch} steps per epoch")
-    if run.multiview:
-        run.say(f"multi-view: {run.mv_train.images.shape[0]} train objects x {run.mv_train.images.shape[1]} views, "
-                f"1..{run.k_max} source views per step; {run.mv_val.images.shape[0]} unseen objects for the eval grid")
 
 
 def setup_model(run, ckpt):
@@ -377,18 +433,18 @@ def lr_at(run, it):
     return run.lr * (run.min_lr_ratio + (1 - run.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def get_batch(run, it):
-    """Step it's images (and labels, and their indices in memory) for this process: a function of
-    (seed, it) alone, so a resume replays the same batches."""
+def get_batch(run, it, rows):
+    """Step it's images (and labels, and their indices in memory), the global batch's `rows`: a
+    function of (seed, it) alone, so a resume replays the same batches on any number of processes."""
     epoch, i = divmod(it, run.steps_per_epoch)
     if run.in_memory:
         if epoch not in run.order_cache:
             run.order_cache.clear()
             run.order_cache[epoch] = data.epoch_order(run.n_train, run.global_batch, run.seed, epoch).to(run.dev)
-        idx = run.order_cache[epoch][i][run.rows]
+        idx = run.order_cache[epoch][i][rows]
         return run.x_train[idx], run.y_train[idx], idx
     try:
-        xb, yb = next(run.loader_iter)
+        xb, yb = next(run.loader_iter)  # the DataLoader yields the micro-steps' rows in order (StepBatches)
     except data.DataError as e:
         raise data.from_worker(e) from None
     return xb.to(run.dev, non_blocking=True), yb.to(run.dev, non_blocking=True), None
@@ -398,44 +454,26 @@ def views_of(run, xb, idx, rng):
     """(source, target) views of a batch (§3.3): two augmentations, one, or another image of the class."""
     other = None
     if run.views == "class":
-        other = run.x_train[data.class_partners(idx.cpu(), run.y_train.cpu(), rng).to(run.dev)]
+        other = run.x_train[data.class_partners(idx, run.y_train, run.classes, rng)]
     return data.make_views(xb, run.views, run.aug, rng, other, run.crop_min)
 
 
 def train_step(run, it):
-    """One optimisation step (§3.2, §3.4): views, noise level and noise, the denoising loss through
-    the encoder's z, AdamW, the EMA. Every random number in it comes from (seed, it): the global RNG
-    too (dropout), reseeded per step and rank. -> the loss (a device tensor: no host sync)."""
-    torch.manual_seed(run.seed * 1_000_003 + it * run.world + run.rank + 1)
-    rng = data.Rng(run.seed, it, run.global_batch, run.rows, run.dev)
-    cond = {}
-    if run.multiview:  # k source views + a target view of one object, with their rays
-        k = 1 + rng.shared_randint(run.k_max)
-        x_src, rays_src, x_tgt, rays_tgt = data.multiview_batch(run.mv_train, k, rng)
-        cond = dict(rays_src=rays_src, rays_tgt=rays_tgt, keep_pose=run.raw.draw_keep_pose(rng.rand))
-        if run.p_uncond_src_pose > 0:  # each source view's pose dropped too (§3.3: "absence of source ... positional information")
-            cond["keep_src_pose"] = (rng.rand(k) >= run.p_uncond_src_pose).float()
-    else:
-        xb, _, idx = get_batch(run, it)
-        x_src, x_tgt = views_of(run, xb, idx, rng)
-    x_src = x_src + run.enc_noise * rng.randn(*x_src.shape[1:])  # low noise on the encoder input (§3.4)
-    keep = run.raw.draw_keep(rng.rand)
-    u, eps = rng.rand(), rng.randn(*x_tgt.shape[1:])
-    if run.segments:  # DiffSiam: the noise level decides which segments of z are on, on top of the dropout
-        cond["seg_keep"] = diffsiam.segment_keep(u, run.segments, run.segment_mode)
-        if run.simsiam_weight > 0:
-            cond["x_pair"] = x_tgt  # the second augmented view
-    if run.channels_last and not run.multiview:
-        x_src, x_tgt = x_src.contiguous(memory_format=run.mem), x_tgt.contiguous(memory_format=run.mem)
+    """One optimisation step (§3.2, §3.4) on the global batch, in grad_accum micro-steps (each the
+    denoising loss of its rows, backward; DDP all-reduces the gradients after the last), then
+    gradient clipping, AdamW, the EMA. -> the loss, the mean over the global batch (a device tensor:
+    no host sync); run.grad_norm, the gradient's norm before clipping."""
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(run, it) * group["lr_mult"]
-    with run.autocast():
-        loss = D.loss(run.net, x_src, x_tgt, run.schedule_fn, u=u, eps=eps, weighting=run.weighting, keep=keep, **cond)
-    if isinstance(loss, tuple):  # DiffSiam: diffusion loss + weighted SimSiam loss (thesis eq. 3.12)
-        loss = loss[0] + run.simsiam_weight * loss[1]
-    loss.backward()
+    loss = 0.0
+    for m, (slot, rows) in enumerate(zip(run.slots, run.micro_rows)):
+        sync = m == run.grad_accum - 1 or not run.ddp
+        with contextlib.nullcontext() if sync else run.net.no_sync():
+            loss = loss + micro_step(run, it, slot, rows)
     if run.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.raw_params, run.grad_clip)
+        run.grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_params, run.grad_clip)
+    else:
+        run.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in run.raw_params if p.grad is not None])
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     # EMA with a half-life in images; ramped up early so short runs get a useful EMA (EDM)
@@ -446,6 +484,41 @@ def train_step(run, it):
     torch._foreach_lerp_(run.ema_params, run.raw_params, 1 - beta)
     for e, r in run.ema_buffers:  # running statistics (z_bn): the EMA model evaluates with the raw model's
         e.copy_(r)
+    return loss
+
+
+def micro_step(run, it, slot, rows):
+    """Forward and backward of the global batch's `rows` (slot `slot`): views, noise level and noise
+    are drawn for the whole global batch and sliced (data.Rng), so any split of the batch sees the
+    same numbers; the global RNG (the UNet's dropout) is seeded by step and slot. z_bn's statistics
+    are those of the micro-step's rows on all processes. -> the loss / grad_accum, detached."""
+    torch.manual_seed(run.seed * 1_000_003 + it * run.world * run.grad_accum + slot + 1)
+    rng = data.Rng(run.seed, it, run.global_batch, rows, run.dev)
+    cond = {}
+    if run.multiview:  # k source views + a target view of one object, with their rays
+        k = 1 + rng.shared_randint(run.k_max)
+        x_src, rays_src, x_tgt, rays_tgt = data.multiview_batch(run.mv_train, k, rng)
+        cond = dict(rays_src=rays_src, rays_tgt=rays_tgt, keep_pose=run.raw.draw_keep_pose(rng.rand))
+        if run.p_uncond_src_pose > 0:  # each source view's pose dropped too (§3.3: "absence of source ... positional information")
+            cond["keep_src_pose"] = (rng.rand(k) >= run.p_uncond_src_pose).float()
+    else:
+        xb, _, idx = get_batch(run, it, rows)
+        x_src, x_tgt = views_of(run, xb, idx, rng)
+    x_src = x_src + run.enc_noise * rng.randn(*x_src.shape[1:])  # low noise on the encoder input (§3.4)
+    keep = run.raw.draw_keep(rng.rand)
+    u, eps = rng.rand(), rng.randn(*x_tgt.shape[1:])
+    if run.segments:  # DiffSiam: the noise level decides which segments of z are on, on top of the dropout
+        cond["seg_keep"] = diffsiam.segment_keep(u, run.segments, run.segment_mode)
+        if run.simsiam_weight > 0:
+            cond["x_pair"] = x_tgt  # the second augmented view
+    if run.channels_last and not run.multiview:
+        x_src, x_tgt = x_src.contiguous(memory_format=run.mem), x_tgt.contiguous(memory_format=run.mem)
+    with run.autocast():
+        loss = D.loss(run.net, x_src, x_tgt, run.schedule_fn, u=u, eps=eps, weighting=run.weighting, keep=keep, **cond)
+    if isinstance(loss, tuple):  # DiffSiam: diffusion loss + weighted SimSiam loss (thesis eq. 3.12)
+        loss = loss[0] + run.simsiam_weight * loss[1]
+    loss = loss / run.grad_accum  # the micro-steps' mean: their gradients add up to the global batch's
+    loss.backward()
     return loss.detach()
 
 
@@ -457,6 +530,7 @@ def save_run(run, it):
     save_checkpoint({
         "model": run.raw.state_dict(), "ema": run.ema.state_dict(), "optimizer": run.optimizer.state_dict(),
         "step": it, "config": run.cfg,
+        "batch": {"world": run.world, "batch_size": run.batch_size, "grad_accum": run.grad_accum},  # resume: the product stays
         "data_pos": {"epoch": it // run.steps_per_epoch, "batch": it % run.steps_per_epoch, "n_train": run.n_train},
         "rng": rng_states(run.cuda),
     }, os.path.join(run.out_dir, "ckpt.pt"))
@@ -464,14 +538,17 @@ def save_run(run, it):
         shutil.copyfile(os.path.join(run.out_dir, "ckpt.pt"), os.path.join(run.out_dir, f"ckpt_{it:06d}.pt"))
 
 
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")  # Ctrl-C; torchrun's, Kubernetes' and SLURM's stop; SLURM's --signal=USR1@secs
+
+
 @contextlib.contextmanager
-def stop_signals():
-    """Ctrl-C (SIGINT) and SIGTERM append to the yielded list instead of killing the run (main
-    thread only); the previous handlers come back on exit."""
+def stop_signals(enabled=True):
+    """Ctrl-C (SIGINT), SIGTERM and SIGUSR1 append to the yielded list instead of killing the run
+    (main thread only); the previous handlers come back on exit."""
     stop, handlers = [], {}
-    if threading.current_thread() is threading.main_thread():
+    if enabled and threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
+                    for sig in (getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name))}
     try:
         yield stop
     finally:
@@ -479,15 +556,22 @@ def stop_signals():
             signal.signal(sig, h)
 
 
-def stop_requested(run, stop, step):
-    """Has a signal asked to stop? Under DDP every rank must stop at the same step: they agree at log steps."""
+def stop_requested(run):
+    """Has a signal asked any process to stop? Every process asks after every step, so all stop at the
+    same step: one all-reduce of one number, on the CPUs (run.stop_group), never waiting for a GPU."""
     if not run.ddp:
-        return bool(stop)
-    if step % run.log_interval:
-        return False
-    flag = torch.tensor(float(bool(stop)), device=run.dev)
-    torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+        return bool(run.stop)
+    flag = torch.tensor(float(bool(run.stop)))
+    torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=run.stop_group)
     return flag.item() > 0
+
+
+def first_bad_step(run, bad):
+    """The first step with a non-finite loss or gradient on any process, or -1 (waits for the device)."""
+    if run.ddp:
+        bad = bad.clone()
+        torch.distributed.all_reduce(bad, torch.distributed.ReduceOp.MAX)
+    return bad.item()
 
 
 # -----------------------------------------------------------------------------
@@ -514,10 +598,11 @@ def bench(run):
     train_ips = n * run.global_batch / (time.perf_counter() - t)
     t = time.perf_counter()
     for it in range(n):  # gather + augment, the same work as in train_step, without the model
-        xb, _, idx = get_batch(run, it)
-        views_of(run, xb, idx, data.Rng(run.seed, it, run.global_batch, run.rows, dev))
+        for rows in run.micro_rows:
+            xb, _, idx = get_batch(run, it, rows)
+            views_of(run, xb, idx, data.Rng(run.seed, it, run.global_batch, rows, dev))
     sync()
-    data_ips = n * run.global_batch / (time.perf_counter() - t)
+    data_ips = n * run.global_batch / run.world / (time.perf_counter() - t)  # this process's images
     x = run.x_train[: run.bench_sample_n].float() / 127.5 - 1
     t = time.perf_counter()
     with torch.no_grad(), run.autocast():
@@ -532,16 +617,17 @@ def bench(run):
         mem_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     res = {"train_img_s": train_ips, "data_img_s": data_ips, "sample_s": sample_s,
            "sample_img_steps_s": len(x) * run.sample_steps / sample_s, "peak_mem_gb": mem_gb,
-           "mfu": run.flops_per_img * train_ips / run.peak if run.flops_per_img and run.peak else None,
+           "gflop_per_img": run.flops_per_img / 1e9,
+           "mfu": run.flops_per_img * train_ips / (run.peak * run.world) if run.peak else None,
            "device": torch.cuda.get_device_name(dev) if cuda else f"cpu x{torch.get_num_threads()} threads",
-           **{k: run.cfg[k] for k in ("encoder", "unet", "batch_size", "compile", "channels_last", "dtype", "cpu_bf16",
+           **{k: run.cfg[k] for k in ("encoder", "unet", "batch_size", "grad_accum", "compile", "channels_last", "dtype", "cpu_bf16",
                                 "fused_adamw", "threads")}}
     with open(os.path.join(run.out_dir, "bench.json"), "w") as f:
         json.dump(res, f, indent=1)
     mfu = f" mfu {res['mfu']:.1%}" if res["mfu"] else ""
     print(f"bench: train {train_ips:.1f} img/s | data {data_ips:.0f} img/s | DDIM {len(x)} images x "
           f"{run.sample_steps} steps {sample_s:.1f} s ({res['sample_img_steps_s']:.0f} img-steps/s) | "
-          f"peak mem {mem_gb:.2f} GB{mfu} | {res['device']}")
+          f"peak mem {mem_gb:.2f} GB | {res['gflop_per_img']:.2f} GFLOP per image{mfu} | {res['device']}")
     return res
 
 
@@ -550,4 +636,5 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except (ConfigError, CheckpointError, data.DataError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+        # under torchrun every process meets the same error: the first one says it
+        sys.exit(f"error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1)

@@ -16,30 +16,37 @@ torch.set_num_threads(1)
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False,
                      help="also run tests marked slow (e.g. the full inductor compile, ~150 s on 2 cores)")
+    parser.addoption("--multiprocess", action="store_true", default=False,
+                     help="also run tests marked multiprocess (torchrun with 2 gloo processes, ~60 s on 2 cores; "
+                          ".ci/run runs them after the suite)")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a long test, skipped unless pytest is given --runslow")
     config.addinivalue_line("markers", "numerics: compares two code paths to float rounding; tests/test_kernels.py "
                             "runs these again under a second CPU kernel set")
+    config.addinivalue_line("markers", "multiprocess: starts torchrun (2 gloo processes); skipped unless pytest is "
+                            "given --multiprocess")
     config.addinivalue_line("markers", "full_eval: keep train.main's full end-of-run evaluation (see light_eval)")
 
 
 # the longest tests start first, so that with two processes the others fill the time around them
 # (longest-first scheduling) instead of one long test starting last and running alone
-LONGEST_FIRST = ("test_gpu_check.py::test_dry_run_reports_every_item", "test_train.py::test_ddp_two_processes_equal_one",
+LONGEST_FIRST = ("test_gpu_check.py::test_dry_run_reports_every_item",
+                 "test_train.py::test_torchrun_sigterm_saves_and_resumes_on_another_process_count",
+                 "test_train.py::test_ddp_two_processes_equal_one",
                  "test_train.py::test_compiled_step_equals_eager", "test_train.py::test_imagenet_config_builds_and_steps")
 
 
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("/")[-1], len(rank)))  # stable: the rest keep their order
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+    for marker, option in (("slow", "--runslow"), ("multiprocess", "--multiprocess")):
+        if not config.getoption(option):
+            skip = pytest.mark.skip(reason=f"{marker}: run with {option}")
+            for item in items:
+                if marker in item.keywords:
+                    item.add_marker(skip)
 
 
 def lighten_eval(mp):

@@ -175,8 +175,12 @@ def test_run_resume_rules_and_overwrite(cifar_dir, tmp_path, capsys, monkeypatch
         train.main(base_args(cifar_dir, out, max_iters=2))
     assert (out / "log.jsonl").read_text() == log
     # a resume that changes the model or the data order: refused, naming old and new values
-    with pytest.raises(train.ConfigError, match=r"batch_size=8 \(now 4\), seed=0 \(now 1\)"):
+    with pytest.raises(train.ConfigError, match=r"with seed=0 \(now 1\)"):
         train.main(base_args(cifar_dir, out, init_from="resume", batch_size=4, seed=1))
+    # another global batch: refused, naming both and a split that keeps it
+    with pytest.raises(train.ConfigError, match=r"global batch of 8 \(1 process x batch_size=8 x grad_accum=1\), "
+                       r"this run's is 4 \(1 process x batch_size=4 x grad_accum=1\).*--batch_size=4 --grad_accum=2"):
+        train.main(base_args(cifar_dir, out, init_from="resume", batch_size=4))
     with pytest.raises(train.ConfigError, match="z_dim=32 \\(now 64\\)"):
         train.main(base_args(cifar_dir, out, init_from="resume", z_dim=64))
     # keys that may change: how long, how often, where to log

@@ -3,9 +3,12 @@ DDP (2 gloo processes) == 1 process, atomic checkpoints, and one-line errors."""
 import ast
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -232,6 +235,7 @@ DDP_COMMON = dict(max_iters=3, p_mask_layer=0.3, aug="simclr", views="augment", 
 
 
 @pytest.mark.numerics
+@pytest.mark.multiprocess
 def test_ddp_two_processes_equal_one(cifar_dir, tmp_path):
     """2 gloo processes x batch 4 == 1 process x batch 8: weights, EMA and AdamW moments to float
     rounding. Both arms are new processes under the second CPU kernel set (tests/test_kernels.py),
@@ -337,7 +341,7 @@ def test_non_finite_loss_stops_naming_the_step(cifar_dir, tmp_path, monkeypatch)
         return out * float("nan") if loss_nan_at_step_2.calls == 3 else out
     loss_nan_at_step_2.calls = 0
     monkeypatch.setattr(train.D, "loss", loss_nan_at_step_2)
-    with pytest.raises(FloatingPointError, match="non-finite loss at step 2"):
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 2"):
         run_train(base_args(cifar_dir, tmp_path, max_iters=4, log_interval=4, ckpt_interval=1))
     assert train.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 2  # the last good one stays
 
@@ -411,3 +415,177 @@ def test_bench_mode_reports_throughput(tmp_path):
     res = train.main(argv)
     assert res["train_img_s"] > 0 and res["data_img_s"] > 0 and res["sample_s"] > 0
     assert os.path.isfile(tmp_path / "bench.json") and not os.path.exists(tmp_path / "ckpt.pt")
+
+
+# --- any number of processes: gradient accumulation, resume by the global batch, preemption -----
+
+ACCUM_COMMON = dict(DDP_COMMON, z_bn=False, max_iters=3)  # z_bn's statistics are per micro-step: off here
+
+
+@pytest.mark.numerics
+def test_grad_accum_equals_one_big_batch(cifar_dir, tmp_path):
+    """1 x 16 == 1 x 8 x 2 micro-steps == 1 x 4 x 4: the same rows, views, noise levels and noise in
+    every step (drawn for the global batch, then sliced), the micro-steps' gradients summed; to float
+    rounding, by the DDP comparison's bounds (a gradient off by the number of micro-steps moves the
+    AdamW moments by 100% or more)."""
+    ref = None
+    for bs, acc in ((16, 1), (8, 2), (4, 4)):
+        out = tmp_path / f"{bs}x{acc}"
+        run_train(base_args(cifar_dir, out, batch_size=bs, grad_accum=acc, **ACCUM_COMMON))
+        ck = state(out / "ckpt.pt")
+        assert ck["batch"] == {"world": 1, "batch_size": bs, "grad_accum": acc} and ck["step"] == 3
+        if ref is None:
+            ref = ck
+        else:
+            assert_same_training_state(ref, ck)
+    # and a real difference is seen: the same 16 images at batch 8 (another split, not another batch)
+    # would pass, so compare with a run that sees only half of them
+    run_train(base_args(cifar_dir, tmp_path / "half", batch_size=8, **ACCUM_COMMON))
+    assert moved_apart(ref, state(tmp_path / "half" / "ckpt.pt")) > 100 * ROUNDING_MOVED
+
+
+# What would block the CPU until a GPU catches up, seen on the CPU: a Python number read from a tensor
+# (.item(), int(), bool(), .tolist()), a tensor made from Python data (a host-to-device copy), and the
+# ops whose output size depends on the data or that check their result on the host.
+HOST_SYNCS = {"aten._local_scalar_dense.default", "aten.lift_fresh.default", "aten.lift_fresh_copy.default",
+              "aten.nonzero.default", "aten.masked_select.default", "aten.bincount.default",
+              "aten._unique2.default", "aten.unique_consecutive.default", "aten.repeat_interleave.Tensor",
+              "aten._linalg_check_errors.default"}
+
+
+def host_syncs(fn):
+    """fn() under a dispatch mode that records every HOST_SYNCS op (and indexing by a boolean mask,
+    a nonzero in disguise) -> the list of them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) in HOST_SYNCS or str(func) == "aten.index.Tensor" and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+                seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+    seen = []
+    with Record():
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(aug="randaugment", views="class", grad_accum=2, batch_size=4),
+                                dict(z_bn=True, prediction="v", weighting="v", views="identical", aug="cropflip",
+                                     grad_clip=0.0)],
+                         ids=["simclr", "randaugment_class_accum", "teaching"])
+def test_train_step_never_waits_for_the_device(cifar_dir, tmp_path, kw):
+    """No operation in train_step (the second step: the first builds the epoch's order) would make
+    the CPU wait for a GPU: constants are made once per device, the colour jitter's inverse once, the
+    inverted schedule is in closed form. The check sees what it looks for (a .item() is caught)."""
+    cfg = train.configure(base_args(cifar_dir, tmp_path, schedule="inverted", **kw), train.DEFAULTS)
+    train.validate(cfg)
+    with pytest.warns(UserWarning, match="partial copy"):
+        run = train.setup(cfg)
+    train.train_step(run, 0)
+    assert host_syncs(lambda: train.train_step(run, 1)) == []
+    assert host_syncs(lambda: train.train_step(run, 2).item()) == ["aten._local_scalar_dense.default"]
+
+
+def test_flops_are_counted_on_a_copy_that_touches_nothing(cifar_dir, tmp_path):
+    """The FLOP count runs on a meta-device copy: the same count as a real forward and backward of the
+    model, with no change to the model's weights, z_bn statistics or gradients, nor to the global RNG;
+    z_bn's all-reduce is off in the copy (a collective on one process hangs the others)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = train.configure(base_args(cifar_dir, tmp_path, z_bn=True), train.DEFAULTS)
+    torch.manual_seed(0)
+    net = train.build_model(cfg).train()
+    before, rng = {k: v.clone() for k, v in net.state_dict().items()}, torch.get_rng_state()
+    flops = train.count_flops(lambda: train.build_model(cfg), 32)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    counter = FlopCounterMode(display=False)
+    x = torch.randn(2, 3, 32, 32)
+    # attention as matrix products, as on the meta device (the CPU's fused kernel has no FLOP formula)
+    with counter, torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        net(x, torch.zeros(2), x).float().sum().backward()
+    assert flops == counter.get_total_flops() / 2 > 1e8
+
+
+def test_resume_keeps_the_global_batch_on_another_split(cifar_dir, tmp_path, monkeypatch):
+    """A run of 1 x 16 resumed as 1 x 8 x 2 (as 8 GPUs continue on 4 with grad_accum=2): the same
+    data order and random numbers, so it ends where 4 steps of 1 x 16 end, to rounding."""
+    args = lambda out, **kw: base_args(cifar_dir, out, batch_size=16, n_val=70, **dict(ACCUM_COMMON, max_iters=4),
+                                       **kw)
+    full = tmp_path / "full"
+    run_train(args(full))
+    split = tmp_path / "split"
+    run_train(base_args(cifar_dir, split, batch_size=16, n_val=70, **dict(ACCUM_COMMON, max_iters=2)))
+    run_train(base_args(cifar_dir, split, batch_size=8, grad_accum=2, n_val=70, init_from="resume",
+                        **dict(ACCUM_COMMON, max_iters=4)))
+    a, b = state(full / "ckpt.pt"), state(split / "ckpt.pt")
+    assert b["batch"]["grad_accum"] == 2 and a["data_pos"] == b["data_pos"]
+    assert_same_training_state(a, b)
+
+
+def torchrun(args, nproc=2, **popen):
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                             f"--master_port={free_port()}"] + args, cwd=ROOT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), **popen)
+
+
+@pytest.mark.numerics
+@pytest.mark.multiprocess
+def test_torchrun_sigterm_saves_and_resumes_on_another_process_count(cifar_dir, tmp_path):
+    """2 processes x batch 4 x 2 micro-steps, compiled (aot_eager) with z_bn (all-reduced in forward
+    and backward), evaluated at the start; SIGTERM to the launcher (torchrun passes it on) between log
+    steps: every process stops after the same step, rank 0 saves, all exit in seconds, with no
+    deprecation warning. Resumed on 1 process x batch 8 x 2 (the global batch kept: z_bn's micro-steps
+    hold the same rows), it ends where an uninterrupted 1 x 8 x 2 run ends, to rounding."""
+    common = dict(DDP_COMMON, z_bn=True, decay_lr=False, log_interval=400, n_val=20)
+    out = tmp_path / "two"
+    p = torchrun(["train.py"] + base_args(cifar_dir, out, **dict(common, batch_size=4, grad_accum=2, max_iters=1000,
+                 compile=True, compile_backend="aot_eager", eval_at_start=True)),
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    while not (out / "log.jsonl").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.2)  # the evaluation at step 0 is logged: the loop runs
+    t = time.time()
+    p.send_signal(signal.SIGTERM)
+    printed, _ = p.communicate(timeout=60)
+    seconds = time.time() - t
+    stopped = re.search(r"stopped by SIGTERM after step (\d+);", printed)
+    assert stopped, printed[-3000:]
+    assert seconds < 25 and "deprecated" not in printed, printed[-3000:]
+    k = int(stopped.group(1))
+    ck = state(out / "ckpt.pt")
+    assert ck["step"] == k and ck["batch"] == {"world": 2, "batch_size": 4, "grad_accum": 2}
+    run_train(base_args(cifar_dir, out, **dict(common, batch_size=8, grad_accum=2, max_iters=k + 2,
+                                                init_from="resume")))
+    run_train(base_args(cifar_dir, tmp_path / "one", **dict(common, batch_size=8, grad_accum=2, max_iters=k + 2)))
+    assert_same_training_state(state(tmp_path / "one" / "ckpt.pt"), state(out / "ckpt.pt"))
+
+
+NAN_ON_RANK_1 = """
+import os, runpy, sys
+sys.path.insert(0, {root!r})
+import diffusion
+real, calls = diffusion.loss, [0]
+def loss(*a, **k):  # rank 1 alone: a NaN loss at step 2 (its third call)
+    calls[0] += 1
+    out = real(*a, **k)
+    return out * float("nan") if os.environ["RANK"] == "1" and calls[0] == 3 else out
+diffusion.loss = loss
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.multiprocess
+def test_a_nan_on_one_process_stops_every_process_before_a_save(cifar_dir, tmp_path):
+    """A non-finite loss on rank 1 only, in step 2 (0-based) of a run that saves after every step: both
+    processes stop with one error line before saving it, and the checkpoint after steps 0 and 1 stays."""
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1.format(root=ROOT, train=os.path.join(ROOT, "train.py")))
+    out = tmp_path / "run"
+    p = torchrun([str(script)] + base_args(cifar_dir, out, max_iters=4, log_interval=100, ckpt_interval=1, batch_size=4),
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    printed, err = p.communicate(timeout=180)
+    assert p.returncode != 0
+    assert err.count("error: non-finite loss or gradient at step 2; stopping.") == 1, err[-3000:]
+    assert state(out / "ckpt.pt")["step"] == 2
