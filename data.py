@@ -9,6 +9,7 @@ global batch and sliced to this process's rows, from a generator seeded by (seed
 DDP run equals one process on the same global batch, and resuming at a step replays it exactly.
 This file imports no other project file.
 """
+import copy
 import functools
 import glob
 import math
@@ -70,18 +71,24 @@ def yiq_matrices(device):
     yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
     return yiq.to(device), torch.linalg.inv(yiq).to(device)
 
-def _affine(x, theta):
-    # theta (B, 2, 3) maps output coords to input coords, in [-1, 1]; reflect at the borders
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+def _affine(x, theta, size=None):
+    # theta (B, 2, 3) maps output coords to input coords, in [-1, 1]; reflect at the borders; the
+    # output is size x size (default: x's size)
+    shape = list(x.shape) if size is None else [*x.shape[:2], size, size]
+    grid = F.affine_grid(theta, shape, align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def crop_flip_theta(rng, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop + horizontal flip as one affine map per image (B, 2, 3)."""
+def crop_flip_theta(rng, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3), aspect=None):
+    """RandomResizedCrop + horizontal flip as one affine map per image (B, 2, 3): a crop of `area`
+    of the image with the pixel aspect ratio r (width / height). aspect (B,): each image's width /
+    height before it was squashed to a square (FolderData.whole_images), so that r is the crop's
+    aspect in the original picture, as torchvision's RandomResizedCrop cuts it there."""
     area = scale[0] + (scale[1] - scale[0]) * rng.rand()
     logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * rng.rand()
-    w = (area * logr.exp()).sqrt().clamp(max=1)  # crop size as a fraction of the image
-    h = (area / logr.exp()).sqrt().clamp(max=1)
+    r = logr.exp() if aspect is None else logr.exp() / aspect  # the crop's aspect in the square's units
+    w = (area * r).sqrt().clamp(max=1)  # crop size as a fraction of the image
+    h = (area / r).sqrt().clamp(max=1)
     cx, cy = (1 - w) * (2 * rng.rand() - 1), (1 - h) * (2 * rng.rand() - 1)
     flip = torch.where(rng.rand() < 0.5, -1.0, 1.0)
     zero = torch.zeros_like(w)
@@ -163,12 +170,13 @@ def randaugment(x, rng, n_ops=2, magnitude=9):
 GAUSSIAN_STD = 0.1  # aug='gaussian': std of the pixel noise, images in [0, 1]
 
 
-def augment(x, aug, rng, crop_min=0.25):
+def augment(x, aug, rng, crop_min=0.25, aspect=None, size=None):
     """uint8 or [0,1] images (B, 3, H, W) -> augmented images in [0, 1]. aug: 'none' | 'cropflip'
     (light: crop + flip) | 'simclr' (+ colour jitter) | 'randaugment' (crop + flip + RandAugment) |
     'gaussian' (CelebA, §4.1 "Gaussian data augmentation": a horizontal flip and additive N(0,
     GAUSSIAN_STD^2) pixel noise, clipped to [0, 1]; the paper names no more, so no crop: the faces
-    stay aligned). crop_min: the smallest crop, as a fraction of the image's area."""
+    stay aligned). crop_min: the smallest crop, as a fraction of the image's area. Whole images
+    decoded larger (FolderData.whole_images): their aspect (B,) and the views' size."""
     x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
     if aug == "none":
         return x
@@ -177,7 +185,7 @@ def augment(x, aug, rng, crop_min=0.25):
         return (torch.where(flip, x.flip(-1), x) + GAUSSIAN_STD * rng.randn(*x.shape[1:])).clamp(0, 1)
     if aug not in ("cropflip", "simclr", "randaugment"):
         raise ValueError(f"aug must be 'none', 'cropflip', 'simclr', 'randaugment' or 'gaussian', got {aug!r}")
-    x = _affine(x, crop_flip_theta(rng, scale=(crop_min, 1.0)))
+    x = _affine(x, crop_flip_theta(rng, scale=(crop_min, 1.0), aspect=aspect), size)
     if aug == "simclr":
         x = color_jitter(x, rng)
     elif aug == "randaugment":
@@ -185,15 +193,16 @@ def augment(x, aug, rng, crop_min=0.25):
     return x
 
 
-def make_views(x, views, aug, rng, x_other=None, crop_min=0.25):
+def make_views(x, views, aug, rng, x_other=None, crop_min=0.25, aspect=None, size=None):
     """A batch of images -> (x_src, x_tgt) in [-1, 1] (§3.3, §4.1).
     'augment': two independent augmentations of each image (novel views);
     'identical': one augmentation used as both (auto-encoding, the "w/o novel views" ablation);
-    'class': the source is x_other, another image of the same class."""
+    'class': the source is x_other, another image of the same class.
+    aspect, size: whole images decoded larger, cropped to size x size views (augment)."""
     if views == "augment":
-        src, tgt = augment(x, aug, rng, crop_min), augment(x, aug, rng, crop_min)
+        src, tgt = (augment(x, aug, rng, crop_min, aspect, size) for _ in range(2))
     elif views == "identical":
-        src = tgt = augment(x, aug, rng, crop_min)
+        src = tgt = augment(x, aug, rng, crop_min, aspect, size)
     elif views == "class":
         src, tgt = augment(x_other, aug, rng, crop_min), augment(x, aug, rng, crop_min)
     else:
@@ -312,9 +321,20 @@ def load_cifar10(data_dir, split="train", download=False, n_val=500, seed=0):
     return x, y, classes
 
 
+CROP_AUGS = ("cropflip", "simclr", "randaugment")  # the augmentations that start with a random crop
+
+
+def decode_size(image_size, crop_min):
+    """The side whole images are decoded at for training: the smallest crop (crop_min of the area,
+    sqrt(crop_min) of the side) still has image_size pixels across, so it is never upsampled."""
+    return 8 * math.ceil(image_size / math.sqrt(crop_min) / 8)
+
+
 class FolderData(torch.utils.data.Dataset):
     """ImageNet-style ImageFolder read by DataLoader workers: decode, resize the short side to
-    `image_size`, centre-crop, uint8 (3, S, S). Random crops happen later, batched, on the device."""
+    `image_size`, centre-crop, uint8 (3, S, S) (evaluation, probes, samples). For training,
+    whole_images(size): each whole picture squashed to size x size, with its aspect ratio, so the
+    batched random crops on the device (augment) cut from all of it, as RandomResizedCrop does."""
 
     def __init__(self, root, image_size):
         import torchvision.transforms.v2 as T
@@ -324,13 +344,24 @@ class FolderData(torch.utils.data.Dataset):
         self.ds = image_folder(root)
         self.tf = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)])
         self.targets = torch.tensor(self.ds.targets)
+        self.whole = 0
+
+    def whole_images(self, size):
+        """The same images for training: (uint8 (3, size, size) of the whole picture, label, width / height)."""
+        import torchvision.transforms.v2 as T
+        views = copy.copy(self)
+        views.tf, views.whole = T.Resize((size, size), antialias=True), size
+        return views
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, i):
         path, y = self.ds.samples[i]
-        return self.tf(torch.from_numpy(read_rgb(self.ds.loader, path)).permute(2, 0, 1)), y
+        img = torch.from_numpy(read_rgb(self.ds.loader, path)).permute(2, 0, 1)
+        if self.whole:
+            return self.tf(img), y, img.shape[2] / img.shape[1]
+        return self.tf(img), y
 
 
 def load(dataset, data_dir, split="train", image_size=32, download=False, n_val=500, seed=0):

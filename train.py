@@ -244,7 +244,7 @@ def setup(cfg, ckpt=None):
     setup_model(run, ckpt)
     # image folders: DataLoader workers, built after setup_model so they start at the resumed step
     run.loader_iter = None if run.in_memory or run.multiview else iter(torch.utils.data.DataLoader(
-        run.train_set, batch_sampler=data.StepBatches(run.n_train, run.global_batch, run.micro_rows, run.seed, run.step,
+        run.train_views, batch_sampler=data.StepBatches(run.n_train, run.global_batch, run.micro_rows, run.seed, run.step,
                                                  run.max_iters),
         num_workers=run.num_workers, pin_memory=run.cuda, persistent_workers=run.num_workers > 0,
         prefetch_factor=4 if run.num_workers > 0 else None))  # batches of (seed, step): a resume replays them
@@ -308,7 +308,7 @@ def setup_data(run, ckpt):
     """The training split, and a validation split held out of it for the kNN / z-usage checks;
     multi-view sets: the train objects, and the unseen test objects for the evaluation grid."""
     run.multiview = run.dataset in data.MULTIVIEW and run.bench_iters == 0
-    run.train_set = run.x_train = run.y_train = run.x_val = run.y_val = None
+    run.train_set = run.x_train = run.y_train = run.x_val = run.y_val = run.view_size = None
     with local_rank_first(run):  # one download per node
         load_data(run)
     run.in_memory = isinstance(run.train_set, tuple)
@@ -319,6 +319,10 @@ def setup_data(run, ckpt):
             run.classes = tuple(t.to(run.dev) for t in data.class_table(run.y_train.cpu()))
     elif not run.multiview:  # image folders, CelebA: the evaluation reads a fixed part of train and val (setup)
         run.n_train, run.y_train = len(run.train_set), run.train_set.targets
+        run.train_views, run.view_size = run.train_set, None
+        if isinstance(run.train_set, data.FolderData) and run.aug in data.CROP_AUGS:  # crops from the whole picture
+            run.train_views = run.train_set.whole_images(data.decode_size(run.image_size, run.crop_min))
+            run.view_size = run.image_size
     run.steps_per_epoch = run.n_train // run.global_batch
     run.order_cache = {}  # in memory: the current epoch's order (get_batch)
     if run.steps_per_epoch == 0:
@@ -442,20 +446,23 @@ def get_batch(run, it, rows):
             run.order_cache.clear()
             run.order_cache[epoch] = data.epoch_order(run.n_train, run.global_batch, run.seed, epoch).to(run.dev)
         idx = run.order_cache[epoch][i][rows]
-        return run.x_train[idx], run.y_train[idx], idx
+        return run.x_train[idx], run.y_train[idx], idx, None
     try:
-        xb, yb = next(run.loader_iter)  # the DataLoader yields the micro-steps' rows in order (StepBatches)
+        xb, yb, *aspect = next(run.loader_iter)  # the micro-steps' rows in order (StepBatches); whole images: aspect
     except data.DataError as e:
         raise data.from_worker(e) from None
-    return xb.to(run.dev, non_blocking=True), yb.to(run.dev, non_blocking=True), None
+    aspect = aspect[0].to(run.dev, torch.float32, non_blocking=True) if aspect else None
+    return xb.to(run.dev, non_blocking=True), yb.to(run.dev, non_blocking=True), None, aspect
 
 
-def views_of(run, xb, idx, rng):
-    """(source, target) views of a batch (§3.3): two augmentations, one, or another image of the class."""
+def views_of(run, xb, idx, rng, aspect=None):
+    """(source, target) views of a batch (§3.3): two augmentations, one, or another image of the
+    class; from whole folder images (aspect given), views of image_size cut from all of the picture."""
     other = None
     if run.views == "class":
         other = run.x_train[data.class_partners(idx, run.y_train, run.classes, rng)]
-    return data.make_views(xb, run.views, run.aug, rng, other, run.crop_min)
+    return data.make_views(xb, run.views, run.aug, rng, other, run.crop_min, aspect,
+                           run.view_size if aspect is not None else None)
 
 
 def train_step(run, it):
@@ -502,8 +509,8 @@ def micro_step(run, it, slot, rows):
         if run.p_uncond_src_pose > 0:  # each source view's pose dropped too (§3.3: "absence of source ... positional information")
             cond["keep_src_pose"] = (rng.rand(k) >= run.p_uncond_src_pose).float()
     else:
-        xb, _, idx = get_batch(run, it, rows)
-        x_src, x_tgt = views_of(run, xb, idx, rng)
+        xb, _, idx, aspect = get_batch(run, it, rows)
+        x_src, x_tgt = views_of(run, xb, idx, rng, aspect)
     x_src = x_src + run.enc_noise * rng.randn(*x_src.shape[1:])  # low noise on the encoder input (§3.4)
     keep = run.raw.draw_keep(rng.rand)
     u, eps = rng.rand(), rng.randn(*x_tgt.shape[1:])
@@ -599,8 +606,8 @@ def bench(run):
     t = time.perf_counter()
     for it in range(n):  # gather + augment, the same work as in train_step, without the model
         for rows in run.micro_rows:
-            xb, _, idx = get_batch(run, it, rows)
-            views_of(run, xb, idx, data.Rng(run.seed, it, run.global_batch, rows, dev))
+            xb, _, idx, aspect = get_batch(run, it, rows)
+            views_of(run, xb, idx, data.Rng(run.seed, it, run.global_batch, rows, dev), aspect)
     sync()
     data_ips = n * run.global_batch / run.world / (time.perf_counter() - t)  # this process's images
     x = run.x_train[: run.bench_sample_n].float() / 127.5 - 1

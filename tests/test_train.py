@@ -2,6 +2,7 @@
 DDP (2 gloo processes) == 1 process, atomic checkpoints, and one-line errors."""
 import ast
 import json
+import math
 import os
 import re
 import signal
@@ -129,6 +130,51 @@ def test_views_are_deterministic_and_distinct():
     # the rows of a global batch are the same numbers whichever process draws them
     full = data.Rng(0, 3, 8).rand(2)
     assert torch.equal(data.Rng(0, 3, 8, slice(4, 8)).rand(2), full[4:8])
+
+
+def test_loader_batches_split_a_step_into_its_micro_steps():
+    """The DataLoader's index batches for 2 micro-steps of 8 rows are the halves of one batch of 16,
+    step after step, across an epoch boundary, from any start step."""
+    one = list(data.StepBatches(50, 16, [slice(0, 16)], 0, 1, 5))
+    two = list(data.StepBatches(50, 16, [slice(0, 8), slice(8, 16)], 0, 1, 5))
+    assert len(two) == 8 and two == [half for b in one for half in (b[:8], b[8:])]
+
+
+def test_crops_keep_their_aspect_in_the_original_picture():
+    """A whole image squashed to a square (aspect = width / height) is cropped so that the crop's
+    pixel aspect in the original picture is the drawn ratio r, as RandomResizedCrop's; its area
+    fraction is the drawn one; aspect=None is the square image's crop, bit for bit."""
+    aspect = torch.tensor([0.5, 1.0, 2.0, 4 / 3] * 4)
+    theta = data.crop_flip_theta(data.Rng(0, 1, 16), scale=(0.25, 0.5), aspect=aspect)
+    rng = data.Rng(0, 1, 16)
+    area, logr = 0.25 + 0.25 * rng.rand(), math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * rng.rand()
+    w, h = theta[:, 0, 0].abs(), theta[:, 1, 1]  # fractions of the square's width and height
+    fits = (w < 1) & (h < 1)
+    assert fits.sum() >= 12
+    torch.testing.assert_close((w * aspect / h)[fits], logr.exp()[fits])  # pixel width / height in the picture
+    torch.testing.assert_close((w * h)[fits], area[fits])
+    assert torch.equal(data.crop_flip_theta(data.Rng(0, 1, 16)), data.crop_flip_theta(data.Rng(0, 1, 16), aspect=None))
+
+
+def test_folder_training_views_come_from_the_whole_picture(tmp_path):
+    """A 96 x 48 picture, red in its left sixth: the centre crop (evaluation) never shows the red, the
+    training views (whole picture at decode_size, cropped to image_size on the device) do."""
+    img = np.zeros((48, 96, 3), np.uint8)
+    img[:, :, 2] = 255
+    img[:, :16] = (255, 0, 0)
+    (tmp_path / "c").mkdir()
+    Image.fromarray(img).save(tmp_path / "c" / "a.png")
+    ds = data.FolderData(str(tmp_path), 32)
+    centre, _ = ds[0]
+    assert centre.shape == (3, 32, 32) and centre[0].max() < 30  # no red in the centre crop
+    size = data.decode_size(32, 0.25)
+    whole, y, aspect = ds.whole_images(size)[0]
+    assert size == 64 and whole.shape == (3, 64, 64) and aspect == 2.0 and y == 0
+    x = whole[None].expand(64, -1, -1, -1)
+    views = data.augment(x, "cropflip", data.Rng(0, 0, 64), 0.25, torch.full((64,), 2.0), 32)
+    assert views.shape == (64, 3, 32, 32)
+    red = (views[:, 0] > 0.9) & (views[:, 2] < 0.1)
+    assert red.flatten(1).any(1).float().mean() > 0.2  # many views reach the left border
 
 
 # --- training ------------------------------------------------------------------

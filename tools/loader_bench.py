@@ -68,7 +68,7 @@ def main():
         load, aug = [], []
         for r in range(a.rounds):
             # train.py's DataLoader for the image-folder path, with num_workers=0: this process is the worker
-            dl = torch.utils.data.DataLoader(ds, batch_sampler=data.StepBatches(len(ds), a.batch, slice(None), 0, 0, steps),
+            dl = torch.utils.data.DataLoader(ds, batch_sampler=data.StepBatches(len(ds), a.batch, [slice(None)], 0, 0, steps),
                                              num_workers=0)
             t = time.perf_counter()
             for xb, yb in dl:
