@@ -11,9 +11,13 @@ A child killed or crashed inside an item fails that item, and a fresh child runs
 OUT_DIR/summary.json is rewritten after every item, so a run cut short still reports what it did:
   correctness  bf16 autocast vs fp32, torch.compile vs eager, channels_last vs NCHW, fused vs
                looped AdamW (each alone against eager fp32, 4 steps of train.py), DDIM / DDPM under
-               a torch.Generator, resume 2 + 2 == 4 steps, torchrun (1 process, nccl) == a plain run
+               a torch.Generator, resume 2 + 2 == 4 steps, torchrun (1 process, nccl) == a plain run,
+               grad_accum 2 == a batch twice the size, and where two GPUs are there, torchrun on both
+               with compile and z_bn (skipped on one GPU)
   speed        configs/bench.py per switch against all-off (as tools/bench.sh, one round):
-               train img/s, MFU, peak memory, DDIM img-steps/s
+               train img/s, MFU, peak memory, DDIM img-steps/s; then configs/imagenet.py as the 8-GPU
+               command runs it (128 px, bf16, compile, channels_last) at batch 128, 64 and 32 per GPU:
+               peak memory, img/s, MFU (an out-of-memory batch is a failed item that says so)
   learning     configs/cifar10.py for ~150 s (max_iters from the img/s just measured), then
                probe.py --task=linear against --random=True, and --task=zusage; PNGs copied here;
                the ImageNet folder path (the CIFAR-10 PNGs as train/ and val/): train.py
@@ -39,12 +43,14 @@ DATA = os.path.join(ROOT, "..", "shared", "data", "cifar10-subset")
 # run reuses the graph compiled for the bench of the same config (~1 minute less)
 GROUPS = {"correctness": 200, "speed,learning": 400}
 BUDGET = 470  # the whole GPU check, seconds; the learning run gets what is left, at most TRAIN_S
-TRAIN_S = 150  # the learning run's training time, if the budget allows
+TRAIN_S = 90  # the learning run's training time, if the budget allows
 LEARN_REST_S = 150  # what the learning group needs besides training: final eval, 3 probes, the PNGs, the folder path
 ITEMS = ("bf16_vs_fp32", "compile_vs_eager", "channels_last_vs_nchw", "fused_adamw_vs_looped", "samplers_deterministic",
-         "resume_2_plus_2", "torchrun_vs_plain", "speed_all_off", "speed_bf16_autocast", "speed_fused_adamw",
-         "speed_channels_last", "speed_compile", "speed_config", "learn_train", "learn_linear_vs_random", "learn_zusage",
+         "resume_2_plus_2", "torchrun_vs_plain", "grad_accum_vs_big_batch", "torchrun_2gpu_compile_zbn", "speed_all_off",
+         "speed_bf16_autocast", "speed_fused_adamw", "speed_channels_last", "speed_compile", "speed_config",
+         "imagenet_b128", "imagenet_b64", "imagenet_b32", "learn_train", "learn_linear_vs_random", "learn_zusage",
          "folder_imagenet_path")
+CORRECTNESS = ITEMS[:ITEMS.index("speed_all_off")]
 # the switches, as tools/bench.sh spells them: each alone on top of "all off"
 OFF = ["--cpu_bf16=false", "--dtype=float32", "--compile=False", "--channels_last=False", "--fused_adamw=False"]
 SWITCHES = {"bf16_autocast": ["--cpu_bf16=true", "--dtype=bfloat16"], "fused_adamw": ["--fused_adamw=True"],
@@ -334,6 +340,41 @@ def ddp_check(out, dry):
                      "arithmetic; on CUDA kernel choice and atomics may differ between processes")
     item(out, "torchrun_vs_plain", 170, torchrun)
 
+    def accum():
+        # z_bn standardises each micro-step's rows (its statistics are per micro-batch): off for this
+        # comparison; the presets' dropout is off too (its masks are drawn per micro-batch of batch_size rows)
+        b = 4 if dry else 256
+        with no_dropout():
+            big = run_steps(out, dry, "batch_2x", "--overwrite=True", "--z_bn=False", f"--batch_size={2 * b}")
+            acc = run_steps(out, dry, "accum_2", "--overwrite=True", "--z_bn=False", f"--batch_size={b}",
+                            "--grad_accum=2")
+        tol = (1e-3, 1e-2) if cuda else (5e-5, 5e-3)
+        return judge(compare(big, acc), *tol, f"{b} x 2 micro-steps sum the gradients of the same {2 * b} rows, views "
+                     "and noise as one batch of 2b: float rounding only (the correctness bounds)")
+    item(out, "grad_accum_vs_big_batch", 120, accum)
+
+    def two_gpus():
+        if dry or torch.cuda.device_count() < 2:
+            return {"pass": None, "skipped": "one GPU here" if not dry else "dry run: tests/test_train.py runs 2 gloo "
+                    "processes with compile and z_bn (--multiprocess)"}
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        d = os.path.join(out, "runs", "torchrun_2gpu")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               "train.py"] + check_args(out, dry) + [f"--out_dir={d}", "--overwrite=True", "--compile=True",
+                                                       "--z_bn=True", "--batch_size=128", "--eval_interval=4"]
+        t = time.time()
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=200)
+        if r.returncode:
+            return {"pass": False, "error": r.stderr.strip()[-600:]}
+        loss = losses(d)
+        return {"pass": len(loss) == 4 and all(map(math.isfinite, loss)) and "deprecated" not in r.stderr,
+                "losses": loss, "seconds_with_compile": round(time.time() - t, 1),
+                "why": "2 processes, nccl, compiled, z_bn all-reduced in forward and backward: 4 steps, an "
+                       "evaluation on rank 0 and a checkpoint, no hang and no deprecation warning"}
+    item(out, "torchrun_2gpu_compile_zbn", 220, two_gpus)
+
 
 # -----------------------------------------------------------------------------
 # speed: configs/bench.py per switch (synthetic images), as tools/bench.sh does it
@@ -343,7 +384,7 @@ def speed(out, dry):
     import torch
     base = [os.path.join(ROOT, "configs", "cifar10.py"), os.path.join(ROOT, "configs", "bench.py")] + \
         (TINY + ["--bench_iters=2", "--bench_warmup=1", "--sample_steps=2", "--bench_sample_n=4"] if dry else
-         ["--bench_iters=20", "--bench_warmup=3"])  # warm-up: compilation happens in the first step
+         ["--bench_iters=10", "--bench_warmup=3"])  # warm-up: compilation happens in the first step
     settings = {"all_off": OFF, **{k: OFF + v for k, v in SWITCHES.items()}, "config": []}
     for name, flags in settings.items():
         def bench(name=name, flags=flags):
@@ -361,6 +402,35 @@ def speed(out, dry):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         item(out, f"speed_{name}", 200 if name in ("compile", "config") else 60, bench)
+    imagenet(out, dry)
+
+
+def imagenet(out, dry):
+    """configs/imagenet.py as the 8-GPU command runs it, one GPU's share: 128 px, bf16, compile,
+    channels_last, at batch 128 (the config's), 64 and 32; compiled once for 128, then once more
+    with a dynamic batch (dynamo's automatic dynamic shapes) for the other two."""
+    import gc
+    import torch
+    for b in (128, 64, 32):
+        def bench(b=b):
+            d = os.path.join(out, "bench", f"imagenet_b{b}")
+            argv = [os.path.join(ROOT, "configs", "imagenet.py"), os.path.join(ROOT, "configs", "bench.py"),
+                    f"--out_dir={d}", "--bench_iters=5", "--bench_warmup=2", "--bench_sample_n=8", "--sample_steps=4"] + \
+                (TINY + ["--image_size=32", f"--batch_size={b // 32}", "--z_dim=64"] if dry else [f"--batch_size={b}"])
+            try:
+                run_script("train.py", argv)
+            except torch.cuda.OutOfMemoryError as e:
+                return {"pass": False, "oom": True, "batch_size": b, "error": str(e).splitlines()[0][:300]}
+            with open(os.path.join(d, "bench.json")) as f:
+                res = json.load(f)
+            return {"pass": res["train_img_s"] > 0, **{k: res[k] for k in ("train_img_s", "mfu", "peak_mem_gb",
+                    "gflop_per_img", "sample_s", "device", "batch_size", "compile", "channels_last", "dtype")},
+                    "why": "one GPU's share of torchrun --nproc_per_node=8 train.py configs/imagenet.py: does batch "
+                           f"{b} fit, how fast (8 GPUs x 128 is the paper's 1,024)"}
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        item(out, f"imagenet_b{b}", {128: 200, 64: 120, 32: 60}[b], bench)
 
 
 # -----------------------------------------------------------------------------
@@ -522,7 +592,7 @@ def main(argv):
         record(out, "run", {"torch": torch.__version__, "device": "cpu (dry run: tiny sizes)" if dry else
                             f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPUs"})
         load_cifar_once()
-        if not all(k in summary(out)["items"] for k in ITEMS[:7]):
+        if not all(k in summary(out)["items"] for k in CORRECTNESS):
             with light_eval():
                 with no_dropout():
                     correctness(out, dry)
