@@ -278,8 +278,9 @@ def setup_processes(run):
         if dev.startswith("cuda"):
             dev = f"cuda:{run.local_rank}"
             torch.cuda.set_device(dev)
-        torch.distributed.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
-        if dev.startswith("cuda"):  # on GPUs a gloo group of the CPUs: agreeing to stop never waits for a GPU
+        cuda = dev.startswith("cuda")  # device_id: NCCL binds this process's GPU now (barriers know it)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(dev) if cuda else None)
+        if cuda:  # on GPUs a gloo group of the CPUs: agreeing to stop never waits for a GPU
             run.stop_group = torch.distributed.new_group(backend="gloo")
     else:
         run.rank, run.world, run.local_rank = 0, 1, 0
