@@ -103,9 +103,11 @@ def model_of(ckpt, path, which="ema"):
 
 
 def model_from_checkpoint(path, device="cpu", which="ema"):
-    """-> (SODA in eval mode with the EMA (or 'model') weights, its config). path='random' is not
-    handled here: scripts build a fresh model from a config for that."""
-    ckpt = load_checkpoint(path, device)
+    """-> (SODA in eval mode with the EMA (or 'model') weights, on `device`, its config). path='random'
+    is not handled here: scripts build a fresh model from a config for that."""
+    # read and built on the CPU: only the network goes to the device, not the checkpoint's other
+    # weights or AdamW's moments; the checkpoint's tensors are freed on return
+    ckpt = load_checkpoint(path, "cpu")
     net = model_of(ckpt, path, which)
     return net.to(device).eval(), ckpt["config"]
 
@@ -134,9 +136,10 @@ def count_images(source):
     return len(source[0]) if isinstance(source, tuple) else len(source)
 
 
-def image_batches(source, batch, num_workers=0):
+def image_batches(source, batch, num_workers=0, pin_memory=False):
     """(uint8 images (B, 3, H, W), labels) batches, in order: from (images, labels) tensors in memory,
-    or from a Dataset of (uint8 image, label) decoded by DataLoader workers."""
+    or from a Dataset of (uint8 image, label) decoded by DataLoader workers (pin_memory: into
+    page-locked memory, from which a copy to a CUDA device is faster and can be asynchronous)."""
     if isinstance(source, tuple):
         x, y = source
         for i in range(0, len(x), batch):
@@ -144,7 +147,7 @@ def image_batches(source, batch, num_workers=0):
         return
     try:
         yield from torch.utils.data.DataLoader(source, batch_size=batch, num_workers=num_workers,
-                                               prefetch_factor=4 if num_workers else None)
+                                               prefetch_factor=4 if num_workers else None, pin_memory=pin_memory)
     except data.DataError as e:
         raise data.from_worker(e) from None
 
@@ -155,8 +158,9 @@ def stream_features(fn, source, device, batch=256, num_workers=0, desc="features
     image_batches) -> (features fp16 (N, D), labels) on the CPU. Memory holds one batch of images
     and the fp16 features, however many images there are; a progress bar, then the img/s."""
     feats, labels, t0, n = [], [], time.time(), count_images(source)
+    pin = torch.device(device).type == "cuda"  # pinned batches make the non_blocking copy below asynchronous
     with tqdm(total=n, desc=desc, unit="img", disable=n < 5000 or not sys.stderr.isatty(), leave=False) as bar:
-        for xb, yb in image_batches(source, batch, num_workers):
+        for xb, yb in image_batches(source, batch, num_workers, pin_memory=pin):
             feats.append(fn(xb.to(device, non_blocking=True).float() / 127.5 - 1).half().cpu())
             labels.append(torch.as_tensor(yb))
             bar.update(len(xb))
@@ -196,12 +200,15 @@ def cached_features(path, key, compute):
 def knn_accuracy(train_f, train_y, test_f, test_y, k=20, T=0.07, n_classes=None, chunk=65536, top5=False):
     """Weighted kNN top-1 (%) on cosine similarity, votes weighted by exp(sim / T) (Wu et al. 2018).
     Streams: queries 1,000 at a time against `chunk` training features at a time (a running top k),
-    so memory stays bounded for any number of training images. top5=True: (top-1, top-5)."""
+    so memory stays bounded for any number of training images. top5=True: (top-1, top-5). Runs on
+    train_f's device (features of any float dtype: made float a chunk at a time)."""
+    dev = train_f.device
+    train_y, test_y = train_y.to(dev), test_y.to(dev)
     n_classes = n_classes or int(max(train_y.max(), test_y.max())) + 1
     k = min(k, len(train_f))
     correct1 = correct5 = 0
     for i in range(0, len(test_f), 1000):
-        q = F.normalize(test_f[i:i + 1000].float(), dim=1)
+        q = F.normalize(test_f[i:i + 1000].to(dev).float(), dim=1)
         sim = idx = None
         for j in range(0, len(train_f), chunk):
             ref = F.normalize(train_f[j:j + chunk].float(), dim=1)  # row by row: the same as normalising them all once
@@ -211,7 +218,7 @@ def knn_accuracy(train_f, train_y, test_f, test_y, k=20, T=0.07, n_classes=None,
             else:  # the running top k over the chunks seen so far
                 sim, pos = torch.cat([sim, s], 1).topk(k, dim=1)
                 idx = torch.cat([idx, ix + j], 1).gather(1, pos)
-        votes = torch.zeros(len(idx), n_classes).scatter_add_(1, train_y[idx], (sim / T).exp())
+        votes = torch.zeros(len(idx), n_classes, device=dev).scatter_add_(1, train_y[idx], (sim / T).exp())
         y = test_y[i:i + 1000]
         correct1 += (votes.argmax(1) == y).sum().item()
         if top5:

@@ -374,10 +374,13 @@ def main(argv):
         key = "out" if cfg["out"] else "ckpt"
         check_writable(key, cfg[key], res_dir, "probe.py's result (a JSON" + ("" if cfg["out"] else " beside the checkpoint") + ")")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"]
-    ck = load_checkpoint(cfg["ckpt"], dev)
-    tcfg = ck["config"]
+    # read and built on the CPU: only the measured network goes to the device, not the training weights
+    # and AdamW's two moments the checkpoint also holds (three more copies of the model)
+    ck = load_checkpoint(cfg["ckpt"], "cpu")
+    tcfg, step = ck["config"], ck.get("step")
     torch.manual_seed(cfg["seed"])  # --random=True: this seed's init is the baseline
     net = model_of(ck, cfg["ckpt"], None if cfg["random"] else "ema").to(dev).eval()
+    del ck  # net holds its own copy of the weights: the checkpoint's tensors are freed
     if not cfg["dataset"] and tcfg["dataset"] not in allowed:  # never a stand-in dataset without being asked
         raise ConfigError(f"the checkpoint was trained on {tcfg['dataset']}, and task={task!r} reads "
                           f"{' or '.join(allowed)}: pass --dataset={allowed[0]} (and its --data_dir) to measure it there")
@@ -453,11 +456,12 @@ def main(argv):
         with torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=dev.startswith("cuda")):
             res = D.z_usage(net, x, seed=cfg["seed"])
         res["plot"] = plot_z_usage(res, out[:-len(".json")] + ".png",
-                                     title=f"{'random init' if cfg['random'] else 'step ' + str(ck.get('step'))}")
+                                     title=f"{'random init' if cfg['random'] else 'step ' + str(step)}")
         print(z_usage_table(res))
         summary = f"zusage removed_at_-3 {res['removed_at_-3']:.2f} removed_mean {res['removed_mean']:.2f}"
-    elif task == "knn":
-        top1, top5 = knn_accuracy(ftr, ytr, fte, yte, n_classes=len(classes), top5=True)
+    elif task == "knn":  # on the probe's device: the fp16 features go there once (half float's memory), and
+        # knn_accuracy makes them float a chunk at a time, as it does on the CPU
+        top1, top5 = knn_accuracy(ftr.to(dev), ytr.to(dev), fte.to(dev), yte.to(dev), n_classes=len(classes), top5=True)
         res = {"top1": top1, "top5": top5}
         summary = f"knn top1 {res['top1']:.2f} top5 {res['top5']:.2f}"
     elif task == "linear":
@@ -505,7 +509,7 @@ def main(argv):
         save_heatmap(R, names, res["heatmap"])
         summary = f"dci D {res['D']:.2f} C {res['C']:.2f} I {res['I']:.2f}"
     res.update(task=task, features=cfg["features"], random_init=cfg["random"], ckpt=cfg["ckpt"], split=cfg["split"],
-               dataset=ds, step=ck.get("step"), n_train=n_tr, n_test=n_te, extract_img_s=speed,
+               dataset=ds, step=step, n_train=n_tr, n_test=n_te, extract_img_s=speed,
                task_s=round(time.time() - t_task, 2))
     with open(out, "w") as f:
         json.dump(res, f, indent=1)

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 import time
 
 from test_kernels import other_kernel_set
@@ -18,7 +19,9 @@ def test_dry_run_reports_every_item(tmp_path):
     # under the second CPU kernel set (tests/test_kernels.py): its items compare the same switches as
     # tests/test_train.py, which runs them under this CPU's own kernels, so both sets are checked
     kernels = os.environ.get("ATEN_CPU_CAPABILITY") or other_kernel_set()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", ATEN_CPU_CAPABILITY=kernels)
+    # PYTHON: this interpreter (the suite's venv, activated or not), not the first python on PATH
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", ATEN_CPU_CAPABILITY=kernels,
+               PYTHON=sys.executable)
     r = subprocess.run(["bash", "tools/gpu_check.sh", str(tmp_path), "--dry-run"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,10 +1,12 @@
 """probe.py: linear / kNN / multi-label / few-shot / DCI on synthetic features with known answers,
 the CelebA reader on a fixture in the real layout, the dSprites reader on the shared copy, and the
 command line end to end on a tiny random-init checkpoint."""
+import gc
 import json
 import os
 import re
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -283,6 +285,44 @@ def make_ckpt(path, image_size):
 
 def last_line(capsys):
     return capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_checkpoint_is_read_on_the_cpu_and_only_the_network_moves(tmp_path, monkeypatch):
+    """probe.py and model_from_checkpoint (sample.py, nvs.py) read the checkpoint on the CPU and move
+    only the network to the device ('meta' stands in for a GPU): the training weights and AdamW's
+    moments never go there, and the checkpoint's tensors are freed once the network holds its weights."""
+    cfg = dict(train.DEFAULTS, image_size=16, z_dim=8, dataset="cifar10", data_dir="nowhere")
+    net = train.build_model(cfg)
+    params = list(net.parameters())  # AdamW's state_dict, written out (torch.optim's first use costs 2 s of imports)
+    state = {i: {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+             for i, p in enumerate(params)}
+    adamw = {"state": state, "param_groups": [{"lr": 1e-4, "params": list(range(len(params)))}]}
+    path = str(tmp_path / "ck.pt")
+    torch.save({"config": cfg, "model": net.state_dict(), "ema": net.state_dict(), "optimizer": adamw, "step": 1}, path)
+    real_read = evaluation.load_checkpoint
+    for mod in (probe, evaluation):
+        reads, moments, built = [], [], []
+
+        def read(path, device="cpu"):
+            reads.append(device)
+            ck = real_read(path, device)
+            moments.extend(weakref.ref(t) for st in ck["optimizer"]["state"].values() for t in st.values())
+            return ck
+        monkeypatch.setattr(mod, "load_checkpoint", read)
+        if mod is probe:
+            monkeypatch.setattr(probe, "check_device", lambda dev: None)  # 'meta' is no device a user names
+            monkeypatch.setattr(probe, "model_of", lambda *a: built.append(evaluation.model_of(*a)) or built[-1])
+            # stops once the network is built; err keeps main's frame, as a run still going would: its
+            # locals must not hold the checkpoint any more
+            with pytest.raises(train.ConfigError, match="task='dci' reads") as err:
+                probe.main([f"--ckpt={path}", "--task=dci", "--device=meta"])
+        else:
+            built.append(evaluation.model_from_checkpoint(path, "meta")[0])
+        assert reads == ["cpu"]
+        assert {p.device.type for p in built[0].parameters()} == {"meta"}
+        gc.collect()
+        assert moments and not any(m() for m in moments), mod.__name__  # freed, not kept
+        monkeypatch.undo()
 
 
 @pytest.mark.filterwarnings("ignore:.*partial copy")

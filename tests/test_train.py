@@ -608,15 +608,25 @@ def test_torchrun_sigterm_saves_and_resumes_on_another_process_count(cifar_dir, 
 
 
 NAN_ON_RANK_1 = """
-import os, runpy, sys
+import os, runpy, sys, time
 sys.path.insert(0, {root!r})
-import diffusion
+import data, diffusion
 real, calls = diffusion.loss, [0]
 def loss(*a, **k):  # rank 1 alone: a NaN loss at step 2 (its third call)
     calls[0] += 1
     out = real(*a, **k)
     return out * float("nan") if os.environ["RANK"] == "1" and calls[0] == 3 else out
 diffusion.loss = loss
+real_load = data.load
+def load(*a, **k):  # when each process reads (or would download) its data
+    with open({loads!r}, "a") as f:
+        f.write(f"{{os.environ['LOCAL_RANK']}} start {{time.time()}}\\n")
+    time.sleep(0.5)
+    out = real_load(*a, **k)
+    with open({loads!r}, "a") as f:
+        f.write(f"{{os.environ['LOCAL_RANK']}} end {{time.time()}}\\n")
+    return out
+data.load = load
 sys.argv = ["train.py"] + sys.argv[1:]
 runpy.run_path({train!r}, run_name="__main__")
 """
@@ -625,9 +635,10 @@ runpy.run_path({train!r}, run_name="__main__")
 @pytest.mark.multiprocess
 def test_a_nan_on_one_process_stops_every_process_before_a_save(cifar_dir, tmp_path):
     """A non-finite loss on rank 1 only, in step 2 (0-based) of a run that saves after every step: both
-    processes stop with one error line before saving it, and the checkpoint after steps 0 and 1 stays."""
-    script = tmp_path / "nan_on_rank_1.py"
-    script.write_text(NAN_ON_RANK_1.format(root=ROOT, train=os.path.join(ROOT, "train.py")))
+    processes stop with one error line before saving it, and the checkpoint after steps 0 and 1 stays.
+    And the data (a download, where there is one) is read by local rank 0 first, by the other after it."""
+    script, loads = tmp_path / "nan_on_rank_1.py", tmp_path / "loads.txt"
+    script.write_text(NAN_ON_RANK_1.format(root=ROOT, train=os.path.join(ROOT, "train.py"), loads=str(loads)))
     out = tmp_path / "run"
     p = torchrun([str(script)] + base_args(cifar_dir, out, max_iters=4, log_interval=100, ckpt_interval=1, batch_size=4),
                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -635,3 +646,8 @@ def test_a_nan_on_one_process_stops_every_process_before_a_save(cifar_dir, tmp_p
     assert p.returncode != 0
     assert err.count("error: non-finite loss or gradient at step 2; stopping.") == 1, err[-3000:]
     assert state(out / "ckpt.pt")["step"] == 2
+    times = {}
+    for line in loads.read_text().splitlines():
+        rank, what, t = line.split()
+        times.setdefault((rank, what), []).append(float(t))
+    assert max(times[("0", "end")]) < min(times[("1", "start")]), loads.read_text()

@@ -4,4 +4,5 @@
 #   bash tools/gpu_check.sh OUT_DIR --dry-run   # the same code on the CPU at tiny sizes (< 25 s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python tools/gpu_check.py "$@"
+# PYTHON: the interpreter (default: the first python on PATH), e.g. PYTHON=.venv/bin/python
+exec "${PYTHON:-python}" tools/gpu_check.py "$@"
