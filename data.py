@@ -71,6 +71,7 @@ def yiq_matrices(device):
     yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
     return yiq.to(device), torch.linalg.inv(yiq).to(device)
 
+
 def _affine(x, theta, size=None):
     # theta (B, 2, 3) maps output coords to input coords, in [-1, 1]; reflect at the borders; the
     # output is size x size (default: x's size)
