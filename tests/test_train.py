@@ -261,7 +261,7 @@ ROUNDING_LOSS_RTOL, ROUNDING_MOVED = 5e-5, 5e-3
 MOMENT_TOL = 5e-5
 
 
-def assert_same_training_state(a, b):
+def assert_same_training_state(a, b, moment_tol=MOMENT_TOL):
     """Model, EMA and AdamW moments of two checkpoints agree to float32 rounding (tolerances above)."""
     for key in ("model", "ema"):
         assert a[key].keys() == b[key].keys()
@@ -271,7 +271,7 @@ def assert_same_training_state(a, b):
     for i in sa:
         for k in ("exp_avg", "exp_avg_sq"):  # exp_avg_sq sees the gradient's scale
             scale = sa[i][k].abs().max().item()  # moments span many decades: the tolerance is per tensor
-            torch.testing.assert_close(sb[i][k], sa[i][k], rtol=1e-5, atol=MOMENT_TOL * scale,
+            torch.testing.assert_close(sb[i][k], sa[i][k], rtol=1e-5, atol=moment_tol * scale,
                                        msg=lambda m: f"optimizer state {i} {k}: {m}")
 
 
@@ -579,18 +579,18 @@ def torchrun(args, nproc=2, **popen):
 @pytest.mark.multiprocess
 def test_torchrun_sigterm_saves_and_resumes_on_another_process_count(cifar_dir, tmp_path):
     """2 processes x batch 4 x 2 micro-steps, compiled (aot_eager) with z_bn (all-reduced in forward
-    and backward), evaluated at the start; SIGTERM to the launcher (torchrun passes it on) between log
-    steps: every process stops after the same step, rank 0 saves, all exit in seconds, with no
-    deprecation warning. Resumed on 1 process x batch 8 x 2 (the global batch kept: z_bn's micro-steps
+    and backward), evaluated at the start, a checkpoint every step; once the first is written,
+    SIGTERM to the launcher (torchrun passes it on) between log steps: every process stops after the
+    same step, rank 0 saves, all exit in seconds, with no deprecation warning. Resumed on 1 process x batch 8 x 2 (the global batch kept: z_bn's micro-steps
     hold the same rows), it ends where an uninterrupted 1 x 8 x 2 run ends, to rounding."""
     common = dict(DDP_COMMON, z_bn=True, decay_lr=False, log_interval=400, n_val=20)
     out = tmp_path / "two"
     p = torchrun(["train.py"] + base_args(cifar_dir, out, **dict(common, batch_size=4, grad_accum=2, max_iters=1000,
-                 compile=True, compile_backend="aot_eager", eval_at_start=True)),
+                 compile=True, compile_backend="aot_eager", eval_at_start=True, ckpt_interval=1)),
                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 180
-    while not (out / "log.jsonl").exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.2)  # the evaluation at step 0 is logged: the loop runs
+    while not (out / "ckpt.pt").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.2)  # a step trained and saved (written atomically: it exists whole or not at all)
     t = time.time()
     p.send_signal(signal.SIGTERM)
     printed, _ = p.communicate(timeout=60)
@@ -599,12 +599,16 @@ def test_torchrun_sigterm_saves_and_resumes_on_another_process_count(cifar_dir, 
     assert stopped, printed[-3000:]
     assert seconds < 25 and "deprecated" not in printed, printed[-3000:]
     k = int(stopped.group(1))
+    assert k >= 1 and '"step": 0' in (out / "log.jsonl").read_text()  # trained, evaluated at the start
     ck = state(out / "ckpt.pt")
     assert ck["step"] == k and ck["batch"] == {"world": 2, "batch_size": 4, "grad_accum": 2}
-    run_train(base_args(cifar_dir, out, **dict(common, batch_size=8, grad_accum=2, max_iters=k + 2,
+    # one step more. The moments' bound is looser than the 3-step comparisons': rounding grows with the
+    # steps, and compiled 2-process steps against eager ones measured 6.9e-5 of a tensor's largest entry
+    # at 5 steps (one element of 73,728), where a gradient off by 2 moves them by 100%
+    run_train(base_args(cifar_dir, out, **dict(common, batch_size=8, grad_accum=2, max_iters=k + 1,
                                                 init_from="resume")))
-    run_train(base_args(cifar_dir, tmp_path / "one", **dict(common, batch_size=8, grad_accum=2, max_iters=k + 2)))
-    assert_same_training_state(state(tmp_path / "one" / "ckpt.pt"), state(out / "ckpt.pt"))
+    run_train(base_args(cifar_dir, tmp_path / "one", **dict(common, batch_size=8, grad_accum=2, max_iters=k + 1)))
+    assert_same_training_state(state(tmp_path / "one" / "ckpt.pt"), state(out / "ckpt.pt"), moment_tol=5e-4)
 
 
 NAN_ON_RANK_1 = """
