@@ -140,8 +140,10 @@ def main(argv):
             run.stop = stop
             return bench(run) if run.bench_iters > 0 else loop(run)
         finally:  # out_dir is free for the next run, and the process group is gone, however this one ended
-            if run is not None and run.lock:
-                configurator.release_lock(run.lock)
+            if run is not None:
+                run.loader_iter = None  # its workers (which ignore stop signals) end here
+                if run.lock:
+                    configurator.release_lock(run.lock)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
 
@@ -156,6 +158,7 @@ def loop(run):
         return
     if run.eval_at_start and run.step == 0:
         evaluate_and_log(run, 0)
+        wait_for_rank_0(run)
     # a bar on a terminal; in a file (nohup, a job log) one plain line per log_interval instead
     run.t_start = time.time()  # the elapsed time of the plain lines counts from here
     bar = tqdm(total=run.max_iters, initial=run.step, disable=not (run.master and sys.stderr.isatty()),
@@ -182,20 +185,21 @@ def loop(run):
             log_progress(run, bar, loss_sum, step - seen0, t0, lr_at(run, it))
             t0, seen0 = time.time(), step
             loss_sum.zero_()
-        if (run.eval_interval > 0 and step % run.eval_interval == 0) or last:
+        evaluating = (run.eval_interval > 0 and step % run.eval_interval == 0) or last
+        if evaluating:
             t_eval = time.time()
             evaluate_and_log(run, step)
             t0 += time.time() - t_eval  # evaluation time is not training time
         if step % run.ckpt_interval == 0 or last or halt:
             save_run(run, step)
+        if evaluating or step % run.ckpt_interval == 0 or last or halt:
+            wait_for_rank_0(run)
         if halt:
             bar.close()
             run.say(f"stopped by {signal.Signals(run.stop[0]).name if run.stop else 'a signal'} after step {step}; "
                     f"checkpoint {os.path.join(run.out_dir, 'ckpt.pt')}; continue with --init_from=resume", flush=True)
             break
     bar.close()
-    if run.ddp:  # every process waits for rank 0's last evaluation and save before the group goes
-        torch.distributed.barrier()
     run.say(f"done: {run.step} steps; checkpoint {os.path.join(run.out_dir, 'ckpt.pt')}")
 
 
@@ -220,10 +224,11 @@ def resume_checkpoint(cfg):
         raise ConfigError(f"cannot resume {path} with {', '.join(bad)}: these keys change the model, the data "
                           "order or the optimisation (start a new out_dir instead)")
     # the global batch must stay; how it is split (processes x batch_size x grad_accum) may change. A
-    # checkpoint from before the split was recorded came from one process without accumulation.
-    was = ckpt.get("batch") or {"world": 1, "batch_size": ckpt["config"]["batch_size"], "grad_accum": 1}
+    # checkpoint from before the split was recorded does not say how many processes wrote it: the same
+    # batch_size without accumulation continues it (on any number, as before), as this one would have
     world = int(os.environ.get("WORLD_SIZE", 1))
     now = {"world": world, "batch_size": cfg["batch_size"], "grad_accum": cfg["grad_accum"]}
+    was = ckpt.get("batch") or {"world": world, "batch_size": ckpt["config"]["batch_size"], "grad_accum": 1}
     if math.prod(was.values()) != math.prod(now.values()):
         split = lambda b: f"{math.prod(b.values())} ({b['world']} process{'es' * (b['world'] != 1)} x " \
                           f"batch_size={b['batch_size']} x grad_accum={b['grad_accum']})"
@@ -247,7 +252,8 @@ def setup(cfg, ckpt=None):
         run.train_views, batch_sampler=data.StepBatches(run.n_train, run.global_batch, run.micro_rows, run.seed, run.step,
                                                  run.max_iters),
         num_workers=run.num_workers, pin_memory=run.cuda, persistent_workers=run.num_workers > 0,
-        prefetch_factor=4 if run.num_workers > 0 else None))  # batches of (seed, step): a resume replays them
+        prefetch_factor=4 if run.num_workers > 0 else None, worker_init_fn=ignore_stop_signals))
+    # batches of (seed, step): a resume replays them
     if run.master and not (run.in_memory or run.multiview):  # decoded once: the evaluation's kNN and z-usage images
         (run.x_knn, run.y_knn), (run.x_val, run.y_val) = folder_eval_sets(run)
     run.fixed = fixed_eval_batch(run)
@@ -276,7 +282,7 @@ def setup_processes(run):
         run.rank, run.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         run.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if dev.startswith("cuda"):
-            dev = f"cuda:{run.local_rank}"
+            dev = f"cuda:{run.local_rank % torch.cuda.device_count()}"  # srun --gpus-per-task: one GPU each
             torch.cuda.set_device(dev)
         cuda = dev.startswith("cuda")  # device_id: NCCL binds this process's GPU now (barriers know it)
         torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(dev) if cuda else None)
@@ -469,8 +475,8 @@ def views_of(run, xb, idx, rng, aspect=None):
 def train_step(run, it):
     """One optimisation step (§3.2, §3.4) on the global batch, in grad_accum micro-steps (each the
     denoising loss of its rows, backward; DDP all-reduces the gradients after the last), then
-    gradient clipping, AdamW, the EMA. -> the loss, the mean over the global batch (a device tensor:
-    no host sync); run.grad_norm, the gradient's norm before clipping."""
+    gradient clipping, AdamW, the EMA. -> this process's loss, the mean over its micro-steps (a
+    device tensor: no host sync); run.grad_norm, the global gradient's norm before clipping."""
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(run, it) * group["lr_mult"]
     loss = 0.0
@@ -549,6 +555,14 @@ def save_run(run, it):
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")  # Ctrl-C; torchrun's, Kubernetes' and SLURM's stop; SLURM's --signal=USR1@secs
 
 
+def ignore_stop_signals(worker_id):
+    """DataLoader workers ignore the stop signals: torchrun and SLURM signal every process of the job,
+    and a worker that dies of it takes the run down before it can save (the main process ends them)."""
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def stop_signals(enabled=True):
     """Ctrl-C (SIGINT), SIGTERM and SIGUSR1 append to the yielded list instead of killing the run
@@ -577,9 +591,17 @@ def stop_requested(run):
 def first_bad_step(run, bad):
     """The first step with a non-finite loss or gradient on any process, or -1 (waits for the device)."""
     if run.ddp:
-        bad = bad.clone()
-        torch.distributed.all_reduce(bad, torch.distributed.ReduceOp.MAX)
+        bad = torch.where(bad < 0, 2**62, bad)  # -1 (none) must not win the minimum
+        torch.distributed.all_reduce(bad, torch.distributed.ReduceOp.MIN)
+        bad = torch.where(bad == 2**62, -1, bad)
     return bad.item()
+
+
+def wait_for_rank_0(run):
+    """The other processes wait on the CPUs while rank 0 alone evaluates or saves: nothing of theirs
+    is queued on the GPU meanwhile, so NCCL's 10-minute watchdog never sees a slow evaluation or disk."""
+    if run.ddp:
+        torch.distributed.barrier(group=run.stop_group)
 
 
 # -----------------------------------------------------------------------------

@@ -655,3 +655,30 @@ def test_a_nan_on_one_process_stops_every_process_before_a_save(cifar_dir, tmp_p
         rank, what, t = line.split()
         times.setdefault((rank, what), []).append(float(t))
     assert max(times[("0", "end")]) < min(times[("1", "start")]), loads.read_text()
+
+
+@pytest.mark.multiprocess
+def test_sigterm_to_the_process_group_with_loader_workers_saves(tmp_path):
+    """An image-folder run with DataLoader workers, SIGTERM to its whole process group (as torchrun's
+    and SLURM's stop reaches every process of a job): the workers ignore it, the run saves after the
+    step it is in and exits cleanly, its workers with it."""
+    root = tmp_path / "folder"
+    rs = np.random.RandomState(0)
+    for split in ("train", "val"):
+        for c in range(2):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray((rs.rand(40, 48, 3) * 255).astype(np.uint8)).save(root / split / f"c{c}" / f"{i}.png")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "--dataset=imagenet", f"--data_dir={root}", f"--out_dir={out}", "--batch_size=4",
+           "--max_iters=100000", "--log_interval=400", "--ckpt_interval=1", "--eval_interval=0", "--eval_at_start=False",
+           "--num_workers=1", "--z_dim=32", "--threads=1", "--cpu_bf16=false"]
+    p = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while not (out / "ckpt.pt").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGTERM)
+    printed, _ = p.communicate(timeout=60)
+    assert p.returncode == 0 and re.search(r"stopped by SIGTERM after step \d+;", printed), printed[-3000:]
+    assert state(out / "ckpt.pt")["step"] >= 1
