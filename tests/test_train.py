@@ -682,3 +682,17 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves(tmp_path):
     printed, _ = p.communicate(timeout=60)
     assert p.returncode == 0 and re.search(r"stopped by SIGTERM after step \d+;", printed), printed[-3000:]
     assert state(out / "ckpt.pt")["step"] >= 1
+
+
+def test_a_checkpoint_without_its_split_resumes_by_its_batch_size(cifar_dir, tmp_path):
+    """A checkpoint written before the split was recorded (no 'batch'): its batch_size without
+    accumulation continues it, as before; another global batch is refused naming it."""
+    out = tmp_path / "run"
+    run_train(base_args(cifar_dir, out, max_iters=1))
+    ck = state(out / "ckpt.pt")
+    del ck["batch"]
+    train.save_checkpoint(ck, str(out / "ckpt.pt"))
+    with pytest.raises(train.ConfigError, match=r"global batch of 8 \(1 process x batch_size=8"):
+        train.main(base_args(cifar_dir, out, init_from="resume", max_iters=2, batch_size=4))
+    run_train(base_args(cifar_dir, out, init_from="resume", max_iters=2))
+    assert state(out / "ckpt.pt")["step"] == 2
