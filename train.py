@@ -153,8 +153,7 @@ def loop(run):
     After every step the processes agree whether a signal asked any of them to stop (stop_requested);
     at log and checkpoint steps whether any step on any of them was not finite (first_bad_step)."""
     if stop_requested(run):  # a signal during setup: nothing trained, nothing to save
-        run.say(f"stopped by {signal.Signals(run.stop[0]).name if run.stop else 'a signal'} before step "
-                f"{run.step + 1}; nothing saved")
+        run.say(f"stopped by {stop_name(run)} before step {run.step + 1}; nothing saved")
         return
     if run.eval_at_start and run.step == 0:
         evaluate_and_log(run, 0)
@@ -176,7 +175,8 @@ def loop(run):
         bar.update(1)
         last = step == run.max_iters
         halt = not last and stop_requested(run)
-        if step % run.log_interval == 0 or step % run.ckpt_interval == 0 or last or halt:
+        saving = step % run.ckpt_interval == 0 or last or halt
+        if step % run.log_interval == 0 or saving:
             first = first_bad_step(run, bad)  # a host sync, at log and checkpoint steps only: never save a NaN model
             if first >= 0:
                 raise FloatingPointError(f"non-finite loss or gradient at step {first}; stopping. The last good "
@@ -190,13 +190,13 @@ def loop(run):
             t_eval = time.time()
             evaluate_and_log(run, step)
             t0 += time.time() - t_eval  # evaluation time is not training time
-        if step % run.ckpt_interval == 0 or last or halt:
+        if saving:
             save_run(run, step)
-        if evaluating or step % run.ckpt_interval == 0 or last or halt:
+        if evaluating or saving:
             wait_for_rank_0(run)
         if halt:
             bar.close()
-            run.say(f"stopped by {signal.Signals(run.stop[0]).name if run.stop else 'a signal'} after step {step}; "
+            run.say(f"stopped by {stop_name(run)} after step {step}; "
                     f"checkpoint {os.path.join(run.out_dir, 'ckpt.pt')}; continue with --init_from=resume", flush=True)
             break
     bar.close()
@@ -576,6 +576,11 @@ def stop_signals(enabled=True):
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)
+
+
+def stop_name(run):
+    """The signal that asked this process to stop, by name ('a signal': another process got it)."""
+    return signal.Signals(run.stop[0]).name if run.stop else "a signal"
 
 
 def stop_requested(run):

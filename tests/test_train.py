@@ -59,6 +59,17 @@ def state(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def random_image_folder(root, per_class, h, w, ext, classes=("c0", "c1")):
+    """An ImageNet-style folder of random images: root/train|val/<class>/<i>.<ext>, h x w pixels."""
+    rs = np.random.RandomState(0)
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray((rs.rand(h, w, 3) * 255).astype(np.uint8)).save(root / split / c / f"{i}.{ext}")
+    return root
+
+
 # --- configuration ------------------------------------------------------------
 
 def test_unknown_key_names_the_closest(tmp_path):
@@ -354,13 +365,7 @@ def test_wrong_image_size_gives_one_line(cifar_dir, tmp_path):
 def test_imagenet_config_builds_and_steps(tmp_path, monkeypatch):
     """configs/imagenet.py at its real model size, one step at batch 2 and 32x32 on the CPU; the
     ~2.4 GB checkpoint is recorded in memory instead of written."""
-    root = tmp_path / "imagenet"
-    rs = np.random.RandomState(0)
-    for split in ("train", "val"):
-        for c in range(2):
-            (root / split / f"n0{c}").mkdir(parents=True)
-            for i in range(2):
-                Image.fromarray((rs.rand(80, 96, 3) * 255).astype(np.uint8)).save(root / split / f"n0{c}" / f"{i}.JPEG")
+    root = random_image_folder(tmp_path / "imagenet", 2, 80, 96, "JPEG", classes=("n00", "n01"))
     saved = []
     monkeypatch.setattr(train, "save_checkpoint", lambda obj, path: saved.append(obj))
     monkeypatch.setattr(train, "evaluate_and_log", lambda run, it: None)  # a folder run's evaluation: tests/test_folders.py
@@ -662,13 +667,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves(tmp_path):
     """An image-folder run with DataLoader workers, SIGTERM to its whole process group (as torchrun's
     and SLURM's stop reaches every process of a job): the workers ignore it, the run saves after the
     step it is in and exits cleanly, its workers with it."""
-    root = tmp_path / "folder"
-    rs = np.random.RandomState(0)
-    for split in ("train", "val"):
-        for c in range(2):
-            (root / split / f"c{c}").mkdir(parents=True)
-            for i in range(8):
-                Image.fromarray((rs.rand(40, 48, 3) * 255).astype(np.uint8)).save(root / split / f"c{c}" / f"{i}.png")
+    root = random_image_folder(tmp_path / "folder", 8, 40, 48, "png")
     out = tmp_path / "run"
     cmd = [sys.executable, "train.py", "--dataset=imagenet", f"--data_dir={root}", f"--out_dir={out}", "--batch_size=4",
            "--max_iters=100000", "--log_interval=400", "--ckpt_interval=1", "--eval_interval=0", "--eval_at_start=False",

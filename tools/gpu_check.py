@@ -314,9 +314,21 @@ def correctness(out, dry):
     item(out, "resume_2_plus_2", 120, resume)
 
 
+def torchrun_train(out, dry, name, nproc, *flags, env=None, timeout=150):
+    """`torchrun --nproc_per_node=NPROC train.py` (on a free port) with the correctness runs' arguments
+    and flags -> (the finished process, its out_dir)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = os.path.join(out, "runs", name)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+           "train.py"] + check_args(out, dry) + [f"--out_dir={d}", "--overwrite=True", *flags]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env), d
+
+
 def ddp_check(out, dry):
     """torchrun, 1 process, against a plain run in this process; with the presets' dropout: rank 0
-    of 1 draws the plain run's masks (train_step seeds by step, world size and rank)."""
+    of 1 draws the plain run's masks (a micro-step seeds dropout by step and slot, the same slots)."""
     import torch
     cuda = torch.cuda.is_available() and not dry
 
@@ -325,14 +337,7 @@ def ddp_check(out, dry):
             return {"pass": None, "skipped": "dry run: torchrun is run on CUDA only (nccl); the gloo path is "
                     "tests/test_train.py::test_ddp_two_processes_equal_one"}
         ref = run_steps(out, dry, "plain", "--overwrite=True")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        d = os.path.join(out, "runs", "torchrun")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={port}",
-               "train.py"] + check_args(out, dry) + [f"--out_dir={d}", "--overwrite=True"]
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150,
-                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        r, d = torchrun_train(out, dry, "torchrun", 1, env=dict(os.environ, PYTHONWARNINGS="ignore"))
         if r.returncode:
             return {"pass": False, "error": r.stderr.strip()[-600:]}
         return judge(compare(ref, d), 1e-4 if cuda else 0.0, 1e-3 if cuda else 0.0,
@@ -357,15 +362,9 @@ def ddp_check(out, dry):
         if dry or torch.cuda.device_count() < 2:
             return {"pass": None, "skipped": "one GPU here" if not dry else "dry run: tests/test_train.py runs 2 gloo "
                     "processes with compile and z_bn (--multiprocess)"}
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        d = os.path.join(out, "runs", "torchrun_2gpu")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-               "train.py"] + check_args(out, dry) + [f"--out_dir={d}", "--overwrite=True", "--compile=True",
-                                                       "--z_bn=True", "--batch_size=128", "--eval_interval=4"]
         t = time.time()
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=200)
+        r, d = torchrun_train(out, dry, "torchrun_2gpu", 2, "--compile=True", "--z_bn=True", "--batch_size=128",
+                              "--eval_interval=4", timeout=200)
         if r.returncode:
             return {"pass": False, "error": r.stderr.strip()[-600:]}
         loss = losses(d)

@@ -15,6 +15,7 @@ before the allocator's slack, cuDNN's workspaces and compile's own buffers, whic
 measures (tools/gpu_check.py: peak_mem_gb). The split: the largest power of two up to the config's
 batch_size whose estimate fits GPU_GB, and grad_accum for the rest of the global batch.
 """
+import ast
 import json
 import os
 import sys
@@ -24,7 +25,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import configurator  # noqa: E402
-import train  # noqa: E402
 
 CONFIGS = ("cifar10_cpu", "cifar10", "imagenet", "celeba", "cars3d")
 GPU_GB = 80  # an A100 / H100; the estimate's slack is the GPU check's to measure
@@ -50,8 +50,24 @@ def saved_bytes(net, batch, image_size, bf16):
     return sum(seen.values())
 
 
-def measure(name):
-    cfg = configurator.configure([os.path.join(ROOT, "configs", f"{name}.py")], train.DEFAULTS)
+def train_defaults():
+    """train.py's config keys and their defaults, read from its source (its plain `key = value`
+    lines, as train.DEFAULTS collects them): a tool runs scripts, it does not import them."""
+    tree = ast.parse(open(os.path.join(ROOT, "train.py")).read())
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+            if not node.targets[0].id.startswith("_") and isinstance(value, (int, float, bool, str)):
+                out[node.targets[0].id] = value
+    return out
+
+
+def measure(name, defaults):
+    cfg = configurator.configure([os.path.join(ROOT, "configs", f"{name}.py")], defaults)
     torch.manual_seed(0)
     net = configurator.build_model(cfg).train()
     n_params = sum(p.numel() for p in net.parameters() if p.requires_grad)
@@ -78,9 +94,9 @@ def measure(name):
 
 def main(names):
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    rows = []
+    rows, defaults = [], train_defaults()
     for name in names:
-        r = measure(name)
+        r = measure(name, defaults)
         rows.append(r)
         print(json.dumps(r), flush=True)
     print("\n| config | image | params | checkpoint | activations / image fp32 (CPU) | bf16 | est. GPU GB at batch_size | "
