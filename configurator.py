@@ -148,7 +148,7 @@ def parse_groups(text):
 # train.py's keys: what each allows, what a resume may change
 
 CHOICES = dict(
-    init_from=("scratch", "resume"), dataset=("cifar10", "imagenet", "celeba", "dsprites") + data.MULTIVIEW,
+    init_from=("scratch", "resume"), dataset=("cifar10", "folder", "imagenet", "celeba", "dsprites") + data.MULTIVIEW,
     views=("augment", "identical", "class"), aug=("none", "cropflip", "simclr", "randaugment", "gaussian"),
     cond=("mod", "xattn", "mod+xattn", "emb"), agg=("mean", "transformer"), prediction=("eps", "v", "x0"),
     weighting=("eps", "v"), segment_mode=("hierarchical", "sequential"), dtype=("bfloat16", "float32"),
@@ -202,7 +202,7 @@ def validate(cfg):
     if cfg["p_uncond_src_pose"] > 0 and cfg["dataset"] not in data.MULTIVIEW:
         raise ConfigError(f"p_uncond_src_pose={cfg['p_uncond_src_pose']} drops source poses: only multi-view datasets "
                           f"have them ({', '.join(data.MULTIVIEW)}), not {cfg['dataset']!r}")
-    if cfg["views"] == "class" and cfg["dataset"] in ("imagenet", "celeba"):
+    if cfg["views"] == "class" and cfg["dataset"] in ("folder", "imagenet", "celeba"):
         raise ConfigError(f"views='class' pairs images of a class in memory: not for {cfg['dataset']} (decoded from files)")
     if cfg["simsiam_weight"] > 0 and (cfg["segments"] < 1 or cfg["views"] != "augment"):
         raise ConfigError("simsiam_weight > 0 is DiffSiam: it needs segments >= 1 and views='augment' (two augmented views)")

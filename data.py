@@ -252,10 +252,27 @@ def _load_cifar_records(data_dir, train):
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes
 
 
-def read_rgb(loader, path):
-    """An image file -> uint8 (H, W, 3); a file PIL cannot read is one DataError naming it."""
+def to_rgb(img):
+    """A PIL image of any mode -> uint8 (H, W, 3): turned upright by its EXIF orientation (phone
+    photos), 16-bit and float grey scaled to 8 bits (PIL's convert would clip them white), and
+    transparency (RGBA, LA, palette) laid on white."""
+    from PIL import Image, ImageOps
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode != "F" else (1.0 if a.max() <= 1 else a.max())
+        img = Image.fromarray((a / top * 255).clip(0, 255).round().astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+    return np.array(img.convert("RGB"))
+
+
+def read_rgb(path):
+    """An image file -> uint8 (H, W, 3) (to_rgb); a file PIL cannot read is one DataError naming it."""
+    from PIL import Image
     try:
-        return np.array(loader(path).convert("RGB"))
+        with Image.open(path) as img:
+            return to_rgb(img)
     except Exception as e:
         raise DataError(f"cannot read image file {path!r} ({type(e).__name__}): remove or replace it") from None
 
@@ -277,7 +294,7 @@ def _load_image_folder(root):
     ds = image_folder(root)
     images = []
     for path, _ in ds.samples:
-        img = read_rgb(ds.loader, path)  # (H, W, 3)
+        img = read_rgb(path)  # (H, W, 3)
         if images and img.shape != images[0].shape:
             (h, w), (h0, w0) = img.shape[:2], images[0].shape[:2]
             raise DataError(f"image {path!r} is {w}x{h}, but {ds.samples[0][0]!r} is {w0}x{h0}: "
@@ -331,21 +348,57 @@ def decode_size(image_size, crop_min):
     return 8 * math.ceil(image_size / math.sqrt(crop_min) / 8)
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff")
+
+
+def list_images(root):
+    """The image files under root at any depth -> (paths, labels or None, class names), in
+    torchvision ImageFolder's order (root's own files, then each subfolder by name, walked in sorted
+    order); hidden files and folders ('.*') are skipped. The first-level subfolders are the classes
+    when every image lies inside one and at least two hold images; else there are no labels."""
+    is_image = lambda f: f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+    top = sorted(e for e in os.listdir(root) if not e.startswith("."))
+    classes = [e for e in top if os.path.isdir(os.path.join(root, e))]
+    paths, labels = [os.path.join(root, f) for f in top if is_image(f) and os.path.isfile(os.path.join(root, f))], []
+    labels += [-1] * len(paths)
+    for c, name in enumerate(classes):
+        for dirpath, dirnames, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            got = [os.path.join(dirpath, f) for f in sorted(files) if is_image(f)]
+            paths += got
+            labels += [c] * len(got)
+    labelled = -1 not in labels and len(set(labels)) >= 2
+    return paths, (torch.tensor(labels) if labelled else None), (classes if labelled else [])
+
+
 class FolderData(torch.utils.data.Dataset):
-    """ImageNet-style ImageFolder read by DataLoader workers: decode, resize the short side to
-    `image_size`, centre-crop, uint8 (3, S, S) (evaluation, probes, samples). For training,
-    whole_images(size): each whole picture squashed to size x size, with its aspect ratio, so the
-    batched random crops on the device (augment) cut from all of it, as RandomResizedCrop does."""
+    """A folder of image files read by DataLoader workers (any depth, png / jpg / webp / bmp / ...,
+    any mode and size: to_rgb): decode, resize the short side to `image_size`, centre-crop, uint8
+    (3, S, S) (evaluation, probes, samples). For training, whole_images(size): each whole picture
+    squashed to size x size, with its aspect ratio, so the batched random crops on the device
+    (augment) cut from all of it, as RandomResizedCrop does. Labels come from class subfolders
+    (list_images); without them every label is -1 and `classes` is empty."""
 
     def __init__(self, root, image_size):
         import torchvision.transforms.v2 as T
         if not os.path.isdir(root):
-            raise DataError(f"no image folder at {os.path.abspath(root)!r}: expected <root>/<class>/*.JPEG "
-                            "(ImageNet: DATA_DIR/train and DATA_DIR/val)")
-        self.ds = image_folder(root)
+            raise DataError(f"no image folder at {os.path.abspath(root)!r}")
+        self.files, labels, self.classes = list_images(root)
+        if not self.files:
+            raise DataError(f"no image files in {os.path.abspath(root)!r} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
+                            "at any depth)")
+        self.root, self.labelled = root, labels is not None
+        self.targets = labels if self.labelled else torch.full((len(self.files),), -1)
         self.tf = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)])
-        self.targets = torch.tensor(self.ds.targets)
         self.whole = 0
+        self.about = f"{os.path.abspath(root)}: {len(self.files):,} images, " + \
+            (f"{len(self.classes)} classes" if self.labelled else "no labels")
+
+    def select(self, idx, about):
+        """The images at indices idx (in this order), described by `about`."""
+        part = copy.copy(self)
+        part.files, part.targets, part.about = [self.files[i] for i in idx], self.targets[idx], about
+        return part
 
     def whole_images(self, size):
         """The same images for training: (uint8 (3, size, size) of the whole picture, label, width / height)."""
@@ -355,27 +408,85 @@ class FolderData(torch.utils.data.Dataset):
         return views
 
     def __len__(self):
-        return len(self.ds)
+        return len(self.files)
 
     def __getitem__(self, i):
-        path, y = self.ds.samples[i]
-        img = torch.from_numpy(read_rgb(self.ds.loader, path)).permute(2, 0, 1)
+        img = torch.from_numpy(read_rgb(self.files[i])).permute(2, 0, 1)
         if self.whole:
-            return self.tf(img), y, img.shape[2] / img.shape[1]
-        return self.tf(img), y
+            return self.tf(img), int(self.targets[i]), img.shape[2] / img.shape[1]
+        return self.tf(img), int(self.targets[i])
+
+
+def load_folder(data_dir, split="train", image_size=32, n_val=500, seed=0):
+    """Any folder of images as one split ('train' | 'val' | 'test'). With train/ and val/
+    subfolders (ImageNet's layout) those are the splits ('val' and 'test' both read val/), their
+    classes matched by name; otherwise every image under data_dir, of which min(n_val, a fifth)
+    are held out for 'val' and 'test' (a fixed random choice by seed) and the rest is 'train'."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    root = os.path.expanduser(data_dir)
+    if not os.path.isdir(root):
+        raise DataError(f"no folder {os.path.abspath(root)!r}: data_dir names a folder of images")
+    tr, va = os.path.join(root, "train"), os.path.join(root, "val")
+    if os.path.isdir(tr) and os.path.isdir(va):
+        ds = FolderData(tr if split == "train" else va, image_size)
+        if split != "train" and ds.labelled:  # val/'s classes by name, numbered as train/'s
+            train_classes = [e for e in sorted(os.listdir(tr)) if not e.startswith(".") and os.path.isdir(os.path.join(tr, e))]
+            unknown = sorted(set(ds.classes) - set(train_classes))
+            if unknown:
+                raise DataError(f"{va!r} has class folders train/ lacks: {', '.join(unknown[:5])}"
+                                f"{' ...' if len(unknown) > 5 else ''}: val/ and train/ must share their classes")
+            ds.targets = torch.tensor([train_classes.index(c) for c in ds.classes])[ds.targets]
+            ds.classes = train_classes
+        return ds
+    ds = FolderData(root, image_size)
+    n = len(ds)
+    if n < 2:
+        raise DataError(f"{os.path.abspath(root)!r} holds {n} image: training needs at least 2 (one is held out)")
+    k = max(1, min(n_val, n // 5))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    idx = (perm[:k] if split != "train" else perm[k:]).sort().values
+    why = f"n_val={n_val}, seed {seed}" if k == n_val else f"a fifth: n_val={n_val} is more; seed {seed}"
+    labels = f"{len(ds.classes)} classes" if ds.labelled else "no labels"
+    part = f"the other {k:,} held out" if split == "train" else "held out for validation"
+    return ds.select(idx, f"{os.path.abspath(root)}: {len(idx):,} of its {n:,} images, {part} ({why}), {labels}")
+
+
+def read_images(paths, image_size):
+    """Your own images: comma-separated files and folders (a folder: every image in it, at any
+    depth, list_images's order) -> (uint8 (N, 3, S, S), file paths). Each is made RGB (to_rgb), its
+    short side resized to image_size and centre-cropped, as FolderData does for evaluation."""
+    import torchvision.transforms.v2 as T
+    tf = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)])
+    files = []
+    for p in (s.strip() for s in paths.split(",")):
+        path = os.path.expanduser(p)
+        if os.path.isdir(path):
+            found = list_images(path)[0]
+            if not found:
+                raise DataError(f"images: no image files in the folder {os.path.abspath(path)!r} "
+                                f"(looked for {', '.join(IMAGE_EXTENSIONS)}, at any depth)")
+            files += found
+        elif os.path.isfile(path):
+            files.append(path)
+        elif p:
+            raise DataError(f"images: no file or folder {os.path.abspath(path)!r}")
+    if not files:
+        raise DataError(f"images={paths!r} names no file: give image files or folders, comma-separated")
+    return torch.stack([tf(torch.from_numpy(read_rgb(f)).permute(2, 0, 1)) for f in files]), files
 
 
 def load(dataset, data_dir, split="train", image_size=32, download=False, n_val=500, seed=0):
     """dataset name -> either (x uint8 (N,3,H,W), y (N,)) in memory, or a Dataset that DataLoader
-    workers decode (image folders, CelebA). split: 'train' | 'val' | 'test'; ImageNet's val folder
-    serves 'val' and 'test'."""
+    workers decode (image folders, CelebA). split: 'train' | 'val' | 'test'; a folder's val/ (or
+    its held-out part) serves 'val' and 'test'."""
     if dataset == "cifar10":
         if image_size != 32:
             raise DataError(f"cifar10 images are 32x32, but image_size={image_size}")
         x, y, _ = load_cifar10(data_dir, split, download, n_val, seed)
         return x, y
-    if dataset == "imagenet":
-        return FolderData(os.path.join(data_dir, "train" if split == "train" else "val"), image_size)
+    if dataset in ("folder", "imagenet"):  # 'imagenet': its train/ and val/ are one case of a folder
+        return load_folder(data_dir, split, image_size, n_val, seed)
     if dataset == "celeba":  # the official partition: train / val / test
         return CelebAData(data_dir, split, image_size)
     if dataset == "dsprites":
@@ -383,7 +494,7 @@ def load(dataset, data_dir, split="train", image_size=32, download=False, n_val=
             raise DataError(f"dsprites images are 64x64, but image_size={image_size}")
         x, factors = load_dsprites(data_dir, split, n_val=n_val)  # fixed split seed: probe.py's test images stay unseen
         return x, factors[:, 0]  # shape as the label for the kNN check / views='class'
-    raise DataError(f"unknown dataset {dataset!r}: 'cifar10', 'imagenet', 'celeba' or 'dsprites'")
+    raise DataError(f"unknown dataset {dataset!r}: 'cifar10', 'folder' (or 'imagenet'), 'celeba' or 'dsprites'")
 
 
 def epoch_order(n, global_batch, seed, epoch):
@@ -479,8 +590,7 @@ class CelebAData(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        from PIL import Image
-        img = torch.from_numpy(read_rgb(Image.open, self.files[i])).permute(2, 0, 1)
+        img = torch.from_numpy(read_rgb(self.files[i])).permute(2, 0, 1)
         return self.tf(img), self.targets[i]
 
 

@@ -103,13 +103,14 @@ def model_of(ckpt, path, which="ema"):
 
 
 def model_from_checkpoint(path, device="cpu", which="ema"):
-    """-> (SODA in eval mode with the EMA (or 'model') weights, on `device`, its config). path='random'
-    is not handled here: scripts build a fresh model from a config for that."""
+    """-> (SODA in eval mode with the EMA (or 'model') weights, on `device`, its config with the
+    checkpoint's training step as config['step']). path='random' is not handled here: scripts build
+    a fresh model from a config for that."""
     # read and built on the CPU: only the network goes to the device, not the checkpoint's other
     # weights or AdamW's moments; the checkpoint's tensors are freed on return
     ckpt = load_checkpoint(path, "cpu")
     net = model_of(ckpt, path, which)
-    return net.to(device).eval(), ckpt["config"]
+    return net.to(device).eval(), {**ckpt["config"], "step": ckpt.get("step")}
 
 
 # -----------------------------------------------------------------------------
@@ -474,8 +475,8 @@ def evaluate(run, it):
     if run.fixed is None:
         return out
     ema, autocast = run.ema, run.autocast
-    if not run.multiview and run.y_val.dim() == 1:  # kNN of z on held-out images (no labels: multi-view; CelebA's
-        # are 40 attributes)
+    if run.labelled and run.y_val.dim() == 1:  # kNN of z on held-out images (no labels: multi-view, a folder
+        # without class subfolders; CelebA's are 40 attributes)
         ref = slice(0, KNN_REFERENCES)
         x_ref, y_ref = (run.x_train[ref], run.y_train[ref]) if run.in_memory else (run.x_knn, run.y_knn)
         with autocast():

@@ -8,6 +8,7 @@ attributes, 5-way few-shot episodes, or DCI disentanglement on dSprites or Cars3
     python probe.py --ckpt=out/cifar10_cpu/ckpt.pt --random=True        # same encoder, random init
     python probe.py --ckpt=out/cifar10_cpu/ckpt.pt --features=pool      # the pooled features before the bottleneck
     python probe.py --ckpt=out/imagenet/ckpt.pt                         # DATA_DIR/train -> DATA_DIR/val, streamed
+    python probe.py --ckpt=out/photos/ckpt.pt --task=zusage             # a folder without class subfolders
     python probe.py --ckpt=out/cifar10_cpu/ckpt.pt --task=fewshot --episodes=2000
     python probe.py --ckpt=out/celeba/ckpt.pt --task=multilabel         # DATA_DIR/celeba/...
     python probe.py --ckpt=out/dsprites_cpu/ckpt.pt --task=dci
@@ -51,9 +52,9 @@ features = "z"  # 'z' (the bottleneck latent: the paper's probe, §4.1) | 'pool'
 # | 'unet' (the denoiser's pooled middle block on a lightly noised image, z masked: the paper's
 #   unconditional-diffusion baseline, footnote 2)
 unet_logsnr = 4.0  # features='unet': the noise level of the image the denoiser sees (4: abar = 0.98)
-dataset = ""  # default: the checkpoint's, if the task reads it (cifar10, imagenet, celeba, dsprites, cars3d); else refused
+dataset = ""  # default: the checkpoint's, if the task reads it (cifar10, folder, celeba, dsprites, cars3d); else refused
 data_dir = ""  # default: the checkpoint's, when it was trained on that dataset
-split = "test"  # 'test' (train on train, measure on test; imagenet: DATA_DIR/val, the final figure) | 'val'
+split = "test"  # 'test' (train on train, measure on test; a folder: its val/ or held-out part, the final figure) | 'val'
 # (cifar10: train on train.py's training split, measure on its n_val held-out images: choosing recipes without the test split)
 probe_aug = 0  # linear: number of crop+flip copies of the probe's training set (0 = none)
 val_frac = 0.1  # linear: fraction of the training set held out to choose the weight decay and epochs
@@ -74,9 +75,11 @@ device = "auto"
 seed = 0
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
-TASK_DATA = {"linear": ("cifar10", "imagenet"), "knn": ("cifar10", "imagenet"), "fewshot": ("cifar10", "imagenet"),
-             "zusage": ("cifar10", "imagenet", "celeba"), "multilabel": ("celeba",), "dci": ("dsprites", "cars3d")}
+FOLDERS = ("folder", "imagenet")  # any folder of images ('imagenet': another name of it)
+TASK_DATA = {"linear": ("cifar10",) + FOLDERS, "knn": ("cifar10",) + FOLDERS, "fewshot": ("cifar10",) + FOLDERS,
+             "zusage": ("cifar10",) + FOLDERS + ("celeba",), "multilabel": ("celeba",), "dci": ("dsprites", "cars3d")}
 WDS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+WDS_REFERENCE = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # tools/probe_solvers.py's converged L-BFGS reference
 EPOCHS = (30, 100)
 
 
@@ -108,7 +111,7 @@ def topk(logits, y, k):
 
 
 def linear_probe(ftr, ytr, fte, yte, n_classes, wds=WDS, epochs=EPOCHS, val_frac=0.1, seed=0, n_orig=None,
-                 solver="sgd", batch=0, device="cpu"):
+                 solver="sgd", batch=0, device="cpu", lbfgs_iters=100):
     """-> dict(top1, top5, wd, epochs, val_top1). A multinomial logistic regression on standardised
     features: its weight decay (and, solver='sgd', its epochs) chosen on a held-out val_frac of the
     training rows, then refitted on all of them and measured once on the test rows. solver='sgd':
@@ -125,7 +128,8 @@ def linear_probe(ftr, ytr, fte, yte, n_classes, wds=WDS, epochs=EPOCHS, val_frac
         is_val[val + c * n_orig] = True
     if solver == "lbfgs":  # on the CPU, standardised once
         ftr, fte = ((ftr.float() - mean) / std).cpu(), ((fte.float().to(device) - mean) / std).cpu()
-        fits = lambda rows, settings: [fit_logreg(ftr[rows.cpu()], ytr[rows].cpu(), n_classes, wd) for wd, _ in settings]
+        fits = lambda rows, settings: [fit_logreg(ftr[rows.cpu()], ytr[rows].cpu(), n_classes, wd, lbfgs_iters)
+                                       for wd, _ in settings]
         logits = lambda f, W, b: f @ W + b
         epochs = (0,)
     else:  # every (weight decay, epochs) pair side by side, in one pass over the data
@@ -323,26 +327,29 @@ def save_heatmap(R, names, path):
 # -----------------------------------------------------------------------------
 
 def probe_sets(ds, dd, dl, tcfg, cfg):
-    """-> (train, test, class names): (uint8 images, labels) tensors for sets held in memory, or
-    Datasets whose images DataLoader workers decode batch by batch (image folders, CelebA)."""
+    """-> (train, test, class names, what each is): (uint8 images, labels) tensors for sets held in
+    memory, or Datasets whose images DataLoader workers decode batch by batch (image folders, CelebA)."""
     if ds == "cifar10":  # the probe trains on the whole training split (train + train.py's held-out val)
         if cfg["split"] == "test":
             xtr, ytr, classes = data.load_cifar10(dd, "train", dl, n_val=0)
             xte, yte, _ = data.load_cifar10(dd, "test", dl)
+            about = (f"{dd} train split", f"{dd} test split")
         else:  # 'val': the same held-out images train.py set aside (its n_val and seed)
             xtr, ytr, classes = data.load_cifar10(dd, "train", dl, n_val=tcfg["n_val"], seed=tcfg["seed"])
             xte, yte, _ = data.load_cifar10(dd, "val", dl, n_val=tcfg["n_val"], seed=tcfg["seed"])
-        return (xtr, ytr), (xte, yte), classes
+            about = (f"{dd} train split less its {tcfg['n_val']} held out", f"those {tcfg['n_val']} held out of {dd} train "
+                     f"(seed {tcfg['seed']})")
+        return (xtr, ytr), (xte, yte), classes, about
     n = cfg["n_images"]
-    if ds == "imagenet":  # DATA_DIR/train and DATA_DIR/val, at the checkpoint's image size
-        train = data.FolderData(os.path.join(dd, "train"), tcfg["image_size"])
-        test = data.FolderData(os.path.join(dd, "val"), tcfg["image_size"])
-        if train.ds.classes != test.ds.classes:
-            raise data.DataError(f"{dd!r}: train/ and val/ hold different classes ({len(train.ds.classes)} and "
-                                 f"{len(test.ds.classes)}): a probe needs the same classes in both")
-        return data.subset(train, n, cfg["seed"]), data.subset(test, n, cfg["seed"]), train.ds.classes
+    if ds in FOLDERS:  # train/ and val/, or the part train.py held out (its n_val, seed), at the checkpoint's image size
+        train, test = (data.load_folder(dd, sp, tcfg["image_size"], tcfg["n_val"], tcfg["seed"]) for sp in ("train", "test"))
+        if not (train.labelled and test.labelled) and cfg["task"] != "zusage":
+            raise data.DataError(f"{train.about}: task={cfg['task']!r} needs labels, and the images are not all in class "
+                                 "subfolders (2 or more); task='zusage' measures a folder without them")
+        sub = lambda d: f"{d.about}{f'; {n:,} of them, a fixed random choice' if 0 < n < len(d) else ''}"
+        return data.subset(train, n, cfg["seed"]), data.subset(test, n, cfg["seed"]), train.classes, (sub(train), sub(test))
     train, test = (data.CelebAData(dd, sp, tcfg["image_size"], n) for sp in ("train", "test"))
-    return train, test, train.names
+    return train, test, train.names, (f"{dd} CelebA train partition", f"{dd} CelebA test partition")
 
 
 def main(argv):
@@ -393,7 +400,7 @@ def main(argv):
         raise ConfigError("features='unet' gives the denoiser no camera: use 'pool' or 'z' for Cars3D DCI")
     if cfg["split"] == "val" and ds != "cifar10":
         raise ConfigError(f"split='val' is CIFAR-10's (train.py's held-out images); {ds} is probed on its test split "
-                          "(imagenet: DATA_DIR/val), and its weight decay is chosen on a held-out part of train")
+                          "(a folder: its val/ or held-out part), and its weight decay is chosen on a held-out part of train")
     if cfg["probe_aug"] and ds != "cifar10":
         raise ConfigError(f"probe_aug={cfg['probe_aug']} augments a training set held in memory (cifar10); {ds} is streamed")
     dd = cfg["data_dir"] or (tcfg["data_dir"] if tcfg["dataset"] == ds else "")
@@ -440,11 +447,12 @@ def main(argv):
                        f"probe_{task}{'_gbt' if task == 'dci' and cfg['dci_model'] == 'gbt' else ''}_{cfg['features']}"
                        f"{'_random' if cfg['random'] else ''}"
                        f"{'_val' if cfg['split'] == 'val' else ''}.json")
+    about = (f"{dd} ({ds})",) * 2  # what the train and test images are (DCI: every image of one set, split by it)
     if task in ("linear", "knn", "fewshot", "zusage"):
-        train, test, classes = probe_sets(ds, dd, dl, tcfg, cfg)
+        train, test, classes, about = probe_sets(ds, dd, dl, tcfg, cfg)
         n_tr, n_te = count_images(train), count_images(test)
-        print(f"probe: {task} on {ds}, {n_tr:,} train / {n_te:,} {cfg['split']} images, {len(classes)} classes, "
-              f"features {cfg['features']}")
+        print(f"probe: {task} on {ds}, features {cfg['features']}, checkpoint {cfg['ckpt']} step {step}\n"
+              f"  train: {n_tr:,} images, {about[0]}\n  {cfg['split']}: {n_te:,} images, {about[1]}")
         if task != "zusage":
             ftr, ytr = feats(train, "train")
             fte, yte = feats(test, cfg["split"])
@@ -481,6 +489,7 @@ def main(argv):
         summary = "fewshot " + " ".join(f"{k}shot {res[f'{k}shot']:.2f}+-{res[f'{k}shot_ci95']:.2f}" for k in (1, 5, 10))
     elif task == "multilabel":
         sets = [data.CelebAData(dd, sp, tcfg["image_size"], cfg["n_images"]) for sp in ("train", "val", "test")]
+        about = (f"{dd} CelebA train + val partitions", f"{dd} CelebA test partition")
         (ftr, ytr), (fva, yva), (fte, yte) = (feats(s, sp) for s, sp in zip(sets, ("train", "val", "test")))
         n_tr, n_te = len(ftr), len(fte)
         res = multilabel_probe(ftr.float(), ytr, fva.float(), yva, fte.float(), yte)
@@ -509,12 +518,14 @@ def main(argv):
         save_heatmap(R, names, res["heatmap"])
         summary = f"dci D {res['D']:.2f} C {res['C']:.2f} I {res['I']:.2f}"
     res.update(task=task, features=cfg["features"], random_init=cfg["random"], ckpt=cfg["ckpt"], split=cfg["split"],
-               dataset=ds, step=step, n_train=n_tr, n_test=n_te, extract_img_s=speed,
-               task_s=round(time.time() - t_task, 2))
+               dataset=ds, data_train=about[0], data_test=about[1], step=step, n_train=n_tr, n_test=n_te,
+               extract_img_s=speed, task_s=round(time.time() - t_task, 2))
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
     print(f"{name}: {json.dumps({k: v for k, v in res.items() if not isinstance(v, list)})}")  # lists: in the file
-    print(summary)
+    solver = f", solver {res['solver']}" if task == "linear" else ""
+    print(f"{summary} ({cfg['features']}{' random-init' if cfg['random'] else ''}{solver}; {n_tr:,} train / {n_te:,} "
+          f"{cfg['split']} images of {about[1]}; {cfg['ckpt']} step {step})")
     return res
 
 

@@ -8,10 +8,13 @@ interpolations, latent directions, layer-wise mixing, guided samples.
     python sample.py --ckpt=out/cifar10_cpu/ckpt.pt --mode=directions --attr=3    # PCA + probe directions
     python sample.py --ckpt=out/cifar10_cpu/ckpt.pt --mode=mix                    # sections of A into B
     python sample.py --ckpt=out/cifar10_cpu/ckpt.pt --mode=random --ws=1,2,3      # unconditional vs guided
+    python sample.py --ckpt=out/cifar10_cpu/ckpt.pt --mode=interp --images=me.jpg,cat.png  # your own images
 
-Images come from the test split of the checkpoint's dataset (CIFAR-10; ImageNet: DATA_DIR/val;
-CelebA: its test partition), of which only the images a mode shows are read from files; the model
-is the checkpoint's EMA. Each mode writes a
+Images come from the test split of the checkpoint's dataset (CIFAR-10; an image folder: its val/
+or the part train.py held out; CelebA: its test partition), of which only the images a mode shows
+are read from files; or from your own files and folders (--images: any size and mode, made RGB,
+resized and centre-cropped to the checkpoint's image size; directions still takes its directions
+from the test split). The model is the checkpoint's EMA. Each mode writes a
 labelled PNG grid to out_dir (default <checkpoint dir>/samples) and prints where. Deterministic under
 --seed: every sampler call gets its own torch.Generator, and the columns of a grid (settings being
 compared) reuse one seed, so that along a row only the setting changes. Reconstruction is
@@ -37,6 +40,7 @@ ckpt = "out/cifar10_cpu/ckpt.pt"  # a train.py checkpoint (its EMA weights are u
 mode = "recon"  # 'recon' | 'interp' | 'directions' | 'mix' | 'random'
 out_dir = ""  # default: <checkpoint dir>/samples
 data_dir = ""  # default: the checkpoint's
+images = ""  # your own image files or folders, comma-separated: they replace the test images (directions: the image walked)
 index = 0  # the first test image used (interp: index and index + 1)
 n = 64  # recon: test images measured
 n_show = 4  # random: source images shown; mix: (A, B) pairs shown
@@ -103,7 +107,7 @@ def pick(x, C, k):
     at row C['at']."""
     i = C["at"]
     if i < 0 or i + k > len(x):
-        raise data.DataError(f"need test images {C['index']}..{C['index'] + k - 1}, but {len(x)} were read")
+        raise data.DataError(f"need images {C['index']}..{C['index'] + k - 1}, but {len(x)} were read")
     return x[i:i + k]
 
 
@@ -124,7 +128,7 @@ def recon(net, x, y, classes, C, out):
     for name, r in (("z", rec), ("z_masked", base)):
         metrics[name] = {"psnr": psnr(to_unit(xs), to_unit(r)).mean().item(),
                          "ssim": ssim(to_unit(xs), to_unit(r)).mean().item()}
-    how = f"{C['sampler']} {C['steps']} steps, w={C['guidance']:g}, {len(xs)} images"
+    how = f"{C['sampler']} {C['steps']} steps, w={C['guidance']:g}, {len(xs)} images of {C['about']}, z, {C['model']}"
     for name, label in (("z", "with z"), ("z_masked", "z masked (baseline)")):
         print(f"recon {label:20s}: PSNR {metrics[name]['psnr']:6.2f} dB  SSIM {metrics[name]['ssim']:.4f}  ({how})")
     k = min(len(xs), 16)
@@ -133,7 +137,7 @@ def recon(net, x, y, classes, C, out):
     js = os.path.join(out, "recon.json")
     with open(js, "w") as f:
         json.dump({**metrics, "sampler": C["sampler"], "steps": C["steps"], "guidance": C["guidance"],
-                   "n": len(xs), "seed": C["seed"], "ckpt": C["ckpt"]}, f, indent=1)
+                   "n": len(xs), "data": C["about"], "seed": C["seed"], "ckpt": C["ckpt"], "step": C["step"]}, f, indent=1)
     return {"files": [png, js], "metrics": metrics, "images": grid}
 
 
@@ -197,18 +201,20 @@ def directions(net, x, y, classes, C, out):
     `attr`) directions; the image at `index` walks along each, z + alpha * std * d, every cell
     decoded from one fixed x_T, so only z changes across the grid."""
     check_attr(y, classes, C)
-    pick(x, C, 1)
+    src = C["walk"] if "walk" in C else pick(x, C, 1)[0]  # the image walked: yours (--images) or test image index
     zs = torch.cat([net.encode(x[i:i + C["batch"]]) for i in range(0, len(x), C["batch"])])  # (N, z_dim)
-    dirs = torch.cat([pca_directions(zs, C["n_dirs"]), probe_direction(zs, members(y, C["attr"]))[None]])  # (R, z_dim)
-    labels = [f"PC{i + 1}" for i in range(len(dirs) - 1)] + [f"{'attribute' if y.dim() == 2 else 'class'} {classes[C['attr']]}"]
+    dirs, labels = pca_directions(zs, C["n_dirs"]), [f"PC{i + 1}" for i in range(C["n_dirs"])]
+    if classes:  # and the supervised direction (no labels: the principal ones alone)
+        dirs = torch.cat([dirs, probe_direction(zs, members(y, C["attr"]))[None]])  # (R, z_dim)
+        labels.append(f"{'attribute' if y.dim() == 2 else 'class'} {classes[C['attr']]}")
     sd = ((zs - zs.mean(0)) @ dirs.T).std(0)[:, None]  # (R, 1): spread of z along each direction
     R, hw = len(dirs), C["image_size"]
     g = torch.Generator(x.device).manual_seed(C["seed"])
     x_T = torch.randn(1, 3, hw, hw, generator=g, device=x.device).expand(R, -1, -1, -1)
     alphas = parse_list(C["alphas"])
-    z0 = zs[C["at"]]
+    z0 = net.encode(src[None])[0] if "walk" in C else zs[C["at"]]
     cols = [decode(net, z0 + a * sd * dirs, C, C["seed"], x_T=x_T) for a in alphas]
-    grid = torch.stack([x[C["at"]].expand(R, -1, -1, -1)] + cols, dim=1)  # (R, 1 + alphas, 3, H, W)
+    grid = torch.stack([src.expand(R, -1, -1, -1)] + cols, dim=1)  # (R, 1 + alphas, 3, H, W)
     png = save_grid(os.path.join(out, "directions.png"), grid, labels, ["source"] + [f"{a:+g} sd" for a in alphas])
     return {"files": [png], "images": grid, "directions": dirs}
 
@@ -259,6 +265,8 @@ def members(y, attr):
 
 
 def check_attr(y, classes, C):
+    if not classes:  # a folder without labels: the principal directions alone
+        return
     what = "an attribute" if y.dim() == 2 else "a class"
     if not 0 <= C["attr"] < len(classes) or not members(y, C["attr"]).any():
         raise ConfigError(f"attr must be {what} index present in the test images (0..{len(classes) - 1}), got {C['attr']}")
@@ -278,7 +286,8 @@ def check_images(n_test, y, classes, C):
         check_attr(y, classes, C)
 
 
-TEST_SPLIT = {"cifar10": "test split", "imagenet": "val folder", "celeba": "test partition"}
+TEST_SPLIT = {"cifar10": "test split", "folder": "val/ or held-out part", "imagenet": "val/ or held-out part",
+              "celeba": "test partition"}
 DIRECTIONS_FROM_FILES = 2_000  # directions on images read from files: z of this many test images, a fixed random choice
 
 
@@ -293,10 +302,10 @@ def read_test_images(C, tcfg):
         print(f"data: using {dd} ({why})")
         x, y, classes = data.load_cifar10(dd, "test", dl)
         check_images(len(x), y, classes, C)
-        C["at"] = C["index"]
+        C["at"], C["about"] = C["index"], f"{dd} test split"
         return x, y, classes
-    ds = data.load(tcfg["dataset"], dd, "test", tcfg["image_size"])
-    classes = ds.ds.classes if tcfg["dataset"] == "imagenet" else ds.names
+    ds = data.load(tcfg["dataset"], dd, "test", tcfg["image_size"], n_val=tcfg["n_val"], seed=tcfg["seed"])
+    classes = ds.classes if isinstance(ds, data.FolderData) else ds.names
     if C["mode"] == "directions":
         ref = data.fixed_choice(len(ds), DIRECTIONS_FROM_FILES, C["seed"])
         rows = sorted(set(ref.tolist()) | {C["index"]}) if C["index"] < len(ds) else []
@@ -304,9 +313,27 @@ def read_test_images(C, tcfg):
         rows = list(range(C["index"], min(C["index"] + IMAGES[C["mode"]](C), len(ds))))
     check_images(len(ds), ds.targets[rows], classes, C)
     C["at"] = rows.index(C["index"])
-    print(f"data: {len(rows):,} of the {len(ds):,} images of the {tcfg['dataset']} {TEST_SPLIT[tcfg['dataset']]} ({dd})")
+    C["about"] = getattr(ds, "about", f"{dd} {TEST_SPLIT[tcfg['dataset']]}")
+    print(f"data: {len(rows):,} of the {len(ds):,} images of the {tcfg['dataset']} {TEST_SPLIT[tcfg['dataset']]}: {C['about']}")
     x, y = zip(*(ds[i] for i in rows))
     return torch.stack(x), torch.stack([torch.as_tensor(v) for v in y]), classes
+
+
+def read_own_images(C):
+    """--images: your files -> uint8 images (N, 3, S, S); the counts the mode reads (n, n_show) fitted
+    to them, or one error when there are too few."""
+    x, files = data.read_images(C["images"], C["image_size"])
+    n, k = len(x), len(x) - C["index"]
+    need = 2 if C["mode"] in ("interp", "mix") else 1
+    if k < need:
+        raise data.DataError(f"images={C['images']!r}: mode={C['mode']!r} reads {need} image(s) from index={C['index']}, "
+                             f"but {n} {'was' if n == 1 else 'were'} given")
+    C["n"], C["n_show"] = min(C["n"], k), min(C["n_show"], k // 2 if C["mode"] == "mix" else k)
+    C["at"], S = C["index"], C["image_size"]
+    C["about"] = f"your images {C['images']} ({n} file{'s' if n > 1 else ''})"
+    print(f"data: {n} of your images ({', '.join(files[:3])}{', ...' if n > 3 else ''}), made RGB, short side resized "
+          f"and centre-cropped to {S}x{S}")
+    return x
 
 
 def main(argv):
@@ -337,8 +364,10 @@ def main(argv):
         torch.set_num_threads(C["threads"])
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if C["device"] == "auto" else C["device"]
     net, tcfg = model_from_checkpoint(C["ckpt"], dev)
-    C["image_size"] = tcfg["image_size"]  # the decoder's output size
-    if tcfg["dataset"] not in TEST_SPLIT:
+    C["image_size"], C["step"] = tcfg["image_size"], tcfg["step"]  # the decoder's output size
+    C["model"] = f"checkpoint {C['ckpt']} step {tcfg['step']}"
+    own = C["images"] and C["mode"] != "directions"  # your images alone: no dataset read
+    if tcfg["dataset"] not in TEST_SPLIT and not own:
         raise data.DataError(f"sample.py reads {', '.join(TEST_SPLIT)}; the checkpoint was trained on {tcfg['dataset']!r}"
                              + (" (nvs.py shows its novel views)" if tcfg["dataset"] in data.MULTIVIEW else ""))
     if tcfg["ray_freqs"]:
@@ -346,11 +375,21 @@ def main(argv):
                              f"{tcfg['dataset']} has no cameras, so sample.py cannot run it")
     if C["mode"] == "interp":
         interp_groups(net, C)
-    x, y, classes = read_test_images(C, tcfg)
+    if own:
+        x, y, classes = read_own_images(C), None, []
+    else:
+        if C["images"]:  # directions: your image walks along the test split's directions
+            walk = read_own_images(C)[C["index"]]
+            C["walk"], about, C["index"] = walk.to(dev).float() / 127.5 - 1, C["about"], 0
+        x, y, classes = read_test_images(C, tcfg)
+        y = y.to(dev)
+        if C["images"]:
+            C["about"] = f"{about}, directions from {C['about']}"
     x = x.to(dev).float() / 127.5 - 1  # (N, 3, S, S) in [-1, 1]
     os.makedirs(out, exist_ok=True)
     with torch.no_grad():
-        res = MODES[C["mode"]](net, x, y.to(dev), classes, C, out)
+        res = MODES[C["mode"]](net, x, y, classes, C, out)
+    print(f"{C['mode']}: {C['about']}; {C['model']}")
     for path in res["files"]:
         print(f"wrote {path}")
     return res

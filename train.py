@@ -47,7 +47,7 @@ ckpt_interval = 500  # steps between checkpoints (and one at the end)
 ckpt_keep = False  # also keep every checkpoint as ckpt_<step>.pt (learning curves: probe each one)
 eval_at_start = True  # evaluate the untrained model too: the baseline every figure is compared with
 # data
-dataset = "cifar10"  # 'cifar10' | 'imagenet' (DATA_DIR/train|val/<class>/*) | 'celeba' | 'dsprites' | multi-view: 'cars3d' | 'nmr' | 'srn'
+dataset = "cifar10"  # 'cifar10' | 'folder' (any folder of images; 'imagenet' is another name) | 'celeba' | 'dsprites' | multi-view: 'cars3d' | 'nmr' | 'srn'
 data_dir = ""  # '' (cifar10 only): ./data/cifar10, else ../shared/data/cifar10-subset, else download into ./data/cifar10
 download = False  # with a data_dir that holds no CIFAR-10: let torchvision download it there (needs internet)
 image_size = 32
@@ -316,6 +316,7 @@ def setup_data(run, ckpt):
     multi-view sets: the train objects, and the unseen test objects for the evaluation grid."""
     run.multiview = run.dataset in data.MULTIVIEW and run.bench_iters == 0
     run.train_set = run.x_train = run.y_train = run.x_val = run.y_val = run.view_size = None
+    run.labelled = not run.multiview  # folders: where they have class subfolders (load_data)
     with local_rank_first(run):  # one download per node
         load_data(run)
     run.in_memory = isinstance(run.train_set, tuple)
@@ -380,7 +381,13 @@ def load_data(run):
         run.x_val, run.y_val = run.train_set if run.bench_iters else \
             data.load(run.dataset, data_path, "val", run.image_size, dl, run.n_val, run.seed)
     elif not run.multiview:
-        run.val_set = data.load(run.dataset, data_path, "val", run.image_size)
+        run.val_set = data.load(run.dataset, data_path, "val", run.image_size, n_val=run.n_val, seed=run.seed)
+        if isinstance(run.train_set, data.FolderData):
+            run.say(f"data: train {run.train_set.about}\ndata: val {run.val_set.about}")
+            run.labelled = run.train_set.labelled and run.val_set.labelled
+            if not run.labelled:
+                run.say(f"data: no labels (the images are not all in class subfolders, 2 or more): no kNN check; the "
+                        "evaluation measures z-usage, the sample grid and the loss")
 
 
 def setup_model(run, ckpt):

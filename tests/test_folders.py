@@ -92,8 +92,13 @@ def test_probe_refuses_another_dataset_unless_asked(imagenet_run):
         probe.main([ck, "--split=val"])
     with pytest.raises(probe.ConfigError, match="augments a training set held in memory"):
         probe.main([ck, "--probe_aug=1"])
-    with pytest.raises(data.DataError, match="no image folder"):
-        probe.main([ck, f"--data_dir={imagenet_run}"])  # a folder without train/ and val/
+    # a folder without train/ and val/ (the run's own PNGs) is a folder of images, but without class subfolders
+    with pytest.raises(data.DataError, match="task='linear' needs labels.*task='zusage' measures"):
+        probe.main([ck, f"--data_dir={imagenet_run}"])
+    empty = imagenet_run / "empty"
+    empty.mkdir(exist_ok=True)
+    with pytest.raises(data.DataError, match="no image files in"):
+        probe.main([ck, f"--data_dir={empty}"])
 
 
 def test_sample_reads_only_the_images_it_shows(imagenet_run, imagenet_dir, capsys, monkeypatch):
@@ -105,7 +110,7 @@ def test_sample_reads_only_the_images_it_shows(imagenet_run, imagenet_dir, capsy
     assert reads == [10, 11, 12, 13]
     assert all(np.isfinite(res["metrics"][k]["psnr"]) for k in ("z", "z_masked"))
     got = json.load(open(imagenet_run / "samples" / "recon.json"))
-    assert got["n"] == 4 and "data: 4 of the 80 images of the imagenet val folder" in capsys.readouterr().out
+    assert got["n"] == 4 and "data: 4 of the 80 images of the imagenet val/ or held-out part: " in capsys.readouterr().out
     reads.clear()
     res = sample.main([f"--ckpt={imagenet_run / 'ckpt.pt'}", "--mode=interp", "--index=40", "--steps=2", "--frames=3",
                        "--threads=1", f"--out_dir={imagenet_run / 'samples'}"])

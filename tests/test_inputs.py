@@ -263,7 +263,7 @@ def test_probe_values(w, refused, monkeypatch):
         ([ck, "--random=1"], "random"),
         ([ck, "--device=cuda:7"], "device='cuda:7'"),
         ([ck, "--dataset=imagenet"], "trained on cifar10: say where imagenet is with --data_dir"),
-        ([ck, "--dataset=celeba"], "dataset='celeba' .*task='linear'.*'cifar10', 'imagenet'"),
+        ([ck, "--dataset=celeba"], "dataset='celeba' .*task='linear'.*'cifar10', 'folder', 'imagenet'"),
         ([ck, "--epsiodes=3"], "'episodes'"),
         ([ck, "--solver=adam"], "solver='adam'.*'sgd'"),
         ([ck, "--lin_epochs=ten"], "lin_epochs='ten'"),

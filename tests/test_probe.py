@@ -284,7 +284,13 @@ def make_ckpt(path, image_size):
 
 
 def last_line(capsys):
-    return capsys.readouterr().out.strip().splitlines()[-1]
+    """The figures of probe.py's last line; the rest of it must say what they measured: features
+    (and solver), the image counts, the data read and the checkpoint's step."""
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    figures, what = line.split(" (", 1)
+    assert re.fullmatch(r"(z|pool|unet)( random-init)?(, solver \w+)?; [\d,]+ train / [\d,]+ (test|val) images of "
+                        r".+; .+ step \d+\)", what), line
+    return figures
 
 
 def test_checkpoint_is_read_on_the_cpu_and_only_the_network_moves(tmp_path, monkeypatch):

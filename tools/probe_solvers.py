@@ -1,0 +1,113 @@
+"""Does the linear probe's figure depend on its solver? The default probe (probe.linear_probe) against
+a converged full-batch L-BFGS fit, on every kind of feature set a CPU can make: a trained SODA
+checkpoint's z and pooled features, the same encoder at random init, and the same encoder trained
+with another objective (SimCLR's contrastive loss, contrastive_encoder below). Both fits choose their
+weight decay on the same held-out rows; the table gives top-1 and the decay chosen. Measured on the
+CIFAR-10 validation split (train.py's n_val held-out images, probe.py --split=val), so choosing the
+solver never reads the test split.
+
+    python tools/probe_solvers.py --ckpt=out/cifar10_cpu/ckpt.pt            # ~3 minutes on 2 cores
+    python tools/probe_solvers.py --ckpt=out/cifar10_cpu/ckpt.pt --seeds=0,1,2 --simclr_steps=300
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+import data  # noqa: E402
+import model as M  # noqa: E402
+import probe  # noqa: E402
+from evaluation import extract_features, model_of, load_checkpoint  # noqa: E402
+
+
+def nt_xent(a, b, T=0.5):
+    """SimCLR's loss (Chen et al. 2020): each view's partner among the 2B - 1 other views, by cosine / T."""
+    z = F.normalize(torch.cat([a, b]), dim=1)
+    sim = z @ z.T / T
+    sim.fill_diagonal_(float("-inf"))
+    B = len(a)
+    target = torch.cat([torch.arange(B, 2 * B), torch.arange(B)])
+    return F.cross_entropy(sim, target)
+
+
+def contrastive_encoder(x, steps=300, batch=128, z_dim=128, preset="tiny", lr=1e-3, seed=0, log=None):
+    """The SODA encoder preset (a ResNet, pooled, a linear bottleneck to z_dim) trained by SimCLR on
+    uint8 images x (N, 3, 32, 32): two 'simclr' views of each image, NT-Xent on a 2-layer projection
+    of z, Adam. -> the encoder (eval mode)."""
+    torch.manual_seed(seed)
+    enc = M.Encoder(z_dim, **M.PRESETS["encoder"][preset], image_size=x.shape[-1])
+    head = torch.nn.Sequential(torch.nn.Linear(z_dim, z_dim), torch.nn.ReLU(), torch.nn.Linear(z_dim, 64))
+    opt = torch.optim.Adam(list(enc.parameters()) + list(head.parameters()), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        xb = x[torch.randint(len(x), (batch,), generator=g)]
+        src, tgt = data.make_views(xb, "augment", "simclr", data.Rng(seed, step, batch))
+        loss = nt_xent(head(enc.forward_features(src)[1]), head(enc.forward_features(tgt)[1]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if log and (step + 1) % 50 == 0:
+            log(f"simclr step {step + 1}/{steps}: loss {loss.item():.3f}")
+    return enc.eval()
+
+
+@torch.no_grad()
+def features(fn, x, batch=500):
+    """(pooled, z) of uint8 images x, in batches."""
+    out = [fn(x[i:i + batch].float() / 127.5 - 1) for i in range(0, len(x), batch)]
+    return torch.cat([o[0] for o in out]).float(), torch.cat([o[1] for o in out]).float()
+
+
+def compare(ftr, ytr, fte, yte, seed=0):
+    """-> (default probe result, converged L-BFGS result) on the same rows."""
+    default = probe.linear_probe(ftr, ytr, fte, yte, 10, seed=seed)
+    converged = probe.linear_probe(ftr, ytr, fte, yte, 10, seed=seed, solver="lbfgs", lbfgs_iters=2000,
+                                   wds=probe.WDS_REFERENCE)
+    return default, converged
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", default="out/cifar10_cpu/ckpt.pt")
+    p.add_argument("--seeds", default="0", help="comma-separated: the probe's seed (its held-out rows and batches)")
+    p.add_argument("--simclr_steps", type=int, default=300)
+    p.add_argument("--threads", type=int, default=0)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    t0 = time.time()
+    ck = load_checkpoint(a.ckpt)
+    tcfg, step = ck["config"], ck["step"]
+    dd, _, _ = data.find_cifar10(tcfg["data_dir"])
+    xtr, ytr, _ = data.load_cifar10(dd, "train", n_val=tcfg["n_val"], seed=tcfg["seed"])
+    xva, yva, _ = data.load_cifar10(dd, "val", n_val=tcfg["n_val"], seed=tcfg["seed"])
+    sets = {}
+    trained = model_of(ck, a.ckpt, "ema").eval()
+    torch.manual_seed(0)
+    random_init = model_of(ck, a.ckpt, None).eval()
+    for name, net in ((f"SODA step {step}", trained), ("random init", random_init)):
+        (ptr, ztr), (pva, zva) = (features(lambda xb: extract_features(net, xb, batch=len(xb)), x) for x in (xtr, xva))
+        sets[f"{name}, z"], sets[f"{name}, pooled"] = (ztr, zva), (ptr, pva)
+    enc = contrastive_encoder(xtr, steps=a.simclr_steps, log=print)
+    (ptr, ztr), (pva, zva) = (features(enc.forward_features, x) for x in (xtr, xva))
+    sets[f"SimCLR {a.simclr_steps} steps, z"], sets[f"SimCLR {a.simclr_steps} steps, pooled"] = (ztr, zva), (ptr, pva)
+    print(f"\n{len(xtr):,} train / {len(xva):,} validation images of {dd}; features of {a.ckpt} and two stand-ins")
+    print("| features | seed | default (solver, wd) | converged L-BFGS (wd) | difference |")
+    print("|---|---|---|---|---|")
+    worst = 0.0
+    for name, (f_tr, f_va) in sets.items():
+        for seed in map(int, a.seeds.split(",")):
+            d, c = compare(f_tr, ytr, f_va, yva, seed)
+            worst = max(worst, abs(d["top1"] - c["top1"]))
+            print(f"| {name} | {seed} | {d['top1']:.2f} ({d['solver']}, {d['wd']:g}) | {c['top1']:.2f} ({c['wd']:g}) | "
+                  f"{d['top1'] - c['top1']:+.2f} |")
+    print(f"\nlargest difference {worst:.2f} points; {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
