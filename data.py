@@ -351,23 +351,26 @@ def decode_size(image_size, crop_min):
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff")
 
 
-def list_images(root):
+def list_images(root, min_classes=2):
     """The image files under root at any depth -> (paths, labels or None, class names), in
     torchvision ImageFolder's order (root's own files, then each subfolder by name, walked in sorted
     order); hidden files and folders ('.*') are skipped. The first-level subfolders are the classes
-    when every image lies inside one and at least two hold images; else there are no labels."""
+    when every image lies inside one and at least min_classes hold images; else there are no labels."""
     is_image = lambda f: f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
     top = sorted(e for e in os.listdir(root) if not e.startswith("."))
     classes = [e for e in top if os.path.isdir(os.path.join(root, e))]
-    paths, labels = [os.path.join(root, f) for f in top if is_image(f) and os.path.isfile(os.path.join(root, f))], []
-    labels += [-1] * len(paths)
+    paths = [os.path.join(root, f) for f in top if is_image(f) and os.path.isfile(os.path.join(root, f))]
+    labels = [-1] * len(paths)
     for c, name in enumerate(classes):
-        for dirpath, dirnames, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        walk = []
+        for dirpath, dirnames, files in os.walk(os.path.join(root, name), followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # not into hidden folders
+            walk.append((dirpath, files))
+        for dirpath, files in sorted(walk):
             got = [os.path.join(dirpath, f) for f in sorted(files) if is_image(f)]
             paths += got
             labels += [c] * len(got)
-    labelled = -1 not in labels and len(set(labels)) >= 2
+    labelled = -1 not in labels and len(set(labels)) >= min_classes
     return paths, (torch.tensor(labels) if labelled else None), (classes if labelled else [])
 
 
@@ -379,11 +382,11 @@ class FolderData(torch.utils.data.Dataset):
     (augment) cut from all of it, as RandomResizedCrop does. Labels come from class subfolders
     (list_images); without them every label is -1 and `classes` is empty."""
 
-    def __init__(self, root, image_size):
+    def __init__(self, root, image_size, min_classes=2):
         import torchvision.transforms.v2 as T
         if not os.path.isdir(root):
             raise DataError(f"no image folder at {os.path.abspath(root)!r}")
-        self.files, labels, self.classes = list_images(root)
+        self.files, labels, self.classes = list_images(root, min_classes)
         if not self.files:
             raise DataError(f"no image files in {os.path.abspath(root)!r} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
                             "at any depth)")
@@ -429,7 +432,7 @@ def load_folder(data_dir, split="train", image_size=32, n_val=500, seed=0):
         raise DataError(f"no folder {os.path.abspath(root)!r}: data_dir names a folder of images")
     tr, va = os.path.join(root, "train"), os.path.join(root, "val")
     if os.path.isdir(tr) and os.path.isdir(va):
-        ds = FolderData(tr if split == "train" else va, image_size)
+        ds = FolderData(tr if split == "train" else va, image_size, 2 if split == "train" else 1)  # val/: any of train's classes
         if split != "train" and ds.labelled:  # val/'s classes by name, numbered as train/'s
             train_classes = [e for e in sorted(os.listdir(tr)) if not e.startswith(".") and os.path.isdir(os.path.join(tr, e))]
             unknown = sorted(set(ds.classes) - set(train_classes))

@@ -203,7 +203,10 @@ def directions(net, x, y, classes, C, out):
     check_attr(y, classes, C)
     src = C["walk"] if "walk" in C else pick(x, C, 1)[0]  # the image walked: yours (--images) or test image index
     zs = torch.cat([net.encode(x[i:i + C["batch"]]) for i in range(0, len(x), C["batch"])])  # (N, z_dim)
-    dirs, labels = pca_directions(zs, C["n_dirs"]), [f"PC{i + 1}" for i in range(C["n_dirs"])]
+    if len(zs) < 2:
+        raise data.DataError(f"directions needs 2 or more images to find directions in, and {C['about']} has {len(zs)}")
+    dirs = pca_directions(zs, min(C["n_dirs"], len(zs) - 1))  # N centred points span N - 1 directions
+    labels = [f"PC{i + 1}" for i in range(len(dirs))]
     if classes:  # and the supervised direction (no labels: the principal ones alone)
         dirs = torch.cat([dirs, probe_direction(zs, members(y, C["attr"]))[None]])  # (R, z_dim)
         labels.append(f"{'attribute' if y.dim() == 2 else 'class'} {classes[C['attr']]}")
