@@ -139,6 +139,8 @@ def main(argv):
     os.makedirs(out, exist_ok=True)
     objs, tgts, srcs = eval_pairs(N, V, C["n_targets"], max(ks), C["seed"])
     P = len(objs)
+    what = (f"{P} pairs of {N} held-out objects, {tcfg['dataset']} test split of {C['data_dir'] or tcfg['data_dir']}; "
+            f"checkpoint {C['ckpt']} step {tcfg['step']}")  # what every result line measured
     print(f"nvs: {N} held-out objects x {C['n_targets']} target views = {P} pairs; k = {ks}; "
           f"{C['sampler']} {C['steps']} steps, guidance z {C['guidance_z']:g} pose {C['guidance_pose']:g}")
 
@@ -166,7 +168,7 @@ def main(argv):
             r = results[f"k{kk}"]
             print(f"k={kk}: PSNR {r['psnr']:6.2f} dB SSIM {r['ssim']:.4f} | nearest source view "
                   f"{r['nearest_source']['psnr']:6.2f} / {r['nearest_source']['ssim']:.4f} | z masked "
-                  f"{masked['psnr']:6.2f} / {masked['ssim']:.4f}")
+                  f"{masked['psnr']:6.2f} / {masked['ssim']:.4f} ({what})")
 
         # the grid: a spread of pairs, one row each
         show = torch.linspace(0, P - 1, min(C["n_show"], P)).round().long()
@@ -199,10 +201,10 @@ def main(argv):
     with open(js, "w") as f:
         json.dump({**results, "pairs": P, "objects": N, "sampler": C["sampler"], "steps": C["steps"],
                    "guidance_z": C["guidance_z"], "guidance_pose": C["guidance_pose"], "seed": C["seed"],
-                   "ckpt": C["ckpt"], "grid": png, "turntable": gif}, f, indent=1)
+                   "ckpt": C["ckpt"], "step": tcfg["step"], "data": what, "grid": png, "turntable": gif}, f, indent=1)
     for path in (png, gif, js):
         print(f"wrote {path}")
-    print(" ".join(f"k{kk} psnr {results[f'k{kk}']['psnr']:.2f} ssim {results[f'k{kk}']['ssim']:.4f}" for kk in ks))
+    print(" ".join(f"k{kk} psnr {results[f'k{kk}']['psnr']:.2f} ssim {results[f'k{kk}']['ssim']:.4f}" for kk in ks) + f" ({what})")
     return results
 
 

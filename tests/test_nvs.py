@@ -3,6 +3,7 @@ the target, the NMR / SRN readers round-trip fixtures written in their public la
 record as Cars3D, training on posed views resumes bit-exactly, and nvs.py runs end to end."""
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -326,6 +327,7 @@ def test_nvs_end_to_end(cars_dir, tmp_path, capsys):
                     "--turntable_view=1"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("k1 psnr ") and " k2 psnr " in last
+    assert re.search(r"\(6 pairs of 2 held-out objects, cars3d test split of .+; checkpoint .+ step 2\)$", last), last
     assert set(res) == {"k1", "k2"} and set(res["k1"]) >= {"psnr", "ssim", "nearest_source", "z_masked"}
     for r in res.values():
         assert math.isfinite(r["psnr"]) and -1 <= r["ssim"] <= 1
