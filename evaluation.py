@@ -228,19 +228,33 @@ def knn_accuracy(train_f, train_y, test_f, test_y, k=20, T=0.07, n_classes=None,
     return (acc1, 100.0 * correct5 / len(test_f)) if top5 else acc1
 
 
-def fit_logreg(x, y, n_classes, wd, iters=100, loss_fn=F.cross_entropy):
-    """Multinomial logistic regression, full batch L-BFGS, L2 penalty wd on the weights.
-    loss_fn=F.binary_cross_entropy_with_logits with y (N, n_classes) in {0, 1}: one logistic
-    regression per output."""
-    W = torch.zeros(x.shape[1], n_classes, requires_grad=True)
-    b = torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
+def fit_logreg(x, y, n_classes, wd, iters=100, loss_fn=F.cross_entropy, mean=None, std=None, chunk=65536):
+    """Multinomial logistic regression, full batch L-BFGS, L2 penalty wd on the weights: at most
+    `iters` iterations, fewer when it has converged (torch's tolerances). loss_fn=
+    F.binary_cross_entropy_with_logits with y (N, n_classes) in {0, 1}: one logistic regression per
+    output. mean, std: x is standardised (x - mean) / std a chunk of rows at a time, so x may be any
+    float type of any length (each L-BFGS step is one pass over it, on x's device)."""
+    dev = x.device
+    W = torch.zeros(x.shape[1], n_classes, device=dev, requires_grad=True)
+    b = torch.zeros(n_classes, device=dev, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, max_eval=iters * 5 // 4, history_size=20,
+                            line_search_fn="strong_wolfe")
+    prep = (lambda xc: xc.float()) if mean is None else (lambda xc: (xc.float() - mean) / std)
 
     def closure():
         opt.zero_grad()
-        loss = loss_fn(x @ W + b, y) + wd * W.pow(2).sum()
-        loss.backward()
-        return loss
+        if len(x) <= chunk:  # one pass
+            loss = loss_fn(prep(x) @ W + b, y) + wd * W.pow(2).sum()
+            loss.backward()
+            return loss
+        total = wd * W.pow(2).sum()
+        total.backward()
+        total = total.detach()
+        for i in range(0, len(x), chunk):  # the mean loss, a chunk's share at a time
+            part = loss_fn(prep(x[i:i + chunk]) @ W + b, y[i:i + chunk], reduction="sum") / y.numel()
+            part.backward()
+            total += part.detach()
+        return total
     opt.step(closure)
     return W.detach(), b.detach()
 

@@ -20,8 +20,8 @@ The dataset is the checkpoint's (another only when --dataset= asks). Features ar
 files are decoded by DataLoader workers a batch at a time, encoded without gradients, kept as fp16
 and cached beside the checkpoint (keyed by checkpoint, data, split and features), so the next probe
 of the same checkpoint reads them. The linear probe is a multinomial logistic regression on
-standardised features, fitted by mini-batch SGD (any number of images; solver='lbfgs': full
-batch): its weight decay and epochs are chosen on a held-out part of the training split, then it
+standardised features, fitted by full-batch L-BFGS to convergence (--solver=sgd: mini-batch): its
+weight decay is chosen on a held-out part of the training split, then it
 is refitted on the whole training split and measured once on the test split (top-1, top-5). The
 last line printed is a machine-readable summary, and the same figures go to a JSON file beside the
 checkpoint (DCI also saves its importance heat map).
@@ -58,7 +58,7 @@ split = "test"  # 'test' (train on train, measure on test; a folder: its val/ or
 # (cifar10: train on train.py's training split, measure on its n_val held-out images: choosing recipes without the test split)
 probe_aug = 0  # linear: number of crop+flip copies of the probe's training set (0 = none)
 val_frac = 0.1  # linear: fraction of the training set held out to choose the weight decay and epochs
-solver = "sgd"  # linear: 'sgd' (mini-batch, any size: epochs chosen from lin_epochs) | 'lbfgs' (full batch, small sets)
+solver = "lbfgs"  # linear: 'lbfgs' (full batch, to convergence) | 'sgd' (mini-batch, fixed epochs chosen from lin_epochs)
 lin_epochs = "30,100"  # linear, solver='sgd': the epoch counts tried (chosen on the held-out rows)
 lin_batch = 0  # linear, solver='sgd': mini-batch size (0: max(256, images / 200))
 episodes = 2000  # fewshot: episodes per shot count (thesis §4.1.2: 2000)
@@ -78,8 +78,13 @@ DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") an
 FOLDERS = ("folder", "imagenet")  # any folder of images ('imagenet': another name of it)
 TASK_DATA = {"linear": ("cifar10",) + FOLDERS, "knn": ("cifar10",) + FOLDERS, "fewshot": ("cifar10",) + FOLDERS,
              "zusage": ("cifar10",) + FOLDERS + ("celeba",), "multilabel": ("celeba",), "dci": ("dsprites", "cars3d")}
-WDS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
-WDS_REFERENCE = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # tools/probe_solvers.py's converged L-BFGS reference
+WDS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # multilabel's weight decays
+# the linear probe's: wd=1e-2 was chosen at the top of WDS on some features, so 1e-1 is in; below 1e-6 a fit
+# barely differs from no penalty at all, whose optimum is unbounded on separable features
+LINEAR_WDS = WDS + (1e-1,)
+# L-BFGS iterations at most: it stops where torch's tolerances say it has converged, most fits in a few hundred
+# iterations, at wd=1e-6 in up to ~3,000 (100, the earlier cap, left those fits several points short)
+LBFGS_ITERS = 3000
 EPOCHS = (30, 100)
 
 
@@ -110,14 +115,16 @@ def topk(logits, y, k):
     return 100.0 * (logits.topk(min(k, logits.shape[1]), dim=1).indices == y[:, None]).any(1).float().mean().item()
 
 
-def linear_probe(ftr, ytr, fte, yte, n_classes, wds=WDS, epochs=EPOCHS, val_frac=0.1, seed=0, n_orig=None,
-                 solver="sgd", batch=0, device="cpu", lbfgs_iters=100):
+def linear_probe(ftr, ytr, fte, yte, n_classes, wds=LINEAR_WDS, epochs=EPOCHS, val_frac=0.1, seed=0, n_orig=None,
+                 solver="lbfgs", batch=0, device="cpu", lbfgs_iters=LBFGS_ITERS):
     """-> dict(top1, top5, wd, epochs, val_top1). A multinomial logistic regression on standardised
     features: its weight decay (and, solver='sgd', its epochs) chosen on a held-out val_frac of the
-    training rows, then refitted on all of them and measured once on the test rows. solver='sgd':
-    mini-batch (evaluation.fit_linear; any number of features, on `device`); 'lbfgs': full batch
-    (evaluation.fit_logreg; small sets). ftr may hold augmented copies after the first n_orig rows;
-    the validation rows are taken from the originals and their copies are left out of the fit."""
+    training rows, then refitted on all of them and measured once on the test rows. solver='lbfgs':
+    full batch, to convergence (evaluation.fit_logreg: one pass over the features per step, a chunk
+    at a time, on `device`); 'sgd': mini-batch (evaluation.fit_linear: a fixed number of epochs, so
+    on badly conditioned features it stops short of the optimum, docs/probe.md). ftr may hold
+    augmented copies after the first n_orig rows; the validation rows are taken from the originals
+    and their copies are left out of the fit."""
     n_orig = n_orig or len(ftr)
     ftr, ytr = ftr.to(device), ytr.to(device)
     mean, std = standardise_stats(ftr)
@@ -126,21 +133,19 @@ def linear_probe(ftr, ytr, fte, yte, n_classes, wds=WDS, epochs=EPOCHS, val_frac
     is_val = torch.zeros(len(ftr), dtype=torch.bool, device=device)
     for c in range(len(ftr) // n_orig):  # an image in the validation split, with all its copies
         is_val[val + c * n_orig] = True
-    if solver == "lbfgs":  # on the CPU, standardised once
-        ftr, fte = ((ftr.float() - mean) / std).cpu(), ((fte.float().to(device) - mean) / std).cpu()
-        fits = lambda rows, settings: [fit_logreg(ftr[rows.cpu()], ytr[rows].cpu(), n_classes, wd, lbfgs_iters)
+    if solver == "lbfgs":  # full batch on `device`, the features standardised a chunk at a time
+        fits = lambda rows, settings: [fit_logreg(ftr[rows], ytr[rows], n_classes, wd, lbfgs_iters, mean=mean, std=std)
                                        for wd, _ in settings]
-        logits = lambda f, W, b: f @ W + b
         epochs = (0,)
     else:  # every (weight decay, epochs) pair side by side, in one pass over the data
         batch = batch or max(256, len(ftr) // 200)  # at least 200 steps an epoch on big sets
         lam = top_eigenvalue(ftr, mean, std, seed=seed)
         fits = lambda rows, settings: fit_linear(ftr[rows], ytr[rows], n_classes, settings, mean, std, batch, seed,
                                                  curvature=lam)
-        logits = lambda f, W, b: linear_logits(f.to(device), W, b, mean, std)
+    logits = lambda f, W, b: linear_logits(f.to(device), W, b, mean, std)
     grid = [(wd, ep) for wd in wds for ep in epochs]
     heads = fits((~is_val).nonzero().squeeze(1), grid)
-    scores = {k: topk(logits(ftr[val.to(ftr.device)], W, b), ytr[val].cpu(), 1) for k, (W, b) in zip(grid, heads)}
+    scores = {k: topk(logits(ftr[val], W, b), ytr[val].cpu(), 1) for k, (W, b) in zip(grid, heads)}
     best_wd, best_ep = max(scores, key=lambda k: (scores[k], k[0], -k[1]))  # ties: more decay, fewer epochs
     W, b = fits(torch.arange(len(ftr), device=device), [(best_wd, best_ep)])[0]
     out = logits(fte, W, b)
