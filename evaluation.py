@@ -228,35 +228,43 @@ def knn_accuracy(train_f, train_y, test_f, test_y, k=20, T=0.07, n_classes=None,
     return (acc1, 100.0 * correct5 / len(test_f)) if top5 else acc1
 
 
-def fit_logreg(x, y, n_classes, wd, iters=100, loss_fn=F.cross_entropy, mean=None, std=None, chunk=65536):
+def fit_logreg(x, y, n_classes, wd, iters=100, loss_fn=F.cross_entropy, mean=None, std=None, chunk=65536, init=None,
+               dtype=torch.float32):
     """Multinomial logistic regression, full batch L-BFGS, L2 penalty wd on the weights: at most
     `iters` iterations, fewer when it has converged (torch's tolerances). loss_fn=
     F.binary_cross_entropy_with_logits with y (N, n_classes) in {0, 1}: one logistic regression per
     output. mean, std: x is standardised (x - mean) / std a chunk of rows at a time, so x may be any
-    float type of any length (each L-BFGS step is one pass over it, on x's device)."""
+    float type of any length (each L-BFGS step is one pass over it, on x's device). init: (W, b) to
+    start from (a neighbouring weight decay's fit: the same optimum, reached in fewer steps).
+    dtype=torch.float64: the weights and the loss in float64 (the products stay float32), so L-BFGS
+    sees the loss's last digits: in float32 it stops where its changes drop below float32's
+    resolution, short of the optimum of a weakly penalised fit. -> (W, b) in float32."""
     dev = x.device
-    W = torch.zeros(x.shape[1], n_classes, device=dev, requires_grad=True)
-    b = torch.zeros(n_classes, device=dev, requires_grad=True)
+    W = torch.zeros(x.shape[1], n_classes, device=dev, dtype=dtype) if init is None else init[0].to(dtype)
+    b = torch.zeros(n_classes, device=dev, dtype=dtype) if init is None else init[1].to(dtype)
+    W.requires_grad_(True)
+    b.requires_grad_(True)
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, max_eval=iters * 5 // 4, history_size=20,
                             line_search_fn="strong_wolfe")
     prep = (lambda xc: xc.float()) if mean is None else (lambda xc: (xc.float() - mean) / std)
+    logits = (lambda xc: xc @ W + b) if dtype == torch.float32 else (lambda xc: (xc @ W.float()).to(dtype) + b)
 
     def closure():
         opt.zero_grad()
         if len(x) <= chunk:  # one pass
-            loss = loss_fn(prep(x) @ W + b, y) + wd * W.pow(2).sum()
+            loss = loss_fn(logits(prep(x)), y) + wd * W.pow(2).sum()
             loss.backward()
             return loss
         total = wd * W.pow(2).sum()
         total.backward()
         total = total.detach()
         for i in range(0, len(x), chunk):  # the mean loss, a chunk's share at a time
-            part = loss_fn(prep(x[i:i + chunk]) @ W + b, y[i:i + chunk], reduction="sum") / y.numel()
+            part = loss_fn(logits(prep(x[i:i + chunk])), y[i:i + chunk], reduction="sum") / y.numel()
             part.backward()
             total += part.detach()
         return total
     opt.step(closure)
-    return W.detach(), b.detach()
+    return W.detach().float(), b.detach().float()
 
 
 def standardise_stats(f, chunk=65536):

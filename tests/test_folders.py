@@ -70,7 +70,7 @@ def test_streaming_probe_of_a_folder_run_and_its_cache(imagenet_run, capsys, mon
     ck = f"--ckpt={imagenet_run / 'ckpt.pt'}"
     res = probe.main([ck, "--task=linear", "--num_workers=2"])
     assert res["dataset"] == "imagenet" and res["features"] == "z" and (res["n_train"], res["n_test"]) == (240, 80)
-    assert 0 <= res["top1"] <= res["top5"] <= 100 and res["solver"] == "sgd" and res["epochs"] in probe.EPOCHS
+    assert 0 <= res["top1"] <= res["top5"] <= 100 and res["solver"] == "lbfgs" and res["wd"] in probe.LINEAR_WDS
     assert set(res["extract_img_s"]) == {"train", "test"}
     cached = sorted(os.listdir(imagenet_run / "features"))
     assert len(cached) == 2 and all(f.startswith("imagenet_") for f in cached)
@@ -123,15 +123,16 @@ def test_sample_reads_only_the_images_it_shows(imagenet_run, imagenet_dir, capsy
 def test_sgd_probe_agrees_with_lbfgs(seed):
     """The mini-batch probe against the full-batch L-BFGS probe on the same features: 10 overlapping
     Gaussian classes in 32 dimensions of unequal scales (3,000 train / 2,000 test, a hard problem:
-    ~55% top-1), each probe choosing its own weight decay (and epochs) on the same held-out rows.
-    Within 0.5 points, at three seeds (docs/probe.md: eight)."""
+    ~55% top-1), each probe choosing its own weight decay (1e-6 ... 1e-2; and epochs) on the same
+    held-out rows. Within 0.5 points, at three seeds (well-conditioned features: the mini-batch solver
+    converges here, not on tests/test_probe.py's low_variance_signal)."""
     g = torch.Generator().manual_seed(seed)
     mu = torch.randn(10, 32, generator=g) * 0.3
     y = torch.randint(0, 10, (5000,), generator=g)
     f = (mu[y] + torch.randn(5000, 32, generator=g)) * torch.rand(32, generator=g) * 3
     ftr, fte, ytr, yte = f[:3000].half(), f[3000:].half(), y[:3000], y[3000:]
-    a = probe.linear_probe(ftr, ytr, fte, yte, 10, solver="sgd")
-    b = probe.linear_probe(ftr, ytr, fte, yte, 10, solver="lbfgs")
+    a = probe.linear_probe(ftr, ytr, fte, yte, 10, wds=probe.WDS, solver="sgd")
+    b = probe.linear_probe(ftr, ytr, fte, yte, 10, wds=probe.WDS, solver="lbfgs")
     assert 40 < b["top1"] < 70, b  # neither trivial nor hopeless
     assert abs(a["top1"] - b["top1"]) <= 0.5 and abs(a["top5"] - b["top5"]) <= 0.5, (a, b)
 
