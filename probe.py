@@ -536,8 +536,9 @@ def main(argv):
         json.dump(res, f, indent=1)
     print(f"{name}: {json.dumps({k: v for k, v in res.items() if not isinstance(v, list)})}")  # lists: in the file
     solver = f", solver {res['solver']}" if task == "linear" else ""
-    print(f"{summary} ({cfg['features']}{' random-init' if cfg['random'] else ''}{solver}; {n_tr:,} train / {n_te:,} "
-          f"{cfg['split']} images of {about[1]}; {cfg['ckpt']} step {step})")
+    counts = f"{k:,}" if task == "zusage" else f"{n_tr:,} train / {n_te:,}"  # z-usage reads k test images, no train
+    print(f"{summary} ({cfg['features']}{' random-init' if cfg['random'] else ''}{solver}; {counts} {cfg['split']} images "
+          f"of {about[1]}; {cfg['ckpt']} step {step})")
     return res
 
 
