@@ -180,7 +180,7 @@ def test_folder_training_views_come_from_the_whole_picture(tmp_path):
     assert centre.shape == (3, 32, 32) and centre[0].max() < 30  # no red in the centre crop
     size = data.decode_size(32, 0.25)
     whole, y, aspect = ds.whole_images(size)[0]
-    assert size == 64 and whole.shape == (3, 64, 64) and aspect == 2.0 and y == 0
+    assert size == 64 and whole.shape == (3, 64, 64) and aspect == 2.0 and y == -1  # one class folder: no labels
     x = whole[None].expand(64, -1, -1, -1)
     views = data.augment(x, "cropflip", data.Rng(0, 0, 64), 0.25, torch.full((64,), 2.0), 32)
     assert views.shape == (64, 3, 32, 32)
