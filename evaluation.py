@@ -240,8 +240,8 @@ def fit_logreg(x, y, n_classes, wd, iters=100, loss_fn=F.cross_entropy, mean=Non
     sees the loss's last digits: in float32 it stops where its changes drop below float32's
     resolution, short of the optimum of a weakly penalised fit. -> (W, b) in float32."""
     dev = x.device
-    W = torch.zeros(x.shape[1], n_classes, device=dev, dtype=dtype) if init is None else init[0].to(dtype)
-    b = torch.zeros(n_classes, device=dev, dtype=dtype) if init is None else init[1].to(dtype)
+    W = torch.zeros(x.shape[1], n_classes, device=dev, dtype=dtype) if init is None else init[0].to(dtype, copy=True)
+    b = torch.zeros(n_classes, device=dev, dtype=dtype) if init is None else init[1].to(dtype, copy=True)
     W.requires_grad_(True)
     b.requires_grad_(True)
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, max_eval=iters * 5 // 4, history_size=20,

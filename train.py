@@ -386,7 +386,7 @@ def load_data(run):
             run.say(f"data: train {run.train_set.about}\ndata: val {run.val_set.about}")
             run.labelled = run.train_set.labelled and run.val_set.labelled
             if not run.labelled:
-                run.say(f"data: no labels (the images are not all in class subfolders, 2 or more): no kNN check; the "
+                run.say("data: no labels (the images are not all in class subfolders, 2 or more): no kNN check; the "
                         "evaluation measures z-usage, the sample grid and the loss")
 
 
