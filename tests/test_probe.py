@@ -120,7 +120,7 @@ def test_default_probe_is_converged_on_a_contrastive_encoder():
     """Real features from an encoder trained with another objective (the tiny SODA encoder preset
     trained 200 steps by SimCLR on the CIFAR-10 records) and the same encoder at random init: the
     default probe within 0.5 top-1 of a fit with 4x its iteration cap, on train.py's validation split
-    (~3 minutes on 2 cores; tools/probe_solvers.py gives the full table)."""
+    (~7 minutes on 2 cores; tools/probe_solvers.py gives the full table)."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import probe_solvers
     dd = os.path.join(ROOT, "..", "shared", "data")

@@ -7,7 +7,7 @@ weight decay on the same held-out rows; the table gives top-1 and the decay chos
 CIFAR-10 validation split (train.py's n_val held-out images, probe.py --split=val), so choosing the
 solver never reads the test split.
 
-    python tools/probe_solvers.py --ckpt=out/cifar10_cpu/ckpt.pt            # ~3 minutes on 2 cores
+    python tools/probe_solvers.py --ckpt=out/cifar10_cpu/ckpt.pt            # seed 0: ~9 minutes on 2 cores
     python tools/probe_solvers.py --ckpt=out/cifar10_cpu/ckpt.pt --seeds=0,1,2 --simclr_steps=300
 """
 import argparse
