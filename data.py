@@ -277,31 +277,23 @@ def read_rgb(path):
         raise DataError(f"cannot read image file {path!r} ({type(e).__name__}): remove or replace it") from None
 
 
-def image_folder(root):
-    """torchvision's ImageFolder of root/<class>/<image>; a folder without classes or images is one
-    DataError naming it."""
-    import torchvision
-    try:
-        return torchvision.datasets.ImageFolder(root)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise DataError(f"{os.path.abspath(root)!r} is not an image folder (<class>/<image> files): "
-                        f"{str(e).splitlines()[0]}") from None
-
-
 def _load_image_folder(root):
-    """An image folder held in memory -> (uint8 (N, 3, H, W), labels (N,), class names); its images
-    must share one size."""
-    ds = image_folder(root)
+    """An image folder root/<class>/<image> held in memory -> (uint8 (N, 3, H, W), labels (N,), class
+    names); its images must share one size."""
+    files, labels, classes = list_images(root, min_classes=1) if os.path.isdir(root) else ([], None, [])
+    if labels is None:
+        raise DataError(f"{os.path.abspath(root)!r} is not an image folder (<class>/<image> files): "
+                        + ("some images lie outside a class folder" if files else "no image files in class folders"))
     images = []
-    for path, _ in ds.samples:
+    for path in files:
         img = read_rgb(path)  # (H, W, 3)
         if images and img.shape != images[0].shape:
             (h, w), (h0, w0) = img.shape[:2], images[0].shape[:2]
-            raise DataError(f"image {path!r} is {w}x{h}, but {ds.samples[0][0]!r} is {w0}x{h0}: "
+            raise DataError(f"image {path!r} is {w}x{h}, but {files[0]!r} is {w0}x{h0}: "
                             "the images of a folder must share one size")
         images.append(torch.from_numpy(img))
     x = torch.stack(images)
-    return x.permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes
+    return x.permute(0, 3, 1, 2).contiguous(), labels, classes
 
 
 def load_cifar10(data_dir, split="train", download=False, n_val=500, seed=0):
@@ -390,7 +382,7 @@ class FolderData(torch.utils.data.Dataset):
         if not self.files:
             raise DataError(f"no image files in {os.path.abspath(root)!r} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
                             "at any depth)")
-        self.root, self.labelled = root, labels is not None
+        self.labelled = labels is not None
         self.targets = labels if self.labelled else torch.full((len(self.files),), -1)
         self.tf = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)])
         self.whole = 0
