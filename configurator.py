@@ -1,19 +1,17 @@
 """
 The config: plain-Python config files and --key=value flags over a script's defaults (configure),
-every value checked before any work (check_keys, validate: one ConfigError naming the key, the
-value given and what is allowed), the rules of a resume, the CPU's bf16 autocast, and the model a
-config describes (build_model). Shared by train.py, probe.py, sample.py and nvs.py.
+and the checks every script makes of its values before any work (check_keys, check_device,
+check_schedules, check_out_dir: one ConfigError naming the key, the value given and what is
+allowed). Shared by train.py, probe.py, sample.py and nvs.py; each script's own rules are its own.
 
 As nanoGPT's configurator, a config file is Python assignments to the script's globals; unlike it,
 a key that does not exist is an error naming the closest one, and a value keeps its key's type.
 """
 import ast
 import builtins
-import contextlib
 import difflib
 import math
 import os
-import platform
 import re
 import tempfile
 import traceback
@@ -21,19 +19,17 @@ import warnings
 
 import torch
 
-import data
-import diffsiam
 import diffusion as D
-import model as M
 
 
 class ConfigError(Exception):
     pass
 
 
-def configure(argv, defaults):
+def configure(argv, defaults, lenient_files=False):
     """[config.py ...] [--key=value ...] -> a dict of `defaults` overridden. Config files are
-    executed as Python (only the files the user names); unknown keys raise naming the closest one."""
+    executed as Python (only the files the user names); unknown keys raise naming the closest one
+    (lenient_files=True: a file's keys that `defaults` lacks are skipped, flags stay strict)."""
     cfg = dict(defaults)
 
     def set_key(k, v, where):
@@ -75,7 +71,8 @@ def configure(argv, defaults):
                 line = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == arg][-1:] or ["?"]
                 raise ConfigError(f"config file {arg!r}, line {line[0]}: {type(e).__name__}: {e}") from None
             for k, v in ns.items():
-                if not k.startswith("_") and not callable(v) and not isinstance(v, type(os)):
+                if not k.startswith("_") and not callable(v) and not isinstance(v, type(os)) and \
+                        not (lenient_files and k not in cfg):
                     set_key(k, v, arg)
     return cfg
 
@@ -145,93 +142,7 @@ def parse_groups(text):
 
 
 # -----------------------------------------------------------------------------
-# train.py's keys: what each allows, what a resume may change
-
-CHOICES = dict(
-    init_from=("scratch", "resume"), dataset=("cifar10", "folder", "imagenet", "celeba", "dsprites") + data.MULTIVIEW,
-    views=("augment", "identical", "class"), aug=("none", "cropflip", "simclr", "randaugment", "gaussian"),
-    cond=("mod", "xattn", "mod+xattn", "emb"), agg=("mean", "transformer"), prediction=("eps", "v", "x0"),
-    weighting=("eps", "v"), segment_mode=("hierarchical", "sequential"), dtype=("bfloat16", "float32"),
-    encoder=tuple(M.PRESETS["encoder"]), unet=tuple(M.PRESETS["unet"]))
-
-RANGES = [
-    (("batch_size", "grad_accum", "max_iters", "log_interval", "ckpt_interval", "sample_steps", "k_max", "z_dim", "n_tokens",
-      "simsiam_dim", "bench_sample_n"), lambda v: v >= 1, ">= 1"),
-    (("eval_interval", "n_val", "num_workers", "ray_freqs", "segments", "threads", "warmup_iters", "bench_iters",
-      "bench_warmup", "weight_decay", "grad_clip", "enc_noise", "z_init", "simsiam_weight", "peak_flops",
-      "ema_rampup"), lambda v: v >= 0, ">= 0"),
-    (("lr", "enc_lr_mult", "ema_halflife_kimg"), lambda v: v > 0, "> 0"),
-    (("p_mask_layer", "p_uncond", "p_uncond_pose", "p_uncond_src_pose", "min_lr_ratio"), lambda v: 0 <= v <= 1,
-     "in [0, 1]"),
-    (("beta2",), lambda v: 0 <= v < 1, "in [0, 1)"),
-    (("crop_min",), lambda v: 0 < v <= 1, "in (0, 1]"),
-    (("image_size",), lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8"),
-    (("logsnr_shift",), lambda v: True, "finite"),
-    SEED_RANGE,
-]
-
-# what a resume may change: where and how often to log / evaluate / save, how long to train, how
-# fast (device, threads, kernels), and how the global batch is split (batch_size, grad_accum: train.py
-# checks that their product with the process count stays). Every other key changes the model, the
-# data order or the optimisation, and a resume with another value is refused.
-RESUME_MAY_CHANGE = {"out_dir", "init_from", "overwrite", "log_interval", "eval_interval", "ckpt_interval", "ckpt_keep",
-                     "batch_size", "grad_accum",
-                     "eval_at_start", "max_iters", "data_dir", "download", "num_workers", "sample_steps",
-                     "sample_schedule", "device", "dtype", "cpu_bf16", "compile", "compile_backend", "fused_adamw",
-                     "channels_last", "threads", "peak_flops", "bench_iters", "bench_warmup", "bench_sample_n"}
-
-
-def validate(cfg):
-    """Every value against what it allows, before anything is read or written: one ConfigError
-    naming the key, the value given and what is allowed."""
-    check_keys(cfg, CHOICES, RANGES)
-    if cfg["cpu_bf16"].lower() not in ("auto", "true", "false"):
-        raise ConfigError(f"cpu_bf16={cfg['cpu_bf16']!r} is not allowed: choose from 'auto', 'true', 'false'")
-    check_schedules(cfg, "schedule", "sample_schedule")
-    check_device(cfg["device"])
-    if cfg["dataset"] != "cifar10" and not cfg["data_dir"] and not cfg["bench_iters"]:
-        raise ConfigError(f"dataset={cfg['dataset']!r} needs data_dir (only cifar10 is searched for or downloaded)")
-    if cfg["dataset"] in data.MULTIVIEW and not cfg["ray_freqs"] and not cfg["bench_iters"]:
-        raise ConfigError(f"dataset {cfg['dataset']!r} has camera poses: set ray_freqs > 0 so the model sees them")
-    if cfg["ray_freqs"] and cfg["bench_iters"]:
-        raise ConfigError(f"ray_freqs={cfg['ray_freqs']} with bench_iters={cfg['bench_iters']}: the benchmark's synthetic "
-                          "images have no camera poses; time the model with --ray_freqs=0")
-    if cfg["ray_freqs"] and cfg["dataset"] not in data.MULTIVIEW:
-        raise ConfigError(f"ray_freqs={cfg['ray_freqs']} feeds the model camera rays, but dataset={cfg['dataset']!r} "
-                          f"has no camera poses: set ray_freqs=0, or train on {', '.join(data.MULTIVIEW)}")
-    if cfg["p_uncond_src_pose"] > 0 and cfg["dataset"] not in data.MULTIVIEW:
-        raise ConfigError(f"p_uncond_src_pose={cfg['p_uncond_src_pose']} drops source poses: only multi-view datasets "
-                          f"have them ({', '.join(data.MULTIVIEW)}), not {cfg['dataset']!r}")
-    if cfg["views"] == "class" and cfg["dataset"] in ("folder", "imagenet", "celeba"):
-        raise ConfigError(f"views='class' pairs images of a class in memory: not for {cfg['dataset']} (decoded from files)")
-    if cfg["simsiam_weight"] > 0 and (cfg["segments"] < 1 or cfg["views"] != "augment"):
-        raise ConfigError("simsiam_weight > 0 is DiffSiam: it needs segments >= 1 and views='augment' (two augmented views)")
-    if cfg["pretrained"] and not os.path.isfile(cfg["pretrained"]):
-        raise ConfigError(f"pretrained={cfg['pretrained']!r}: " + ("a directory, not a checkpoint file"
-                          if os.path.isdir(cfg["pretrained"]) else "no such checkpoint file"))
-    if cfg["compile"]:
-        from torch._dynamo import list_backends
-        backends = list_backends(exclude_tags=())
-        if cfg["compile_backend"] not in backends:
-            raise ConfigError(f"compile_backend={cfg['compile_backend']!r} is not a torch.compile backend: choose from "
-                              f"{', '.join(map(repr, sorted(set(list_backends()) | {'aot_eager', 'eager'})))} "
-                              "(all: torch._dynamo.list_backends(exclude_tags=()))")
-    try:  # the model's own checks (bottleneck=False shapes, ...), on the meta device: no memory, no time
-        with torch.device("meta"):
-            build_model(cfg)
-    except (ValueError, AssertionError) as e:
-        raise ConfigError(f"the model cannot be built: {e}") from None
-    out = cfg["out_dir"]
-    check_out_dir("out_dir", out)
-    holder = lock_holder(out)
-    if holder:
-        raise ConfigError(f"out_dir={out!r} is in use by a live run (pid {holder}, {os.path.join(out, LOCK)}): "
-                          "wait for it, stop it, or pick another out_dir")
-    if cfg["init_from"] == "scratch" and not cfg["bench_iters"] and not cfg["overwrite"] and \
-            os.path.exists(os.path.join(out, "ckpt.pt")):
-        raise ConfigError(f"out_dir={out!r} already holds ckpt.pt: continue it with --init_from=resume, "
-                          "pick another out_dir, or pass --overwrite=True to start over")
-
+# directories a script writes into
 
 def check_out_dir(key, path):
     """path must be a directory this process can write into, or create: one ConfigError otherwise.
@@ -255,111 +166,6 @@ def check_writable(key, value, folder, what):
         os.rmdir(tempfile.mkdtemp(dir=folder))
     except OSError as e:
         raise ConfigError(f"{key}={value!r}: {what} cannot be written in {folder!r} ({e.strerror})") from None
-
-
-# A run holds out_dir/run.lock (its pid) from its first write to its end, so that a second train.py
-# into the same out_dir cannot overwrite the log or the checkpoint of a live one.
-LOCK = "run.lock"
-
-
-def lock_holder(out_dir):
-    """The pid of a live process other than this one that holds out_dir's lock, else None (no lock,
-    or a stale one: its process is gone)."""
-    try:
-        pid = int(open(os.path.join(out_dir, LOCK)).read().strip() or 0)
-    except (OSError, ValueError):
-        return None
-    if pid <= 0 or pid == os.getpid():
-        return None
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # it exists, under another user
-        pass
-    return pid
-
-
-def take_lock(out_dir):
-    """Create out_dir/run.lock holding this pid (atomically: O_EXCL), replacing a stale one; a live
-    holder is one ConfigError. -> the lock's path."""
-    path = os.path.join(out_dir, LOCK)
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            holder = lock_holder(out_dir)
-            if holder:
-                raise ConfigError(f"out_dir={out_dir!r} is in use by a live run (pid {holder}, {path}): "
-                                  "wait for it, stop it, or pick another out_dir") from None
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)  # stale: its process is gone (or it is this process's own, from an earlier run)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return path
-    raise ConfigError(f"out_dir={out_dir!r}: could not take {path}")
-
-
-def release_lock(path):
-    """Remove the lock if this process holds it."""
-    with contextlib.suppress(OSError, ValueError):
-        if int(open(path).read().strip()) == os.getpid():
-            os.remove(path)
-
-
-def resume_conflicts(old, new):
-    """Keys whose value differs between a checkpoint's config and this run's, and may not."""
-    return [f"{k}={old[k]!r} (now {new[k]!r})" for k in new
-            if k not in RESUME_MAY_CHANGE and k in old and old[k] != new[k]]
-
-
-def cpu_native_bf16(cpuinfo="/proc/cpuinfo", machine=None):
-    """-> (bool, reason): does this CPU compute in bf16 natively, so CPU autocast pays off?
-    x86: avx512_bf16 or amx_bf16 in the flags; Linux aarch64: 'bf16' in Features."""
-    machine = (machine or platform.machine()).lower()
-    wanted = ("avx512_bf16", "amx_bf16") if machine in ("x86_64", "amd64", "i686") else \
-        ("bf16",) if machine in ("aarch64", "arm64") else ()
-    if not wanted:
-        return False, f"no native bf16 known for a {machine} CPU"
-    try:
-        lines = open(cpuinfo).read().splitlines()
-    except OSError:
-        return False, f"no native bf16: cannot read {cpuinfo}"
-    flags = {f for line in lines if line.startswith(("flags", "Features")) for f in line.partition(":")[2].split()}
-    hit = [f for f in wanted if f in flags]
-    if hit:
-        return True, f"{hit[0]} in {cpuinfo}"
-    return False, f"no native bf16: no {' or '.join(wanted)} in {cpuinfo}"
-
-
-def cpu_autocast(setting):
-    """cpu_bf16 ('auto' | 'true' | 'false') -> (use bf16 autocast on the CPU, reason)."""
-    setting = setting.lower()
-    if setting == "auto":
-        return cpu_native_bf16()
-    return setting == "true", f"cpu_bf16={setting!r}"
-
-
-# -----------------------------------------------------------------------------
-# the model a config describes
-
-def build_model(cfg):
-    """model.SODA as a train.py config describes it; diffsiam.DiffSiam where it asks for the
-    thesis' variant (segments, SimSiam heads, or a pretrained frozen denoiser)."""
-    kw = dict(z_dim=cfg["z_dim"], image_size=cfg["image_size"], cond=cfg["cond"], n_tokens=cfg["n_tokens"],
-              agg=cfg["agg"], ray_freqs=cfg["ray_freqs"], p_mask_layer=cfg["p_mask_layer"], p_uncond=cfg["p_uncond"],
-              p_uncond_pose=cfg["p_uncond_pose"] if cfg["ray_freqs"] else 0.0, z_norm=cfg.get("z_norm", False),
-              z_bn=cfg.get("z_bn", False), bottleneck=cfg.get("bottleneck", True),
-              prediction=cfg.get("prediction", "eps"), z_init=cfg.get("z_init", 0.0), coords=cfg.get("coords", False),
-              top_skips=cfg.get("top_skips", True))
-    if not (cfg.get("segments") or cfg.get("simsiam_weight", 0) > 0 or cfg.get("pretrained")):
-        return M.build(cfg["encoder"], cfg["unet"], **kw)
-    return diffsiam.build(cfg["encoder"], cfg["unet"], segments=cfg.get("segments", 0),
-                          segment_mode=cfg.get("segment_mode", "hierarchical"), schedule=cfg["schedule"],
-                          logsnr_shift=cfg.get("logsnr_shift", 0.0),
-                          simsiam_dim=cfg["simsiam_dim"] if cfg.get("simsiam_weight", 0) > 0 else 0,
-                          pdae=bool(cfg.get("pretrained")), **kw)
 
 
 def plain_warnings():

@@ -9,6 +9,7 @@ denoise() as they call SODA's, and it switches on, at each noise level, the segm
 training used there. This file imports model.py and diffusion.py only.
 """
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -55,6 +56,17 @@ def negative_cosine(p, h):
     return -(F.normalize(p, dim=1) * F.normalize(h.detach(), dim=1)).sum(dim=1).mean()
 
 
+@dataclass
+class DiffSiamConfig(M.SODAConfig):
+    """SODAConfig and the thesis' three changes, each off by default."""
+    segments: int = 0  # > 0: z cut into this many segments that the noise level switches on (thesis §3.2)
+    segment_mode: str = "hierarchical"  # 'hierarchical': segments 1..k on at level k | 'sequential': only k (§4.3.1)
+    schedule: str = "inverted"  # the training noise schedule: which segments training used at each noise level
+    logsnr_shift: float = 0.0  # ... and its log-SNR shift
+    simsiam_dim: int = 0  # > 0: SimSiam projector (this wide) and predictor heads on z (thesis eq. 3.9-3.12)
+    pdae: bool = False  # True: the decoder is a frozen pre-trained denoiser + a trained gradient estimator (eq. 3.8)
+
+
 class DiffSiam(M.SODA):
     """SODA with the thesis' three changes, each optional:
     segments > 0: z cut into that many segments; the noise level u uses the first ceil(u n)
@@ -65,17 +77,17 @@ class DiffSiam(M.SODA):
     schedule, logsnr_shift: the training noise schedule, which tells the samplers which segments
     training used at each noise level."""
 
-    def __init__(self, encoder, unet, segments=0, segment_mode="hierarchical", schedule="inverted",
-                 logsnr_shift=0.0, simsiam_dim=0, pdae=False, **kw):
-        super().__init__(encoder, unet, **kw)
-        self.segments, self.segment_mode = segments, segment_mode
-        self.segments_at = segment_schedule(segments, segment_mode, D.get_schedule(schedule, logsnr_shift)) \
-            if segments else None
-        if simsiam_dim:  # built after SODA's modules, so the encoder and UNet initialise as in plain SODA
-            self.projector = MLP(self.z_dim, simsiam_dim, simsiam_dim, out_norm=True)
-            self.predictor = MLP(simsiam_dim, simsiam_dim // 4, simsiam_dim)
+    def __init__(self, config):
+        super().__init__(config)
+        c = config
+        self.segments, self.segment_mode = c.segments, c.segment_mode
+        self.segments_at = segment_schedule(c.segments, c.segment_mode, D.get_schedule(c.schedule, c.logsnr_shift)) \
+            if c.segments else None
+        if c.simsiam_dim:  # built after SODA's modules, so the encoder and UNet initialise as in plain SODA
+            self.projector = MLP(self.z_dim, c.simsiam_dim, c.simsiam_dim, out_norm=True)
+            self.predictor = MLP(c.simsiam_dim, c.simsiam_dim // 4, c.simsiam_dim)
         self.frozen = None
-        if pdae:  # PDAE (Zhang et al. 2022), DiffSiam's decoder (thesis §3.2): eps_theta, a UNet of
+        if c.pdae:  # PDAE (Zhang et al. 2022), DiffSiam's decoder (thesis §3.2): eps_theta, a UNet of
             # SODA's shape (train.py loads its weights), read with z = 0 (its unconditional mode); G is
             # this model's UNet without its down path, for which it reads eps_theta's
             self.frozen = copy.deepcopy(self.unet).requires_grad_(False)
@@ -111,7 +123,7 @@ class DiffSiam(M.SODA):
         # classifier-guidance shift of the frozen model's eps (thesis eq. 3.8); G's up path reads
         # the frozen down path's features, so only it and the encoder learn.
         z = self.decoder_latent(z, keep)
-        x_in = self.decoder_input(x_t, rays_tgt, keep_pose)
+        x_in = self.network_input(x_t, rays_tgt, keep_pose)
         with torch.no_grad():
             cond = self.frozen.conditioning(logsnr, torch.zeros_like(z))
             skips = self.frozen.down_path(x_in, *cond)
@@ -122,31 +134,35 @@ class DiffSiam(M.SODA):
     def forward(self, x_t, logsnr, x_src, keep=None, rays_src=None, rays_tgt=None, keep_pose=None,
                 keep_src_pose=None, seg_keep=None, x_pair=None):
         """SODA's training forward; with x_pair (the other augmented view) -> (eps_hat, the SimSiam
-        loss of the two views' latents), which diffusion.loss hands back beside the diffusion loss."""
+        loss of the two views' latents): one forward, so DDP sees every parameter used once."""
         z = self.encode(x_src, rays_src, keep_src_pose)
-        keep, keep_pose = self.dropout(x_t, keep, keep_pose)
+        keep, keep_pose = self.training_masks(x_t, keep, keep_pose)
         eps_hat = self.denoise(x_t, logsnr, z, keep, rays_tgt, keep_pose, seg_keep)
         if x_pair is None:
             return eps_hat
         return eps_hat, self.simsiam_loss(z, self.encode(x_pair))
 
 
-def check_pretrained(old, cfg):
-    """PDAE: a checkpoint's config `old` against this run's `cfg` -> what stops its EMA UNet from
-    being the frozen denoiser ('' if nothing)."""
+def loss(model, x_src, x_tgt, schedule, u, eps, x_pair, simsiam_weight, weighting="eps", **cond):
+    """DiffSiam's training loss (thesis eq. 3.12): diffusion.loss's denoising loss on the target
+    view plus simsiam_weight times the SimSiam loss of the two augmented views' latents."""
+    logsnr = schedule(u)
+    x_t = D.q_sample(x_tgt.float(), logsnr, eps.float())
+    eps_hat, simsiam = model(x_t, logsnr, x_src, x_pair=x_pair, **cond)
+    return D.eps_mse(eps_hat, eps.float(), logsnr, weighting) + simsiam_weight * simsiam
+
+
+def check_pretrained(old, new):
+    """PDAE: a checkpoint's model_args `old` against this model's `new` -> what stops its EMA UNet
+    from being the frozen denoiser ('' if nothing)."""
     keys = ("unet", "z_dim", "image_size", "cond", "n_tokens", "ray_freqs", "prediction", "coords", "top_skips")
-    before = {"prediction": "eps", "coords": False, "top_skips": True}  # what checkpoints written before these keys had
-    diff = [f"{k}={old.get(k, before.get(k))!r} (here {cfg[k]!r})" for k in keys if old.get(k, before.get(k)) != cfg[k]]
+    diff = [f"{k}={old[k]!r} (here {new[k]!r})" for k in keys if old[k] != new[k]]
     if diff:
         return f"its {', '.join(diff)}"
-    return "it is itself a PDAE model" if old.get("pretrained") else ""
+    return "it is itself a PDAE model" if old.get("pdae") else ""
 
 
 def load_frozen(net, ema):
     """The EMA UNet of a checkpoint (its 'ema' state dict) becomes net.frozen."""
     net.frozen.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("unet.")})
 
-
-def build(encoder="tiny", unet="tiny", **kw):
-    """DiffSiam from preset names, as model.build."""
-    return M.build(encoder, unet, cls=DiffSiam, **kw)

@@ -144,23 +144,24 @@ def loss(model, x_src, x_tgt, schedule, u=None, eps=None, weighting="eps", **con
     here unless given (train.py gives them, to make DDP and resume exact). The model may run in
     bf16 under autocast; the noise and the loss are fp32. weighting='v' scales each image's
     eps-MSE by 1 / abar = (1 + SNR) / SNR, the v-prediction loss (Salimans & Ho 2022): more weight
-    on high noise, where the decoder must lean on z. A model that returns (eps_hat, a loss of its
-    own) gets (the diffusion loss, that loss) back."""
+    on high noise, where the decoder must lean on z."""
     B = x_tgt.shape[0]
     u = torch.rand(B, device=x_tgt.device) if u is None else u
     eps = torch.randn_like(x_tgt, dtype=torch.float32) if eps is None else eps.float()
     logsnr = schedule(u)
     x_t = q_sample(x_tgt.float(), logsnr, eps)
-    out = model(x_t, logsnr, x_src, **cond)
-    eps_hat, extra = out if isinstance(out, tuple) else (out, None)  # a loss of the model's own (diffsiam.py)
+    return eps_mse(model(x_t, logsnr, x_src, **cond), eps, logsnr, weighting)
+
+
+def eps_mse(eps_hat, eps, logsnr, weighting="eps"):
+    """The loss of an eps prediction, in fp32: the plain eps-MSE (the paper), or weighting='v', each
+    image's eps-MSE times 1 / abar = 1 + exp(-logsnr)."""
     if weighting == "eps":
-        mse = F.mse_loss(eps_hat.float(), eps)
-    elif weighting == "v":
+        return F.mse_loss(eps_hat.float(), eps)
+    if weighting == "v":
         per_image = (eps_hat.float() - eps).pow(2).mean(dim=(1, 2, 3))
-        mse = (per_image * (1 + torch.exp(-logsnr))).mean()
-    else:
-        raise ValueError(f"weighting must be 'eps' or 'v', got {weighting!r}")
-    return mse if extra is None else (mse, extra)
+        return (per_image * (1 + torch.exp(-logsnr))).mean()
+    raise ValueError(f"weighting must be 'eps' or 'v', got {weighting!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -232,6 +233,9 @@ def sample(model, z, shape, steps=50, eta=0.0, schedule="cosine", generator=None
     return x
 
 
+SAMPLERS = {"ddpm": 1.0, "ddim": 0.0}  # a sampler's name -> its eta in sample()
+
+
 def ddpm(model, z, shape, steps=1000, **kw):
     """DDPM ancestral sampling (the paper's sampler, §3.4)."""
     return sample(model, z, shape, steps=steps, eta=1.0, **kw)
@@ -261,51 +265,3 @@ def ddim_invert(model, x_0, z, steps=50, schedule="cosine", progress=False, **gu
         x = abar_t.sqrt() * x_0_hat + (1 - abar_t).sqrt() * eps
     return x
 
-
-# -----------------------------------------------------------------------------
-# The z-usage instrument: how much of the image the decoder takes from z
-
-ZUSAGE_LOGSNRS = (-8.0, -6.0, -4.0, -3.0, -2.0, 0.0, 2.0, 4.0)
-
-
-@torch.no_grad()
-def z_usage(model, x_0, logsnrs=ZUSAGE_LOGSNRS, x_src=None, seed=0, batch=256, rays_src=None, rays_tgt=None):
-    """x0-MSE of the decoder with z against z masked (all sections off: the unconditional model),
-    on a fixed log-SNR grid, with one fixed noise per image shared by every level. x_0: the images
-    to denoise (B, 3, H, W) in [-1, 1]; x_src: the view z is encoded from (default x_0 itself:
-    "how much of this image does z carry"). x0_hat = (x_t - sigma eps_hat) / alpha, clipped to
-    [-1, 1] as the samplers do. Where the decoder ignores z both curves coincide (0% removed); where
-    z carries the image the curve with z falls towards 0 at every noise level. Two reference lines:
-    a grey image (x0_hat = 0) and each image's own mean colour. Call under the training
-    autocast; the x0 math is fp32. -> dict of lists (one entry per level) and summaries."""
-    dev = x_0.device
-    x_0 = x_0.float()
-    x_src = x_0 if x_src is None else x_src
-    eps = torch.randn(x_0.shape, generator=torch.Generator("cpu").manual_seed(seed)).to(dev)
-    sums = torch.zeros(len(logsnrs), 2, dtype=torch.float64)
-    for i in range(0, len(x_0), batch):
-        sl = slice(i, i + batch)
-        rs = None if rays_src is None else rays_src[sl]
-        rt = None if rays_tgt is None else rays_tgt[sl]
-        z = model.encode(x_src[sl], rs)
-        B = len(z)
-        on = torch.ones(B, model.n_sections, device=dev)
-        for j, l in enumerate(logsnrs):
-            logsnr = torch.full((B,), float(l), device=dev)
-            abar = torch.sigmoid(logsnr)[:, None, None, None]
-            x_t = q_sample(x_0[sl], logsnr, eps[sl])
-            for k, keep in enumerate((on, torch.zeros_like(on))):
-                eps_hat = model.denoise(x_t, logsnr, z, keep, rt).float()
-                x0_hat = ((x_t - (1 - abar).sqrt() * eps_hat) / abar.sqrt()).clamp(-1, 1)
-                sums[j, k] += (x0_hat - x_0[sl]).pow(2).mean(dim=(1, 2, 3)).double().sum().cpu()
-    mse = (sums / len(x_0)).tolist()
-    res = {"logsnr": [float(l) for l in logsnrs], "mse_z": [m[0] for m in mse], "mse_masked": [m[1] for m in mse],
-           "grey": x_0.pow(2).mean().item(),
-           "mean_colour": (x_0 - x_0.mean(dim=(2, 3), keepdim=True)).pow(2).mean().item()}
-    res["removed"] = [100.0 * (1 - a / b) if b > 0 else 0.0 for a, b in zip(res["mse_z"], res["mse_masked"])]
-    at = dict(zip(res["logsnr"], res["removed"]))
-    mid = [r for l, r in at.items() if -6 <= l <= 2]
-    res["removed_at_-3"] = at.get(-3.0)
-    res["removed_mean"] = sum(mid) / len(mid) if mid else None  # mean over log-SNR -6..+2
-    res["worse_than_grey"] = [l for l, m in zip(res["logsnr"], res["mse_z"]) if m > res["grey"]]
-    return res

@@ -1,20 +1,20 @@
 """
-SODA: the encoder, the z-modulated UNet denoiser, and the module tying them.
-
-Read top to bottom: small pieces (norm, embeddings, blocks), then the ResNet encoder E(x') = z,
-then the UNet decoder D(x_t, logsnr, z), then SODA itself, then the PRESETS dict. The thesis'
-DiffSiam variant extends SODA in diffsiam.py.
-Paper: Hudson et al., "SODA: Bottleneck Diffusion Models for Representation Learning", CVPR 2024.
-This file imports no other project file; the loss and the samplers live in diffusion.py.
+SODA (Hudson et al., "SODA: Bottleneck Diffusion Models for Representation Learning", CVPR 2024):
+an encoder E squeezes a source view x' into a compact latent z = E(x') (§3.2), and a UNet denoiser
+D(x_t, logsnr, z), modulated layer by layer by z (§3.1, §3.2.1), denoises a related target view.
+Read top to bottom: the encoder, the UNet, then SODA and its config (SODAConfig). The loss and the
+samplers are in diffusion.py; the thesis' DiffSiam variant extends SODA in diffsiam.py.
+This file imports no other project file.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-def Norm(ch):
+def group_norm(ch):
     # GroupNorm everywhere, the encoder included: no batch statistics, so a DDP run equals one
     # process, train equals eval, and z is a function of its own image only.
     groups = min(32, ch // 4)
@@ -31,38 +31,6 @@ def zero_(module):
     return module
 
 
-def sinusoidal(x, dim, min_freq=1e-3):
-    # (B,) -> (B, dim): frequencies from 1 down to min_freq; used on log-SNR in [-15, 15]
-    half = dim // 2
-    freqs = torch.exp(-math.log(1 / min_freq) * torch.arange(half, device=x.device) / half)
-    angles = x.float()[:, None] * freqs[None]
-    return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-
-def ray_embed(rays, n_freqs):
-    # (B, 6, H, W) ray origins + directions -> (B, 6 + 12 n_freqs, H, W), NeRF-style positional
-    # encoding of every pixel's ray (§3.3 "Perspective")
-    out = [rays]
-    for k in range(n_freqs):
-        out += [torch.sin(2**k * math.pi * rays), torch.cos(2**k * math.pi * rays)]
-    return torch.cat(out, dim=1)
-
-
-def with_coords(x):
-    """x (B, C, H, W) and two more channels: each pixel's x and y, -1..1 left to right and top to
-    bottom (CoordConv, Liu et al. 2018). Convolutions and global pooling cannot tell where a pattern
-    is; where position is a factor of the data (dSprites' x and y), the encoder must be told it to
-    put it in z, and the decoder to draw from it."""
-    B, _, H, W = x.shape
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=x.device), torch.linspace(-1, 1, W, device=x.device),
-                            indexing="ij")
-    return torch.cat([x, torch.stack([xs, ys]).to(x.dtype).expand(B, -1, -1, -1)], dim=1)
-
-
-def ray_channels(n_freqs):
-    return 6 + 12 * n_freqs if n_freqs > 0 else 0
-
-
 # -----------------------------------------------------------------------------
 # Encoder: a ResNet, global average pool, then the linear bottleneck to z (§3.2)
 
@@ -73,12 +41,12 @@ class BasicBlock(nn.Module):
         super().__init__()
         cout = width * self.expansion
         self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
-        self.norm1 = Norm(width)
+        self.norm1 = group_norm(width)
         self.conv2 = nn.Conv2d(width, cout, 3, 1, 1, bias=False)
-        self.norm2 = Norm(cout)
+        self.norm2 = group_norm(cout)
         nn.init.zeros_(self.norm2.weight)  # residual branch starts at zero (Goyal et al. 2017)
         self.skip = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), Norm(cout))
+            nn.Conv2d(cin, cout, 1, stride, bias=False), group_norm(cout))
 
     def forward(self, x):
         h = F.relu(self.norm1(self.conv1(x)))
@@ -92,14 +60,14 @@ class Bottleneck(nn.Module):
         super().__init__()
         cout = width * self.expansion
         self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
-        self.norm1 = Norm(width)
+        self.norm1 = group_norm(width)
         self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
-        self.norm2 = Norm(width)
+        self.norm2 = group_norm(width)
         self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
-        self.norm3 = Norm(cout)
+        self.norm3 = group_norm(cout)
         nn.init.zeros_(self.norm3.weight)
         self.skip = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), Norm(cout))
+            nn.Conv2d(cin, cout, 1, stride, bias=False), group_norm(cout))
 
     def forward(self, x):
         h = F.relu(self.norm1(self.conv1(x)))
@@ -118,9 +86,9 @@ class Encoder(nn.Module):
         Block = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
         w0 = widths[0]
         if image_size <= 64:  # CIFAR stem: 3x3 stride 1, no max-pool
-            self.stem = nn.Sequential(nn.Conv2d(in_ch, w0, 3, 1, 1, bias=False), Norm(w0), nn.ReLU())
+            self.stem = nn.Sequential(nn.Conv2d(in_ch, w0, 3, 1, 1, bias=False), group_norm(w0), nn.ReLU())
         else:  # ImageNet stem: 7x7 stride 2 + max-pool
-            self.stem = nn.Sequential(nn.Conv2d(in_ch, w0, 7, 2, 3, bias=False), Norm(w0), nn.ReLU(),
+            self.stem = nn.Sequential(nn.Conv2d(in_ch, w0, 7, 2, 3, bias=False), group_norm(w0), nn.ReLU(),
                                       nn.MaxPool2d(3, 2, 1))
         stages, cin = [], w0
         for i, (w, d) in enumerate(zip(widths, depths)):
@@ -169,13 +137,21 @@ class Aggregator(nn.Module):
 # -----------------------------------------------------------------------------
 # UNet decoder (ADM/DDPM style), conditioned on log-SNR and modulated by z
 
+def sinusoidal(x, dim, min_freq=1e-3):
+    # (B,) -> (B, dim): frequencies from 1 down to min_freq; used on log-SNR in [-15, 15]
+    half = dim // 2
+    freqs = torch.exp(-math.log(1 / min_freq) * torch.arange(half, device=x.device) / half)
+    angles = x.float()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice. The second norm is AdaGN on the noise level, then scaled and
     shifted by the block's z section: h = GN(h)(1 + s_t) + b_t ; h = h(1 + s_z) + b_z (§3.1)."""
 
     def __init__(self, cin, cout, emb_dim, z_sec_dim=0, dropout=0.0, z_init=0.0):
         super().__init__()
-        self.norm1 = Norm(cin)
+        self.norm1 = group_norm(cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1)
         self.emb_proj = nn.Linear(emb_dim, 2 * cout)
         self.z_proj = None
@@ -188,29 +164,20 @@ class ResBlock(nn.Module):
                 nn.init.zeros_(self.z_proj.bias)
             else:
                 zero_(self.z_proj)
-        self.norm2 = Norm(cout)
+        self.norm2 = group_norm(cout)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_(nn.Conv2d(cout, cout, 3, 1, 1))
         self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
 
-    def modulate(self, h, emb, z_sec=None):
-        """The paper's two steps, as written (§3.1): AdaGN on the noise level, then z's scale and
-        shift. forward() computes the same in one pass over h (a test checks that the two agree)."""
-        s_t, b_t = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + s_t) + b_t
-        if self.z_proj is not None:
-            s_z, b_z = self.z_proj(z_sec)[:, :, None, None].chunk(2, dim=1)
-            h = h * (1 + s_z) + b_z
-        return h
-
     def forward(self, x, emb, z_sec=None):
         h = self.conv1(F.silu(self.norm1(x)))
-        s_t, b_t = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
-        scale, shift = 1 + s_t, b_t
-        if self.z_proj is not None:  # layer modulation (§3.2.1), even across the grid
+        # the paper's two steps (§3.1, §3.2.1), each a per-channel scale and shift (B, C, 1, 1):
+        s_t, b_t = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
+        scale, shift = 1 + s_t, b_t  # 1. AdaGN on the noise level: h = GN(h)(1 + s_t) + b_t
+        if self.z_proj is not None:  # 2. z's layer modulation, even across the grid: h = h(1 + s_z) + b_z
             s_z, b_z = self.z_proj(z_sec)[:, :, None, None].chunk(2, dim=1)
-            scale, shift = scale * (1 + s_z), shift * (1 + s_z) + b_z  # both steps folded on (B, C, 1, 1)
-        h = torch.addcmul(shift, self.norm2(h), scale)  # one pass over h: (GN(h)(1 + s_t) + b_t)(1 + s_z) + b_z
+            scale, shift = scale * (1 + s_z), shift * (1 + s_z) + b_z  # step 2 applied to step 1's scale and shift
+        h = torch.addcmul(shift, self.norm2(h), scale)  # both steps in one pass over h
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
@@ -222,7 +189,7 @@ class Attention(nn.Module):
     def __init__(self, ch, n_heads=4, ctx_dim=None):
         super().__init__()
         self.n_heads = n_heads
-        self.norm = Norm(ch)
+        self.norm = group_norm(ch)
         self.q = nn.Linear(ch, ch)
         self.kv = nn.Linear(ctx_dim or ch, 2 * ch)
         self.proj = zero_(nn.Linear(ch, ch))
@@ -243,8 +210,8 @@ class Attention(nn.Module):
         return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
-class Step(nn.Module):
-    """One UNet step: a ResBlock, then self-attention and cross-attention where asked.
+class UNetBlock(nn.Module):
+    """One block of the UNet: a ResBlock, then self-attention and cross-attention where asked.
     `section` says which part of z modulates it: down level i and up level i share section i,
     the middle block gets the last one (§3.2.1)."""
 
@@ -293,7 +260,7 @@ class UNet(nn.Module):
         if cond == "emb":
             self.z_emb = zero_(nn.Linear(z_dim, emb_dim))
         xattn_dim = self.tok_dim if cond in ("xattn", "mod+xattn") else None
-        step = lambda cin, cout, lvl, attn: Step(cin, cout, emb_dim, lvl, z_secs[lvl], attn, xattn_dim, dropout,
+        step = lambda cin, cout, lvl, attn: UNetBlock(cin, cout, emb_dim, lvl, z_secs[lvl], attn, xattn_dim, dropout,
                                              z_init)
         self.conv_in = nn.Conv2d(in_ch, ch, 3, 1, 1)
         self.down, skip_chs, c, res = nn.ModuleList(), [ch], ch, image_size
@@ -321,7 +288,7 @@ class UNet(nn.Module):
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
                                              nn.Conv2d(c, c, 3, 1, 1)))
                 res *= 2
-        self.out = nn.Sequential(Norm(c), nn.SiLU(), zero_(nn.Conv2d(c, out_ch, 3, 1, 1)))
+        self.out = nn.Sequential(group_norm(c), nn.SiLU(), zero_(nn.Conv2d(c, out_ch, 3, 1, 1)))
         self.ch, self.sec_dims, self.m = ch, sec_dims, m
 
     def conditioning(self, logsnr, z):
@@ -344,7 +311,7 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for blk in self.down:
-            h = blk(h, emb, z_secs, tokens) if isinstance(blk, Step) else blk(h)
+            h = blk(h, emb, z_secs, tokens) if isinstance(blk, UNetBlock) else blk(h)
             skips.append(h)
         return skips
 
@@ -355,7 +322,7 @@ class UNet(nn.Module):
         for blk in self.mid:
             h = blk(h, emb, z_secs, tokens)
         for blk in self.up:
-            if isinstance(blk, Step):
+            if isinstance(blk, UNetBlock):
                 skip = hs.pop()
                 h = blk(torch.cat([h, skip], dim=1) if next(use) else h, emb, z_secs, tokens)
             else:
@@ -367,6 +334,9 @@ class UNet(nn.Module):
         cond = self.conditioning(logsnr, z)
         return self.up_path(self.down_path(x, *cond), *cond)
 
+
+# -----------------------------------------------------------------------------
+# z on its way to the decoder: standardised over the batch (SODAConfig.z_bn)
 
 class BatchStandardize(nn.Module):
     """Each dim of z to zero mean and unit variance over the batch in training, running statistics
@@ -402,43 +372,119 @@ class BatchStandardize(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# SODA: encoder + bottleneck + aggregation + modulated denoiser
+# What the networks see besides the image: each pixel's camera ray for posed views (§3.3
+# "Perspective", the multi-view data in multiview.py), and where position is a factor its coordinates
+
+def ray_embed(rays, n_freqs):
+    # (B, 6, H, W) ray origins + directions -> (B, 6 + 12 n_freqs, H, W), NeRF-style positional
+    # encoding of every pixel's ray (§3.3 "Perspective")
+    out = [rays]
+    for k in range(n_freqs):
+        out += [torch.sin(2**k * math.pi * rays), torch.cos(2**k * math.pi * rays)]
+    return torch.cat(out, dim=1)
+
+
+def ray_channels(n_freqs):
+    return 6 + 12 * n_freqs if n_freqs > 0 else 0
+
+
+def with_coords(x):
+    """x (B, C, H, W) and two more channels: each pixel's x and y, -1..1 left to right and top to
+    bottom (CoordConv, Liu et al. 2018). Convolutions and global pooling cannot tell where a pattern
+    is; where position is a factor of the data (dSprites' x and y), the encoder must be told it to
+    put it in z, and the decoder to draw from it."""
+    B, _, H, W = x.shape
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=x.device), torch.linspace(-1, 1, W, device=x.device),
+                            indexing="ij")
+    return torch.cat([x, torch.stack([xs, ys]).to(x.dtype).expand(B, -1, -1, -1)], dim=1)
+
+
+# -----------------------------------------------------------------------------
+# SODA: the config, then encoder + bottleneck + aggregation + modulated denoiser
+
+
+# the encoder's and the UNet's sizes by name (SODAConfig.encoder, SODAConfig.unet)
+PRESETS = {
+    "encoder": {
+        "tiny": dict(block="basic", widths=(32, 64, 128), depths=(1, 1, 1)),
+        "small": dict(block="basic", widths=(32, 64, 128, 256), depths=(1, 1, 1, 1)),
+        "resnet18": dict(block="basic", widths=(64, 128, 256, 512), depths=(2, 2, 2, 2)),
+        "resnet50": dict(block="bottleneck", widths=(64, 128, 256, 512), depths=(3, 4, 6, 3)),
+        "resnet50x2": dict(block="bottleneck", widths=(128, 256, 512, 1024), depths=(3, 4, 6, 3)),
+    },
+    "unet": {
+        "tiny": dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(8,)),
+        "small": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(8,)),
+        "cifar": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1),  # DDPM CIFAR-10
+        "imagenet": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16, 8), dropout=0.1),  # ~40M (Table 1: a 36M decoder)
+    },
+}
+
+
+@dataclass
+class SODAConfig:
+    """Every argument of the model: the paper's, then the additions we measured, each defaulting to
+    the paper's model. A checkpoint stores it as `model_args`; SODA(SODAConfig(**model_args))."""
+    # the paper's model (§3)
+    encoder: str = "tiny"  # PRESETS["encoder"] name: the ResNet E (§3.2)
+    unet: str = "tiny"  # PRESETS["unet"] name: the denoiser D (§3.1)
+    z_dim: int = 128  # the compact latent z (§3.2)
+    image_size: int = 32
+    cond: str = "mod"  # how D reads z: 'mod' (layer modulation, §3.2.1) | 'xattn' (cross-attention) |
+    # 'mod+xattn' (both, §3.3) | 'emb' (z added to the noise embedding: the "w/o layer modulation" ablation)
+    n_tokens: int = 8  # z's tokens for cross-attention
+    agg: str = "mean"  # k source views' latents -> one z: 'mean' | 'transformer' (§3.3 "Cardinality")
+    ray_freqs: int = 0  # posed views: frequencies of each pixel's ray embedding (§3.3 "Perspective"); 0: no poses
+    p_mask_layer: float = 0.1  # training: each section of z zeroed with this probability (layer masking, §3.2.1)
+    p_uncond: float = 0.1  # training: all of z zeroed (classifier-free guidance dropout, §3.2.1)
+    p_uncond_pose: float = 0.1  # training: the target's rays zeroed, apart from z (§3.3 "Guidance")
+    bottleneck: bool = True  # False: "w/o bottleneck" (Table 1), z is the encoder's whole feature map
+    # additions, measured in docs/ (zusage.md, dci.md, reconstruction.md); the defaults are the paper's model
+    z_norm: bool = False  # True: each section of z layer-normalised before it modulates (unit scale per layer)
+    z_bn: bool = False  # True: z standardised over the batch on its way to D: what differs between images
+    prediction: str = "eps"  # D outputs 'eps' (the paper) | 'v' (Salimans & Ho 2022: conditioned at high noise) | 'x0'
+    z_init: float = 0.0  # z projections' init: 0 = zero (untrained D ignores z); > 0: N(0, z_init^2 / fan_in)
+    coords: bool = False  # True: pixel-coordinate channels for both networks (where position is a factor)
+    top_skips: bool = True  # False: no skips at the full-resolution up level (detail must pass where z modulates)
+
 
 class SODA(nn.Module):
     """eps_hat = D(x_t, logsnr, z = E(x')). `keep` (B, n_sections) of 0/1 switches sections of z
     off (zeroed: eps(x_t | 0) is the unconditional model, §3.2.1); `keep_pose` (B,) does the same
     for the target rays. During training, forward() draws that dropout unless given."""
 
-    def __init__(self, encoder, unet, z_dim=128, image_size=32, cond="mod", n_tokens=8, agg="mean",
-                 ray_freqs=0, p_mask_layer=0.0, p_uncond=0.0, p_uncond_pose=0.0, z_norm=False, bottleneck=True,
-                 prediction="eps", z_init=0.0, z_bn=False, coords=False, top_skips=True):
+    def __init__(self, config):
         super().__init__()
-        if prediction not in ("eps", "v", "x0"):
-            raise ValueError(f"prediction must be 'eps', 'v' or 'x0', got {prediction!r}")
-        self.ray_freqs, self.z_norm, self.prediction = ray_freqs, z_norm, prediction
-        self.p_mask_layer, self.p_uncond, self.p_uncond_pose = p_mask_layer, p_uncond, p_uncond_pose
-        self.coords = coords
+        c = self.config = config
+        if c.prediction not in ("eps", "v", "x0"):
+            raise ValueError(f"prediction must be 'eps', 'v' or 'x0', got {c.prediction!r}")
+        for kind, name in (("encoder", c.encoder), ("unet", c.unet)):
+            if name not in PRESETS[kind]:
+                raise ValueError(f"unknown {kind} preset {name!r}; choose from {sorted(PRESETS[kind])}")
+        self.ray_freqs, self.z_norm, self.prediction, self.coords = c.ray_freqs, c.z_norm, c.prediction, c.coords
+        self.p_mask_layer, self.p_uncond, self.p_uncond_pose = c.p_mask_layer, c.p_uncond, c.p_uncond_pose
         # RGB, then the rays (§3.3 "Perspective"), then the pixel coordinates, for both networks
-        in_ch = 3 + ray_channels(ray_freqs) + (2 if coords else 0)
-        self.encoder = Encoder(z_dim, in_ch=in_ch, image_size=image_size, bottleneck=bottleneck, **encoder)
-        if not bottleneck:  # z = the feature map: the decoder must read it as one token per position
-            n, c = self.encoder.spatial_tokens, self.encoder.feat_dim
-            if cond != "xattn" or n_tokens != n or z_dim != n * c:
-                raise ValueError(f"bottleneck=False passes the {n} positions x {c} features of the encoder's map: "
-                                 f"set cond='xattn', n_tokens={n}, z_dim={n * c}")
-        self.agg = Aggregator(z_dim, agg)
-        self.unet = UNet(z_dim, image_size=image_size, in_ch=in_ch, cond=cond, n_tokens=n_tokens, z_init=z_init,
-                         top_skips=top_skips, **unet)
-        self.n_sections, self.z_dim = self.unet.n_sections, z_dim
+        in_ch = 3 + ray_channels(c.ray_freqs) + (2 if c.coords else 0)
+        self.encoder = Encoder(c.z_dim, in_ch=in_ch, image_size=c.image_size, bottleneck=c.bottleneck,
+                               **PRESETS["encoder"][c.encoder])
+        if not c.bottleneck:  # z = the feature map: the decoder must read it as one token per position
+            n, ch = self.encoder.spatial_tokens, self.encoder.feat_dim
+            if c.cond != "xattn" or c.n_tokens != n or c.z_dim != n * ch:
+                raise ValueError(f"bottleneck=False passes the {n} positions x {ch} features of the encoder's map: "
+                                 f"set cond='xattn', n_tokens={n}, z_dim={n * ch}")
+        self.agg = Aggregator(c.z_dim, c.agg)
+        self.unet = UNet(c.z_dim, image_size=c.image_size, in_ch=in_ch, cond=c.cond, n_tokens=c.n_tokens,
+                         z_init=c.z_init, top_skips=c.top_skips, **PRESETS["unet"][c.unet])
+        self.n_sections, self.z_dim = self.unet.n_sections, c.z_dim
         # z_bn: each dim of z standardised over the batch on its way into the decoder (running
         # statistics in eval). At init most of z's energy is one direction shared by every image
         # (pooled ReLU features); a per-image norm keeps it, batch statistics remove it, so the
         # decoder reads what differs between images. The statistics are the global batch's under DDP.
-        self.z_bn = BatchStandardize(z_dim) if z_bn else None
+        self.z_bn = BatchStandardize(c.z_dim) if c.z_bn else None
 
-    def _encoder_input(self, x, rays, keep_pose=None):
-        # RGB, the ray embedding (zeroed where keep_pose is 0: no pose) and the pixel coordinates
-        # side by side; the first conv mixes them
+    def network_input(self, x, rays=None, keep_pose=None):
+        """x and, side by side, the ray embedding of its view (zeroed where keep_pose is 0: no pose)
+        and the pixel coordinates: what the encoder reads of a source view and the UNet of x_t."""
         if self.ray_freqs:
             r = ray_embed(rays, self.ray_freqs)
             if keep_pose is not None:
@@ -448,7 +494,7 @@ class SODA(nn.Module):
 
     def encode_features(self, x_src, rays_src=None, keep_pose=None):
         """One view per image: (B, C, H, W) -> (pooled (B, feat_dim), z (B, z_dim)), for probes."""
-        return self.encoder.forward_features(self._encoder_input(x_src, rays_src, keep_pose))
+        return self.encoder.forward_features(self.network_input(x_src, rays_src, keep_pose))
 
     def encode(self, x_src, rays_src=None, keep_pose=None):
         """(B, C, H, W) or k views (B, k, C, H, W) -> z (B, z_dim). keep_pose (B,) or (B, k) of 0/1:
@@ -501,20 +547,10 @@ class SODA(nn.Module):
                 z = self.mask_z(z, keep)
         return z
 
-    def decoder_input(self, x_t, rays_tgt=None, keep_pose=None):
-        """x_t and, side by side, the target view's ray embedding (zeroed where keep_pose is 0) and
-        the pixel coordinates."""
-        if self.ray_freqs:
-            r = ray_embed(rays_tgt, self.ray_freqs)
-            if keep_pose is not None:
-                r = r * keep_pose.to(r.dtype)[:, None, None, None]
-            x_t = torch.cat([x_t, r], dim=1)
-        return with_coords(x_t) if self.coords else x_t
-
     def denoise(self, x_t, logsnr, z, keep=None, rays_tgt=None, keep_pose=None):
         """eps_hat for noisy targets x_t at noise level logsnr (B,), given a latent z."""
         z = self.decoder_latent(z, keep)
-        return self.to_eps(self.unet(self.decoder_input(x_t, rays_tgt, keep_pose), logsnr, z), x_t, logsnr)
+        return self.to_eps(self.unet(self.network_input(x_t, rays_tgt, keep_pose), logsnr, z), x_t, logsnr)
 
     def draw_keep(self, rand):
         """Training dropout of z (§3.2.1): each section off with p_mask_layer (layer masking), all
@@ -526,7 +562,7 @@ class SODA(nn.Module):
         """Pose dropout, independent of the latent's (§3.3 "Guidance")."""
         return (rand() >= self.p_uncond_pose).float()
 
-    def dropout(self, x_t, keep=None, keep_pose=None):
+    def training_masks(self, x_t, keep=None, keep_pose=None):
         """In training, the dropout of z and of the target pose, drawn here where not given."""
         rand = lambda *shape: torch.rand(x_t.shape[0], *shape, device=x_t.device)
         if self.training and keep is None:
@@ -539,34 +575,5 @@ class SODA(nn.Module):
                 keep_src_pose=None):
         """Training forward: encode the source view(s), then denoise (§3.2)."""
         z = self.encode(x_src, rays_src, keep_src_pose)
-        keep, keep_pose = self.dropout(x_t, keep, keep_pose)
+        keep, keep_pose = self.training_masks(x_t, keep, keep_pose)
         return self.denoise(x_t, logsnr, z, keep, rays_tgt, keep_pose)
-
-
-# -----------------------------------------------------------------------------
-# Presets: encoder and UNet sizes by name. The model is SODA(PRESETS["encoder"][e],
-# PRESETS["unet"][u], z_dim=..., ...).
-
-PRESETS = {
-    "encoder": {
-        "tiny": dict(block="basic", widths=(32, 64, 128), depths=(1, 1, 1)),
-        "small": dict(block="basic", widths=(32, 64, 128, 256), depths=(1, 1, 1, 1)),
-        "resnet18": dict(block="basic", widths=(64, 128, 256, 512), depths=(2, 2, 2, 2)),
-        "resnet50": dict(block="bottleneck", widths=(64, 128, 256, 512), depths=(3, 4, 6, 3)),
-        "resnet50x2": dict(block="bottleneck", widths=(128, 256, 512, 1024), depths=(3, 4, 6, 3)),
-    },
-    "unet": {
-        "tiny": dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(8,)),
-        "small": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(8,)),
-        "cifar": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1),  # DDPM CIFAR-10
-        "imagenet": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16, 8), dropout=0.1),  # ~40M (Table 1: a 36M decoder)
-    },
-}
-
-
-def build(encoder="tiny", unet="tiny", cls=SODA, **kw):
-    """SODA (or a subclass: diffsiam.DiffSiam) from preset names; kw go to it (z_dim, image_size, cond, ...)."""
-    for kind, name in (("encoder", encoder), ("unet", unet)):
-        if name not in PRESETS[kind]:
-            raise ValueError(f"unknown {kind} preset {name!r}; choose from {sorted(PRESETS[kind])}")
-    return cls(PRESETS["encoder"][encoder], PRESETS["unet"][unet], **kw)

@@ -24,9 +24,11 @@ from tqdm import tqdm
 import configurator
 import data
 import diffusion as D
+import multiview
+import runtime
+from common import CheckpointError, model_from_checkpoint, psnr, save_gif, save_grid, ssim, to_unit
 from configurator import (SEED_RANGE, ConfigError, check_device, check_keys, check_out_dir, check_schedules, check_writable,
                           configure, parse_list)
-from evaluation import CheckpointError, model_from_checkpoint, psnr, save_gif, save_grid, ssim, to_unit
 
 # -----------------------------------------------------------------------------
 ckpt = "out/cars3d_cpu/ckpt.pt"  # a train.py checkpoint of a posed multi-view model (its EMA is used)
@@ -84,20 +86,31 @@ def ring(c2w, view, tol=1e-3):
     return on[az.argsort()]
 
 
+def images_of(mv, objs, views, dev):
+    """Views of held-out objects (index tensors of one shape) -> images in [-1, 1] on dev."""
+    return data.to_signed(mv.images[objs, views].to(dev))
+
+
+def rays_of(mv, objs, views, dev):
+    """The camera rays of those views -> (..., 6, H, W) on dev."""
+    return multiview.camera_rays(mv.K[objs, views], mv.c2w[objs, views], *mv.images.shape[-2:]).to(dev)
+
+
 def generate(net, x_src, r_src, r_tgt, C, seed, keep=None):
     """Target views for rays r_tgt (B, 6, H, W) from source views (B, k, 3, H, W) with rays."""
     g = torch.Generator(x_src.device).manual_seed(seed)
     z = net.encode(x_src, r_src)
     w = 1.0 if keep is not None else C["guidance_z"]  # the masked-z baseline is not guided by z
-    return D.sample(net, z, (len(z), 3, *x_src.shape[-2:]), steps=C["steps"],
-                    eta=1.0 if C["sampler"] == "ddpm" else 0.0, schedule=C["schedule"],
-                    generator=g, w=w, keep=keep, rays_tgt=r_tgt, w_pose=C["guidance_pose"])
+    return D.sample(net, z, (len(z), 3, *x_src.shape[-2:]), steps=C["steps"], eta=D.SAMPLERS[C["sampler"]],
+                    schedule=C["schedule"], generator=g, w=w, keep=keep, rays_tgt=r_tgt, w_pose=C["guidance_pose"])
 
 
-def main(argv):
-    C = configure(argv, DEFAULTS)
-    if C["sampler"] not in ("ddpm", "ddim"):
-        raise ConfigError(f"sampler must be 'ddpm' or 'ddim', got {C['sampler']!r}")
+def check(C):
+    """Every check of the config alone, made once, before anything is read: one ConfigError naming
+    the key. -> (the numbers of source views, sorted; the output directory). What needs the
+    checkpoint or the views is checked by load(), as soon as they are read."""
+    if C["sampler"] not in D.SAMPLERS:
+        raise ConfigError(f"sampler must be {' or '.join(map(repr, D.SAMPLERS))}, got {C['sampler']!r}")
     try:
         ks = sorted(set(parse_list(C["k"], int)))
     except ConfigError:
@@ -109,22 +122,28 @@ def main(argv):
                          (("guidance_z", "guidance_pose"), lambda v: True, "finite"), SEED_RANGE])
     check_schedules(C, "schedule")
     check_device(C["device"])
-    ck_dir = os.path.dirname(C["ckpt"]) or "."
-    out = C["out_dir"] or os.path.join(ck_dir, "nvs")
-    if os.path.isdir(ck_dir):  # before anything heavy is loaded (else: no checkpoint, said below)
-        check_writable("ckpt", C["ckpt"], ck_dir, "nvs.json (beside the checkpoint)")
-    if C["out_dir"] or os.path.isdir(ck_dir):
+    ckpt_dir = os.path.dirname(C["ckpt"]) or "."
+    out = C["out_dir"] or os.path.join(ckpt_dir, "nvs")
+    if os.path.isdir(ckpt_dir):  # before anything heavy is loaded (else: no checkpoint, said below)
+        check_writable("ckpt", C["ckpt"], ckpt_dir, "nvs.json (beside the checkpoint)")
+    if C["out_dir"] or os.path.isdir(ckpt_dir):
         check_out_dir("out_dir", out)  # made only once every input is known good
-    if C["threads"] > 0:
-        torch.set_num_threads(C["threads"])
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if C["device"] == "auto" else C["device"]
-    net, tcfg = model_from_checkpoint(C["ckpt"], dev)
-    if tcfg["dataset"] not in data.MULTIVIEW or not tcfg["ray_freqs"]:
-        raise data.DataError(f"nvs.py needs a model trained on posed multi-view data ({', '.join(data.MULTIVIEW)}, "
-                             f"ray_freqs > 0); this checkpoint was trained on {tcfg['dataset']!r} with "
-                             f"ray_freqs={tcfg['ray_freqs']}")
-    mv = data.load_multiview(tcfg["dataset"], C["data_dir"] or tcfg["data_dir"], "test", tcfg["image_size"])
-    N, V, _, H, W = mv.images.shape
+    return ks, out
+
+
+def load(C, ks, dev):
+    """The one place that reads: the checkpoint's EMA model (on dev) and the views of the held-out
+    objects (the test split) -> (net, its training config, the views). What needs them is checked
+    as soon as they are read: the model must read the camera rays of a multi-view set, and k,
+    n_targets and turntable_* must fit the objects and their views."""
+    net, train_cfg = model_from_checkpoint(C["ckpt"], dev)
+    if train_cfg["dataset"] not in multiview.MULTIVIEW or not train_cfg["ray_freqs"]:
+        raise data.DataError(f"nvs.py needs a model trained on posed multi-view data ({', '.join(multiview.MULTIVIEW)}, "
+                             f"ray_freqs > 0); this checkpoint was trained on {train_cfg['dataset']!r} with "
+                             f"ray_freqs={train_cfg['ray_freqs']}")
+    mv = multiview.load_multiview(train_cfg["dataset"], C["data_dir"] or train_cfg["data_dir"], "test",
+                                  train_cfg["image_size"])
+    N, V = mv.images.shape[:2]
     if max(ks) > V - 1:
         raise ConfigError(f"k={C['k']!r}: the held-out objects have {V} views, so k (source views besides the target) "
                           f"must be <= {V - 1}")
@@ -136,75 +155,99 @@ def main(argv):
                           f"(0..{N - 1})")
     if C["turntable_view"] >= V:
         raise ConfigError(f"turntable_view={C['turntable_view']} is out of range: the objects have {V} views (0..{V - 1})")
+    return net, train_cfg, mv
+
+
+def predict(net, mv, pairs, ks, C, dev):
+    """-> {k: the target views generated from k source views of every pair}, and under 0 the masked-z
+    baseline (sources ignored), computed once."""
+    objs, tgts, srcs = pairs
+    none = torch.zeros(1, net.n_sections, device=dev)
+    preds = {}
+    for kk in ks + [0]:
+        outs = []
+        for i in tqdm(range(0, len(objs), C["batch"]), desc=f"k={kk}" if kk else "z masked", leave=False):
+            sl = slice(i, i + C["batch"])
+            o, s = objs[sl, None].expand(-1, max(kk, 1)), srcs[sl, :max(kk, 1)]
+            outs.append(generate(net, images_of(mv, o, s, dev), rays_of(mv, o, s, dev),
+                                 rays_of(mv, objs[sl], tgts[sl], dev), C, C["seed"] + i, keep=none if kk == 0 else None))
+        preds[kk] = torch.cat(outs)
+    return preds
+
+
+def measure_all(mv, pairs, x_tgt, preds, ks, what, dev):
+    """PSNR and SSIM against the real target views of each k's predictions and of its two baselines
+    (the nearest source view, z masked), a line printed per k -> {'k1': ..., ...}."""
+    objs, tgts, srcs = pairs
+    measure = lambda pred: {"psnr": psnr(to_unit(x_tgt), to_unit(pred)).mean().item(),
+                            "ssim": ssim(to_unit(x_tgt), to_unit(pred)).mean().item()}
+    masked, results = measure(preds[0]), {}
+    for kk in ks:
+        near = nearest_source(mv.c2w[objs[:, None], srcs[:, :kk]], mv.c2w[objs, tgts])
+        copy = images_of(mv, objs, srcs[torch.arange(len(objs)), near], dev)
+        results[f"k{kk}"] = r = {**measure(preds[kk]), "nearest_source": measure(copy), "z_masked": masked}
+        print(f"k={kk}: PSNR {r['psnr']:6.2f} dB SSIM {r['ssim']:.4f} | nearest source view "
+              f"{r['nearest_source']['psnr']:6.2f} / {r['nearest_source']['ssim']:.4f} | z masked "
+              f"{masked['psnr']:6.2f} / {masked['ssim']:.4f} ({what})")
+    return results
+
+
+def save_pairs_grid(mv, pairs, x_tgt, preds, ks, C, out, dev):
+    """nvs.png: a spread of pairs, one row each: sources | predictions | z masked | target."""
+    objs, tgts, srcs = pairs
+    show = torch.linspace(0, len(objs) - 1, min(C["n_show"], len(objs))).round().long()
+    cols = [images_of(mv, objs[show], srcs[show, j], dev) for j in range(max(ks))]
+    labels = [f"source {j + 1}" for j in range(max(ks))]
+    cols += [preds[kk][show] for kk in ks] + [preds[0][show], x_tgt[show]]
+    labels += [f"k={kk}" for kk in ks] + ["z masked", "target"]
+    return save_grid(os.path.join(out, "nvs.png"), torch.stack(cols, dim=1),
+                     [f"{mv.ids[o]} v{t}" for o, t in zip(objs[show].tolist(), tgts[show].tolist())], labels)
+
+
+def save_turntable(net, mv, C, out, dev):
+    """turntable.gif: one source view -> every view on its ring, beside the real ones. Each frame is
+    sampled with the same seed (the same x_T and the same sampler noise), so frames differ only by
+    the pose."""
+    o, v = C["turntable_object"], C["turntable_view"]
+    views = ring(mv.c2w[o], v)
+    one, src = torch.tensor([[o]]), torch.tensor([[v]])
+    frames = torch.cat([generate(net, images_of(mv, one, src, dev), rays_of(mv, one, src, dev),
+                                 rays_of(mv, one[0], views[t:t + 1], dev), C, C["seed"])
+                        for t in tqdm(range(len(views)), desc="turntable", leave=False)])
+    real = images_of(mv, torch.full((len(views),), o), views, dev)
+    return save_gif(os.path.join(out, "turntable.gif"), torch.cat([real, frames], dim=-1), ms=120, bounce=False)
+
+
+def main(argv):
+    C = configure(argv, DEFAULTS)
+    ks, out = check(C)  # every check of the config alone, before anything is read
+    if C["threads"] > 0:
+        torch.set_num_threads(C["threads"])
+    dev = runtime.pick_device(C["device"])
+    net, train_cfg, mv = load(C, ks, dev)
     os.makedirs(out, exist_ok=True)
-    objs, tgts, srcs = eval_pairs(N, V, C["n_targets"], max(ks), C["seed"])
-    P = len(objs)
-    what = (f"{P} pairs of {N} held-out objects, {tcfg['dataset']} test split of {C['data_dir'] or tcfg['data_dir']}; "
-            f"checkpoint {C['ckpt']} step {tcfg['step']}")  # what every result line measured
+    N, V = mv.images.shape[:2]
+    pairs = eval_pairs(N, V, C["n_targets"], max(ks), C["seed"])
+    P = len(pairs[0])
+    what = (f"{P} pairs of {N} held-out objects, {train_cfg['dataset']} test split of "  # what every result line measured
+            f"{C['data_dir'] or train_cfg['data_dir']}; checkpoint {C['ckpt']} step {train_cfg['step']}")
     print(f"nvs: {N} held-out objects x {C['n_targets']} target views = {P} pairs; k = {ks}; "
           f"{C['sampler']} {C['steps']} steps, guidance z {C['guidance_z']:g} pose {C['guidance_pose']:g}")
-
-    img = lambda o, v: mv.images[o, v].to(dev).float() / 127.5 - 1
-    rays = lambda o, v: data.camera_rays(mv.K[o, v], mv.c2w[o, v], H, W).to(dev)
-    x_tgt = img(objs, tgts)
-    preds, results = {}, {}
-    none = torch.zeros(1, net.n_sections, device=dev)
     with torch.no_grad():
-        for kk in ks + [0]:  # 0: the masked-z baseline (sources ignored), computed once
-            outs = []
-            for i in tqdm(range(0, P, C["batch"]), desc=f"k={kk}" if kk else "z masked", leave=False):
-                sl = slice(i, i + C["batch"])
-                o, s = objs[sl, None].expand(-1, max(kk, 1)), srcs[sl, :max(kk, 1)]
-                outs.append(generate(net, img(o, s), rays(o, s), rays(objs[sl], tgts[sl]), C, C["seed"] + i,
-                                     keep=none if kk == 0 else None))
-            preds[kk] = torch.cat(outs)
-        measure = lambda pred: {"psnr": psnr(to_unit(x_tgt), to_unit(pred)).mean().item(),
-                                "ssim": ssim(to_unit(x_tgt), to_unit(pred)).mean().item()}
-        masked = measure(preds[0])
-        for kk in ks:
-            near = nearest_source(mv.c2w[objs[:, None], srcs[:, :kk]], mv.c2w[objs, tgts])
-            copy = img(objs, srcs[torch.arange(P), near])
-            results[f"k{kk}"] = {**measure(preds[kk]), "nearest_source": measure(copy), "z_masked": masked}
-            r = results[f"k{kk}"]
-            print(f"k={kk}: PSNR {r['psnr']:6.2f} dB SSIM {r['ssim']:.4f} | nearest source view "
-                  f"{r['nearest_source']['psnr']:6.2f} / {r['nearest_source']['ssim']:.4f} | z masked "
-                  f"{masked['psnr']:6.2f} / {masked['ssim']:.4f} ({what})")
-
-        # the grid: a spread of pairs, one row each
-        show = torch.linspace(0, P - 1, min(C["n_show"], P)).round().long()
-        cols, labels = [], []
-        for j in range(max(ks)):
-            cols.append(img(objs[show], srcs[show, j]))
-            labels.append(f"source {j + 1}")
-        for kk in ks:
-            cols.append(preds[kk][show])
-            labels.append(f"k={kk}")
-        cols += [preds[0][show], x_tgt[show]]
-        labels += ["z masked", "target"]
-        png = save_grid(os.path.join(out, "nvs.png"), torch.stack(cols, dim=1),
-                        [f"{mv.ids[o]} v{t}" for o, t in zip(objs[show].tolist(), tgts[show].tolist())], labels)
-
-        # the turntable: one source view, every view on its ring; each frame is sampled with the
-        # same seed (the same x_T and the same sampler noise), so frames differ only by the pose
-        o, v = C["turntable_object"], C["turntable_view"]
-        if not (0 <= o < N and 0 <= v < V):
-            raise ConfigError(f"turntable_object must be in 0..{N - 1} and turntable_view in 0..{V - 1}")
-        views = ring(mv.c2w[o], v)
-        one = torch.tensor([[o]])
-        frames = torch.cat([generate(net, img(one, torch.tensor([[v]])), rays(one, torch.tensor([[v]])),
-                                     rays(one[0], views[t:t + 1]), C, C["seed"])
-                            for t in tqdm(range(len(views)), desc="turntable", leave=False)])
-        real = img(torch.full((len(views),), o), views)
-        gif = save_gif(os.path.join(out, "turntable.gif"), torch.cat([real, frames], dim=-1), ms=120, bounce=False)
-
+        x_tgt = images_of(mv, pairs[0], pairs[1], dev)
+        preds = predict(net, mv, pairs, ks, C, dev)
+        results = measure_all(mv, pairs, x_tgt, preds, ks, what, dev)
+        png = save_pairs_grid(mv, pairs, x_tgt, preds, ks, C, out, dev)
+        gif = save_turntable(net, mv, C, out, dev)
     js = os.path.join(os.path.dirname(C["ckpt"]) or ".", "nvs.json")
     with open(js, "w") as f:
         json.dump({**results, "pairs": P, "objects": N, "sampler": C["sampler"], "steps": C["steps"],
                    "guidance_z": C["guidance_z"], "guidance_pose": C["guidance_pose"], "seed": C["seed"],
-                   "ckpt": C["ckpt"], "step": tcfg["step"], "data": what, "grid": png, "turntable": gif}, f, indent=1)
+                   "ckpt": C["ckpt"], "step": train_cfg["step"], "data": what, "grid": png, "turntable": gif}, f, indent=1)
     for path in (png, gif, js):
         print(f"wrote {path}")
-    print(" ".join(f"k{kk} psnr {results[f'k{kk}']['psnr']:.2f} ssim {results[f'k{kk}']['ssim']:.4f}" for kk in ks) + f" ({what})")
+    print(" ".join(f"k{kk} psnr {results[f'k{kk}']['psnr']:.2f} ssim {results[f'k{kk}']['ssim']:.4f}" for kk in ks)
+          + f" ({what})")
     return results
 
 

@@ -19,10 +19,10 @@ attributes, 5-way few-shot episodes, or DCI disentanglement on dSprites or Cars3
 The dataset is the checkpoint's (another only when --dataset= asks). Features are streamed: image
 files are decoded by DataLoader workers a batch at a time, encoded without gradients, kept as fp16
 and cached beside the checkpoint (keyed by checkpoint, data, split and features), so the next probe
-of the same checkpoint reads them. The linear probe is a multinomial logistic regression on
-standardised features, fitted by full-batch L-BFGS to convergence (--solver=sgd: mini-batch): its
-weight decay is chosen on a held-out part of the training split, then it
-is refitted on the whole training split and measured once on the test split (top-1, top-5). The
+of the same checkpoint reads them. The linear probe (solvers.linear_probe) is a multinomial logistic
+regression on standardised features, fitted by full-batch L-BFGS to convergence (--solver=sgd:
+mini-batch): its weight decay is chosen on a held-out part of the training split, then it is
+refitted on the whole training split and measured once on the test split (top-1, top-5). The
 last line printed is a machine-readable summary, and the same figures go to a JSON file beside the
 checkpoint (DCI also saves its importance heat map).
 """
@@ -32,17 +32,23 @@ import math
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
+import common
 import configurator
 import data
 import diffusion as D
+import multiview
+import runtime
+import zusage
+from common import CheckpointError, load_checkpoint, model_of
 from configurator import SEED_RANGE, ConfigError, check_device, check_keys, check_writable, configure, parse_list
-from evaluation import (CheckpointError, cached_features, count_images, extract_features, file_digest, fit_linear,
-                        fit_logreg, knn_accuracy, linear_logits, load_checkpoint, model_of, plot_z_usage,
-                        standardise_stats, stream_features, top_eigenvalue, z_usage_table)
+from solvers import (LINEAR_WDS, WDS, cached_features, count_images, extract_features, file_digest, fit_logreg, knn_accuracy,
+                     linear_probe, standardise_stats, stream_features, topk)
+from zusage import plot_z_usage, z_usage_table
 
 # -----------------------------------------------------------------------------
 ckpt = "out/cifar10_cpu/ckpt.pt"  # a train.py checkpoint
@@ -78,16 +84,8 @@ DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") an
 FOLDERS = ("folder", "imagenet")  # any folder of images ('imagenet': another name of it)
 TASK_DATA = {"linear": ("cifar10",) + FOLDERS, "knn": ("cifar10",) + FOLDERS, "fewshot": ("cifar10",) + FOLDERS,
              "zusage": ("cifar10",) + FOLDERS + ("celeba",), "multilabel": ("celeba",), "dci": ("dsprites", "cars3d")}
-WDS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # multilabel's weight decays
-# the linear probe's: 1e-2, the top of WDS, was chosen on some features, so 1e-1 is in. Below 1e-6 the fit is
-# flat along many directions (a float32 fit stops short of it) and barely differs from no penalty at all: on
-# the CIFAR-10 z here held-out top-1 at wd 1e-6 ... 0 stays within 0.8
-LINEAR_WDS = WDS + (1e-1,)
-# L-BFGS iterations at most: it stops where torch's tolerances say it has converged. From scratch (float64
-# loss) wd=1e-5 took ~1,000 iterations and 1e-6 ~2,200 (100, the earlier cap, left fits several points
-# short); each decay here starts from the next larger one's fit, which takes fewer
-LBFGS_ITERS = 5000
-EPOCHS = (30, 100)
+ENCODER_OUTPUT = {"pool": 0, "z": 1}  # features -> its place in net.encode_features' (pooled, z)
+CELEBA_SPLITS = ("train", "val", "test")  # multilabel: the decay is chosen on val, then refitted on train + val
 
 
 def unet_features(net, logsnr=4.0, seed=0):
@@ -111,56 +109,6 @@ def unet_features(net, logsnr=4.0, seed=0):
             hook.remove()
         return acts[0]
     return fn
-
-
-def topk(logits, y, k):
-    return 100.0 * (logits.topk(min(k, logits.shape[1]), dim=1).indices == y[:, None]).any(1).float().mean().item()
-
-
-def linear_probe(ftr, ytr, fte, yte, n_classes, wds=LINEAR_WDS, epochs=EPOCHS, val_frac=0.1, seed=0, n_orig=None,
-                 solver="lbfgs", batch=0, device="cpu", lbfgs_iters=LBFGS_ITERS):
-    """-> dict(top1, top5, wd, epochs, val_top1). A multinomial logistic regression on standardised
-    features: its weight decay (and, solver='sgd', its epochs) chosen on a held-out val_frac of the
-    training rows, then refitted on all of them and measured once on the test rows. solver='lbfgs':
-    full batch, to convergence (evaluation.fit_logreg: one pass over the features per step, a chunk
-    at a time, on `device`); 'sgd': mini-batch (evaluation.fit_linear: a fixed number of epochs, so
-    on badly conditioned features it stops short of the optimum, docs/probe.md). ftr may hold
-    augmented copies after the first n_orig rows; the validation rows are taken from the originals
-    and their copies are left out of the fit."""
-    n_orig = n_orig or len(ftr)
-    ftr, ytr = ftr.to(device), ytr.to(device)
-    mean, std = standardise_stats(ftr)
-    perm = torch.randperm(n_orig, generator=torch.Generator().manual_seed(seed))
-    val = perm[: int(val_frac * n_orig)].to(device)
-    is_val = torch.zeros(len(ftr), dtype=torch.bool, device=device)
-    for c in range(len(ftr) // n_orig):  # an image in the validation split, with all its copies
-        is_val[val + c * n_orig] = True
-    if solver == "lbfgs":  # full batch on `device`, the features standardised a chunk at a time
-        def fits(rows, settings, init=None):  # from the largest decay down, each fit starting from the last
-            x, y, heads = ftr[rows], ytr[rows], {}
-            for wd, _ in sorted(settings, reverse=True):
-                init = heads[wd, 0] = fit_logreg(x, y, n_classes, wd, lbfgs_iters, mean=mean, std=std, init=init,
-                                                 dtype=torch.float64)
-            return [heads[s] for s in settings]
-        epochs = (0,)
-    else:  # every (weight decay, epochs) pair side by side, in one pass over the data
-        batch = batch or max(256, len(ftr) // 200)  # at least 200 steps an epoch on big sets
-        lam = top_eigenvalue(ftr, mean, std, seed=seed)
-        fits = lambda rows, settings: fit_linear(ftr[rows], ytr[rows], n_classes, settings, mean, std, batch, seed,
-                                                 curvature=lam)
-    logits = lambda f, W, b: linear_logits(f.to(device), W, b, mean, std)
-    grid = [(wd, ep) for wd in wds for ep in epochs]
-    heads = fits((~is_val).nonzero().squeeze(1), grid)
-    scores = {k: topk(logits(ftr[val], W, b), ytr[val].cpu(), 1) for k, (W, b) in zip(grid, heads)}
-    best_wd, best_ep = max(scores, key=lambda k: (scores[k], k[0], -k[1]))  # ties: more decay, fewer epochs
-    W, b = fits(torch.arange(len(ftr), device=device), [(best_wd, best_ep)],
-                *([heads[grid.index((best_wd, best_ep))]] if solver == "lbfgs" else []))[0]
-    out = logits(fte, W, b)
-    res = {"top1": topk(out, yte, 1), "top5": topk(out, yte, 5), "wd": best_wd, "val_top1": scores[best_wd, best_ep],
-           "solver": solver}
-    if solver == "sgd":
-        res.update(epochs=best_ep, batch=batch)
-    return res
 
 
 # -----------------------------------------------------------------------------
@@ -223,8 +171,8 @@ def sample_episodes(y, n_episodes, ways=5, shots=1, queries=15, seed=0):
 def train_heads(fs, ys, n_classes, epochs=100, lr=0.01, wd=0.001, batch=4, seed=0):
     """A linear head per episode on support features fs (E, S, D) with labels ys (E, S), all E heads
     at once as one (E, D, n_classes) weight tensor; every episode reshuffles its support each epoch."""
-    E, S, D = fs.shape
-    W = torch.zeros(E, D, n_classes, requires_grad=True)
+    E, S, dim = fs.shape
+    W = torch.zeros(E, dim, n_classes, requires_grad=True)
     b = torch.zeros(E, 1, n_classes, requires_grad=True)
     opt = torch.optim.SGD([W, b], lr=lr, weight_decay=wd)
     g = torch.Generator().manual_seed(seed)
@@ -316,16 +264,14 @@ def dci(ctr, ytr, cte, yte, model="logreg", wd=1e-4, seed=0):
     R = R / R.sum(0, keepdim=True).clamp(min=1e-12)
     n_codes, n_factors = R.shape
     rho = R.sum(1) / R.sum()  # each code's share of the total importance
-    D = (rho * (1 - entropy(R, n_factors, dim=1))).sum().item()  # does each code capture one factor?
-    C = (1 - entropy(R, n_codes, dim=0)).mean().item()  # is each factor captured by one code?
-    return {"D": D, "C": C, "I": sum(acc) / len(acc), "I_per_factor": acc, "R": R}
+    disentanglement = (rho * (1 - entropy(R, n_factors, dim=1))).sum().item()  # does each code capture one factor?
+    completeness = (1 - entropy(R, n_codes, dim=0)).mean().item()  # is each factor captured by one code?
+    return {"D": disentanglement, "C": completeness, "I": sum(acc) / len(acc), "I_per_factor": acc, "R": R}
 
 
 def save_heatmap(R, names, path):
     """The importance matrix as a (factors x codes) heat map PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(min(20, 2 + 0.1 * len(R)), 0.4 * len(names) + 1))
     im = ax.imshow(R.T.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(names)), names)
@@ -337,35 +283,25 @@ def save_heatmap(R, names, path):
 
 
 # -----------------------------------------------------------------------------
+# The run: its checks, the network, the data
 
-def probe_sets(ds, dd, dl, tcfg, cfg):
-    """-> (train, test, class names, what each is): (uint8 images, labels) tensors for sets held in
-    memory, or Datasets whose images DataLoader workers decode batch by batch (image folders, CelebA)."""
-    if ds == "cifar10":  # the probe trains on the whole training split (train + train.py's held-out val)
-        if cfg["split"] == "test":
-            xtr, ytr, classes = data.load_cifar10(dd, "train", dl, n_val=0)
-            xte, yte, _ = data.load_cifar10(dd, "test", dl)
-            about = (f"{dd} train split", f"{dd} test split")
-        else:  # 'val': the same held-out images train.py set aside (its n_val and seed)
-            xtr, ytr, classes = data.load_cifar10(dd, "train", dl, n_val=tcfg["n_val"], seed=tcfg["seed"])
-            xte, yte, _ = data.load_cifar10(dd, "val", dl, n_val=tcfg["n_val"], seed=tcfg["seed"])
-            about = (f"{dd} train split less its {tcfg['n_val']} held out", f"those {tcfg['n_val']} held out of {dd} train "
-                     f"(seed {tcfg['seed']})")
-        return (xtr, ytr), (xte, yte), classes, about
-    n = cfg["n_images"]
-    if ds in FOLDERS:  # train/ and val/, or the part train.py held out (its n_val, seed), at the checkpoint's image size
-        train, test = (data.load_folder(dd, sp, tcfg["image_size"], tcfg["n_val"], tcfg["seed"]) for sp in ("train", "test"))
-        if not (train.labelled and test.labelled) and cfg["task"] != "zusage":
-            raise data.DataError(f"{train.about}: task={cfg['task']!r} needs labels, and the images are not all in class "
-                                 "subfolders (2 or more); task='zusage' measures a folder without them")
-        sub = lambda d: f"{d.about}{f'; {n:,} of them, a fixed random choice' if 0 < n < len(d) else ''}"
-        return data.subset(train, n, cfg["seed"]), data.subset(test, n, cfg["seed"]), train.classes, (sub(train), sub(test))
-    train, test = (data.CelebAData(dd, sp, tcfg["image_size"], n) for sp in ("train", "test"))
-    return train, test, train.names, (f"{dd} CelebA train partition", f"{dd} CelebA test partition")
+def parse_epochs(text):
+    """lin_epochs -> the epoch counts (ints), or one ConfigError."""
+    try:
+        epochs = parse_list(text)
+    except ConfigError:
+        epochs = []
+    if not epochs or any(e < 1 or e != int(e) for e in epochs):
+        raise ConfigError(f"lin_epochs={text!r}: expected comma-separated whole numbers >= 1, e.g. 10,30,100")
+    return tuple(map(int, epochs))
 
 
-def main(argv):
-    cfg = configure(argv, DEFAULTS)
+def check(cfg):
+    """Every check of the config, made once, before any work: one ConfigError (CheckpointError,
+    DataError) naming what is wrong. The keys alone first; then the checkpoint, read on the CPU and its
+    network built (that is what checks its config and weights; only the network is kept, not the
+    training weights and AdamW's two moments it also holds); then the probe against the checkpoint's
+    training config. -> the run so far (a SimpleNamespace)."""
     task = cfg["task"]
     check_keys(cfg, {"task": tuple(TASK_DATA), "features": ("pool", "z", "unet"), "split": ("test", "val"),
                      "dci_model": ("logreg", "gbt"), "solver": ("sgd", "lbfgs")},
@@ -373,12 +309,7 @@ def main(argv):
                 (("probe_aug", "n_images", "lin_batch", "num_workers"), lambda v: v >= 0, ">= 0"),
                 (("val_frac",), lambda v: 0 < v < 1, "in (0, 1)"), (("unet_logsnr",), lambda v: True, "finite"),
                 SEED_RANGE])
-    try:
-        epochs = parse_list(cfg["lin_epochs"])
-    except ConfigError:
-        epochs = []
-    if not epochs or any(e < 1 or e != int(e) for e in epochs):
-        raise ConfigError(f"lin_epochs={cfg['lin_epochs']!r}: expected comma-separated whole numbers >= 1, e.g. 10,30,100")
+    epochs = parse_epochs(cfg["lin_epochs"])
     check_device(cfg["device"])
     allowed = TASK_DATA[task]
     if cfg["dataset"] and cfg["dataset"] not in allowed:
@@ -392,154 +323,255 @@ def main(argv):
     if os.path.isdir(res_dir):  # else load_checkpoint says there is no checkpoint
         key = "out" if cfg["out"] else "ckpt"
         check_writable(key, cfg[key], res_dir, "probe.py's result (a JSON" + ("" if cfg["out"] else " beside the checkpoint") + ")")
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"]
-    # read and built on the CPU: only the measured network goes to the device, not the training weights
-    # and AdamW's two moments the checkpoint also holds (three more copies of the model)
-    ck = load_checkpoint(cfg["ckpt"], "cpu")
-    tcfg, step = ck["config"], ck.get("step")
+    checkpoint = load_checkpoint(cfg["ckpt"], "cpu")
     torch.manual_seed(cfg["seed"])  # --random=True: this seed's init is the baseline
-    net = model_of(ck, cfg["ckpt"], None if cfg["random"] else "ema").to(dev).eval()
-    del ck  # net holds its own copy of the weights: the checkpoint's tensors are freed
-    if not cfg["dataset"] and tcfg["dataset"] not in allowed:  # never a stand-in dataset without being asked
-        raise ConfigError(f"the checkpoint was trained on {tcfg['dataset']}, and task={task!r} reads "
+    net = model_of(checkpoint, cfg["ckpt"], None if cfg["random"] else "ema")
+    train_cfg, step = checkpoint["config"], checkpoint.get("step")
+    del checkpoint  # net holds its own copy of the weights: the checkpoint's tensors are freed
+    if not cfg["dataset"] and train_cfg["dataset"] not in allowed:  # never a stand-in dataset without being asked
+        raise ConfigError(f"the checkpoint was trained on {train_cfg['dataset']}, and task={task!r} reads "
                           f"{' or '.join(allowed)}: pass --dataset={allowed[0]} (and its --data_dir) to measure it there")
-    ds = cfg["dataset"] or tcfg["dataset"]
-    if tcfg["ray_freqs"] and ds != "cars3d":  # Cars3D is the one probe set with cameras
-        raise ConfigError(f"the checkpoint's model reads camera rays (ray_freqs={tcfg['ray_freqs']}, trained on "
-                          f"{tcfg['dataset']}), and task={task!r} on {ds} has no cameras: only task='dci' on cars3d "
-                          "gives it its rays")
-    if tcfg["ray_freqs"] and cfg["features"] == "unet":
+    dataset = cfg["dataset"] or train_cfg["dataset"]
+    if train_cfg["ray_freqs"] and dataset != "cars3d":  # Cars3D is the one probe set with cameras
+        raise ConfigError(f"the checkpoint's model reads camera rays (ray_freqs={train_cfg['ray_freqs']}, trained on "
+                          f"{train_cfg['dataset']}), and task={task!r} on {dataset} has no cameras: only task='dci' on "
+                          "cars3d gives it its rays")
+    if train_cfg["ray_freqs"] and cfg["features"] == "unet":
         raise ConfigError("features='unet' gives the denoiser no camera: use 'pool' or 'z' for Cars3D DCI")
-    if cfg["split"] == "val" and ds != "cifar10":
-        raise ConfigError(f"split='val' is CIFAR-10's (train.py's held-out images); {ds} is probed on its test split "
+    if cfg["split"] == "val" and dataset != "cifar10":
+        raise ConfigError(f"split='val' is CIFAR-10's (train.py's held-out images); {dataset} is probed on its test split "
                           "(a folder: its val/ or held-out part), and its weight decay is chosen on a held-out part of train")
-    if cfg["probe_aug"] and ds != "cifar10":
-        raise ConfigError(f"probe_aug={cfg['probe_aug']} augments a training set held in memory (cifar10); {ds} is streamed")
-    dd = cfg["data_dir"] or (tcfg["data_dir"] if tcfg["dataset"] == ds else "")
-    dl = False
-    if ds == "cifar10":  # '' searches as train.py does: ./data/cifar10, ../shared/data/cifar10-subset, download
-        dd, why, dl = data.find_cifar10(dd)
-        print(f"data: using {dd} ({why})")
-    if not dd:
-        raise ConfigError(f"the checkpoint was trained on {tcfg['dataset']}: say where {ds} is with --data_dir")
-    if ds == "dsprites" and tcfg["image_size"] != 64:
-        raise data.DataError(f"dSprites images are 64x64, but the checkpoint's image_size is {tcfg['image_size']}"
+    if cfg["probe_aug"] and dataset != "cifar10":
+        raise ConfigError(f"probe_aug={cfg['probe_aug']} augments a training set held in memory (cifar10); {dataset} is streamed")
+    data_dir = cfg["data_dir"] or (train_cfg["data_dir"] if train_cfg["dataset"] == dataset else "")
+    if not data_dir and dataset != "cifar10":  # cifar10: '' is searched for as train.py does
+        raise ConfigError(f"the checkpoint was trained on {train_cfg['dataset']}: say where {dataset} is with --data_dir")
+    if dataset == "dsprites" and train_cfg["image_size"] != 64:
+        raise data.DataError(f"dSprites images are 64x64, but the checkpoint's image_size is {train_cfg['image_size']}"
                              "; --dataset=cars3d measures DCI at any size")
-    which = 0 if cfg["features"] == "pool" else 1
-    fn = unet_features(net, cfg["unet_logsnr"], cfg["seed"]) if cfg["features"] == "unet" else \
-        (lambda xb: net.encode_features(xb)[which])
-    digest = ""  # the checkpoint's SHA-256: read when features are first cached (DCI and z-usage need none)
+    return SimpleNamespace(cfg=cfg, task=task, net=net, train_cfg=train_cfg, step=step, dataset=dataset,
+                           data_dir=data_dir, epochs=epochs)
 
-    def feats(source, split):
-        """Features of every image of a split (streamed), read from the cache when it holds them."""
-        nonlocal digest
-        n = count_images(source)
-        if cfg["cache"] and not digest:
-            digest = file_digest(cfg["ckpt"])
-        key = {"ckpt": digest, "dataset": ds, "data_dir": os.path.abspath(dd), "split": split, "n": n,
-               "probe_split": cfg["split"],  # cifar10's train split differs between split='test' and 'val'
-               "image_size": tcfg["image_size"], "features": cfg["features"], "random": cfg["random"],
-               "seed": cfg["seed"] if cfg["random"] or cfg["features"] == "unet" or cfg["n_images"] else 0,  # what it draws
-               "unet_logsnr": cfg["unet_logsnr"] if cfg["features"] == "unet" else 0.0}
-        tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-        path = os.path.join(os.path.dirname(cfg["ckpt"]) or ".", "features",
-                            f"{ds}_{split}_{cfg['features']}_{tag}.pt") if cfg["cache"] else ""
 
-        def extract():
-            t = time.time()
-            got = stream_features(fn, source, dev, cfg["batch"], cfg["num_workers"],
-                                  desc=f"{ds} {split} {cfg['features']} features")
-            speed[split] = round(n / (time.time() - t), 1)  # img/s of an extraction (not of a cache read)
-            return got
-        return cached_features(path, key, extract)
-    speed = {}
+def prepare(run):
+    """The checked run -> ready: the network on its device, where the data is (CIFAR-10: found as
+    train.py finds it), the function of images that gives the features, and the result file."""
+    cfg = run.cfg
+    run.dev = runtime.pick_device(cfg["device"])
+    run.net = net = run.net.to(run.dev).eval()
+    run.download = False
+    if run.dataset == "cifar10":  # '' searches as train.py does: ./data/cifar10, ../shared/data/cifar10-subset, download
+        run.data_dir, why, run.download = data.find_cifar10(run.data_dir)
+        print(f"data: using {run.data_dir} ({why})")
+    if cfg["features"] == "unet":
+        run.encode = unet_features(net, cfg["unet_logsnr"], cfg["seed"])
+    else:
+        part = ENCODER_OUTPUT[cfg["features"]]
+        run.encode = lambda xb: net.encode_features(xb)[part]
+    gbt = "_gbt" if run.task == "dci" and cfg["dci_model"] == "gbt" else ""
+    run.out = cfg["out"] or os.path.join(os.path.dirname(cfg["ckpt"]) or ".",
+                                         f"probe_{run.task}{gbt}_{cfg['features']}{'_random' if cfg['random'] else ''}"
+                                         f"{'_val' if cfg['split'] == 'val' else ''}.json")
+    run.digest = ""  # the checkpoint's SHA-256: read when features are first cached (DCI and z-usage need none)
+    run.speed = {}  # img/s of each split's extraction (not of a cache read)
+    return run
 
-    name = f"{task} {cfg['features']}{' random-init' if cfg['random'] else ''}"
-    out = cfg["out"] or os.path.join(os.path.dirname(cfg["ckpt"]) or ".",
-                       f"probe_{task}{'_gbt' if task == 'dci' and cfg['dci_model'] == 'gbt' else ''}_{cfg['features']}"
-                       f"{'_random' if cfg['random'] else ''}"
-                       f"{'_val' if cfg['split'] == 'val' else ''}.json")
-    about = (f"{dd} ({ds})",) * 2  # what the train and test images are (DCI: every image of one set, split by it)
-    if task in ("linear", "knn", "fewshot", "zusage"):
-        train, test, classes, about = probe_sets(ds, dd, dl, tcfg, cfg)
-        n_tr, n_te = count_images(train), count_images(test)
-        print(f"probe: {task} on {ds}, features {cfg['features']}, checkpoint {cfg['ckpt']} step {step}\n"
-              f"  train: {n_tr:,} images, {about[0]}\n  {cfg['split']}: {n_te:,} images, {about[1]}")
-        if task != "zusage":
-            ftr, ytr = feats(train, "train")
-            fte, yte = feats(test, cfg["split"])
-    t_task = time.time()
-    if task == "zusage":  # how much of the image the decoder takes from z (diffusion.z_usage)
-        k = min(cfg["n_images"] or 256, n_te)
-        x = test[0][:k] if isinstance(test, tuple) else torch.stack([test[i][0] for i in range(k)])  # only those read
-        x = x.to(dev).float() / 127.5 - 1
-        with torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=dev.startswith("cuda")):
-            res = D.z_usage(net, x, seed=cfg["seed"])
-        res["plot"] = plot_z_usage(res, out[:-len(".json")] + ".png",
-                                     title=f"{'random init' if cfg['random'] else 'step ' + str(step)}")
-        print(z_usage_table(res))
-        summary = f"zusage removed_at_-3 {res['removed_at_-3']:.2f} removed_mean {res['removed_mean']:.2f}"
-    elif task == "knn":  # on the probe's device: the fp16 features go there once (half float's memory), and
-        # knn_accuracy makes them float a chunk at a time, as it does on the CPU
-        top1, top5 = knn_accuracy(ftr.to(dev), ytr.to(dev), fte.to(dev), yte.to(dev), n_classes=len(classes), top5=True)
-        res = {"top1": top1, "top5": top5}
-        summary = f"knn top1 {res['top1']:.2f} top5 {res['top5']:.2f}"
-    elif task == "linear":
-        copies = [ftr]
-        for c in range(cfg["probe_aug"]):  # crop+flip copies of the training images (paper Table 1)
-            rng = data.Rng(cfg["seed"], c, len(train[0]))
-            xa = (data.augment(train[0], "cropflip", rng) * 255).round().to(torch.uint8)
-            copies.append(stream_features(fn, (xa, ytr), dev, cfg["batch"], desc=f"augmented copy {c + 1}")[0])
-        res = linear_probe(torch.cat(copies), ytr.repeat(len(copies)), fte, yte, len(classes), epochs=tuple(map(int, epochs)),
-                           val_frac=cfg["val_frac"], seed=cfg["seed"], n_orig=len(ftr), solver=cfg["solver"],
-                           batch=cfg["lin_batch"], device=dev)
-        summary = f"linear top1 {res['top1']:.2f} top5 {res['top5']:.2f}"
-    elif task == "fewshot":
-        mean, std = standardise_stats(ftr)
-        res = fewshot_probe((fte.float() - mean) / std, yte, cfg["episodes"], seed=cfg["seed"])
-        res["episodes"] = cfg["episodes"]
-        summary = "fewshot " + " ".join(f"{k}shot {res[f'{k}shot']:.2f}+-{res[f'{k}shot_ci95']:.2f}" for k in (1, 5, 10))
-    elif task == "multilabel":
-        sets = [data.CelebAData(dd, sp, tcfg["image_size"], cfg["n_images"]) for sp in ("train", "val", "test")]
-        about = (f"{dd} CelebA train + val partitions", f"{dd} CelebA test partition")
-        (ftr, ytr), (fva, yva), (fte, yte) = (feats(s, sp) for s, sp in zip(sets, ("train", "val", "test")))
-        n_tr, n_te = len(ftr), len(fte)
-        res = multilabel_probe(ftr.float(), ytr, fva.float(), yva, fte.float(), yte)
-        res["attributes"] = sets[0].names
-        summary = f"multilabel f1 {res['f1']:.2f}"
-    else:  # dci: in memory, each image with its factors (and, Cars3D, its camera)
-        gbt = cfg["dci_model"] == "gbt"
-        n_tr, n_te = cfg["n_images"] or (10000 if gbt else 0), cfg["n_images"] or (5000 if gbt else 0)
-        if ds == "dsprites":  # image_size 64: checked above
-            (xtr, ctr), (xte, cte) = data.load_dsprites(dd, "train", n_tr), data.load_dsprites(dd, "test", n_te)
-            names, cams_tr, cams_te = data.DSPRITES_FACTORS, None, None
-        else:  # cars3d: every view of all 183 cars, each with its camera (K, c2w) for an encoder that reads rays
-            splits = data.load_cars3d_factors(dd, tcfg["image_size"], n_tr, n_te)
-            (xtr, ctr, *cams_tr), (xte, cte, *cams_te) = splits["train"], splits["test"]
-            names = data.CARS3D_FACTORS
-            if not tcfg["ray_freqs"]:  # a posed model with features='unet': refused above
-                cams_tr = cams_te = None
-        print(f"dci ({cfg['dci_model']}): {len(xtr):,} train / {len(xte):,} test images, factors {', '.join(names)}")
-        posed = lambda x, cams: (stream_features(fn, (x, torch.zeros(len(x))), dev, cfg["batch"])[0].float()
-                                 if cfg["features"] == "unet" else extract_features(net, x, cams=cams)[which])
-        res = dci(posed(xtr, cams_tr), ctr, posed(xte, cams_te), cte, model=cfg["dci_model"], seed=cfg["seed"])
-        n_tr, n_te = len(xtr), len(xte)
-        R = res.pop("R")
-        res.update(factors=list(names), dci_model=cfg["dci_model"], dataset=ds, importance=R.tolist(),
-                   heatmap=out[:-len(".json")] + ".png")
-        save_heatmap(R, names, res["heatmap"])
-        summary = f"dci D {res['D']:.2f} C {res['C']:.2f} I {res['I']:.2f}"
-    res.update(task=task, features=cfg["features"], random_init=cfg["random"], ckpt=cfg["ckpt"], split=cfg["split"],
-               dataset=ds, data_train=about[0], data_test=about[1], step=step, n_train=n_tr, n_test=n_te,
-               extract_img_s=speed, task_s=round(time.time() - t_task, 2))
-    with open(out, "w") as f:
+
+def split_features(run, source, split):
+    """Features of every image of a split (streamed through run.encode), read from the cache when it
+    holds them."""
+    cfg, n = run.cfg, count_images(source)
+    if cfg["cache"] and not run.digest:
+        run.digest = file_digest(cfg["ckpt"])
+    key = {"ckpt": run.digest, "dataset": run.dataset, "data_dir": os.path.abspath(run.data_dir), "split": split, "n": n,
+           "probe_split": cfg["split"],  # cifar10's train split differs between split='test' and 'val'
+           "image_size": run.train_cfg["image_size"], "features": cfg["features"], "random": cfg["random"],
+           "seed": cfg["seed"] if cfg["random"] or cfg["features"] == "unet" or cfg["n_images"] else 0,  # what it draws
+           "unet_logsnr": cfg["unet_logsnr"] if cfg["features"] == "unet" else 0.0}
+    tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    path = os.path.join(os.path.dirname(cfg["ckpt"]) or ".", "features",
+                        f"{run.dataset}_{split}_{cfg['features']}_{tag}.pt") if cfg["cache"] else ""
+
+    def extract():
+        t = time.time()
+        got = stream_features(run.encode, source, run.dev, cfg["batch"], cfg["num_workers"],
+                              desc=f"{run.dataset} {split} {cfg['features']} features")
+        run.speed[split] = round(n / (time.time() - t), 1)
+        return got
+    return cached_features(path, key, extract)
+
+
+def probe_sets(run):
+    """-> (train, test, class names, what each is): (uint8 images, labels) tensors for sets held in
+    memory, or Datasets whose images DataLoader workers decode batch by batch (image folders, CelebA)."""
+    cfg, train_cfg, data_dir, download = run.cfg, run.train_cfg, run.data_dir, run.download
+    if run.dataset == "cifar10":  # the probe trains on the whole training split (train + train.py's held-out val)
+        if cfg["split"] == "test":
+            xtr, ytr, classes = data.load_cifar10(data_dir, "train", download, n_val=0)
+            xte, yte, _ = data.load_cifar10(data_dir, "test", download)
+            about = (f"{data_dir} train split", f"{data_dir} test split")
+        else:  # 'val': the same held-out images train.py set aside (its n_val and seed)
+            n_val, held_seed = train_cfg["n_val"], train_cfg["seed"]
+            xtr, ytr, classes = data.load_cifar10(data_dir, "train", download, n_val=n_val, seed=held_seed)
+            xte, yte, _ = data.load_cifar10(data_dir, "val", download, n_val=n_val, seed=held_seed)
+            about = (f"{data_dir} train split less its {n_val} held out", f"those {n_val} held out of {data_dir} train "
+                     f"(seed {held_seed})")
+        return (xtr, ytr), (xte, yte), classes, about
+    n = cfg["n_images"]
+    if run.dataset in FOLDERS:  # train/ and val/, or the part train.py held out (its n_val, seed), at the checkpoint's image size
+        train, test = (data.load_folder(data_dir, sp, train_cfg["image_size"], train_cfg["n_val"], train_cfg["seed"])
+                       for sp in ("train", "test"))
+        if not (train.labelled and test.labelled) and run.task != "zusage":
+            raise data.DataError(f"{train.about}: task={run.task!r} needs labels, and the images are not all in class "
+                                 "subfolders (2 or more); task='zusage' measures a folder without them")
+        sub = lambda d: f"{d.about}{f'; {n:,} of them, a fixed random choice' if 0 < n < len(d) else ''}"
+        return data.subset(train, n, cfg["seed"]), data.subset(test, n, cfg["seed"]), train.classes, (sub(train), sub(test))
+    train, test = (data.CelebAData(data_dir, sp, train_cfg["image_size"], n) for sp in ("train", "test"))
+    return train, test, train.names, (f"{data_dir} CelebA train partition", f"{data_dir} CelebA test partition")
+
+
+def factor_sets(run):
+    """DCI's data: every image of dSprites or Cars3D in memory, split into train and test, each with its
+    factors and (Cars3D, for an encoder that reads rays) its camera (K, c2w)."""
+    cfg, data_dir = run.cfg, run.data_dir
+    gbt = cfg["dci_model"] == "gbt"
+    n_tr, n_te = cfg["n_images"] or (10000 if gbt else 0), cfg["n_images"] or (5000 if gbt else 0)
+    if run.dataset == "dsprites":  # image_size 64: checked
+        (xtr, ctr), (xte, cte) = data.load_dsprites(data_dir, "train", n_tr), data.load_dsprites(data_dir, "test", n_te)
+        names, cams_tr, cams_te = data.DSPRITES_FACTORS, None, None
+    else:  # cars3d: every view of all 183 cars, each with its camera
+        splits = multiview.load_cars3d_factors(data_dir, run.train_cfg["image_size"], n_tr, n_te)
+        (xtr, ctr, *cams_tr), (xte, cte, *cams_te) = splits["train"], splits["test"]
+        names = multiview.CARS3D_FACTORS
+        if not run.train_cfg["ray_freqs"]:  # an encoder without rays (a posed one with features='unet': refused)
+            cams_tr = cams_te = None
+    print(f"dci ({cfg['dci_model']}): {len(xtr):,} train / {len(xte):,} test images, factors {', '.join(names)}")
+    return SimpleNamespace(train=(xtr, ctr, cams_tr), test=(xte, cte, cams_te), names=names, n_train=len(xtr),
+                           n_test=len(xte), about=(f"{data_dir} ({run.dataset})",) * 2)
+
+
+def load_data(run):
+    """The one place the data is read -> what the task reads (a SimpleNamespace), with what its train
+    and test images are (about) and how many (n_train, n_test). linear, knn, fewshot: the features of
+    both splits (streamed, cached) beside the sets; zusage: the first images of the test split;
+    multilabel: CelebA's three partitions (Datasets: the task extracts their features); dci: see
+    factor_sets."""
+    cfg, data_dir = run.cfg, run.data_dir
+    if run.task == "dci":
+        return factor_sets(run)
+    if run.task == "multilabel":
+        parts = [data.CelebAData(data_dir, sp, run.train_cfg["image_size"], cfg["n_images"]) for sp in CELEBA_SPLITS]
+        return SimpleNamespace(parts=parts, names=parts[0].names, n_train=len(parts[0]), n_test=len(parts[2]),
+                               about=(f"{data_dir} CelebA train + val partitions", f"{data_dir} CelebA test partition"))
+    train, test, classes, about = probe_sets(run)
+    d = SimpleNamespace(train=train, test=test, classes=classes, about=about, n_train=count_images(train),
+                        n_test=count_images(test))
+    print(f"probe: {run.task} on {run.dataset}, features {cfg['features']}, checkpoint {cfg['ckpt']} step {run.step}\n"
+          f"  train: {d.n_train:,} images, {about[0]}\n  {cfg['split']}: {d.n_test:,} images, {about[1]}")
+    if run.task == "zusage":  # only the images it reads
+        k = min(cfg["n_images"] or 256, d.n_test)
+        d.x = test[0][:k] if isinstance(test, tuple) else torch.stack([test[i][0] for i in range(k)])
+    else:
+        (d.ftr, d.ytr), (d.fte, d.yte) = split_features(run, train, "train"), split_features(run, test, cfg["split"])
+    return d
+
+
+# -----------------------------------------------------------------------------
+# The tasks: (run, its data) -> (result dict, summary)
+
+def linear_task(run, d):
+    cfg, copies = run.cfg, [d.ftr]
+    for c in range(cfg["probe_aug"]):  # crop+flip copies of the training images (paper Table 1)
+        rng = data.Rng(cfg["seed"], c, len(d.train[0]))
+        xa = (data.augment(d.train[0], "cropflip", rng) * 255).round().to(torch.uint8)
+        copies.append(stream_features(run.encode, (xa, d.ytr), run.dev, cfg["batch"], desc=f"augmented copy {c + 1}")[0])
+    res = linear_probe(torch.cat(copies), d.ytr.repeat(len(copies)), d.fte, d.yte, len(d.classes), wds=LINEAR_WDS,
+                       epochs=run.epochs, val_frac=cfg["val_frac"], seed=cfg["seed"], n_orig=len(d.ftr),
+                       solver=cfg["solver"], batch=cfg["lin_batch"], device=run.dev)
+    return res, f"linear top1 {res['top1']:.2f} top5 {res['top5']:.2f}"
+
+
+def knn_task(run, d):
+    # on the probe's device: the fp16 features go there once (half float's memory), and knn_accuracy
+    # makes them float a chunk at a time, as it does on the CPU
+    dev = run.dev
+    top1, top5 = knn_accuracy(d.ftr.to(dev), d.ytr.to(dev), d.fte.to(dev), d.yte.to(dev), n_classes=len(d.classes),
+                              top5=True)
+    return {"top1": top1, "top5": top5}, f"knn top1 {top1:.2f} top5 {top5:.2f}"
+
+
+def fewshot_task(run, d):
+    mean, std = standardise_stats(d.ftr)
+    res = fewshot_probe((d.fte.float() - mean) / std, d.yte, run.cfg["episodes"], seed=run.cfg["seed"])
+    res["episodes"] = run.cfg["episodes"]
+    return res, "fewshot " + " ".join(f"{k}shot {res[f'{k}shot']:.2f}+-{res[f'{k}shot_ci95']:.2f}" for k in (1, 5, 10))
+
+
+def zusage_task(run, d):
+    """How much of the image the decoder takes from z (zusage.z_usage)."""
+    dev, cfg = run.dev, run.cfg
+    x = data.to_signed(d.x.to(dev))
+    with torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=dev.startswith("cuda")):
+        res = zusage.z_usage(run.net, x, seed=cfg["seed"])
+    res["plot"] = plot_z_usage(res, run.out[:-len(".json")] + ".png",
+                               title=f"{'random init' if cfg['random'] else 'step ' + str(run.step)}")
+    print(z_usage_table(res))
+    return res, f"zusage removed_at_-3 {res['removed_at_-3']:.2f} removed_mean {res['removed_mean']:.2f}"
+
+
+def multilabel_task(run, d):
+    (ftr, ytr), (fva, yva), (fte, yte) = (split_features(run, part, sp) for part, sp in zip(d.parts, CELEBA_SPLITS))
+    res = multilabel_probe(ftr.float(), ytr, fva.float(), yva, fte.float(), yte)
+    res["attributes"] = d.names
+    return res, f"multilabel f1 {res['f1']:.2f}"
+
+
+def dci_features(run, x, cams):
+    """Features of images held in memory (DCI's), each with its camera for an encoder that reads rays."""
+    if run.cfg["features"] == "unet":
+        return stream_features(run.encode, (x, torch.zeros(len(x))), run.dev, run.cfg["batch"])[0].float()
+    return extract_features(run.net, x, cams=cams)[ENCODER_OUTPUT[run.cfg["features"]]]
+
+
+def dci_task(run, d):
+    cfg = run.cfg
+    (xtr, ctr, cams_tr), (xte, cte, cams_te) = d.train, d.test
+    res = dci(dci_features(run, xtr, cams_tr), ctr, dci_features(run, xte, cams_te), cte, model=cfg["dci_model"],
+              seed=cfg["seed"])
+    R = res.pop("R")
+    res.update(factors=list(d.names), dci_model=cfg["dci_model"], dataset=run.dataset, importance=R.tolist(),
+               heatmap=run.out[:-len(".json")] + ".png")
+    save_heatmap(R, d.names, res["heatmap"])
+    return res, f"dci D {res['D']:.2f} C {res['C']:.2f} I {res['I']:.2f}"
+
+
+TASKS = {"linear": linear_task, "knn": knn_task, "fewshot": fewshot_task, "zusage": zusage_task,
+         "multilabel": multilabel_task, "dci": dci_task}
+
+
+def report(run, d, res, summary, t_task):
+    """The result JSON; a line of it (lists: in the file); then the summary line, the last printed."""
+    cfg, random_init = run.cfg, " random-init" if run.cfg["random"] else ""
+    res.update(task=run.task, features=cfg["features"], random_init=cfg["random"], ckpt=cfg["ckpt"], split=cfg["split"],
+               dataset=run.dataset, data_train=d.about[0], data_test=d.about[1], step=run.step, n_train=d.n_train,
+               n_test=d.n_test, extract_img_s=run.speed, task_s=round(time.time() - t_task, 2))
+    with open(run.out, "w") as f:
         json.dump(res, f, indent=1)
-    print(f"{name}: {json.dumps({k: v for k, v in res.items() if not isinstance(v, list)})}")  # lists: in the file
-    solver = f", solver {res['solver']}" if task == "linear" else ""
-    counts = f"{k:,}" if task == "zusage" else f"{n_tr:,} train / {n_te:,}"  # z-usage reads k test images, no train
-    print(f"{summary} ({cfg['features']}{' random-init' if cfg['random'] else ''}{solver}; {counts} {cfg['split']} images "
-          f"of {about[1]}; {cfg['ckpt']} step {step})")
+    print(f"{run.task} {cfg['features']}{random_init}: {json.dumps({k: v for k, v in res.items() if not isinstance(v, list)})}")
+    solver = f", solver {res['solver']}" if run.task == "linear" else ""
+    counts = f"{len(d.x):,}" if run.task == "zusage" else f"{d.n_train:,} train / {d.n_test:,}"  # z-usage: k test images
+    print(f"{summary} ({cfg['features']}{random_init}{solver}; {counts} {cfg['split']} images of {d.about[1]}; "
+          f"{cfg['ckpt']} step {run.step})")
     return res
+
+
+def main(argv):
+    cfg = configure(argv, DEFAULTS)
+    run = prepare(check(cfg))  # every check first, before any work
+    d = load_data(run)
+    t_task = time.time()
+    res, summary = TASKS[run.task](run, d)
+    return report(run, d, res, summary, t_task)
 
 
 if __name__ == "__main__":

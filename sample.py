@@ -31,9 +31,12 @@ import torch.nn.functional as F
 import configurator
 import data
 import diffusion as D
+import multiview
+import runtime
+from common import CheckpointError, model_from_checkpoint, psnr, save_gif, save_grid, ssim, to_unit
 from configurator import (SEED_RANGE, ConfigError, check_device, check_keys, check_out_dir, check_schedules, configure,
                           parse_groups, parse_list)
-from evaluation import CheckpointError, fit_logreg, model_from_checkpoint, psnr, save_gif, save_grid, ssim, to_unit
+from solvers import fit_logreg
 
 # -----------------------------------------------------------------------------
 ckpt = "out/cifar10_cpu/ckpt.pt"  # a train.py checkpoint (its EMA weights are used)
@@ -84,7 +87,7 @@ def decode(net, z, C, seed, keep=None, x_T=None, w=None):
     differ only in z, keep or w are comparable image by image."""
     g = torch.Generator(z.device).manual_seed(seed)
     shape = (len(z), 3, C["image_size"], C["image_size"])
-    return D.sample(net, z, shape, steps=C["steps"], eta=1.0 if C["sampler"] == "ddpm" else 0.0,
+    return D.sample(net, z, shape, steps=C["steps"], eta=D.SAMPLERS[C["sampler"]],
                     schedule=C["schedule"], generator=g, x_T=x_T, progress=True,
                     w=C["guidance"] if w is None else w, keep=keep)
 
@@ -294,31 +297,33 @@ TEST_SPLIT = {"cifar10": "test split", "folder": "val/ or held-out part", "image
 DIRECTIONS_FROM_FILES = 2_000  # directions on images read from files: z of this many test images, a fixed random choice
 
 
-def read_test_images(C, tcfg):
+def read_test_images(C, train_cfg):
     """-> (uint8 images, labels, class or attribute names): the test images the mode reads, and no
     others for sets read from files (ImageNet's val folder, CelebA); test image `index` is row
     C['at']. CIFAR-10 is held in memory whole; directions on a set read from files takes the z of
     DIRECTIONS_FROM_FILES test images (a fixed random choice) and image `index`."""
-    dd = C["data_dir"] or tcfg["data_dir"]
-    if tcfg["dataset"] == "cifar10":
-        dd, why, dl = data.find_cifar10(dd)  # '' searches as train.py does
-        print(f"data: using {dd} ({why})")
-        x, y, classes = data.load_cifar10(dd, "test", dl)
+    data_dir = C["data_dir"] or train_cfg["data_dir"]
+    if train_cfg["dataset"] == "cifar10":
+        data_dir, why, download = data.find_cifar10(data_dir)  # '' searches as train.py does
+        print(f"data: using {data_dir} ({why})")
+        x, y, classes = data.load_cifar10(data_dir, "test", download)
         check_images(len(x), y, classes, C)
-        C["at"], C["about"] = C["index"], f"{dd} test split"
+        C["at"], C["about"] = C["index"], f"{data_dir} test split"
         return x, y, classes
-    ds = data.load(tcfg["dataset"], dd, "test", tcfg["image_size"], n_val=tcfg["n_val"], seed=tcfg["seed"])
-    classes = ds.classes if isinstance(ds, data.FolderData) else ds.names
+    test_set = data.load(train_cfg["dataset"], data_dir, "test", train_cfg["image_size"], n_val=train_cfg["n_val"],
+                         seed=train_cfg["seed"])
+    classes = test_set.classes if isinstance(test_set, data.FolderData) else test_set.names
     if C["mode"] == "directions":
-        ref = data.fixed_choice(len(ds), DIRECTIONS_FROM_FILES, C["seed"])
-        rows = sorted(set(ref.tolist()) | {C["index"]}) if C["index"] < len(ds) else []
+        ref = data.fixed_choice(len(test_set), DIRECTIONS_FROM_FILES, C["seed"])
+        rows = sorted(set(ref.tolist()) | {C["index"]}) if C["index"] < len(test_set) else []
     else:
-        rows = list(range(C["index"], min(C["index"] + IMAGES[C["mode"]](C), len(ds))))
-    check_images(len(ds), ds.targets[rows], classes, C)
+        rows = list(range(C["index"], min(C["index"] + IMAGES[C["mode"]](C), len(test_set))))
+    check_images(len(test_set), test_set.targets[rows], classes, C)
     C["at"] = rows.index(C["index"])
-    C["about"] = getattr(ds, "about", f"{dd} {TEST_SPLIT[tcfg['dataset']]}")
-    print(f"data: {len(rows):,} of the {len(ds):,} images of the {tcfg['dataset']} {TEST_SPLIT[tcfg['dataset']]}: {C['about']}")
-    x, y = zip(*(ds[i] for i in rows))
+    C["about"] = getattr(test_set, "about", f"{data_dir} {TEST_SPLIT[train_cfg['dataset']]}")
+    print(f"data: {len(rows):,} of the {len(test_set):,} images of the {train_cfg['dataset']} "
+          f"{TEST_SPLIT[train_cfg['dataset']]}: {C['about']}")
+    x, y = zip(*(test_set[i] for i in rows))
     return torch.stack(x), torch.stack([torch.as_tensor(v) for v in y]), classes
 
 
@@ -343,8 +348,8 @@ def main(argv):
     C = configure(argv, DEFAULTS)
     if C["mode"] not in MODES:
         raise ConfigError(f"mode must be one of {list(MODES)}, got {C['mode']!r}")
-    if C["sampler"] not in ("ddpm", "ddim"):
-        raise ConfigError(f"sampler must be 'ddpm' or 'ddim', got {C['sampler']!r}")
+    if C["sampler"] not in D.SAMPLERS:
+        raise ConfigError(f"sampler must be {' or '.join(map(repr, D.SAMPLERS))}, got {C['sampler']!r}")
     check_keys(C, None, [(("steps", "n", "n_show", "n_dirs", "batch"), lambda v: v >= 1, ">= 1"),
                          (("frames",), lambda v: v >= 2, ">= 2"), (("index", "threads"), lambda v: v >= 0, ">= 0"),
                          (("guidance",), lambda v: True, "finite"),
@@ -365,17 +370,17 @@ def main(argv):
         check_out_dir("out_dir", out)  # before anything heavy is loaded; made only once every input is known good
     if C["threads"] > 0:
         torch.set_num_threads(C["threads"])
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if C["device"] == "auto" else C["device"]
-    net, tcfg = model_from_checkpoint(C["ckpt"], dev)
-    C["image_size"], C["step"] = tcfg["image_size"], tcfg["step"]  # the decoder's output size
-    C["model"] = f"checkpoint {C['ckpt']} step {tcfg['step']}"
+    dev = runtime.pick_device(C["device"])
+    net, train_cfg = model_from_checkpoint(C["ckpt"], dev)
+    C["image_size"], C["step"] = train_cfg["image_size"], train_cfg["step"]  # the decoder's output size
+    C["model"] = f"checkpoint {C['ckpt']} step {train_cfg['step']}"
     own = C["images"] and C["mode"] != "directions"  # your images alone: no dataset read
-    if tcfg["dataset"] not in TEST_SPLIT and not own:
-        raise data.DataError(f"sample.py reads {', '.join(TEST_SPLIT)}; the checkpoint was trained on {tcfg['dataset']!r}"
-                             + (" (nvs.py shows its novel views)" if tcfg["dataset"] in data.MULTIVIEW else ""))
-    if tcfg["ray_freqs"]:
-        raise data.DataError(f"the checkpoint's model reads camera rays (ray_freqs={tcfg['ray_freqs']}), and "
-                             f"{tcfg['dataset']} has no cameras, so sample.py cannot run it")
+    if train_cfg["dataset"] not in TEST_SPLIT and not own:
+        raise data.DataError(f"sample.py reads {', '.join(TEST_SPLIT)}; the checkpoint was trained on {train_cfg['dataset']!r}"
+                             + (" (nvs.py shows its novel views)" if train_cfg["dataset"] in multiview.MULTIVIEW else ""))
+    if train_cfg["ray_freqs"]:
+        raise data.DataError(f"the checkpoint's model reads camera rays (ray_freqs={train_cfg['ray_freqs']}), and "
+                             f"{train_cfg['dataset']} has no cameras, so sample.py cannot run it")
     if C["mode"] == "interp":
         interp_groups(net, C)
     if own:
@@ -383,12 +388,12 @@ def main(argv):
     else:
         if C["images"]:  # directions: your image walks along the test split's directions
             walk = read_own_images(C)[C["index"]]
-            C["walk"], about, C["index"] = walk.to(dev).float() / 127.5 - 1, C["about"], 0
-        x, y, classes = read_test_images(C, tcfg)
+            C["walk"], about, C["index"] = data.to_signed(walk.to(dev)), C["about"], 0
+        x, y, classes = read_test_images(C, train_cfg)
         y = y.to(dev)
         if C["images"]:
             C["about"] = f"{about}, directions from {C['about']}"
-    x = x.to(dev).float() / 127.5 - 1  # (N, 3, S, S) in [-1, 1]
+    x = data.to_signed(x.to(dev))  # (N, 3, S, S) in [-1, 1]
     os.makedirs(out, exist_ok=True)
     with torch.no_grad():
         res = MODES[C["mode"]](net, x, y, classes, C, out)

@@ -10,11 +10,10 @@ them. Only existing keys may be set (a typo raises, naming the closest key), val
 
 Reading order: the config (the globals below), then main() and loop(): setup() builds a Run (the
 config as attributes, plus the processes, data, model, EMA and optimizer), and each step calls
-train_step(run, it), with evaluate (evaluation.py) and save_run at their intervals.
+train_step(run, it), with evaluate (monitor.py) and save_run at their intervals.
 """
 import contextlib
 import copy
-import json
 import math
 import os
 import shutil
@@ -27,13 +26,18 @@ import types
 import torch
 from tqdm import tqdm
 
+import common
 import configurator
 import data
 import diffsiam
 import diffusion as D
-from configurator import ConfigError, build_model, configure, validate
-from evaluation import (CheckpointError, count_flops, evaluate_and_log, fixed_eval_batch, folder_eval_sets, load_checkpoint,
-                        log_progress, rng_states, save_checkpoint, set_rng_states)
+import model as M
+import multiview
+import runtime
+from common import CheckpointError, load_checkpoint, save_checkpoint
+from configurator import SEED_RANGE, ConfigError, check_device, check_keys, check_out_dir, check_schedules, configure
+from monitor import (count_flops, evaluate_and_log, fixed_eval_batch, folder_eval_sets, log_progress, rng_states,
+                     set_rng_states)
 
 # -----------------------------------------------------------------------------
 # default config (a small CPU run); every key can be set by a config file or --key=value
@@ -116,13 +120,101 @@ channels_last = False  # NHWC memory layout for convolutions
 threads = 0  # CPU threads for torch (0: torch's default)
 seed = 0
 peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = look up bf16 peak by GPU name
-# benchmark (configs/bench.py): synthetic images, no data directory, no checkpoint
-bench_iters = 0  # > 0: time this many training steps after bench_warmup, then DDIM sampling, and exit
-bench_warmup = 5
-bench_sample_n = 64  # images sampled with DDIM for the sampling figure
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 DEFAULTS = {k: globals()[k] for k in config_keys}  # configure() copies these, then applies files and flags
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+
+# -----------------------------------------------------------------------------
+# the config's rules: what each key allows, what a resume may change
+
+CHOICES = dict(
+    init_from=("scratch", "resume"), dataset=("cifar10", "folder", "imagenet", "celeba", "dsprites") + multiview.MULTIVIEW,
+    views=("augment", "identical", "class"), aug=("none", "cropflip", "simclr", "randaugment", "gaussian"),
+    cond=("mod", "xattn", "mod+xattn", "emb"), agg=("mean", "transformer"), prediction=("eps", "v", "x0"),
+    weighting=("eps", "v"), segment_mode=("hierarchical", "sequential"), dtype=("bfloat16", "float32"),
+    encoder=tuple(M.PRESETS["encoder"]), unet=tuple(M.PRESETS["unet"]))
+
+
+RANGES = [
+    (("batch_size", "grad_accum", "max_iters", "log_interval", "ckpt_interval", "sample_steps", "k_max", "z_dim", "n_tokens",
+      "simsiam_dim"), lambda v: v >= 1, ">= 1"),
+    (("eval_interval", "n_val", "num_workers", "ray_freqs", "segments", "threads", "warmup_iters",
+      "weight_decay", "grad_clip", "enc_noise", "z_init", "simsiam_weight", "peak_flops",
+      "ema_rampup"), lambda v: v >= 0, ">= 0"),
+    (("lr", "enc_lr_mult", "ema_halflife_kimg"), lambda v: v > 0, "> 0"),
+    (("p_mask_layer", "p_uncond", "p_uncond_pose", "p_uncond_src_pose", "min_lr_ratio"), lambda v: 0 <= v <= 1,
+     "in [0, 1]"),
+    (("beta2",), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("crop_min",), lambda v: 0 < v <= 1, "in (0, 1]"),
+    (("image_size",), lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8"),
+    (("logsnr_shift",), lambda v: True, "finite"),
+    SEED_RANGE,
+]
+
+
+# what a resume may change: where and how often to log / evaluate / save, how long to train, how
+# fast (device, threads, kernels), and how the global batch is split (batch_size, grad_accum: train.py
+# checks that their product with the process count stays). Every other key changes the model, the
+# data order or the optimisation, and a resume with another value is refused.
+RESUME_MAY_CHANGE = {"out_dir", "init_from", "overwrite", "log_interval", "eval_interval", "ckpt_interval", "ckpt_keep",
+                     "batch_size", "grad_accum",
+                     "eval_at_start", "max_iters", "data_dir", "download", "num_workers", "sample_steps",
+                     "sample_schedule", "device", "dtype", "cpu_bf16", "compile", "compile_backend", "fused_adamw",
+                     "channels_last", "threads", "peak_flops"}
+
+
+def validate(cfg):
+    """Every value against what it allows, before anything is read or written: one ConfigError
+    naming the key, the value given and what is allowed."""
+    check_keys(cfg, CHOICES, RANGES)
+    if cfg["cpu_bf16"].lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"cpu_bf16={cfg['cpu_bf16']!r} is not allowed: choose from 'auto', 'true', 'false'")
+    check_schedules(cfg, "schedule", "sample_schedule")
+    check_device(cfg["device"])
+    if cfg["dataset"] != "cifar10" and not cfg["data_dir"]:
+        raise ConfigError(f"dataset={cfg['dataset']!r} needs data_dir (only cifar10 is searched for or downloaded)")
+    if cfg["dataset"] in multiview.MULTIVIEW and not cfg["ray_freqs"]:
+        raise ConfigError(f"dataset {cfg['dataset']!r} has camera poses: set ray_freqs > 0 so the model sees them")
+    if cfg["ray_freqs"] and cfg["dataset"] not in multiview.MULTIVIEW:
+        raise ConfigError(f"ray_freqs={cfg['ray_freqs']} feeds the model camera rays, but dataset={cfg['dataset']!r} "
+                          f"has no camera poses: set ray_freqs=0, or train on {', '.join(multiview.MULTIVIEW)}")
+    if cfg["p_uncond_src_pose"] > 0 and cfg["dataset"] not in multiview.MULTIVIEW:
+        raise ConfigError(f"p_uncond_src_pose={cfg['p_uncond_src_pose']} drops source poses: only multi-view datasets "
+                          f"have them ({', '.join(multiview.MULTIVIEW)}), not {cfg['dataset']!r}")
+    if cfg["views"] == "class" and cfg["dataset"] in ("folder", "imagenet", "celeba"):
+        raise ConfigError(f"views='class' pairs images of a class in memory: not for {cfg['dataset']} (decoded from files)")
+    if cfg["simsiam_weight"] > 0 and (cfg["segments"] < 1 or cfg["views"] != "augment"):
+        raise ConfigError("simsiam_weight > 0 is DiffSiam: it needs segments >= 1 and views='augment' (two augmented views)")
+    if cfg["pretrained"] and not os.path.isfile(cfg["pretrained"]):
+        raise ConfigError(f"pretrained={cfg['pretrained']!r}: " + ("a directory, not a checkpoint file"
+                          if os.path.isdir(cfg["pretrained"]) else "no such checkpoint file"))
+    if cfg["compile"]:
+        from torch._dynamo import list_backends
+        backends = list_backends(exclude_tags=())
+        if cfg["compile_backend"] not in backends:
+            raise ConfigError(f"compile_backend={cfg['compile_backend']!r} is not a torch.compile backend: choose from "
+                              f"{', '.join(map(repr, sorted(set(list_backends()) | {'aot_eager', 'eager'})))} "
+                              "(all: torch._dynamo.list_backends(exclude_tags=()))")
+    try:  # the model's own checks (bottleneck=False shapes, ...), on the meta device: no memory, no time
+        with torch.device("meta"):
+            common.build_model(common.model_args(cfg))
+    except (ValueError, AssertionError) as e:
+        raise ConfigError(f"the model cannot be built: {e}") from None
+    out = cfg["out_dir"]
+    check_out_dir("out_dir", out)
+    holder = runtime.lock_holder(out)
+    if holder:
+        raise ConfigError(f"out_dir={out!r} is in use by a live run (pid {holder}, {os.path.join(out, runtime.LOCK)}): "
+                          "wait for it, stop it, or pick another out_dir")
+    if cfg["init_from"] == "scratch" and not cfg["overwrite"] and \
+            os.path.exists(os.path.join(out, "ckpt.pt")):
+        raise ConfigError(f"out_dir={out!r} already holds ckpt.pt: continue it with --init_from=resume, "
+                          "pick another out_dir, or pass --overwrite=True to start over")
+
+
+def resume_conflicts(old, new):
+    """Keys whose value differs between a checkpoint's config and this run's, and may not."""
+    return [f"{k}={old[k]!r} (now {new[k]!r})" for k in new
+            if k not in RESUME_MAY_CHANGE and k in old and old[k] != new[k]]
 
 
 # -----------------------------------------------------------------------------
@@ -134,16 +226,16 @@ def main(argv):
     run = None
     # a signal (Ctrl-C, SIGTERM, SIGUSR1) from here on asks the loop to stop with a checkpoint, one
     # that comes during setup too: a launcher's or a cluster's SIGTERM does not wait for the loop
-    with stop_signals(enabled=not cfg["bench_iters"]) as stop:
+    with stop_signals() as stop:
         try:
             run = setup(cfg, resume_checkpoint(cfg))
             run.stop = stop
-            return bench(run) if run.bench_iters > 0 else loop(run)
+            return loop(run)
         finally:  # out_dir is free for the next run, and the process group is gone, however this one ended
             if run is not None:
                 run.loader_iter = None  # its workers (which ignore stop signals) end here
                 if run.lock:
-                    configurator.release_lock(run.lock)
+                    runtime.release_lock(run.lock)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
 
@@ -219,7 +311,7 @@ def resume_checkpoint(cfg):
     if any(k not in ckpt for k in ("model", "optimizer", "step", "rng")):
         raise CheckpointError(f"cannot resume {path}: it holds no model/optimizer/step/rng, so it is not a resumable "
                               "train.py checkpoint (start a new out_dir, or --init_from=scratch --overwrite=True)")
-    bad = configurator.resume_conflicts(ckpt["config"], cfg)
+    bad = resume_conflicts(ckpt["config"], cfg)
     if bad:
         raise ConfigError(f"cannot resume {path} with {', '.join(bad)}: these keys change the model, the data "
                           "order or the optimisation (start a new out_dir instead)")
@@ -243,7 +335,7 @@ def setup(cfg, ckpt=None):
     """-> Run: processes and precision, the data (and DataLoader), the model, EMA and optimizer
     (continuing `ckpt` where given), the fixed evaluation batch; then out_dir, the run's first
     write; FLOPs per image and the GPU's peak, for MFU."""
-    run = Run(**cfg, cfg=cfg, step=0, t_start=time.time())
+    run = Run(**cfg, cfg=cfg, model_args=common.model_args(cfg), step=0, t_start=time.time())
     setup_processes(run)
     setup_data(run, ckpt)
     setup_model(run, ckpt)
@@ -263,12 +355,11 @@ def setup(cfg, ckpt=None):
             os.makedirs(run.out_dir, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"out_dir={run.out_dir!r} cannot be created: {e.strerror}") from None
-        run.lock = configurator.take_lock(run.out_dir)  # refused if a live run writes there
+        run.lock = runtime.take_lock(run.out_dir)  # refused if a live run writes there
         if run.overwrite and run.init_from == "scratch" and os.path.exists(os.path.join(run.out_dir, "log.jsonl")):
             os.remove(os.path.join(run.out_dir, "log.jsonl"))  # a new run, a new log
-    run.flops_per_img = count_flops(lambda: build_model(run.cfg), run.image_size)  # every process, no collective
-    run.peak = run.peak_flops or next((v for k, v in GPU_PEAK_BF16.items()
-                                       if run.cuda and k in torch.cuda.get_device_name(run.dev)), 0.0)
+    run.flops_per_img = count_flops(lambda: common.build_model(run.model_args), run.image_size)  # every process, no collective
+    run.peak = runtime.peak_flops(run.dev, run.peak_flops)
     return run
 
 
@@ -276,7 +367,7 @@ def setup_processes(run):
     """torchrun sets RANK: DDP, NCCL on GPUs and gloo on the CPU (so a 2-process test runs
     anywhere); the device, threads and autocast; this process's rows of each global batch."""
     run.ddp = int(os.environ.get("RANK", -1)) != -1
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if run.device == "auto" else run.device
+    dev = runtime.pick_device(run.device)
     run.stop_group = None  # the processes' stop flag goes through the default group: gloo on the CPU
     if run.ddp:
         run.rank, run.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -293,14 +384,7 @@ def setup_processes(run):
     run.dev, run.cuda, run.master = dev, dev.startswith("cuda"), run.rank == 0
     if run.threads > 0:
         torch.set_num_threads(run.threads)
-    if run.cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    amp_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[run.dtype]
-    cpu_amp, why = configurator.cpu_autocast(run.cpu_bf16)
-    use_amp = amp_dtype != torch.float32 and (run.cuda or cpu_amp)
-    run.autocast = lambda: torch.autocast("cuda" if run.cuda else "cpu", dtype=amp_dtype, enabled=use_amp)
+    run.autocast, cpu_line = runtime.precision(dev, run.dtype, run.cpu_bf16)
     run.global_batch = run.batch_size * run.world * run.grad_accum
     # the global batch in slots of batch_size rows; micro-step m of this process takes slot m * world + rank:
     # one process x grad_accum 2 and two processes x 1 split it the same way
@@ -308,13 +392,13 @@ def setup_processes(run):
     run.micro_rows = [slice(s * run.batch_size, (s + 1) * run.batch_size) for s in run.slots]
     run.say = print if run.master else (lambda *a, **k: None)
     if not run.cuda:
-        run.say(f"CPU autocast: {'bf16' if use_amp else 'fp32'} ({why if amp_dtype != torch.float32 else 'dtype=float32'})")
+        run.say(cpu_line)
 
 
 def setup_data(run, ckpt):
     """The training split, and a validation split held out of it for the kNN / z-usage checks;
     multi-view sets: the train objects, and the unseen test objects for the evaluation grid."""
-    run.multiview = run.dataset in data.MULTIVIEW and run.bench_iters == 0
+    run.multiview = run.dataset in multiview.MULTIVIEW
     run.train_set = run.x_train = run.y_train = run.x_val = run.y_val = run.view_size = None
     run.labelled = not run.multiview  # folders: where they have class subfolders (load_data)
     with local_rank_first(run):  # one download per node
@@ -359,18 +443,14 @@ def local_rank_first(run):
 
 def load_data(run):
     """The training split and the validation split (or the multi-view train and test objects)."""
-    if run.multiview:  # batches come from data.multiview_batch; an "epoch" counts train_images images
-        run.mv_train = data.load_multiview(run.dataset, run.data_dir, "train", run.image_size)
-        run.mv_val = data.load_multiview(run.dataset, run.data_dir, "test", run.image_size)
+    if run.multiview:  # batches come from multiview.multiview_batch; an "epoch" counts train_images images
+        run.mv_train = multiview.load_multiview(run.dataset, run.data_dir, "train", run.image_size)
+        run.mv_val = multiview.load_multiview(run.dataset, run.data_dir, "test", run.image_size)
         run.n_train = run.mv_train.images.shape[0] * run.mv_train.images.shape[1]
         V = min(run.mv_train.images.shape[1], run.mv_val.images.shape[1])  # a step takes k_max sources + a target
         if run.k_max >= V:
             raise ConfigError(f"k_max={run.k_max} is out of range: the objects of {run.dataset} in {run.data_dir!r} have "
                               f"{V} view(s), and a step needs k_max source views and another one, the target")
-    elif run.bench_iters > 0:  # synthetic uint8 images of the dataset's shape
-        n_syn = max(4096, 2 * run.global_batch)
-        run.train_set = (torch.randint(0, 256, (n_syn, 3, run.image_size, run.image_size), dtype=torch.uint8),
-                         torch.randint(0, 10, (n_syn,)))
     else:
         data_path, dl = run.data_dir, run.download
         if run.dataset == "cifar10":  # data_dir='' searches ./data/cifar10, ../shared/data/cifar10-subset, then downloads
@@ -378,8 +458,7 @@ def load_data(run):
             run.say(f"data: using {data_path} ({why})")
         run.train_set = data.load(run.dataset, data_path, "train", run.image_size, dl, run.n_val, run.seed)
     if isinstance(run.train_set, tuple):
-        run.x_val, run.y_val = run.train_set if run.bench_iters else \
-            data.load(run.dataset, data_path, "val", run.image_size, dl, run.n_val, run.seed)
+        run.x_val, run.y_val = data.load(run.dataset, data_path, "val", run.image_size, dl, run.n_val, run.seed)
     elif not run.multiview:
         run.val_set = data.load(run.dataset, data_path, "val", run.image_size, n_val=run.n_val, seed=run.seed)
         if isinstance(run.train_set, data.FolderData):
@@ -395,10 +474,10 @@ def setup_model(run, ckpt):
     checkpoint its weights, optimizer state, step and RNG states; then compile and DDP, the training
     schedule, and the parameter (and z_bn buffer) pairs the EMA follows."""
     torch.manual_seed(run.seed)
-    raw = build_model(run.cfg).to(run.dev)
+    raw = common.build_model(run.model_args).to(run.dev)
     if run.pretrained and run.init_from == "scratch":  # on resume the checkpoint holds the frozen denoiser
         ck = load_checkpoint(run.pretrained)  # PDAE: its EMA UNet becomes the frozen denoiser
-        why = diffsiam.check_pretrained(ck["config"], run.cfg)
+        why = diffsiam.check_pretrained(ck.get("model_args") or common.model_args(ck["config"]), run.model_args)
         if why:
             raise ConfigError(f"pretrained={run.pretrained!r} cannot be the frozen denoiser: {why}")
         diffsiam.load_frozen(raw, ck["ema"])
@@ -518,7 +597,7 @@ def micro_step(run, it, slot, rows):
     cond = {}
     if run.multiview:  # k source views + a target view of one object, with their rays
         k = 1 + rng.shared_randint(run.k_max)
-        x_src, rays_src, x_tgt, rays_tgt = data.multiview_batch(run.mv_train, k, rng)
+        x_src, rays_src, x_tgt, rays_tgt = multiview.multiview_batch(run.mv_train, k, rng)
         cond = dict(rays_src=rays_src, rays_tgt=rays_tgt, keep_pose=run.raw.draw_keep_pose(rng.rand))
         if run.p_uncond_src_pose > 0:  # each source view's pose dropped too (§3.3: "absence of source ... positional information")
             cond["keep_src_pose"] = (rng.rand(k) >= run.p_uncond_src_pose).float()
@@ -530,14 +609,15 @@ def micro_step(run, it, slot, rows):
     u, eps = rng.rand(), rng.randn(*x_tgt.shape[1:])
     if run.segments:  # DiffSiam: the noise level decides which segments of z are on, on top of the dropout
         cond["seg_keep"] = diffsiam.segment_keep(u, run.segments, run.segment_mode)
-        if run.simsiam_weight > 0:
-            cond["x_pair"] = x_tgt  # the second augmented view
+    x_pair = x_tgt  # DiffSiam's SimSiam loss: the second augmented view
     if run.channels_last and not run.multiview:
         x_src, x_tgt = x_src.contiguous(memory_format=run.mem), x_tgt.contiguous(memory_format=run.mem)
     with run.autocast():
-        loss = D.loss(run.net, x_src, x_tgt, run.schedule_fn, u=u, eps=eps, weighting=run.weighting, keep=keep, **cond)
-    if isinstance(loss, tuple):  # DiffSiam: diffusion loss + weighted SimSiam loss (thesis eq. 3.12)
-        loss = loss[0] + run.simsiam_weight * loss[1]
+        if run.simsiam_weight > 0:  # + the weighted SimSiam loss (thesis eq. 3.12)
+            loss = diffsiam.loss(run.net, x_src, x_tgt, run.schedule_fn, u, eps, x_pair, run.simsiam_weight,
+                                 weighting=run.weighting, keep=keep, **cond)
+        else:
+            loss = D.loss(run.net, x_src, x_tgt, run.schedule_fn, u=u, eps=eps, weighting=run.weighting, keep=keep, **cond)
     loss = loss / run.grad_accum  # the micro-steps' mean: their gradients add up to the global batch's
     loss.backward()
     return loss.detach()
@@ -550,7 +630,7 @@ def save_run(run, it):
         return
     save_checkpoint({
         "model": run.raw.state_dict(), "ema": run.ema.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "step": it, "config": run.cfg,
+        "step": it, "config": run.cfg, "model_args": run.model_args,
         "batch": {"world": run.world, "batch_size": run.batch_size, "grad_accum": run.grad_accum},  # resume: the product stays
         "data_pos": {"epoch": it // run.steps_per_epoch, "batch": it % run.steps_per_epoch, "n_train": run.n_train},
         "rng": rng_states(run.cuda),
@@ -614,63 +694,6 @@ def wait_for_rank_0(run):
     is queued on the GPU meanwhile, so NCCL's 10-minute watchdog never sees a slow evaluation or disk."""
     if run.ddp:
         torch.distributed.barrier(group=run.stop_group)
-
-
-# -----------------------------------------------------------------------------
-# the benchmark: configs/bench.py
-
-
-def bench(run):
-    """Throughput of the training step, of the data pipeline alone, and of DDIM sampling (under the
-    training autocast, as the eval grid samples); one line and out_dir/bench.json. Timed between
-    device syncs, after warm-up steps (compile happens there)."""
-    cuda, dev = run.cuda, run.dev
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    w, n = run.bench_warmup, run.bench_iters
-    for it in range(w):
-        train_step(run, it)
-    sync()
-    t = time.perf_counter()
-    for it in range(w, w + n):
-        loss = train_step(run, it)
-    loss.item()
-    sync()
-    train_ips = n * run.global_batch / (time.perf_counter() - t)
-    t = time.perf_counter()
-    for it in range(n):  # gather + augment, the same work as in train_step, without the model
-        for rows in run.micro_rows:
-            xb, _, idx, aspect = get_batch(run, it, rows)
-            views_of(run, xb, idx, data.Rng(run.seed, it, run.global_batch, rows, dev), aspect)
-    sync()
-    data_ips = n * run.global_batch / run.world / (time.perf_counter() - t)  # this process's images
-    x = run.x_train[: run.bench_sample_n].float() / 127.5 - 1
-    t = time.perf_counter()
-    with torch.no_grad(), run.autocast():
-        D.ddim(run.ema, run.ema.encode(x), x.shape, steps=run.sample_steps, schedule=run.sample_schedule,
-               generator=torch.Generator(dev).manual_seed(0))
-    sync()
-    sample_s = time.perf_counter() - t
-    if cuda:
-        mem_gb = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        import resource
-        mem_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    res = {"train_img_s": train_ips, "data_img_s": data_ips, "sample_s": sample_s,
-           "sample_img_steps_s": len(x) * run.sample_steps / sample_s, "peak_mem_gb": mem_gb,
-           "gflop_per_img": run.flops_per_img / 1e9,
-           "mfu": run.flops_per_img * train_ips / (run.peak * run.world) if run.peak else None,
-           "device": torch.cuda.get_device_name(dev) if cuda else f"cpu x{torch.get_num_threads()} threads",
-           **{k: run.cfg[k] for k in ("encoder", "unet", "batch_size", "grad_accum", "compile", "channels_last", "dtype", "cpu_bf16",
-                                "fused_adamw", "threads")}}
-    with open(os.path.join(run.out_dir, "bench.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    mfu = f" mfu {res['mfu']:.1%}" if res["mfu"] else ""
-    print(f"bench: train {train_ips:.1f} img/s | data {data_ips:.0f} img/s | DDIM {len(x)} images x "
-          f"{run.sample_steps} steps {sample_s:.1f} s ({res['sample_img_steps_s']:.0f} img-steps/s) | "
-          f"peak mem {mem_gb:.2f} GB | {res['gflop_per_img']:.2f} GFLOP per image{mfu} | {res['device']}")
-    return res
 
 
 if __name__ == "__main__":

@@ -13,6 +13,19 @@ if ROOT not in sys.path:
 torch.set_num_threads(1)
 
 
+def tiny_soda(**kw):
+    """SODA (DiffSiam where a DiffSiamConfig field is given) of the tiny presets, with no training
+    dropout of z or pose unless asked for: tests that draw it say so."""
+    import dataclasses
+
+    import diffsiam
+    import model as M
+    kw = {"p_mask_layer": 0.0, "p_uncond": 0.0, "p_uncond_pose": 0.0, **kw}
+    if set(kw) - {f.name for f in dataclasses.fields(M.SODAConfig)}:
+        return diffsiam.DiffSiam(diffsiam.DiffSiamConfig(**kw))
+    return M.SODA(M.SODAConfig(**kw))
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False,
                      help="also run tests marked slow (e.g. the full inductor compile, ~150 s on 2 cores)")
@@ -50,26 +63,25 @@ def pytest_collection_modifyitems(config, items):
 
 
 def lighten_eval(mp):
-    """The real diffusion.z_usage on 2 noise levels and 8 images, and no z-usage figure (see light_eval)."""
-    import diffusion
-    import evaluation
+    """The real zusage.z_usage on 2 noise levels and 8 images, and no z-usage figure (see light_eval)."""
+    import zusage
 
-    real = diffusion.z_usage
+    real = zusage.z_usage
 
     def z_usage(model, x_0, logsnrs=None, **kw):
         n = min(8, len(x_0))
         kw = {k: v[:n] if isinstance(v, torch.Tensor) and len(v) == len(x_0) else v for k, v in kw.items()}
         return real(model, x_0[:n], logsnrs=(-3.0, 0.0), **kw)
 
-    mp.setattr(diffusion, "z_usage", z_usage)
-    mp.setattr(evaluation, "plot_z_usage", lambda res, path, title="": path)
+    mp.setattr(zusage, "z_usage", z_usage)
+    mp.setattr(zusage, "plot_z_usage", lambda res, path, title="": path)
 
 
 @pytest.fixture
 def light_eval(request, monkeypatch):
     """train.main evaluates at the end of every run; for these tiny runs that costs ~1.6 s, most of
     it the z-usage curve (8 noise levels) and its matplotlib figure, which only the smoke test reads.
-    Modules that use this fixture get the real diffusion.z_usage on 2 levels and 8 images, and no
+    Modules that use this fixture get the real zusage.z_usage on 2 levels and 8 images, and no
     figure; a test marked full_eval keeps the real evaluation."""
     if "full_eval" not in request.keywords:
         lighten_eval(monkeypatch)

@@ -6,10 +6,11 @@ import torch
 import configurator
 import diffsiam
 import diffusion as D
-import evaluation
+import common
 import model as M
 import train
 from test_train import base_args, cifar_dir, run_train, state  # noqa: F401  (cifar_dir: a fixture)
+from conftest import tiny_soda
 
 pytestmark = pytest.mark.usefixtures("light_eval")  # conftest.py: a lighter end-of-run evaluation
 
@@ -26,7 +27,7 @@ def test_negative_cosine_is_minus_one_and_stops_the_gradient():
 
 def test_simsiam_loss_gradients_reach_both_views_through_the_predictor_branch():
     torch.manual_seed(0)
-    m = diffsiam.build("tiny", "tiny", z_dim=32, image_size=8, simsiam_dim=16)
+    m = tiny_soda(z_dim=32, image_size=8, simsiam_dim=16)
     z1, z2 = torch.randn(4, 32, requires_grad=True), torch.randn(4, 32, requires_grad=True)
     loss = m.simsiam_loss(z1, z2)
     assert -1 <= loss.item() <= 1
@@ -49,7 +50,7 @@ def test_hierarchical_mask_activates_exactly_the_first_k(n):
 
 
 def test_mask_z_on_segments_zeroes_their_dims():
-    m = M.build("tiny", "tiny", z_dim=12, image_size=8)
+    m = tiny_soda(z_dim=12, image_size=8)
     z = torch.arange(1.0, 13.0)[None]
     out = m.mask_z(z, torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0, 1.0]]))  # 6 segments of 2 dims
     assert out.tolist() == [[1, 2, 0, 0, 5, 6, 0, 0, 9, 10, 11, 12]]
@@ -72,7 +73,7 @@ def test_diffsiam_trains_and_its_heads_learn(cifar_dir, tmp_path):
     run_train(base_args(cifar_dir, tmp_path, max_iters=3, segments=8, simsiam_weight=1.0, simsiam_dim=32,
                         views="augment"))
     ck = state(tmp_path / "ckpt.pt")
-    init = train.build_model(ck["config"]).state_dict()
+    init = common.build_model(common.model_args(ck["config"])).state_dict()
     assert "predictor.0.weight" in ck["model"] and "projector.0.weight" in ck["model"]
     assert not torch.equal(init["predictor.0.weight"], ck["model"]["predictor.0.weight"])
     with pytest.raises(train.ConfigError, match="segments"):
@@ -128,7 +129,7 @@ def test_ddim_conditions_each_step_on_the_trained_segments(monkeypatch):
     the segments training used at that step's noise level, in both guidance branches."""
     n, keeps = 4, []
     torch.manual_seed(0)
-    net = diffsiam.build("tiny", "tiny", z_dim=8, image_size=8, segments=n, schedule="cosine").eval()
+    net = tiny_soda(z_dim=8, image_size=8, segments=n, schedule="cosine").eval()
     assert net.n_sections == 4  # 2 dims of z a section, 2 a segment
 
     def record(self, x_t, logsnr, z, keep=None, rays_tgt=None, keep_pose=None):
@@ -152,7 +153,7 @@ def test_ddim_conditions_each_step_on_the_trained_segments(monkeypatch):
 
 def _pdae(seed=0):
     torch.manual_seed(seed)
-    return diffsiam.build("tiny", "tiny", z_dim=32, image_size=8, pdae=True)
+    return tiny_soda(z_dim=32, image_size=8, pdae=True)
 
 
 def test_pdae_starts_as_the_frozen_denoiser_and_only_the_estimator_learns():
@@ -198,9 +199,9 @@ def test_pdae_training_keeps_the_pretrained_denoiser(cifar_dir, tmp_path):
     for name, v in dm.items():
         if name.startswith("unet."):
             assert torch.equal(ck["model"]["frozen." + name[5:]], v), name  # loaded and never trained
-    init = train.build_model(ck["config"]).state_dict()
+    init = common.build_model(common.model_args(ck["config"])).state_dict()
     assert not torch.equal(init["encoder.stem.0.weight"], ck["model"]["encoder.stem.0.weight"])
-    net, _ = evaluation.model_from_checkpoint(str(tmp_path / "ds" / "ckpt.pt"))  # no need for the DM file now
+    net, _ = common.model_from_checkpoint(str(tmp_path / "ds" / "ckpt.pt"))  # no need for the DM file now
     assert net.frozen is not None
     with pytest.raises(train.ConfigError, match="z_dim=32"):
         train.main(base_args(cifar_dir, tmp_path / "bad", z_dim=64, pretrained=str(tmp_path / "dm" / "ckpt.pt")))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import diffusion as D
-import model as M
+from conftest import tiny_soda
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,7 @@ def tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
     args = dict(encoder="tiny", unet="tiny", z_dim=Z, image_size=8)
     args.update(kw)
-    return randomize_zeros(M.build(**args).eval(), seed=seed + 100)
+    return randomize_zeros(tiny_soda(**args).eval(), seed=seed + 100)
 
 
 class PerfectEps(torch.nn.Module):
@@ -253,7 +253,7 @@ def test_ddim_inversion_round_trips_on_a_real_unet():
     """DDIM-invert an image to log-SNR -6 with a small UNet, then DDIM back: the image returns, with
     the first-order error of the discretisation (4x the steps, ~1/4 of the error)."""
     torch.manual_seed(0)  # small random weights on the zero-initialised layers: a smooth eps network
-    m = randomize_zeros(M.build(encoder="tiny", unet="tiny", z_dim=Z, image_size=8).eval(), std=0.003, seed=100)
+    m = randomize_zeros(tiny_soda(z_dim=Z, image_size=8).eval(), std=0.003, seed=100)
     g = torch.Generator().manual_seed(0)
     x0, z = torch.rand(1, 3, 8, 8, generator=g) * 2 - 1, torch.randn(1, Z, generator=g)
     sched = D.get_schedule("cosine", logsnr_min=-6.0)

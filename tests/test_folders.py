@@ -13,7 +13,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
-import evaluation  # noqa: E402
+import monitor  # noqa: E402
+import solvers  # noqa: E402
 import probe  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
@@ -45,7 +46,7 @@ def imagenet_run(imagenet_dir, tmp_path_factory):
     part of the folders (FOLDER_EVAL made small: 120 train, 40 val images; z-usage on 2 noise levels)."""
     out = tmp_path_factory.mktemp("imagenet_run")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluation, "FOLDER_EVAL", (120, 40))
+        mp.setattr(monitor, "FOLDER_EVAL", (120, 40))
         lighten_eval(mp)
         train.main(["--dataset=imagenet", f"--data_dir={imagenet_dir}", "--image_size=32", f"--out_dir={out}",
                     "--max_iters=24", "--eval_interval=12", *TINY])
@@ -70,7 +71,7 @@ def test_streaming_probe_of_a_folder_run_and_its_cache(imagenet_run, capsys, mon
     ck = f"--ckpt={imagenet_run / 'ckpt.pt'}"
     res = probe.main([ck, "--task=linear", "--num_workers=2"])
     assert res["dataset"] == "imagenet" and res["features"] == "z" and (res["n_train"], res["n_test"]) == (240, 80)
-    assert 0 <= res["top1"] <= res["top5"] <= 100 and res["solver"] == "lbfgs" and res["wd"] in probe.LINEAR_WDS
+    assert 0 <= res["top1"] <= res["top5"] <= 100 and res["solver"] == "lbfgs" and res["wd"] in solvers.LINEAR_WDS
     assert set(res["extract_img_s"]) == {"train", "test"}
     cached = sorted(os.listdir(imagenet_run / "features"))
     assert len(cached) == 2 and all(f.startswith("imagenet_") for f in cached)
@@ -131,8 +132,8 @@ def test_sgd_probe_agrees_with_lbfgs(seed):
     y = torch.randint(0, 10, (5000,), generator=g)
     f = (mu[y] + torch.randn(5000, 32, generator=g)) * torch.rand(32, generator=g) * 3
     ftr, fte, ytr, yte = f[:3000].half(), f[3000:].half(), y[:3000], y[3000:]
-    a = probe.linear_probe(ftr, ytr, fte, yte, 10, wds=probe.WDS, solver="sgd")
-    b = probe.linear_probe(ftr, ytr, fte, yte, 10, wds=probe.WDS, solver="lbfgs")
+    a = solvers.linear_probe(ftr, ytr, fte, yte, 10, wds=solvers.WDS, solver="sgd")
+    b = solvers.linear_probe(ftr, ytr, fte, yte, 10, wds=solvers.WDS, solver="lbfgs")
     assert 40 < b["top1"] < 70, b  # neither trivial nor hopeless
     assert abs(a["top1"] - b["top1"]) <= 0.5 and abs(a["top5"] - b["top5"]) <= 0.5, (a, b)
 
@@ -141,9 +142,9 @@ def test_knn_streams_over_chunks_of_references():
     g = torch.Generator().manual_seed(0)
     ftr, fte = torch.randn(700, 16, generator=g), torch.randn(300, 16, generator=g)
     ytr, yte = torch.randint(0, 5, (700,), generator=g), torch.randint(0, 5, (300,), generator=g)
-    whole = evaluation.knn_accuracy(ftr, ytr, fte, yte, top5=True)
-    assert evaluation.knn_accuracy(ftr.half(), ytr, fte.half(), yte, chunk=64, top5=True) == pytest.approx(whole, abs=0.34)
-    assert evaluation.knn_accuracy(ftr, ytr, fte, yte, chunk=64, top5=True) == whole
+    whole = solvers.knn_accuracy(ftr, ytr, fte, yte, top5=True)
+    assert solvers.knn_accuracy(ftr.half(), ytr, fte.half(), yte, chunk=64, top5=True) == pytest.approx(whole, abs=0.34)
+    assert solvers.knn_accuracy(ftr, ytr, fte, yte, chunk=64, top5=True) == whole
 
 
 def test_gaussian_augmentation_flips_and_adds_noise():

@@ -20,7 +20,7 @@ from PIL import Image
 
 import configurator
 import data
-import evaluation
+import common
 import nvs
 import probe
 import sample
@@ -28,7 +28,7 @@ import train
 from test_train import base_args, cifar_dir  # noqa: F401 (cifar_dir: a fixture, 10 classes x 12 train / 3 test)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ERRORS = (configurator.ConfigError, evaluation.CheckpointError, data.DataError)
+ERRORS = (configurator.ConfigError, common.CheckpointError, data.DataError)
 pytestmark = pytest.mark.filterwarnings("ignore:.*partial copy:UserWarning")
 
 
@@ -43,9 +43,9 @@ def save_model(path, **kw):
     """A checkpoint of a tiny random model, as train.py writes one (model, ema, config, step, ...)."""
     cfg = dict(train.DEFAULTS, **kw)
     torch.manual_seed(0)
-    sd = train.build_model(cfg).state_dict()
+    sd = common.build_model(common.model_args(cfg)).state_dict()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    evaluation.save_checkpoint({"model": sd, "ema": sd, "config": cfg, "step": 0, "optimizer": {}, "rng": {},
+    common.save_checkpoint({"model": sd, "ema": sd, "config": cfg, "step": 0, "optimizer": {}, "rng": {},
                                 "data_pos": {}}, path)
     return path
 
@@ -207,7 +207,6 @@ def test_train_values(w, tmp_path, refused):
         (dict(dataset="dsprites", image_size=64, data_dir=w.npz), r"dsprites_downsampled\.npz' has no imgs"),
         (dict(batch_size=1000), "global batch .*1000.*larger than the training set"),
         (dict(ray_freqs=2), "ray_freqs=2 .*dataset='cifar10' has no camera poses"),  # combinations
-        (dict(ray_freqs=2, bench_iters=2), "ray_freqs=2 with bench_iters"),
         (dict(dataset="cars3d", data_dir=w.cars, image_size=16), "ray_freqs"),
         (dict(dataset="cars3d", data_dir=w.cars, image_size=16, ray_freqs=2, k_max=4), "k_max=4 .*4 view\\(s\\).*another one, the target"),
         (dict(dataset="imagenet", data_dir=""), "dataset='imagenet' needs data_dir"),

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import diffusion
 import model as M
+from conftest import tiny_soda
 
 Z = 32  # z_dim used throughout (divisible by the aggregator's 4 heads)
 
@@ -34,7 +35,7 @@ def make(seed=0, randomized=True, **kw):
     torch.manual_seed(seed)
     args = dict(encoder="tiny", unet="tiny", z_dim=Z, image_size=16)
     args.update(kw)
-    m = M.build(**args).eval()
+    m = tiny_soda(**args).eval()
     if randomized:
         randomize_zeros(m, seed=seed + 100)
     return m
@@ -128,13 +129,6 @@ def test_cifar_unet_param_count():
     assert 30e6 < n < 45e6, n
 
 
-def test_build_rejects_unknown_preset():
-    with pytest.raises(ValueError):
-        M.build(encoder="nope")
-    with pytest.raises(ValueError):
-        M.build(unet="nope")
-
-
 # -----------------------------------------------------------------------------
 # 2. conditioning kinds
 
@@ -175,7 +169,7 @@ def test_mask_z_zeroes_sections():
 @pytest.mark.parametrize("cond", ["mod", "xattn"])
 def test_zero_init_modulation_ignores_z(cond):
     torch.manual_seed(0)
-    m = M.build("tiny", "tiny", z_dim=Z, image_size=16, cond=cond, n_tokens=4).eval()
+    m = tiny_soda(z_dim=Z, image_size=16, cond=cond, n_tokens=4).eval()
     z_path = ["z_proj"] if cond == "mod" else [".xattn.proj"]
     # every zero-init parameter made random (output conv, ResBlock conv2, self-attn proj, norm
     # biases...) EXCEPT the z pathway
@@ -428,7 +422,7 @@ def test_train_dropout_rates():
 
 def test_few_adam_steps_lower_loss():
     torch.manual_seed(0)
-    m = M.build("tiny", "tiny", z_dim=Z, image_size=16).train()
+    m = tiny_soda(z_dim=Z, image_size=16).train()
     g = torch.Generator().manual_seed(1)
     x = F.interpolate(torch.rand(8, 3, 4, 4, generator=g) * 2 - 1, size=16, mode="bilinear",
                       align_corners=False)
@@ -472,7 +466,7 @@ def test_z_norm_keeps_masking_exact_and_scales_z():
 def test_no_bottleneck_passes_the_feature_map_as_tokens():
     """The "w/o bottleneck" ablation: z is the encoder's final map, one token per position; the
     config must say so (cond='xattn', n_tokens, z_dim), with an error naming the right values."""
-    m = M.build("tiny", "tiny", z_dim=64 * 128, cond="xattn", n_tokens=64, bottleneck=False)
+    m = tiny_soda(z_dim=64 * 128, cond="xattn", n_tokens=64, bottleneck=False)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         pooled, z = m.encode_features(x)
@@ -482,7 +476,7 @@ def test_no_bottleneck_passes_the_feature_map_as_tokens():
     assert torch.allclose(pooled, h.mean(dim=(2, 3)))
     assert out.shape == x.shape and m.unet.sec_dims == [128] * 64
     with pytest.raises(ValueError, match="n_tokens=64, z_dim=8192"):
-        M.build("tiny", "tiny", z_dim=128, cond="xattn", n_tokens=8, bottleneck=False)
+        tiny_soda(z_dim=128, cond="xattn", n_tokens=8, bottleneck=False)
 
 
 @pytest.mark.parametrize("top_skips", [True, False])
@@ -512,7 +506,7 @@ def test_each_z_section_drives_its_down_and_up_level_and_the_last_the_middle():
     seen = []
     for part in ("down", "mid", "up"):
         for blk in getattr(m.unet, part):
-            if isinstance(blk, M.Step):
+            if isinstance(blk, M.UNetBlock):
                 blk.res.register_forward_hook(lambda mod, inp, out, part=part: seen.append((part, inp[0].shape[-1], inp[2])))
     x, logsnr, g = inputs()
     z = torch.randn(2, Z, generator=g)
@@ -533,14 +527,17 @@ def test_each_z_section_drives_its_down_and_up_level_and_the_last_the_middle():
 
 
 def test_folded_adagn_equals_the_papers_two_steps():
-    """ResBlock folds h = GN(h)(1 + s_t) + b_t ; h = h(1 + s_z) + b_z into one pass over h (§3.1);
-    ResBlock.modulate writes the two steps as the paper does: the block's output is the same."""
+    """ResBlock folds h = GN(h)(1 + s_t) + b_t ; h = h(1 + s_z) + b_z into one pass over h (§3.1):
+    the two steps written out as the paper does give the block's output."""
     torch.manual_seed(0)
     blk = M.ResBlock(8, 16, emb_dim=12, z_sec_dim=5, z_init=1.0).eval()
     for p in blk.parameters():  # no zero-initialised layer left: every term counts
         torch.nn.init.normal_(p, std=0.3)
     x, emb, z = torch.randn(3, 8, 6, 6), torch.randn(3, 12), torch.randn(3, 5)
-    h = blk.modulate(blk.conv1(F.silu(blk.norm1(x))), emb, z)
+    s_t, b_t = blk.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
+    s_z, b_z = blk.z_proj(z)[:, :, None, None].chunk(2, dim=1)
+    h = blk.norm2(blk.conv1(F.silu(blk.norm1(x)))) * (1 + s_t) + b_t  # AdaGN on the noise level
+    h = h * (1 + s_z) + b_z  # then z's scale and shift
     two_step = blk.skip(x) + blk.conv2(F.silu(h))
     torch.testing.assert_close(blk(x, emb, z), two_step, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(blk(x, emb, z), blk(x, emb, torch.zeros_like(z)), atol=1e-3)  # z modulates
@@ -550,7 +547,7 @@ def test_mod_plus_xattn_reads_z_through_both_paths():
     """cond='mod+xattn' (Table 3's NVS model): the sections modulate and the tokens are attended to;
     with either path cut, z still reaches the output through the other; masking acts on sections."""
     m = make(cond="mod+xattn", n_tokens=4)
-    assert m.n_sections == 4 and any(s.xattn is not None for s in m.unet.modules() if isinstance(s, M.Step))
+    assert m.n_sections == 4 and any(s.xattn is not None for s in m.unet.modules() if isinstance(s, M.UNetBlock))
     x, logsnr, g = inputs()
     z1, z2 = torch.randn(2, Z, generator=g), torch.randn(2, Z, generator=g)
     with torch.no_grad():
@@ -579,3 +576,20 @@ def test_source_pose_dropout_removes_the_source_rays():
         views = m.encode(x[:, None].repeat(1, 2, 1, 1, 1), rays[:, None].repeat(1, 2, 1, 1, 1),
                          keep_pose=torch.tensor([[0.0, 1.0], [1.0, 1.0]]))  # k = 2 views, one pose dropped
         assert views.shape == (2, Z)
+
+
+def test_config_defaults_are_the_training_defaults():
+    """SODAConfig's fields are train.py's model keys, with the same defaults: a model built from the
+    dataclass alone is the one `python train.py` trains."""
+    import dataclasses
+
+    import train
+    for f in dataclasses.fields(M.SODAConfig):
+        assert train.DEFAULTS[f.name] == f.default, f.name
+
+
+def test_config_refuses_unknown_presets_and_outputs():
+    for kw, match in ((dict(encoder="nope"), "unknown encoder preset 'nope'"), (dict(unet="nope"), "unknown unet preset"),
+                      (dict(prediction="score"), "prediction must be")):
+        with pytest.raises(ValueError, match=match):
+            M.SODA(M.SODAConfig(**kw))

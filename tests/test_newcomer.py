@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from test_train import ROOT, base_args, cifar_dir, run_train, state  # noqa: F401  (cifar_dir: a fixture)
-import configurator  # noqa: E402
 import data  # noqa: E402
 from test_inputs import one_line_error  # noqa: E402
+import runtime  # noqa: E402
 import train  # noqa: E402
 
 
@@ -34,18 +34,18 @@ import train  # noqa: E402
 def test_native_bf16_is_read_from_cpuinfo(tmp_path, machine, line, native):
     info = tmp_path / "cpuinfo"
     info.write_text(f"processor\t: 0\n{line}\n\n")
-    ok, why = configurator.cpu_native_bf16(str(info), machine)
+    ok, why = runtime.cpu_native_bf16(str(info), machine)
     assert ok == native
     assert (why.startswith(("avx512_bf16", "amx_bf16", "bf16")) if native else why.startswith("no native bf16"))
-    assert configurator.cpu_native_bf16(str(tmp_path / "none"), "x86_64")[0] is False  # no /proc/cpuinfo: fp32
+    assert runtime.cpu_native_bf16(str(tmp_path / "none"), "x86_64")[0] is False  # no /proc/cpuinfo: fp32
 
 
 def test_cpu_bf16_setting(monkeypatch):
-    monkeypatch.setattr(configurator, "cpu_native_bf16", lambda: (True, "avx512_bf16 in /proc/cpuinfo"))
-    assert configurator.cpu_autocast("auto") == (True, "avx512_bf16 in /proc/cpuinfo")
-    monkeypatch.setattr(configurator, "cpu_native_bf16", lambda: (False, "no native bf16: mocked"))
-    assert configurator.cpu_autocast("auto")[0] is False
-    assert configurator.cpu_autocast("True")[0] is True and configurator.cpu_autocast("false")[0] is False
+    monkeypatch.setattr(runtime, "cpu_native_bf16", lambda: (True, "avx512_bf16 in /proc/cpuinfo"))
+    assert runtime.cpu_autocast("auto") == (True, "avx512_bf16 in /proc/cpuinfo")
+    monkeypatch.setattr(runtime, "cpu_native_bf16", lambda: (False, "no native bf16: mocked"))
+    assert runtime.cpu_autocast("auto")[0] is False
+    assert runtime.cpu_autocast("True")[0] is True and runtime.cpu_autocast("false")[0] is False
     with pytest.raises(train.ConfigError, match="cpu_bf16='maybe'.*'auto', 'true', 'false'"):
         train.validate(dict(train.DEFAULTS, cpu_bf16="maybe"))
 
@@ -158,7 +158,7 @@ def test_config_file_mistakes_name_the_file_and_line(tmp_path):
 # --- a run: progress lines, grid, curves; resume refusals; overwrite ---------------------
 
 def test_run_resume_rules_and_overwrite(cifar_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(configurator, "cpu_native_bf16", lambda: (False, "no native bf16: mocked"))
+    monkeypatch.setattr(runtime, "cpu_native_bf16", lambda: (False, "no native bf16: mocked"))
     out = tmp_path / "run"
     run_train(base_args(cifar_dir, out, max_iters=2, eval_interval=2, cpu_bf16="auto"))
     printed = capsys.readouterr()
@@ -263,8 +263,8 @@ def test_a_second_run_into_a_live_out_dir_is_refused(cifar_dir, tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     lock.write_text(str(gone.pid))
-    assert configurator.lock_holder(str(out)) is None
-    path = configurator.take_lock(str(out))
+    assert runtime.lock_holder(str(out)) is None
+    path = runtime.take_lock(str(out))
     assert lock.read_text() == str(os.getpid())
-    configurator.release_lock(path)
+    runtime.release_lock(path)
     assert not lock.exists()

@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import data
+import multiview
 import nvs
 import train
 from test_train import full_and_killed_then_resumed
@@ -27,10 +29,10 @@ def test_rays_hand_case():
     """A 2x2 image, focal 1, principal point at its centre, camera at (1, 2, 3) with identity
     rotation: pixel (row 0, col 1) has its centre at (+0.5, +0.5) pixels from the principal point,
     so its ray points along (0.5, 0.5, -1) (row 0 is the top: +y), from the camera centre."""
-    K = data.intrinsics(1.0, 2)
+    K = multiview.intrinsics(1.0, 2)
     c2w = torch.eye(4)
     c2w[:3, 3] = torch.tensor([1.0, 2.0, 3.0])
-    r = data.camera_rays(K, c2w, 2, 2)  # (6, 2, 2)
+    r = multiview.camera_rays(K, c2w, 2, 2)  # (6, 2, 2)
     assert r.shape == (6, 2, 2)
     o, d = r[:3], r[3:]
     assert torch.allclose(o, torch.tensor([1.0, 2.0, 3.0])[:, None, None].expand(3, 2, 2))
@@ -43,10 +45,10 @@ def test_rays_hand_case():
 def test_rays_pass_through_pixel_centres_for_any_pose():
     """For a rotated, shifted camera, each ray hits the world point that projects (with K and the
     inverse of c2w) back onto its pixel centre."""
-    c2w = data.look_at((0.3, 1.2, -2.0), target=(0.1, -0.2, 0.4))
+    c2w = multiview.look_at((0.3, 1.2, -2.0), target=(0.1, -0.2, 0.4))
     K = torch.tensor([[20.0, 0, 7.5], [0, 22.0, 8.5], [0, 0, 1]])
     H, W = 16, 15
-    r = data.camera_rays(K, c2w, H, W)
+    r = multiview.camera_rays(K, c2w, H, W)
     assert torch.allclose(r[3:].norm(dim=0), torch.ones(H, W), atol=1e-5)
     p = r[:3] + 2.7 * r[3:]  # a point along each ray, (3, H, W)
     w2c = torch.linalg.inv(c2w)
@@ -61,16 +63,16 @@ def test_rays_pass_through_pixel_centres_for_any_pose():
 def test_cars3d_camera_convention():
     """Azimuth 0 / elevation 0 sits on +z and looks along -z at the origin, +y up; azimuth 90 sits
     on +x (the car's left flank); a higher elevation raises the camera."""
-    c = data.cars3d_camera(0, 0)
-    assert torch.allclose(c[:3, 3], torch.tensor([0, 0, data.CARS3D_RADIUS]), atol=1e-6)
+    c = multiview.cars3d_camera(0, 0)
+    assert torch.allclose(c[:3, 3], torch.tensor([0, 0, multiview.CARS3D_RADIUS]), atol=1e-6)
     assert torch.allclose(-c[:3, 2], torch.tensor([0.0, 0, -1]), atol=1e-6)  # viewing direction
     assert torch.allclose(c[:3, 1], torch.tensor([0.0, 1, 0]), atol=1e-6)  # camera up
-    centre_ray = data.camera_rays(data.intrinsics(10.0, 4), c, 4, 4)[3:, 1:3, 1:3].mean(dim=(1, 2))
+    centre_ray = multiview.camera_rays(multiview.intrinsics(10.0, 4), c, 4, 4)[3:, 1:3, 1:3].mean(dim=(1, 2))
     assert torch.allclose(torch.nn.functional.normalize(centre_ray, dim=0), torch.tensor([0.0, 0, -1]), atol=1e-6)
-    assert torch.allclose(data.cars3d_camera(90, 0)[:3, 3], torch.tensor([data.CARS3D_RADIUS, 0, 0]), atol=1e-6)
-    assert data.cars3d_camera(0, 18)[1, 3] > 0
+    assert torch.allclose(multiview.cars3d_camera(90, 0)[:3, 3], torch.tensor([multiview.CARS3D_RADIUS, 0, 0]), atol=1e-6)
+    assert multiview.cars3d_camera(0, 18)[1, 3] > 0
     for a, e in ((0, 0), (135, 12), (300, 18)):  # every camera looks at the origin
-        c = data.cars3d_camera(a, e)
+        c = multiview.cars3d_camera(a, e)
         assert torch.allclose(torch.nn.functional.normalize(c[:3, 3], dim=0), c[:3, 2], atol=1e-6)
 
 
@@ -81,8 +83,8 @@ def labelled_views(N=5, V=7, size=4):
     x = torch.zeros(N, V, 3, size, size, dtype=torch.uint8)
     x[:, :, 0] = torch.arange(N)[:, None, None, None] * 10
     x[:, :, 1] = torch.arange(V)[None, :, None, None] * 10
-    c2w = torch.stack([torch.stack([data.cars3d_camera(360 * v / V, 0) for v in range(V)])] * N)
-    return data.MultiView(x, data.intrinsics(5.0, size).expand(N, V, 3, 3), c2w, [f"o{i}" for i in range(N)])
+    c2w = torch.stack([torch.stack([multiview.cars3d_camera(360 * v / V, 0) for v in range(V)])] * N)
+    return multiview.MultiView(x, multiview.intrinsics(5.0, size).expand(N, V, 3, 3), c2w, [f"o{i}" for i in range(N)])
 
 
 def decode_labels(x):  # images in [-1, 1] -> (object, view)
@@ -94,7 +96,7 @@ def decode_labels(x):  # images in [-1, 1] -> (object, view)
 def test_multiview_batch_never_leaks_the_target(k):
     mv = labelled_views()
     for step in range(20):
-        x_src, r_src, x_tgt, r_tgt = data.multiview_batch(mv, k, data.Rng(0, step, 16))
+        x_src, r_src, x_tgt, r_tgt = multiview.multiview_batch(mv, k, data.Rng(0, step, 16))
         assert x_src.shape == (16, k, 3, 4, 4) and r_src.shape == (16, k, 6, 4, 4)
         assert x_tgt.shape == (16, 3, 4, 4) and r_tgt.shape == (16, 6, 4, 4)
         o_s, v_s = decode_labels(x_src)
@@ -103,16 +105,16 @@ def test_multiview_batch_never_leaks_the_target(k):
         assert not (v_s == v_t[:, None]).any()  # the target is never a source
         assert all(len(set(row)) == k for row in v_s.tolist())  # distinct sources
         # the rays are those of the chosen views
-        assert torch.allclose(r_tgt, data.camera_rays(mv.K[o_t, v_t], mv.c2w[o_t, v_t], 4, 4))
+        assert torch.allclose(r_tgt, multiview.camera_rays(mv.K[o_t, v_t], mv.c2w[o_t, v_t], 4, 4))
     with pytest.raises(ValueError, match="k source views"):
-        data.multiview_batch(mv, 7, data.Rng(0, 0, 4))
+        multiview.multiview_batch(mv, 7, data.Rng(0, 0, 4))
 
 
 def test_multiview_batch_rows_match_one_process():
     """Two processes holding halves of the global batch get exactly one process's rows."""
     mv = labelled_views()
-    full = data.multiview_batch(mv, 2, data.Rng(3, 5, 8))
-    halves = [data.multiview_batch(mv, 2, data.Rng(3, 5, 8, rows=slice(i * 4, i * 4 + 4))) for i in (0, 1)]
+    full = multiview.multiview_batch(mv, 2, data.Rng(3, 5, 8))
+    halves = [multiview.multiview_batch(mv, 2, data.Rng(3, 5, 8, rows=slice(i * 4, i * 4 + 4))) for i in (0, 1)]
     for a, b0, b1 in zip(full, *halves):
         assert torch.equal(a, torch.cat([b0, b1]))
 
@@ -120,8 +122,8 @@ def test_multiview_batch_rows_match_one_process():
 # --- readers: NMR and SRN fixtures in their public layouts, Cars3D ----------------
 
 def fixture_cameras(V):
-    c2w = torch.stack([data.look_at((2 * math.sin(0.9 * v), 0.5 + 0.1 * v, 2 * math.cos(0.9 * v))) for v in range(V)])
-    return c2w, [data.intrinsics(30.0 + v, 32) for v in range(V)]
+    c2w = torch.stack([multiview.look_at((2 * math.sin(0.9 * v), 0.5 + 0.1 * v, 2 * math.cos(0.9 * v))) for v in range(V)])
+    return c2w, [multiview.intrinsics(30.0 + v, 32) for v in range(V)]
 
 
 def write_png(path, rs, size):
@@ -169,7 +171,7 @@ def write_srn(root, V=3):
 
 
 def check_record(mv, N, V, size):
-    assert isinstance(mv, data.MultiView) and len(mv.ids) == N
+    assert isinstance(mv, multiview.MultiView) and len(mv.ids) == N
     assert mv.images.shape == (N, V, 3, size, size) and mv.images.dtype == torch.uint8
     assert mv.K.shape == (N, V, 3, 3) and mv.c2w.shape == (N, V, 4, 4)
     assert mv.K.dtype == mv.c2w.dtype == torch.float32
@@ -177,7 +179,7 @@ def check_record(mv, N, V, size):
 
 def test_nmr_fixture_round_trip(tmp_path):
     c2w, Ks = write_nmr(tmp_path)
-    mv = data.load_multiview("nmr", str(tmp_path), "train", 32)
+    mv = multiview.load_multiview("nmr", str(tmp_path), "train", 32)
     check_record(mv, 3, 3, 32)
     assert mv.ids == ["02958343/a", "02958343/b", "03001627/c"]
     for o in range(3):
@@ -185,20 +187,20 @@ def test_nmr_fixture_round_trip(tmp_path):
         assert torch.allclose(mv.K[o], torch.stack(Ks), atol=1e-4)
     raw = np.array(Image.open(tmp_path / "02958343" / "b" / "image" / "0001.png"))
     assert torch.equal(mv.images[1, 1], torch.from_numpy(raw).permute(2, 0, 1))
-    half = data.load_multiview("nmr", str(tmp_path), "train", 16)  # resized: intrinsics scale with it
+    half = multiview.load_multiview("nmr", str(tmp_path), "train", 16)  # resized: intrinsics scale with it
     assert torch.allclose(half.K[0, :, :2], mv.K[0, :, :2] / 2, atol=1e-4)
 
 
 def test_srn_fixture_round_trip_and_same_record_as_cars3d(tmp_path):
     c2w = write_srn(tmp_path)
-    mv = data.load_multiview("srn", str(tmp_path), "train", 32)  # 64 -> 32 px
+    mv = multiview.load_multiview("srn", str(tmp_path), "train", 32)  # 64 -> 32 px
     check_record(mv, 2, 3, 32)
     assert torch.allclose(mv.c2w[0], c2w, atol=1e-5)
-    assert torch.allclose(mv.K[0, 0], data.intrinsics(35.0, 32))
-    cars = data.MultiView._fields
+    assert torch.allclose(mv.K[0, 0], multiview.intrinsics(35.0, 32))
+    cars = multiview.MultiView._fields
     assert cars == ("images", "K", "c2w", "ids")
     with pytest.raises(data.DataError, match="_test"):
-        data.load_multiview("srn", str(tmp_path), "test", 32)
+        multiview.load_multiview("srn", str(tmp_path), "test", 32)
 
 
 # The two published conventions, by hand (not through the readers' matrices): a camera at world
@@ -224,13 +226,13 @@ def test_srn_pose_is_opencv_camera_to_world(tmp_path):
     for v in range(2):
         np.savetxt(obj / "pose" / f"{v:06d}.txt", opencv_c2w(**SIDE_CAM).numpy().reshape(1, 16))
     (obj / "intrinsics.txt").write_text("70.0 32.0 32.0 0.\n0. 0. 0.\n1.\n64 64\n")
-    mv = data.load_multiview("srn", str(tmp_path), "train", 64)
+    mv = multiview.load_multiview("srn", str(tmp_path), "train", 64)
     want = torch.tensor([[0.0, 0, 1, 3], [0, 1, 0, 0], [-1, 0, 0, 0], [0, 0, 0, 1]])  # columns right, up, back, C
     assert torch.allclose(mv.c2w[0, 0], want, atol=1e-6)
     i, j, Z = 25, 18, 2.5  # the world point P that OpenCV's pinhole (u = f X / Z + cx) puts at the
     X, Y = (j + 0.5 - 32) / 70 * Z, (i + 0.5 - 32) / 70 * Z  # centre of pixel (row i, column j)
     P = sum(c * torch.tensor(SIDE_CAM[k]) for c, k in ((1, "C"), (X, "right"), (Y, "down"), (Z, "fwd")))
-    ray = data.camera_rays(mv.K[0, 0], mv.c2w[0, 0], 64, 64)[:, i, j]
+    ray = multiview.camera_rays(mv.K[0, 0], mv.c2w[0, 0], 64, 64)[:, i, j]
     assert torch.allclose(ray[:3], P.new_tensor(SIDE_CAM["C"]))
     assert torch.allclose(ray[3:], torch.nn.functional.normalize(P - ray[:3], dim=0), atol=1e-6)
 
@@ -247,7 +249,7 @@ def test_nmr_cameras_follow_pixelnerf(tmp_path):
     cam_mat = np.diag([1.5, 1.5, 1.0, 1.0]).astype(np.float32)
     np.savez(o / "cameras.npz", world_mat_0=w2c, world_mat_1=w2c, camera_mat_0=cam_mat, camera_mat_1=cam_mat)
     (tmp_path / "02958343" / "softras_train.lst").write_text("a\n")
-    mv = data.load_multiview("nmr", str(tmp_path), "train", 64)
+    mv = multiview.load_multiview("nmr", str(tmp_path), "train", 64)
     # C -> (1, -3, 2); right = x -> (1, 0, 0); down = y -> (0, 0, 1) so up = (0, 0, -1);
     # forward = z -> (0, -1, 0) so back = (0, 1, 0)
     want = torch.tensor([[1.0, 0, 0, 1], [0, 0, 1, -3], [0, -1, 0, 2], [0, 0, 0, 1]])
@@ -268,17 +270,17 @@ def write_cars3d(root, n=4):
 
 def test_cars3d_reader(tmp_path):
     write_cars3d(tmp_path)
-    mv = data.load_multiview("cars3d", str(tmp_path), "test", 32)
+    mv = multiview.load_multiview("cars3d", str(tmp_path), "test", 32)
     check_record(mv, 2, 8, 32)
     assert mv.ids == ["car_002", "car_003"]
-    assert torch.allclose(mv.c2w[0, 5], data.cars3d_camera(90, 6))  # view = 4 e + a
+    assert torch.allclose(mv.c2w[0, 5], multiview.cars3d_camera(90, 6))  # view = 4 e + a
     with pytest.raises(data.DataError, match="cars3d_64.npz"):
-        data.load_multiview("cars3d", str(tmp_path / "nowhere"), "test", 32)
+        multiview.load_multiview("cars3d", str(tmp_path / "nowhere"), "test", 32)
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED_CARS3D, "cars3d_64.npz")), reason="no ../shared/data/cars3d")
 def test_shared_cars3d_loads():
-    mv = data.load_multiview("cars3d", SHARED_CARS3D, "test", 32)
+    mv = multiview.load_multiview("cars3d", SHARED_CARS3D, "test", 32)
     check_record(mv, 18, 96, 32)
     assert mv.ids[0] == "car_010"
 
@@ -308,7 +310,7 @@ def test_multiview_training_resumes_bit_exactly(cars_dir, tmp_path, monkeypatch)
     for name in a["ema"]:
         assert torch.equal(a["ema"][name], b["ema"][name]), name
     # rays reached the model: the first conv's ray-channel weights moved
-    init = train.build_model(a["config"]).state_dict()
+    init = common.build_model(common.model_args(a["config"])).state_dict()
     w = "encoder.stem.0.weight"
     assert not torch.equal(a["model"][w][:, 3:], init[w][:, 3:])
 
@@ -344,10 +346,10 @@ def test_nvs_pairs_and_baselines():
     assert not (srcs == tgts[:, None]).any() and (srcs[:, 0] != srcs[:, 1]).all()
     again = nvs.eval_pairs(3, 7, 4, 2, seed=0)
     assert all(torch.equal(a, b) for a, b in zip((objs, tgts, srcs), again))
-    cams = torch.stack([data.cars3d_camera(a, 0) for a in (0, 90, 180)])
-    near = nvs.nearest_source(cams[None, [0, 2]].expand(2, -1, -1, -1), torch.stack([cams[1], data.cars3d_camera(170, 0)]))
+    cams = torch.stack([multiview.cars3d_camera(a, 0) for a in (0, 90, 180)])
+    near = nvs.nearest_source(cams[None, [0, 2]].expand(2, -1, -1, -1), torch.stack([cams[1], multiview.cars3d_camera(170, 0)]))
     assert near.tolist()[1] == 1  # 170 deg is nearest the 180 deg source
-    ring = nvs.ring(torch.stack([data.cars3d_camera(a, e) for e in (0, 6) for a in (0, 90, 180, 270)]), 6)
+    ring = nvs.ring(torch.stack([multiview.cars3d_camera(a, e) for e in (0, 6) for a in (0, 90, 180, 270)]), 6)
     assert ring.tolist() == [6, 7, 4, 5]  # elevation 6's views, from azimuth 180 on
 
 
@@ -356,10 +358,10 @@ def test_gpu_nvs_configs_build_and_run_a_forward(cfg):
     """The GPU configs (unmeasured here) at least build and run a 2-view posed forward on the CPU."""
     c = train.configure([os.path.join(ROOT, "configs", cfg)], train.DEFAULTS)
     torch.manual_seed(0)
-    net = train.build_model(c)
+    net = common.build_model(common.model_args(c))
     S = c["image_size"]
     mv = labelled_views(N=1, V=3, size=S)
-    x_src, r_src, x_tgt, r_tgt = data.multiview_batch(mv, 2, data.Rng(0, 0, 1))
+    x_src, r_src, x_tgt, r_tgt = multiview.multiview_batch(mv, 2, data.Rng(0, 0, 1))
     with torch.no_grad():
         out = net(x_tgt, torch.zeros(1), x_src, rays_src=r_src, rays_tgt=r_tgt)
     assert out.shape == (1, 3, S, S) and torch.isfinite(out).all()

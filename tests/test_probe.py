@@ -16,8 +16,10 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
+import multiview  # noqa: E402
 import probe  # noqa: E402
-import evaluation  # noqa: E402
+import common  # noqa: E402
+import solvers  # noqa: E402
 import train  # noqa: E402
 
 DSPRITES = os.path.join(ROOT, "..", "shared", "data", "dsprites")
@@ -43,10 +45,10 @@ def test_linear_probe_learns_separable_labels_not_shuffled_ones(solver):
     f, y = blobs(150, 4, 16, 1.0, seed=0)
     test = torch.arange(len(y)) % 3 == 0
     ftr, ytr, fte, yte = f[~test], y[~test], f[test], y[test]
-    res = probe.linear_probe(ftr, ytr, fte, yte, 4, solver=solver)
+    res = solvers.linear_probe(ftr, ytr, fte, yte, 4, solver=solver)
     assert res["top1"] > 95
     shuffled = ytr[torch.randperm(len(ytr), generator=torch.Generator().manual_seed(2))]
-    res = probe.linear_probe(ftr, shuffled, fte, yte, 4, solver=solver)
+    res = solvers.linear_probe(ftr, shuffled, fte, yte, 4, solver=solver)
     assert res["top1"] < 45  # chance is 25
 
 
@@ -64,11 +66,11 @@ def test_linear_probe_picks_wd_on_validation_rows_only(monkeypatch, solver):
     ftr = torch.cat([torch.arange(2 * n, dtype=torch.float32)[:, None], ftr], dim=1)  # column 0: the row's id
     ytr = torch.cat([y, y])
     name = "fit_logreg" if solver == "lbfgs" else "fit_linear"
-    fits, real_fit = [], getattr(probe, name)
-    monkeypatch.setattr(probe, name, lambda x, *a, **k: fits.append(x[:, 0].clone()) or real_fit(x, *a, **k))
+    fits, real_fit = [], getattr(solvers, name)
+    monkeypatch.setattr(solvers, name, lambda x, *a, **k: fits.append(x[:, 0].clone()) or real_fit(x, *a, **k))
     fte, yte = torch.cat([torch.zeros(40, 1), f_all[test]], dim=1), y_all[test]
-    r1 = probe.linear_probe(ftr, ytr, fte, yte, 4, n_orig=n, solver=solver)
-    r2 = probe.linear_probe(ftr, ytr, torch.randn(40, 9, generator=g), torch.randint(0, 4, (40,), generator=g), 4,
+    r1 = solvers.linear_probe(ftr, ytr, fte, yte, 4, n_orig=n, solver=solver)
+    r2 = solvers.linear_probe(ftr, ytr, torch.randn(40, 9, generator=g), torch.randint(0, 4, (40,), generator=g), 4,
                             n_orig=n, solver=solver)
     assert (r1["wd"], r1["val_top1"], r1.get("epochs")) == (r2["wd"], r2["val_top1"], r2.get("epochs"))
     assert r1["top1"] != r2["top1"]
@@ -99,19 +101,19 @@ def test_default_probe_is_a_converged_fit(seed):
     within 0.5, the same objective at the chosen decay to 1e-4), where 100 L-BFGS iterations (the
     earlier cap) leave the objective higher and the mini-batch solver lands 20+ points short."""
     ftr, ytr, fte, yte = low_variance_signal(seed)
-    default = probe.linear_probe(ftr, ytr, fte, yte, 10, seed=seed)
-    reference = probe.linear_probe(ftr, ytr, fte, yte, 10, seed=seed, lbfgs_iters=4 * probe.LBFGS_ITERS)
+    default = solvers.linear_probe(ftr, ytr, fte, yte, 10, seed=seed)
+    reference = solvers.linear_probe(ftr, ytr, fte, yte, 10, seed=seed, lbfgs_iters=4 * solvers.LBFGS_ITERS)
     assert default["solver"] == "lbfgs" and 35 < reference["top1"] < 70, reference  # neither trivial nor hopeless
     assert abs(default["top1"] - reference["top1"]) <= 0.5 and default["wd"] == reference["wd"], (default, reference)
-    mean, std = evaluation.standardise_stats(ftr)
+    mean, std = solvers.standardise_stats(ftr)
     x = (ftr - mean) / std
 
     def objective(iters):
-        W, b = evaluation.fit_logreg(x, ytr, 10, default["wd"], iters)
+        W, b = solvers.fit_logreg(x, ytr, 10, default["wd"], iters)
         return (torch.nn.functional.cross_entropy(x @ W + b, ytr) + default["wd"] * W.pow(2).sum()).item()
-    converged = objective(4 * probe.LBFGS_ITERS)
-    assert objective(probe.LBFGS_ITERS) - converged < 1e-4 < objective(100) - converged
-    sgd = probe.linear_probe(ftr, ytr, fte, yte, 10, seed=seed, solver="sgd")
+    converged = objective(4 * solvers.LBFGS_ITERS)
+    assert objective(solvers.LBFGS_ITERS) - converged < 1e-4 < objective(100) - converged
+    sgd = solvers.linear_probe(ftr, ytr, fte, yte, 10, seed=seed, solver="sgd")
     assert sgd["top1"] < reference["top1"] - 20, sgd
 
 
@@ -132,10 +134,10 @@ def test_default_probe_is_converged_on_a_contrastive_encoder():
     random_init = probe_solvers.M.Encoder(128, **probe_solvers.M.PRESETS["encoder"]["tiny"]).eval()
     simclr = probe_solvers.contrastive_encoder(xtr, steps=200)
     for enc in (random_init, simclr):
-        (ptr, ztr), (pva, zva) = (probe_solvers.features(enc.forward_features, x) for x in (xtr, xva))
+        (ptr, ztr), (pva, zva) = (solvers.extract_features(enc, x) for x in (xtr, xva))
         for f_tr, f_va in ((ztr, zva), (ptr, pva)):
-            default = probe.linear_probe(f_tr, ytr, f_va, yva, 10)
-            reference = probe.linear_probe(f_tr, ytr, f_va, yva, 10, lbfgs_iters=4 * probe.LBFGS_ITERS)
+            default = solvers.linear_probe(f_tr, ytr, f_va, yva, 10)
+            reference = solvers.linear_probe(f_tr, ytr, f_va, yva, 10, lbfgs_iters=4 * solvers.LBFGS_ITERS)
             assert abs(default["top1"] - reference["top1"]) <= 0.5, (default, reference)
 
 
@@ -144,17 +146,17 @@ def test_chunked_logreg_equals_one_pass():
     standardised features fits."""
     f, y = blobs(100, 3, 6, 1.0, seed=5)
     f = f * torch.arange(1, 7) + 3
-    mean, std = evaluation.standardise_stats(f)
-    W1, b1 = evaluation.fit_logreg((f - mean) / std, y, 3, 1e-3, 500)
-    W2, b2 = evaluation.fit_logreg(f.half(), y, 3, 1e-3, 500, mean=mean, std=std, chunk=64)
+    mean, std = solvers.standardise_stats(f)
+    W1, b1 = solvers.fit_logreg((f - mean) / std, y, 3, 1e-3, 500)
+    W2, b2 = solvers.fit_logreg(f.half(), y, 3, 1e-3, 500, mean=mean, std=std, chunk=64)
     assert torch.allclose(W1, W2, atol=2e-3) and torch.allclose(b1, b2, atol=2e-3)
 
 
 def test_knn_on_identical_features_is_perfect():
     f = torch.randn(60, 32, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 5, (60,), generator=torch.Generator().manual_seed(1))  # random labels: only self-matches help
-    assert evaluation.knn_accuracy(f, y, f, y) == 100.0
-    assert evaluation.knn_accuracy(f, y, f, y.roll(1)) < 60
+    assert solvers.knn_accuracy(f, y, f, y) == 100.0
+    assert solvers.knn_accuracy(f, y, f, y.roll(1)) < 60
 
 
 # --- multi-label -----------------------------------------------------------------
@@ -348,7 +350,7 @@ def test_load_dsprites_splits():
 def make_ckpt(path, image_size):
     cfg = dict(train.DEFAULTS, image_size=image_size, z_dim=16, dataset="cifar10", data_dir="nowhere")
     torch.manual_seed(0)
-    torch.save({"config": cfg, "ema": train.build_model(cfg).state_dict(), "step": 0}, path)
+    torch.save({"config": cfg, "ema": common.build_model(common.model_args(cfg)).state_dict(), "step": 0}, path)
     return str(path)
 
 
@@ -367,15 +369,15 @@ def test_checkpoint_is_read_on_the_cpu_and_only_the_network_moves(tmp_path, monk
     only the network to the device ('meta' stands in for a GPU): the training weights and AdamW's
     moments never go there, and the checkpoint's tensors are freed once the network holds its weights."""
     cfg = dict(train.DEFAULTS, image_size=16, z_dim=8, dataset="cifar10", data_dir="nowhere")
-    net = train.build_model(cfg)
+    net = common.build_model(common.model_args(cfg))
     params = list(net.parameters())  # AdamW's state_dict, written out (torch.optim's first use costs 2 s of imports)
     state = {i: {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
              for i, p in enumerate(params)}
     adamw = {"state": state, "param_groups": [{"lr": 1e-4, "params": list(range(len(params)))}]}
     path = str(tmp_path / "ck.pt")
     torch.save({"config": cfg, "model": net.state_dict(), "ema": net.state_dict(), "optimizer": adamw, "step": 1}, path)
-    real_read = evaluation.load_checkpoint
-    for mod in (probe, evaluation):
+    real_read = common.load_checkpoint
+    for mod in (probe, common):
         reads, moments, built = [], [], []
 
         def read(path, device="cpu"):
@@ -386,13 +388,22 @@ def test_checkpoint_is_read_on_the_cpu_and_only_the_network_moves(tmp_path, monk
         monkeypatch.setattr(mod, "load_checkpoint", read)
         if mod is probe:
             monkeypatch.setattr(probe, "check_device", lambda dev: None)  # 'meta' is no device a user names
-            monkeypatch.setattr(probe, "model_of", lambda *a: built.append(evaluation.model_of(*a)) or built[-1])
-            # stops once the network is built; err keeps main's frame, as a run still going would: its
-            # locals must not hold the checkpoint any more
+            monkeypatch.setattr(probe, "model_of", lambda *a: built.append(common.model_of(*a)) or built[-1])
+            # a check against the checkpoint's config fails once it is read: err keeps the frames, as a
+            # run still going would, and they must not hold the checkpoint any more
             with pytest.raises(train.ConfigError, match="task='dci' reads") as err:
                 probe.main([f"--ckpt={path}", "--task=dci", "--device=meta"])
+            gc.collect()
+            assert moments and not any(m() for m in moments), "the checkpoint is held by a failed check"
+            del err
+            # every check passes: the network goes to the device, then the data is read (there is none)
+            with pytest.raises(data.DataError, match="no CIFAR-10 found") as err:
+                probe.main([f"--ckpt={path}", "--task=knn", "--device=meta"])
+            assert reads == ["cpu", "cpu"] and len(built) == 2
+            built.pop(0)
+            reads.pop()
         else:
-            built.append(evaluation.model_from_checkpoint(path, "meta")[0])
+            built.append(common.model_from_checkpoint(path, "meta")[0])
         assert reads == ["cpu"]
         assert {p.device.type for p in built[0].parameters()} == {"meta"}
         gc.collect()
@@ -442,7 +453,7 @@ def test_cli_fewshot_multilabel_dci(tmp_path, capsys, celeba_dir):
 def test_cars3d_factors_split_and_labels(tmp_path):
     from test_nvs import write_cars3d  # 4 cars x 2 elevations x 4 azimuths of noise, in the real layout
     write_cars3d(tmp_path)
-    splits = data.load_cars3d_factors(str(tmp_path), 16)
+    splits = multiview.load_cars3d_factors(str(tmp_path), 16)
     (xtr, ytr, Ktr, ctr), (xte, yte, Kte, cte) = splits["train"], splits["test"]
     assert len(xtr) + len(xte) == 32 and len(xte) == 10 and xtr.shape[1:] == (3, 16, 16) and Ktr.shape == (22, 3, 3)
     key = lambda y: set((y * torch.tensor([4, 1, 8])).sum(1).tolist())  # (elevation, azimuth, object) -> index
@@ -451,9 +462,9 @@ def test_cars3d_factors_split_and_labels(tmp_path):
     full = np.load(tmp_path / "cars3d_64.npz")
     order = np.concatenate([np.flatnonzero(full["split"] == s) for s in ("train", "test")])  # the 'train' cars first
     for img, (e, a, o), c2w in zip(xte, yte.tolist(), cte):
-        ref = data._resize_u8(torch.from_numpy(full["images"][order[o], e, a]).permute(2, 0, 1)[None, None], 16)[0, 0]
+        ref = multiview._resize_u8(torch.from_numpy(full["images"][order[o], e, a]).permute(2, 0, 1)[None, None], 16)[0, 0]
         assert torch.equal(img, ref)
-        assert torch.allclose(c2w, data.cars3d_camera(float(full["azimuth_deg"][a]), float(full["elevation_deg"][e])))
+        assert torch.allclose(c2w, multiview.cars3d_camera(float(full["azimuth_deg"][a]), float(full["elevation_deg"][e])))
 
 
 @pytest.mark.parametrize("model", [needs_sklearn("logreg"), needs_sklearn("gbt")])
@@ -462,7 +473,7 @@ def test_cli_dci_on_cars3d_posed_checkpoint(tmp_path, capsys, model):
     write_cars3d(tmp_path)
     cfg = dict(train.DEFAULTS, image_size=16, z_dim=8, dataset="cars3d", data_dir=str(tmp_path), ray_freqs=2)
     torch.manual_seed(0)
-    torch.save({"config": cfg, "ema": train.build_model(cfg).state_dict(), "step": 0}, tmp_path / "ck.pt")
+    torch.save({"config": cfg, "ema": common.build_model(common.model_args(cfg)).state_dict(), "step": 0}, tmp_path / "ck.pt")
     probe.main([f"--ckpt={tmp_path / 'ck.pt'}", "--task=dci", "--features=z", f"--dci_model={model}"])
     assert re.fullmatch(r"dci D [\d.]+ C [\d.]+ I [\d.]+", last_line(capsys))
     res = json.load(open(tmp_path / f"probe_dci{'_gbt' if model == 'gbt' else ''}_z.json"))
@@ -475,14 +486,14 @@ def test_unet_features_see_the_image_not_z():
     over a lightly noised image; z plays no part (it is masked), the image does."""
     cfg = dict(train.DEFAULTS, z_dim=16)
     torch.manual_seed(0)
-    net = train.build_model(cfg).eval()
+    net = common.build_model(common.model_args(cfg)).eval()
     with torch.no_grad():
         for p in net.parameters():  # randomise the zero-initialised z modulations too
             if not p.any():
                 p.normal_(0, 0.1)
     x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     # as probe.py streams them: batches of 4, one generator for the noise of the whole pass
-    feats = lambda: evaluation.stream_features(probe.unet_features(net, logsnr=4.0), (x, torch.zeros(6)), "cpu", 4)[0]
+    feats = lambda: solvers.stream_features(probe.unet_features(net, logsnr=4.0), (x, torch.zeros(6)), "cpu", 4)[0]
     f = feats()
     assert f.shape == (6, net.unet.mid[-1].res.conv2.out_channels)
     assert torch.equal(f, feats())  # fixed noise: deterministic

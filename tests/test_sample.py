@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluation
+import common
 import sample
 import train
 
@@ -32,14 +32,14 @@ def ckpt(tmp_path_factory):
                 Image.fromarray((rs.rand(32, 32, 3) * 60 + c * 19).astype(np.uint8)).save(d / f"{i}.png")
     cfg = dict(train.DEFAULTS, z_dim=32, data_dir=str(root / "cifar"))
     torch.manual_seed(0)
-    net = train.build_model(cfg)
+    net = common.build_model(common.model_args(cfg))
     with torch.no_grad():
         for p in net.parameters():
             if not p.any():
                 p.normal_(0, 0.1)
     sd = net.state_dict()
     path = str(root / "ckpt.pt")
-    evaluation.save_checkpoint({"model": sd, "ema": sd, "config": cfg, "step": 0, "optimizer": {}, "rng": {},
+    common.save_checkpoint({"model": sd, "ema": sd, "config": cfg, "step": 0, "optimizer": {}, "rng": {},
                            "data_pos": {}}, path)
     return path
 
@@ -63,21 +63,21 @@ def assert_png(path):
 
 def test_psnr_known_cases():
     x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.8
-    assert torch.isinf(evaluation.psnr(x, x)).all()
+    assert torch.isinf(common.psnr(x, x)).all()
     # a constant offset of 0.1 everywhere: MSE = 0.01, PSNR = 10 log10(1 / 0.01) = 20 dB
-    assert torch.allclose(evaluation.psnr(x, x + 0.1), torch.full((3,), 20.0), atol=1e-4)
+    assert torch.allclose(common.psnr(x, x + 0.1), torch.full((3,), 20.0), atol=1e-4)
     # per image: an offset of 0.01 on the second image only -> 40 dB there
     y = x.clone()
     y[1] += 0.01
-    assert torch.isinf(evaluation.psnr(x, y)[0]) and abs(evaluation.psnr(x, y)[1].item() - 40.0) < 1e-3
+    assert torch.isinf(common.psnr(x, y)[0]) and abs(common.psnr(x, y)[1].item() - 40.0) < 1e-3
 
 
 def test_ssim_identical_is_one_and_noise_lowers_it():
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(evaluation.ssim(x, x), torch.ones(2), atol=1e-6)
+    assert torch.allclose(common.ssim(x, x), torch.ones(2), atol=1e-6)
     noisy = (x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
-    s = evaluation.ssim(x, noisy)
-    assert (s < 0.9).all() and torch.allclose(s, evaluation.ssim(noisy, x), atol=1e-6)
+    s = common.ssim(x, noisy)
+    assert (s < 0.9).all() and torch.allclose(s, common.ssim(noisy, x), atol=1e-6)
 
 
 def test_ssim_constant_shift_matches_hand_formula():
@@ -87,9 +87,9 @@ def test_ssim_constant_shift_matches_hand_formula():
     a, d = torch.tensor([0.2, 0.4, 0.7]), 0.1
     x = a[None, :, None, None].expand(1, 3, 24, 24)
     hand = ((2 * a * (a + d) + C1) / (a**2 + (a + d) ** 2 + C1)).mean()
-    assert abs(evaluation.ssim(x, x + d).item() - hand.item()) < 1e-6
+    assert abs(common.ssim(x, x + d).item() - hand.item()) < 1e-6
     # the Gaussian window is normalised: a window that sums to 2 would give a different number
-    assert abs(evaluation.gaussian_window().sum().item() - 1) < 1e-12
+    assert abs(common.gaussian_window().sum().item() - 1) < 1e-12
 
 
 def test_ssim_one_bright_pixel_matches_hand_formula():
@@ -108,7 +108,7 @@ def test_ssim_one_bright_pixel_matches_hand_formula():
     x = torch.full((1, 3, 32, 32), m)
     y = x.clone()
     y[:, :, 16, 16] += d
-    assert abs(evaluation.ssim(x, y).item() - hand) < 1e-6 and hand < 0.99
+    assert abs(common.ssim(x, y).item() - hand) < 1e-6 and hand < 0.99
 
 
 def test_slerp_end_points_and_norm():
@@ -126,7 +126,7 @@ def test_slerp_end_points_and_norm():
 # --- mixing ---------------------------------------------------------------------------
 
 def test_mix_latents_takes_sections_from_a(ckpt):
-    net, _ = evaluation.model_from_checkpoint(ckpt)
+    net, _ = common.model_from_checkpoint(ckpt)
     z_a, z_b = torch.randn(2, 32), torch.randn(2, 32)
     S, dims = net.n_sections, net.unet.sec_dims
     assert torch.equal(sample.mix_latents(net, z_a, z_b, range(S)), z_a)
@@ -141,7 +141,7 @@ def test_masked_sections_of_b_leak_nothing_under_layerwise_guidance(ckpt):
     """Sections 0, 1 from A and the rest from B, decoded with only sections 0, 1 on and layer-wise
     guidance (w = 2, section 0 on in the unconditional branch too) == A's z decoded the same way:
     B's masked sections reach neither branch. Changing the kept sections or keep_uncond shows."""
-    net, _ = evaluation.model_from_checkpoint(ckpt)
+    net, _ = common.model_from_checkpoint(ckpt)
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     S = net.n_sections
     keep, keep_uncond = torch.tensor([[1.0, 1, 0, 0]]), torch.tensor([[1.0, 0, 0, 0]])

@@ -18,7 +18,9 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import common  # noqa: E402
 import data  # noqa: E402
+import model as M  # noqa: E402
 import train  # noqa: E402
 
 SHARED_CIFAR = os.path.join(ROOT, "..", "shared", "data")
@@ -195,7 +197,13 @@ def test_smoke_three_steps(cifar_dir, tmp_path):
     run_train(base_args(cifar_dir, tmp_path, max_iters=3))
     ck = state(tmp_path / "ckpt.pt")
     assert ck["step"] == 3 and ck["config"]["max_iters"] == 3
-    assert set(ck) >= {"model", "ema", "optimizer", "rng", "data_pos", "config"}
+    assert set(ck) >= {"model", "ema", "optimizer", "rng", "data_pos", "config", "model_args"}
+    net = M.SODA(M.SODAConfig(**ck["model_args"]))  # nanoGPT's GPT(GPTConfig(**checkpoint['model_args']))
+    net.load_state_dict(ck["ema"])  # strict
+    old = {k: v for k, v in ck.items() if k != "model_args"}  # as checkpoints were written before model_args
+    torch.save(old, tmp_path / "old.pt")
+    again = common.model_from_checkpoint(str(tmp_path / "old.pt"))[0]
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
     assert not torch.equal(ck["model"]["unet.out.2.weight"], torch.zeros_like(ck["model"]["unet.out.2.weight"]))
     logs = (tmp_path / "log.jsonl").read_text().splitlines()
     assert any('"loss"' in l for l in logs) and any('"knn"' in l for l in logs)
@@ -248,7 +256,7 @@ def moved_apart(a, b, key="model"):
     """||a - b|| / ||a - init||: how far two runs' weights (or EMA weights) are apart, as a fraction
     of how far training moved them (both from the seed's init)."""
     torch.manual_seed(a["config"]["seed"])
-    init = train.build_model(a["config"]).state_dict()
+    init = common.build_model(common.model_args(a["config"])).state_dict()
     w = [n for n, p in a[key].items() if p.is_floating_point() and n in init]
     diff = sum((a[key][n] - b[key][n]).double().pow(2).sum() for n in w).sqrt()
     return (diff / sum((a[key][n] - init[n]).double().pow(2).sum() for n in w).sqrt()).item()
@@ -314,7 +322,7 @@ def test_ddp_two_processes_equal_one(cifar_dir, tmp_path):
     a, b = state(tmp_path / "one" / "ckpt.pt"), state(tmp_path / "two" / "ckpt.pt")
     assert_same_training_state(a, b)
     torch.manual_seed(0)
-    init = train.build_model(a["config"]).state_dict()
+    init = common.build_model(common.model_args(a["config"])).state_dict()
     moved = sum(not torch.allclose(init[n], a["model"][n]) for n in init)
     assert moved > 10  # the runs trained: the comparison is not between two untouched inits
 
@@ -458,16 +466,6 @@ def test_inductor_compile_bf16_channels_last(cifar_dir, tmp_path):
     assert log and all("NaN" not in l for l in log)
 
 
-def test_bench_mode_reports_throughput(tmp_path):
-    """configs/bench.py on top of the teaching config: synthetic data, no data directory needed."""
-    argv = [os.path.join(ROOT, "configs", "cifar10_cpu.py"), os.path.join(ROOT, "configs", "bench.py"),
-            f"--out_dir={tmp_path}", "--data_dir=/nonexistent", "--bench_iters=2", "--bench_warmup=1",
-            "--sample_steps=2", "--bench_sample_n=4", "--threads=1"]
-    res = train.main(argv)
-    assert res["train_img_s"] > 0 and res["data_img_s"] > 0 and res["sample_s"] > 0
-    assert os.path.isfile(tmp_path / "bench.json") and not os.path.exists(tmp_path / "ckpt.pt")
-
-
 # --- any number of processes: gradient accumulation, resume by the global batch, preemption -----
 
 ACCUM_COMMON = dict(DDP_COMMON, z_bn=False, max_iters=3)  # z_bn's statistics are per micro-step: off here
@@ -545,9 +543,9 @@ def test_flops_are_counted_on_a_copy_that_touches_nothing(cifar_dir, tmp_path):
     from torch.utils.flop_counter import FlopCounterMode
     cfg = train.configure(base_args(cifar_dir, tmp_path, z_bn=True), train.DEFAULTS)
     torch.manual_seed(0)
-    net = train.build_model(cfg).train()
+    net = common.build_model(common.model_args(cfg)).train()
     before, rng = {k: v.clone() for k, v in net.state_dict().items()}, torch.get_rng_state()
-    flops = train.count_flops(lambda: train.build_model(cfg), 32)
+    flops = train.count_flops(lambda: common.build_model(common.model_args(cfg)), 32)
     assert torch.equal(rng, torch.get_rng_state())
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     counter = FlopCounterMode(display=False)

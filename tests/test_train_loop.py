@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluation
+import common
+import monitor
 import train
 from test_train import ROOT, base_args, cifar_dir, full_and_killed_then_resumed, run_train, state  # noqa: F401 (a fixture)
 
@@ -38,8 +39,8 @@ def test_ema_follows_the_half_life_in_images_and_its_ramp_up(cifar_dir, tmp_path
                         ema_halflife_kimg=0.010, ema_rampup=0.5))
     betas = [0.25, 0.5, 0.5 ** 0.8]
     torch.manual_seed(0)  # train.py seeds with `seed` (0) before it builds the model
-    ema = {k: v.double() for k, v in train.build_model(saved[1]["config"]).state_dict().items()}
-    names = [n for n, _ in train.build_model(saved[1]["config"]).named_parameters()]
+    ema = {k: v.double() for k, v in common.build_model(common.model_args(saved[1]["config"])).state_dict().items()}
+    names = [n for n, _ in common.build_model(common.model_args(saved[1]["config"])).named_parameters()]
     for step, beta in zip((1, 2, 3), betas):
         ck = saved[step]
         for n in names:
@@ -66,7 +67,7 @@ def test_lr_warmup_cosine_decay_encoder_multiplier_and_no_decay_on_gains(cifar_d
     ck = state(tmp_path / "ckpt.pt")
     groups, opt_state = ck["optimizer"]["param_groups"], ck["optimizer"]["state"]
     torch.manual_seed(0)
-    net = train.build_model(ck["config"])
+    net = common.build_model(common.model_args(ck["config"]))
     n_enc = sum(p.numel() for p in net.encoder.parameters())
     seen_enc = seen_all = 0
     for g in groups:
@@ -141,7 +142,7 @@ def test_cpu_configs_have_no_dropout_or_batchnorm(path):
         [os.path.join(ROOT, "configs", "cifar10_cpu.py"), os.path.join(ROOT, "configs", "diffsiam_cpu.py"), path]
     cfg = train.configure(list(dict.fromkeys(argv)), train.DEFAULTS)  # build_model loads no weights
     with torch.device("meta"):
-        net = train.build_model(cfg)
+        net = common.build_model(common.model_args(cfg))
     dropout = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
     dropout += [n for n, m in net.named_modules() if isinstance(m, torch.nn.TransformerEncoderLayer)
                 and m.dropout.p > 0]
@@ -175,7 +176,7 @@ def test_the_pieces_make_the_loop(cifar_dir, tmp_path):
     moments = lambda ck: [t for s in ck["optimizer"]["state"].values() for t in s.values()]
     assert len(moments(a)) > 0 and all(torch.equal(x, y) for x, y in zip(moments(a), moments(b)))
     assert a["step"] == b["step"] == 3 and a["data_pos"] == b["data_pos"]
-    out = evaluation.evaluate(run, 3)  # held-out kNN, z-gap, z-usage, a grid
+    out = monitor.evaluate(run, 3)  # held-out kNN, z-gap, z-usage, a grid
     assert {"knn", "zgap", "z_removed_-3", "grid"} <= set(out) and os.path.isfile(out["grid"])
 
 

@@ -1,4 +1,4 @@
-"""The z-usage instrument (diffusion.z_usage), the output parameterisations (eps | v | x0), the
+"""The z-usage instrument (zusage.z_usage), the output parameterisations (eps | v | x0), the
 z-projection init, and masking under z_norm with DiffSiam segments."""
 import math
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import diffusion as D
-import diffsiam
-import evaluation
+import zusage
 import train
 
 from test_model import Z, inputs, make, randomize_zeros
+from conftest import tiny_soda
 
 
 class Oracle(torch.nn.Module):
@@ -38,30 +38,30 @@ def test_z_usage_is_zero_for_a_decoder_that_ignores_z():
     for name, p in m.named_parameters():  # but a real, non-trivial denoiser everywhere else
         if "z_proj" not in name and torch.count_nonzero(p) == 0 and p.dim() > 1:
             torch.nn.init.normal_(p, std=0.05)
-    res = D.z_usage(m, images(), batch=5)
-    assert len(res["removed"]) == len(D.ZUSAGE_LOGSNRS)
+    res = zusage.z_usage(m, images(), batch=5)
+    assert len(res["removed"]) == len(zusage.ZUSAGE_LOGSNRS)
     assert all(r == 0.0 for r in res["removed"]), res["removed"]
     assert res["mse_z"] == res["mse_masked"] and res["mse_z"][0] > 0
 
 
 def test_z_usage_is_all_for_an_oracle_that_passes_x0_through_z():
     x = images()
-    res = D.z_usage(Oracle(), x)
+    res = zusage.z_usage(Oracle(), x)
     assert all(r > 99.9 for r in res["removed"]), res["removed"]
     assert res["removed_at_-3"] > 99.9 and res["removed_mean"] > 99.9 and res["worse_than_grey"] == []
     # the reference lines: a grey image scores E[x0^2], each image's mean colour its variance
     assert res["grey"] == pytest.approx(x.pow(2).mean().item())
     assert res["mean_colour"] < res["grey"]
-    assert "removed by z" in evaluation.z_usage_table(res)
+    assert "removed by z" in zusage.z_usage_table(res)
 
 
 def test_z_usage_uses_fixed_noise_and_batches_consistently():
     m = make()
     x = images(10)
-    a, b = D.z_usage(m, x, seed=3, batch=4), D.z_usage(m, x, seed=3, batch=10)
+    a, b = zusage.z_usage(m, x, seed=3, batch=4), zusage.z_usage(m, x, seed=3, batch=10)
     for k in ("mse_z", "mse_masked"):
         assert a[k] == pytest.approx(b[k], rel=1e-5)
-    assert D.z_usage(m, x, seed=4)["mse_z"] != a["mse_z"]
+    assert zusage.z_usage(m, x, seed=4)["mse_z"] != a["mse_z"]
 
 
 @pytest.mark.parametrize("prediction", ["v", "x0"])
@@ -124,7 +124,7 @@ def test_masked_segments_have_no_influence_under_z_norm():
     """DiffSiam segments do not line up with the z_norm sections: a zeroed segment must still
     have no influence on the output (it leaked through the per-section statistics)."""
     torch.manual_seed(0)
-    m = diffsiam.build("tiny", "tiny", z_dim=Z, image_size=16, z_norm=True, z_init=1.0, segments=3).eval()
+    m = tiny_soda(z_dim=Z, image_size=16, z_norm=True, z_init=1.0, segments=3).eval()
     randomize_zeros(m, seed=100)
     x, logsnr, g = inputs()
     z = torch.randn(len(x), 32, generator=g)

@@ -3,7 +3,7 @@
 #   bash tools/bench.sh                                   # the CPU teaching config
 #   bash tools/bench.sh configs/cifar10.py                # one GPU
 #   ROUNDS=5 bash tools/bench.sh configs/cifar10_cpu.py --threads=2
-# Every setting runs configs/bench.py (synthetic data) once per round, rounds interleaved, so a
+# Every setting runs bench.py (synthetic data) once per round, rounds interleaved, so a
 # slow spell of a noisy machine hits all settings alike; the table gives medians over the rounds
 # and train img/s as a ratio to "all off" (eager fp32, no fused AdamW, NCHW).
 set -euo pipefail
@@ -20,7 +20,7 @@ for r in $(seq 1 "$rounds"); do
   for i in "${!names[@]}"; do
     echo "round $r/$rounds: ${names[$i]}"
     # shellcheck disable=SC2086  # the flags are words
-    python train.py "$base" configs/bench.py ${flags[$i]} "$@" --out_dir="$root/${names[$i]}/$r" | grep '^bench:'
+    python bench.py "$base" ${flags[$i]} "$@" --out_dir="$root/${names[$i]}/$r" | grep '^bench:'
   done
 done
 python - "$root" "${names[@]}" <<'PY'

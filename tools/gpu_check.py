@@ -14,7 +14,7 @@ OUT_DIR/summary.json is rewritten after every item, so a run cut short still rep
                a torch.Generator, resume 2 + 2 == 4 steps, torchrun (1 process, nccl) == a plain run,
                grad_accum 2 == a batch twice the size, and where two GPUs are there, torchrun on both
                with compile and z_bn (skipped on one GPU)
-  speed        configs/bench.py per switch against all-off (as tools/bench.sh, one round):
+  speed        bench.py per switch against all-off (as tools/bench.sh, one round):
                train img/s, MFU, peak memory, DDIM img-steps/s; then configs/imagenet.py as the 8-GPU
                command runs it (128 px, bf16, compile, channels_last) at batch 128, 64 and 32 per GPU:
                peak memory, img/s, MFU (an out-of-memory batch is a failed item that says so)
@@ -60,6 +60,7 @@ SWITCHES = {"bf16_autocast": ["--cpu_bf16=true", "--dtype=bfloat16"], "fused_ada
 # dry run's 56 s, 'eager' 8; on CUDA the backend is the config's (inductor)
 TINY = ["--encoder=tiny", "--unet=tiny", "--z_dim=32", "--batch_size=8", "--n_val=20", "--threads=1",
         "--compile_backend=eager"]
+TINY_BENCH = [a for a in TINY if not a.startswith("--n_val")]  # bench.py has no data split
 
 
 # -----------------------------------------------------------------------------
@@ -130,11 +131,11 @@ def compare(a_dir, b_dir):
     weights (max |a - b| and ||a - b|| / ||a - init||: the difference as a fraction of how far
     training moved the weights), and whether model, EMA and AdamW moments are bit-identical."""
     import torch
-    import configurator
+    import common
     la, lb = losses(a_dir), losses(b_dir)
     a, b = (torch.load(os.path.join(d, "ckpt.pt"), map_location="cpu", weights_only=True) for d in (a_dir, b_dir))
     torch.manual_seed(a["config"]["seed"])  # train.py's init, rebuilt
-    init = configurator.build_model(a["config"]).state_dict()
+    init = common.build_model(common.model_args(a["config"])).state_dict()
     w = [n for n, p in a["model"].items() if p.is_floating_point()]
     diff = math.sqrt(sum((a["model"][n] - b["model"][n]).double().pow(2).sum().item() for n in w))
     moved = math.sqrt(sum((a["model"][n] - init[n]).double().pow(2).sum().item() for n in w))
@@ -180,18 +181,18 @@ def light_eval():
     """The correctness runs check training, not the end-of-run evaluation (the learning run does
     that in full): as tests/conftest.py's light_eval, z-usage on 2 noise levels and 8 images, no figures."""
     import torch
-    import diffusion as D
-    import evaluation as E
-    real = D.z_usage, E.plot_z_usage, E.plot_curves
+    import monitor
+    import zusage
+    real = zusage.z_usage, zusage.plot_z_usage, monitor.plot_curves
 
     def z_usage(model, x_0, logsnrs=None, **kw):
         kw = {k: v[:8] if torch.is_tensor(v) and len(v) == len(x_0) else v for k, v in kw.items()}
         return real[0](model, x_0[:8], logsnrs=(-3.0, 0.0), **kw)
-    D.z_usage, E.plot_z_usage, E.plot_curves = z_usage, lambda res, path, title="": path, lambda out_dir: None
+    zusage.z_usage, zusage.plot_z_usage, monitor.plot_curves = z_usage, lambda res, path, title="": path, lambda out_dir: None
     try:
         yield
     finally:
-        D.z_usage, E.plot_z_usage, E.plot_curves = real
+        zusage.z_usage, zusage.plot_z_usage, monitor.plot_curves = real
 
 
 @contextlib.contextmanager
@@ -245,8 +246,8 @@ def run_steps(out, dry, name, *flags):
 
 def correctness(out, dry):
     import torch
+    import common
     import diffusion as D
-    import evaluation
     cuda = torch.cuda.is_available() and not dry
     run = lambda name, *flags: run_steps(out, dry, name, *flags)
     ref = run("eager_fp32", "--overwrite=True")
@@ -288,7 +289,7 @@ def correctness(out, dry):
         "channels_last's does"))
 
     def samplers():
-        net, _ = evaluation.model_from_checkpoint(os.path.join(ref, "ckpt.pt"), "cuda" if cuda else "cpu")
+        net, _ = common.model_from_checkpoint(os.path.join(ref, "ckpt.pt"), "cuda" if cuda else "cpu")
         dev = next(net.parameters()).device
         x = torch.rand(4 if dry else 16, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(dev) * 2 - 1
         res = {"pass": True}
@@ -376,20 +377,20 @@ def ddp_check(out, dry):
 
 
 # -----------------------------------------------------------------------------
-# speed: configs/bench.py per switch (synthetic images), as tools/bench.sh does it
+# speed: bench.py per switch (synthetic images), as tools/bench.sh does it
 
 def speed(out, dry):
     import gc
     import torch
-    base = [os.path.join(ROOT, "configs", "cifar10.py"), os.path.join(ROOT, "configs", "bench.py")] + \
-        (TINY + ["--bench_iters=2", "--bench_warmup=1", "--sample_steps=2", "--bench_sample_n=4"] if dry else
-         ["--bench_iters=10", "--bench_warmup=3"])  # warm-up: compilation happens in the first step
+    base = [os.path.join(ROOT, "configs", "cifar10.py")] + \
+        (TINY_BENCH + ["--iters=2", "--warmup=1", "--sample_steps=2", "--sample_n=4"] if dry else
+         ["--iters=10", "--warmup=3"])  # warm-up: compilation happens in the first step
     settings = {"all_off": OFF, **{k: OFF + v for k, v in SWITCHES.items()}, "config": []}
     for name, flags in settings.items():
         def bench(name=name, flags=flags):
             cuda = torch.cuda.is_available()
             left = torch.cuda.memory_allocated() / 2**30 if cuda else None  # counted in peak_mem_gb too
-            run_script("train.py", base + flags + [f"--out_dir={os.path.join(out, 'bench', name)}"])
+            run_script("bench.py", base + flags + [f"--out_dir={os.path.join(out, 'bench', name)}"])
             with open(os.path.join(out, "bench", name, "bench.json")) as f:
                 res = json.load(f)
             off = summary(out)["items"].get("speed_all_off", {}).get("train_img_s")
@@ -413,11 +414,11 @@ def imagenet(out, dry):
     for b in (128, 64, 32):
         def bench(b=b):
             d = os.path.join(out, "bench", f"imagenet_b{b}")
-            argv = [os.path.join(ROOT, "configs", "imagenet.py"), os.path.join(ROOT, "configs", "bench.py"),
-                    f"--out_dir={d}", "--bench_iters=5", "--bench_warmup=2", "--bench_sample_n=8", "--sample_steps=4"] + \
-                (TINY + ["--image_size=32", f"--batch_size={b // 32}", "--z_dim=64"] if dry else [f"--batch_size={b}"])
+            argv = [os.path.join(ROOT, "configs", "imagenet.py"), f"--out_dir={d}", "--iters=5", "--warmup=2",
+                    "--sample_n=8", "--sample_steps=4"] + \
+                (TINY_BENCH + ["--image_size=32", f"--batch_size={b // 32}", "--z_dim=64"] if dry else [f"--batch_size={b}"])
             try:
-                run_script("train.py", argv)
+                run_script("bench.py", argv)
             except torch.cuda.OutOfMemoryError as e:
                 return {"pass": False, "oom": True, "batch_size": b, "error": str(e).splitlines()[0][:300]}
             with open(os.path.join(d, "bench.json")) as f:

@@ -24,6 +24,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import common  # noqa: E402
 import configurator  # noqa: E402
 
 CONFIGS = ("cifar10_cpu", "cifar10", "imagenet", "celeba", "cars3d")
@@ -69,7 +70,7 @@ def train_defaults():
 def measure(name, defaults):
     cfg = configurator.configure([os.path.join(ROOT, "configs", f"{name}.py")], defaults)
     torch.manual_seed(0)
-    net = configurator.build_model(cfg).train()
+    net = common.build_model(common.model_args(cfg)).train()
     n_params = sum(p.numel() for p in net.parameters() if p.requires_grad)
     n_buffers = sum(b.numel() * b.element_size() for b in net.buffers())
     S = cfg["image_size"]

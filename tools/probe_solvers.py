@@ -1,11 +1,11 @@
-"""Does the linear probe's figure depend on its solver? The default probe (probe.linear_probe) against
-the same fit computed another way (reference_probe: float64 throughout, every fit from zero, 4x the
-iterations, tolerances 100x tighter), on every kind of feature set a CPU can make: a trained SODA
-checkpoint's z and pooled features, the same encoder at random init, and the same encoder trained
-with another objective (SimCLR's contrastive loss, contrastive_encoder below). Both fits choose their
-weight decay on the same held-out rows; the table gives top-1 and the decay chosen. Measured on the
-CIFAR-10 validation split (train.py's n_val held-out images, probe.py --split=val), so choosing the
-solver never reads the test split.
+"""Does the linear probe's figure depend on its solver? The default probe (solvers.linear_probe, as
+probe.py runs it) against the same fit computed another way (reference_probe: float64 throughout,
+every fit from zero, 4x the iterations, tolerances 100x tighter), on every kind of feature set a CPU
+can make: a trained SODA checkpoint's z and pooled features, the same encoder at random init, and
+the same encoder trained with another objective (SimCLR's contrastive loss, contrastive_encoder
+below). Both fits choose their weight decay on the same held-out rows; the table gives top-1 and the
+decay chosen. Measured on the CIFAR-10 validation split (train.py's n_val held-out images,
+probe.py --split=val), so choosing the solver never reads the test split.
 
     python tools/probe_solvers.py --ckpt=out/cifar10_cpu/ckpt.pt            # seed 0: ~9 minutes on 2 cores
     python tools/probe_solvers.py --ckpt=out/cifar10_cpu/ckpt.pt --seeds=0,1,2 --simclr_steps=300
@@ -22,8 +22,8 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import model as M  # noqa: E402
-import probe  # noqa: E402
-from evaluation import load_checkpoint, model_of, standardise_stats  # noqa: E402
+from common import load_checkpoint, model_of  # noqa: E402
+from solvers import LINEAR_WDS, extract_features, linear_probe, standardise_stats  # noqa: E402
 
 
 def nt_xent(a, b, T=0.5):
@@ -57,17 +57,10 @@ def contrastive_encoder(x, steps=300, batch=128, z_dim=128, preset="tiny", lr=1e
     return enc.eval()
 
 
-@torch.no_grad()
-def features(fn, x, batch=500):
-    """(pooled, z) of uint8 images x, in batches."""
-    out = [fn(x[i:i + batch].float() / 127.5 - 1) for i in range(0, len(x), batch)]
-    return torch.cat([o[0] for o in out]).float(), torch.cat([o[1] for o in out]).float()
-
-
-def reference_probe(ftr, ytr, fte, yte, seed=0, val_frac=0.1, wds=probe.LINEAR_WDS, iters=20_000):
+def reference_probe(ftr, ytr, fte, yte, seed=0, val_frac=0.1, wds=LINEAR_WDS, iters=20_000):
     """The same probe computed another way: everything in float64, each weight decay fitted from zero
     (no warm start) by L-BFGS with 4x the probe's iteration cap and tolerances 100x tighter, on the
-    same standardised features and held-out rows (probe.linear_probe's draw), the decay chosen the
+    same standardised features and held-out rows (linear_probe's draw), the decay chosen the
     same way. -> dict(top1, wd)."""
     mean, std = standardise_stats(ftr)
     xtr, xte = ((ftr.double() - mean.double()) / std.double()), ((fte.double() - mean.double()) / std.double())
@@ -96,7 +89,7 @@ def reference_probe(ftr, ytr, fte, yte, seed=0, val_frac=0.1, wds=probe.LINEAR_W
 
 def compare(ftr, ytr, fte, yte, seed=0, solver="lbfgs"):
     """-> (the probe's result with `solver` and its defaults, the reference's) on the same rows."""
-    return probe.linear_probe(ftr, ytr, fte, yte, 10, seed=seed, solver=solver), reference_probe(ftr, ytr, fte, yte, seed)
+    return linear_probe(ftr, ytr, fte, yte, 10, seed=seed, solver=solver), reference_probe(ftr, ytr, fte, yte, seed)
 
 
 def feature_sets(ckpt_path, simclr_steps, cache=""):
@@ -115,10 +108,10 @@ def feature_sets(ckpt_path, simclr_steps, cache=""):
     torch.manual_seed(0)
     random_init = model_of(ck, ckpt_path, None).eval()
     for name, net in ((f"SODA step {step}", trained), ("random init", random_init)):
-        (ptr, ztr), (pva, zva) = (features(net.encode_features, x) for x in (xtr, xva))
+        (ptr, ztr), (pva, zva) = (extract_features(net, x) for x in (xtr, xva))
         sets[f"{name}, z"], sets[f"{name}, pooled"] = (ztr, zva), (ptr, pva)
     enc = contrastive_encoder(xtr, steps=simclr_steps, log=lambda s: print(s, flush=True))
-    (ptr, ztr), (pva, zva) = (features(enc.forward_features, x) for x in (xtr, xva))
+    (ptr, ztr), (pva, zva) = (extract_features(enc, x) for x in (xtr, xva))
     sets[f"SimCLR {simclr_steps} steps, z"], sets[f"SimCLR {simclr_steps} steps, pooled"] = (ztr, zva), (ptr, pva)
     about = f"{len(xtr):,} train / {len(xva):,} validation images of {dd} (n_val={tcfg['n_val']}, seed {tcfg['seed']})"
     if cache:

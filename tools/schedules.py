@@ -10,14 +10,13 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import common  # noqa: E402
 import diffusion as D  # noqa: E402
 
 
 def plot_schedules(path="schedules.png", n=200_000):
     """A figure of what 'inverted' means: the density of logsnr under uniform u, per schedule."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     u = torch.rand(n, generator=torch.Generator().manual_seed(0))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     grid = torch.linspace(0, 1, 500)

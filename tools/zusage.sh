@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The z-usage study (docs/zusage.md): train recipe variants on top of a base
-# config, for several seeds, and print what each did to z-usage (diffusion.z_usage: x0-MSE with z
+# config, for several seeds, and print what each did to z-usage (zusage.z_usage: x0-MSE with z
 # vs z masked) and to the linear probe (pooled encoder features) against the same encoder at
 # random init.
 #   bash tools/zusage.sh val  "0"     name "flags" [name "flags" ...]   # screens: the val split

@@ -17,7 +17,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 import configurator  # noqa: E402
 import data  # noqa: E402
-import evaluation  # noqa: E402
+import common  # noqa: E402
 from configurator import ConfigError  # noqa: E402
 
 POOLED = ("--features=pool", "--solver=lbfgs")  # the probe of docs/zusage.md's curve: pooled features, L-BFGS
@@ -55,9 +55,9 @@ def train_minutes(out_dir):
             raise ConfigError(f"{log!r} line {i} is not a JSON record ({e.msg}): not a train.py log") from None
     if any(not isinstance(r, dict) or "img_s" in r and not ("step" in r and isinstance(r["img_s"], (int, float)) and r["img_s"] > 0) for r in recs):
         raise ConfigError(f"{log!r} is not a train.py log: its img_s records need a step and a speed > 0")
-    cfg_batch = evaluation.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["config"].get("batch_size")
+    cfg_batch = common.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["config"].get("batch_size")
     if not isinstance(cfg_batch, int):
-        raise evaluation.CheckpointError(f"{os.path.join(out_dir, 'ckpt.pt')!r}: its config has no batch_size")
+        raise common.CheckpointError(f"{os.path.join(out_dir, 'ckpt.pt')!r}: its config has no batch_size")
     t, last, at = 0.0, 0, {0: 0.0}
     for r in recs:
         if "img_s" in r:
@@ -94,9 +94,7 @@ def main(out_dir):
     res = {"rows": rows, "random_init_linear": rnd}
     with open(os.path.join(out_dir, "curve.json"), "w") as f:
         json.dump(res, f, indent=1)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     m = [r["minutes"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     a.plot(m, [r["linear"] for r in rows], "o-", label="SODA (pooled encoder features)")
@@ -121,5 +119,5 @@ if __name__ == "__main__":
         sys.exit(f"error: expected one argument, got {len(sys.argv) - 1}. {USAGE}")
     try:
         main(sys.argv[1])
-    except (ConfigError, evaluation.CheckpointError, data.DataError) as e:
+    except (ConfigError, common.CheckpointError, data.DataError) as e:
         sys.exit(f"error: {e}")
