@@ -402,7 +402,6 @@ def with_coords(x):
 # -----------------------------------------------------------------------------
 # SODA: the config, then encoder + bottleneck + aggregation + modulated denoiser
 
-
 # the encoder's and the UNet's sizes by name (SODAConfig.encoder, SODAConfig.unet)
 PRESETS = {
     "encoder": {

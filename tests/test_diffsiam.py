@@ -1,20 +1,17 @@
 """DiffSiam (thesis ch. 3, diffsiam.py): the SimSiam loss and its stop-gradient, the segment schedule,
-the reduction to plain SODA, and a DiffSiam run end to end."""
+the reduction to plain SODA, a DiffSiam run end to end, and masked segments under z_norm."""
 import pytest
 import torch
 
-import configurator
 import diffsiam
 import diffusion as D
 import common
 import model as M
 import train
-from test_train import base_args, cifar_dir, run_train, state  # noqa: F401  (cifar_dir: a fixture)
-from conftest import tiny_soda
-
-pytestmark = pytest.mark.usefixtures("light_eval")  # conftest.py: a lighter end-of-run evaluation
+from conftest import Z, base_args, inputs, randomize_zeros, run_train, state, tiny_soda
 
 
+@pytest.mark.usefixtures("light_eval")
 def test_negative_cosine_is_minus_one_and_stops_the_gradient():
     p = torch.randn(5, 16, requires_grad=True)
     h = (p.detach() * 3.0).requires_grad_(True)  # same directions, another scale
@@ -25,6 +22,7 @@ def test_negative_cosine_is_minus_one_and_stops_the_gradient():
     assert p.grad is not None
 
 
+@pytest.mark.usefixtures("light_eval")
 def test_simsiam_loss_gradients_reach_both_views_through_the_predictor_branch():
     torch.manual_seed(0)
     m = tiny_soda(z_dim=32, image_size=8, simsiam_dim=16)
@@ -35,6 +33,7 @@ def test_simsiam_loss_gradients_reach_both_views_through_the_predictor_branch():
     assert z1.grad.abs().sum() > 0 and z2.grad.abs().sum() > 0  # each view is the online branch once
 
 
+@pytest.mark.usefixtures("light_eval")
 @pytest.mark.parametrize("n", [1, 4, 64])
 def test_hierarchical_mask_activates_exactly_the_first_k(n):
     k = torch.arange(1, n + 1)
@@ -49,6 +48,7 @@ def test_hierarchical_mask_activates_exactly_the_first_k(n):
         diffsiam.segment_keep(u, n, "random")
 
 
+@pytest.mark.usefixtures("light_eval")
 def test_mask_z_on_segments_zeroes_their_dims():
     m = tiny_soda(z_dim=12, image_size=8)
     z = torch.arange(1.0, 13.0)[None]
@@ -56,6 +56,7 @@ def test_mask_z_on_segments_zeroes_their_dims():
     assert out.tolist() == [[1, 2, 0, 0, 5, 6, 0, 0, 9, 10, 11, 12]]
 
 
+@pytest.mark.usefixtures("light_eval")
 @pytest.mark.filterwarnings("ignore:.*partial copy")
 def test_one_segment_and_no_simsiam_is_plain_soda(cifar_dir, tmp_path):
     """segments=1 runs DiffSiam's masking path with a single always-on segment; with the SimSiam
@@ -68,6 +69,7 @@ def test_one_segment_and_no_simsiam_is_plain_soda(cifar_dir, tmp_path):
         assert torch.equal(a["model"][name], b["model"][name]), name
 
 
+@pytest.mark.usefixtures("light_eval")
 @pytest.mark.filterwarnings("ignore:.*partial copy")
 def test_diffsiam_trains_and_its_heads_learn(cifar_dir, tmp_path):
     run_train(base_args(cifar_dir, tmp_path, max_iters=3, segments=8, simsiam_weight=1.0, simsiam_dim=32,
@@ -80,6 +82,7 @@ def test_diffsiam_trains_and_its_heads_learn(cifar_dir, tmp_path):
         train.main(base_args(cifar_dir, tmp_path / "bad", simsiam_weight=1.0))
 
 
+@pytest.mark.usefixtures("light_eval")
 @pytest.mark.filterwarnings("ignore:.*partial copy")
 def test_counterfactual_interpolation_on_segments(cifar_dir, tmp_path):
     """sample.py interp on a DiffSiam model moves only the chosen segments of z from A to B."""
@@ -101,16 +104,9 @@ def test_counterfactual_interpolation_on_segments(cifar_dir, tmp_path):
     assert torch.equal(rows["frames"][:3], res["frames"])  # the same x_T and z give the same frames
 
 
-def test_parse_groups():
-    assert configurator.parse_groups("0,1") == [[0, 1]]
-    assert configurator.parse_groups("0-3; 8-9,12") == [[0, 1, 2, 3], [8, 9, 12]]
-    assert configurator.parse_groups("") == []
-    with pytest.raises(configurator.ConfigError, match="ranges"):
-        configurator.parse_groups("a-b")
-
-
 # --- the samplers follow the segment schedule ------------------------------------
 
+@pytest.mark.usefixtures("light_eval")
 @pytest.mark.parametrize("name,shift", [("inverted", 0.0), ("cosine", -2.0)])
 def test_segment_schedule_recovers_the_training_level(name, shift):
     """At the logsnr that training drew at noise position u, samplers switch on the same segments."""
@@ -124,6 +120,7 @@ def test_segment_schedule_recovers_the_training_level(name, shift):
     assert inner.sum() >= n // 2
 
 
+@pytest.mark.usefixtures("light_eval")
 def test_ddim_conditions_each_step_on_the_trained_segments(monkeypatch):
     """A DiffSiam model trained on the cosine schedule: each DDIM step reaches SODA's denoise with
     the segments training used at that step's noise level, in both guidance branches."""
@@ -156,6 +153,7 @@ def _pdae(seed=0):
     return tiny_soda(z_dim=32, image_size=8, pdae=True)
 
 
+@pytest.mark.usefixtures("light_eval")
 def test_pdae_starts_as_the_frozen_denoiser_and_only_the_estimator_learns():
     net = _pdae()
     for p in net.frozen.parameters():  # a "pre-trained" denoiser: random, non-zero output
@@ -172,6 +170,7 @@ def test_pdae_starts_as_the_frozen_denoiser_and_only_the_estimator_learns():
     assert net.unet.out[2].weight.grad.abs().sum() > 0  # G's zero-init output gets a gradient first
 
 
+@pytest.mark.usefixtures("light_eval")
 def test_pdae_correction_is_the_guidance_shift():
     """eps_hat = eps_theta - sqrt(1 - abar) G, so G is a score: a gradient of log p(z | x_t)."""
     net = _pdae()
@@ -189,6 +188,7 @@ def test_pdae_correction_is_the_guidance_shift():
     assert G.abs().sum() > 0
 
 
+@pytest.mark.usefixtures("light_eval")
 @pytest.mark.filterwarnings("ignore:.*partial copy")
 def test_pdae_training_keeps_the_pretrained_denoiser(cifar_dir, tmp_path):
     run_train(base_args(cifar_dir, tmp_path / "dm", max_iters=2, p_uncond=1.0))  # the "pre-trained" DM
@@ -205,3 +205,24 @@ def test_pdae_training_keeps_the_pretrained_denoiser(cifar_dir, tmp_path):
     assert net.frozen is not None
     with pytest.raises(train.ConfigError, match="z_dim=32"):
         train.main(base_args(cifar_dir, tmp_path / "bad", z_dim=64, pretrained=str(tmp_path / "dm" / "ckpt.pt")))
+
+
+# --- masking under z_norm -------------------------------------------------------
+
+def test_masked_segments_have_no_influence_under_z_norm():
+    """DiffSiam segments do not line up with the z_norm sections: a zeroed segment must still
+    have no influence on the output (it leaked through the per-section statistics)."""
+    torch.manual_seed(0)
+    m = tiny_soda(z_dim=Z, image_size=16, z_norm=True, z_init=1.0, segments=3).eval()
+    randomize_zeros(m, seed=100)
+    x, logsnr, g = inputs()
+    z = torch.randn(len(x), 32, generator=g)
+    on = torch.ones(len(x), m.n_sections)
+    seg = torch.tensor([[1.0, 0.0, 1.0]]).expand(len(x), -1)  # the middle third of z off: it straddles two sections
+    off = m.keep_dims(on, seg)[0] == 0
+    z2 = z.clone()
+    z2[:, off] = torch.randn(len(x), int(off.sum()), generator=g) * 5
+    with torch.no_grad():
+        a, b = m.denoise(x, logsnr, z, on, seg_keep=seg), m.denoise(x, logsnr, z2, on, seg_keep=seg)
+        assert torch.equal(a, b)
+        assert not torch.allclose(m.denoise(x, logsnr, z2, on, seg_keep=torch.ones_like(seg)), a, atol=1e-4)

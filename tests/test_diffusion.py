@@ -1,27 +1,15 @@
 """Tests for diffusion.py: schedules, the forward process, samplers on exact (fake) denoisers,
-DDIM inversion, guidance arithmetic, determinism, the loss under autocast, the schedule plot."""
+DDIM inversion, guidance arithmetic, determinism, the loss under autocast. (The schedule plot of
+tools/schedules.py: tests/test_tools.py.)"""
 import math
-import os
 
 import pytest
 import torch
 
 import diffusion as D
-from conftest import tiny_soda
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import Z, randomize_zeros, tiny_soda
 
 SCHEDULES = ["linear", "cosine", "sigmoid", "inverted", "inverted_sigmoid", "inverted_linear", "inverted+cosine"]
-Z = 32
-
-
-def randomize_zeros(module, std=0.05, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if torch.count_nonzero(p) == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
 
 
 def tiny_model(seed=0, **kw):
@@ -487,22 +475,6 @@ def test_loss_with_given_u_and_eps():
     assert torch.allclose(seen["x_t"], D.q_sample(x_tgt, sched(u), eps), atol=1e-6)
     assert seen["x_src"] is x_src and seen["kw"]["keep"] is keep
     assert abs(l.item() - ((0.5 - eps) ** 2).mean().item()) < 1e-6
-
-
-# -----------------------------------------------------------------------------
-# 10. plot
-
-def test_plot_schedules_writes_png(tmp_path):
-    """tools/schedules.py, the figure of docs/schedules.png."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("schedules", os.path.join(ROOT, "tools", "schedules.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    path = tmp_path / "s.png"
-    tool.plot_schedules(path, n=20_000)
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(data) > 5000
 
 
 def test_v_weighting_is_eps_mse_over_abar():

@@ -2,7 +2,7 @@
 differs. The tests that compare two code paths run under this CPU's kernels in tests/test_train.py
 (marked numerics) and again under a second kernel set, forced with ATEN_CPU_CAPABILITY, so that a
 tolerance fitted to one CPU's kernels fails here instead of on someone else's machine: the GPU
-check's dry run (tests/test_gpu_check.py: fused vs looped AdamW, compile vs eager, channels_last,
+check's dry run (tests/test_tools.py: fused vs looped AdamW, compile vs eager, channels_last,
 bf16 autocast, resume) and tests/test_train.py's DDP test, whose two arms run as new processes
 under the second set (so it runs under that set only; the whole suite was also run under each of
 ATEN_CPU_CAPABILITY=avx512, avx2 and default)."""

@@ -1,27 +1,16 @@
 """Tests for model.py: shapes, zero-init, layer masking, multi-view aggregation, rays, training-time
-dropout of z, and a short overfitting run."""
+dropout of z, a short overfitting run, the output parameterisations (eps | v | x0), the z-projection
+init and z_bn."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import diffusion
+import diffusion as D
 import model as M
-from conftest import tiny_soda
-
-Z = 32  # z_dim used throughout (divisible by the aggregator's 4 heads)
-
-
-def randomize_zeros(module, std=0.05, skip=(), seed=0):
-    """Re-init every parameter that is all zeros (zero-init convs/projections, GroupNorm biases,
-    zero-init residual norms) with N(0, std^2), except those whose name contains one of `skip`."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if any(s in name for s in skip):
-                continue
-            if torch.count_nonzero(p) == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
+from conftest import Z, images, inputs, make, randomize_zeros, tiny_soda
 
 
 def randomize(params, std=0.05, seed=1):
@@ -29,23 +18,6 @@ def randomize(params, std=0.05, seed=1):
     with torch.no_grad():
         for p in params:
             p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-def make(seed=0, randomized=True, **kw):
-    torch.manual_seed(seed)
-    args = dict(encoder="tiny", unet="tiny", z_dim=Z, image_size=16)
-    args.update(kw)
-    m = tiny_soda(**args).eval()
-    if randomized:
-        randomize_zeros(m, seed=seed + 100)
-    return m
-
-
-def inputs(B=2, H=16, seed=0, ch=3):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, ch, H, H, generator=g)
-    logsnr = torch.empty(B).uniform_(-5, 5, generator=g)
-    return x, logsnr, g
 
 
 def maxdiff(a, b):
@@ -593,3 +565,78 @@ def test_config_refuses_unknown_presets_and_outputs():
                       (dict(prediction="score"), "prediction must be")):
         with pytest.raises(ValueError, match=match):
             M.SODA(M.SODAConfig(**kw))
+
+
+# -----------------------------------------------------------------------------
+# 9. output parameterisations (eps | v | x0), the z-projection init, z_bn
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_output_parameterisations_are_read_as_eps(prediction):
+    """A network that outputs the exact v (or x0) of x_t gives the exact eps through denoise, at
+    every noise level; so the loss, guidance and samplers (which all use eps) work for each."""
+    m = make(prediction=prediction)
+    g = torch.Generator().manual_seed(0)
+    x_0, eps = images(4), torch.randn(4, 3, 16, 16, generator=g)
+    logsnr = torch.tensor([-8.0, -3.0, 0.0, 6.0])
+    abar = torch.sigmoid(logsnr)[:, None, None, None]
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    x_t = alpha * x_0 + sigma * eps
+    target = alpha * eps - sigma * x_0 if prediction == "v" else x_0
+    m.unet.forward = lambda *a, **k: target
+    torch.testing.assert_close(m.denoise(x_t, logsnr, torch.zeros(4, 32)), eps, atol=2e-4, rtol=1e-4)
+    # the loss is then 0, and DDIM from any x_T lands on x_0 (the last step returns x0_hat)
+    assert D.loss(m, x_0, x_0, lambda u: logsnr, u=torch.zeros(4), eps=eps).item() < 1e-6
+
+
+def test_v_prediction_samples_with_the_shared_samplers():
+    """DDIM with a network that outputs v for a fixed x_0 from whatever x_t it sees: x_0 comes back."""
+    m = make(prediction="v")
+    x_0 = images(2)
+
+    def v_of(x_t, logsnr, z, *a, **k):  # guidance batches the conditional and unconditional halves
+        x0 = x_0.repeat(len(x_t) // len(x_0), 1, 1, 1)
+        abar = torch.sigmoid(logsnr.float())[:, None, None, None]
+        eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+        return abar.sqrt() * eps - (1 - abar).sqrt() * x0
+    m.unet.forward = v_of
+    out = D.ddim(m, torch.zeros(2, 32), x_0.shape, steps=5, generator=torch.Generator().manual_seed(0), w=2.0)
+    torch.testing.assert_close(out, x_0, atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_prediction_is_refused():
+    with pytest.raises(ValueError, match="prediction must be"):
+        make(prediction="score")
+
+
+def test_z_init_gives_the_encoder_a_gradient_at_step_zero():
+    """Zero-init z projections start the encoder at exactly zero gradient (even with a non-zero
+    decoder elsewhere); z_init > 0 does not."""
+    grads = {}
+    for z_init in (0.0, 0.5):
+        m = make(randomized=False, z_init=z_init).train()
+        for name, p in m.named_parameters():
+            if "z_proj" not in name and torch.count_nonzero(p) == 0 and p.dim() > 1:
+                torch.nn.init.normal_(p, std=0.05)
+        x, logsnr, _ = inputs()
+        m(x, logsnr, x, keep=torch.ones(len(x), m.n_sections)).pow(2).mean().backward()
+        grads[z_init] = sum(p.grad.abs().sum().item() for p in m.encoder.parameters() if p.grad is not None)
+        if z_init:
+            w = m.unet.down[0].res.z_proj.weight
+            assert w.std().item() == pytest.approx(z_init / math.sqrt(w.shape[1]), rel=0.3)
+    assert grads[0.0] == 0.0 and grads[0.5] > 0
+
+
+def test_z_bn_removes_what_every_image_shares():
+    """z_bn standardises z over the batch in training: a direction shared by every image (most
+    of z's energy at init) cannot reach the decoder; in eval the running statistics are used."""
+    m = make(z_bn=True, z_init=1.0).train()
+    x, logsnr, g = inputs(B=4)
+    z = torch.randn(4, 32, generator=g)
+    keep = torch.ones(4, m.n_sections)
+    with torch.no_grad():
+        a = m.denoise(x, logsnr, z, keep)
+        torch.testing.assert_close(m.denoise(x, logsnr, z + 10 * torch.randn(1, 32, generator=g), keep), a,
+                                   atol=1e-4, rtol=1e-4)
+        m.eval()
+        assert m.z_bn.running_mean.abs().sum() > 0  # the training passes updated the statistics
+        assert not torch.allclose(m.denoise(x, logsnr, z + 10, keep), m.denoise(x, logsnr, z, keep), atol=1e-3)

@@ -1,6 +1,7 @@
-"""probe.py: linear / kNN / multi-label / few-shot / DCI on synthetic features with known answers,
-the CelebA reader on a fixture in the real layout, the dSprites reader on the shared copy, and the
-command line end to end on a tiny random-init checkpoint."""
+"""probe.py: multi-label / few-shot / DCI on synthetic features with known answers, the checkpoint
+read on the CPU, the command line end to end on tiny random-init checkpoints, the U-Net features,
+and the streaming probe of image-folder runs with its feature cache. (The linear probe and kNN
+themselves: tests/test_solvers.py.)"""
 import gc
 import json
 import os
@@ -13,153 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import data  # noqa: E402
-import multiview  # noqa: E402
-import probe  # noqa: E402
-import common  # noqa: E402
-import solvers  # noqa: E402
-import train  # noqa: E402
-
-DSPRITES = os.path.join(ROOT, "..", "shared", "data", "dsprites")
-CELEBA_ATTRS = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
-                "Black_Hair Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee "
-                "Gray_Hair Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard "
-                "Oval_Face Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair "
-                "Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young").split()
+import common
+import data
+import probe
+import solvers
+import train
+from conftest import DSPRITES, blobs
 
 
-def blobs(n_per, n_classes, dim, sep, seed):
-    """Gaussian clusters: features (n_per * n_classes, dim), labels."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n_classes).repeat_interleave(n_per)
-    mu = torch.randn(n_classes, dim, generator=g) * sep
-    return mu[y] + torch.randn(len(y), dim, generator=g), y
-
-
-# --- linear, kNN ---------------------------------------------------------------
-
-@pytest.mark.parametrize("solver", ["sgd", "lbfgs"])
-def test_linear_probe_learns_separable_labels_not_shuffled_ones(solver):
-    f, y = blobs(150, 4, 16, 1.0, seed=0)
-    test = torch.arange(len(y)) % 3 == 0
-    ftr, ytr, fte, yte = f[~test], y[~test], f[test], y[test]
-    res = solvers.linear_probe(ftr, ytr, fte, yte, 4, solver=solver)
-    assert res["top1"] > 95
-    shuffled = ytr[torch.randperm(len(ytr), generator=torch.Generator().manual_seed(2))]
-    res = solvers.linear_probe(ftr, shuffled, fte, yte, 4, solver=solver)
-    assert res["top1"] < 45  # chance is 25
-
-
-@pytest.mark.parametrize("solver", ["sgd", "lbfgs"])
-def test_linear_probe_picks_wd_on_validation_rows_only(monkeypatch, solver):
-    """The weight decay (and epochs) are chosen by fits that leave out the validation images and
-    their augmented copies, scored on those images: the test set plays no part (two test sets, one
-    choice)."""
-    f_all, y_all = blobs(50, 4, 8, 0.5, seed=3)
-    test = torch.arange(len(y_all)) % 5 == 0
-    f, y = f_all[~test], y_all[~test]  # 160 originals
-    g = torch.Generator().manual_seed(4)
-    n = len(f)
-    ftr = torch.cat([f, f + 0.3 * torch.randn(f.shape, generator=g)])  # one augmented copy each
-    ftr = torch.cat([torch.arange(2 * n, dtype=torch.float32)[:, None], ftr], dim=1)  # column 0: the row's id
-    ytr = torch.cat([y, y])
-    name = "fit_logreg" if solver == "lbfgs" else "fit_linear"
-    fits, real_fit = [], getattr(solvers, name)
-    monkeypatch.setattr(solvers, name, lambda x, *a, **k: fits.append(x[:, 0].clone()) or real_fit(x, *a, **k))
-    fte, yte = torch.cat([torch.zeros(40, 1), f_all[test]], dim=1), y_all[test]
-    r1 = solvers.linear_probe(ftr, ytr, fte, yte, 4, n_orig=n, solver=solver)
-    r2 = solvers.linear_probe(ftr, ytr, torch.randn(40, 9, generator=g), torch.randint(0, 4, (40,), generator=g), 4,
-                            n_orig=n, solver=solver)
-    assert (r1["wd"], r1["val_top1"], r1.get("epochs")) == (r2["wd"], r2["val_top1"], r2.get("epochs"))
-    assert r1["top1"] != r2["top1"]
-    per_run = len(fits) // 2  # the selection fits, then the final refit, of r1
-    ids = fits[per_run - 1]  # the final refit sees every row; column 0 (standardised for L-BFGS) names them
-    assert len(ids) == 2 * n
-    for x in fits[:per_run - 1]:  # the selection fits
-        out = sorted(set(range(2 * n)) - {int((ids == v).nonzero()) for v in x})
-        val = [i for i in out if i < n]
-        assert len(val) == n // 10 and out == val + [i + n for i in val]  # each image with its copy
-
-
-def low_variance_signal(seed, n=2500, d=32, k=10, rank=8, eps=0.05):
-    """Features that are badly conditioned for a linear probe: most of their variance in `rank`
-    shared directions, the labels carried by the small (eps) remainder, so the right weights are
-    large along directions of little variance (random-init encoders' features look like this)."""
-    g = torch.Generator().manual_seed(seed)
-    s, u = torch.randn(n, rank, generator=g), torch.randn(n, d, generator=g)
-    f = s @ torch.randn(rank, d, generator=g) + eps * u
-    gumbel = -torch.empty(n, k).exponential_(generator=g).log()
-    y = (0.5 * u @ torch.randn(d, k, generator=g) + gumbel).argmax(1)
-    return f[:1500], y[:1500], f[1500:], y[1500:]
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_default_probe_is_a_converged_fit(seed):
-    """On badly conditioned features the default probe equals a fit with 4x its iteration cap (top-1
-    within 0.5, the same objective at the chosen decay to 1e-4), where 100 L-BFGS iterations (the
-    earlier cap) leave the objective higher and the mini-batch solver lands 20+ points short."""
-    ftr, ytr, fte, yte = low_variance_signal(seed)
-    default = solvers.linear_probe(ftr, ytr, fte, yte, 10, seed=seed)
-    reference = solvers.linear_probe(ftr, ytr, fte, yte, 10, seed=seed, lbfgs_iters=4 * solvers.LBFGS_ITERS)
-    assert default["solver"] == "lbfgs" and 35 < reference["top1"] < 70, reference  # neither trivial nor hopeless
-    assert abs(default["top1"] - reference["top1"]) <= 0.5 and default["wd"] == reference["wd"], (default, reference)
-    mean, std = solvers.standardise_stats(ftr)
-    x = (ftr - mean) / std
-
-    def objective(iters):
-        W, b = solvers.fit_logreg(x, ytr, 10, default["wd"], iters)
-        return (torch.nn.functional.cross_entropy(x @ W + b, ytr) + default["wd"] * W.pow(2).sum()).item()
-    converged = objective(4 * solvers.LBFGS_ITERS)
-    assert objective(solvers.LBFGS_ITERS) - converged < 1e-4 < objective(100) - converged
-    sgd = solvers.linear_probe(ftr, ytr, fte, yte, 10, seed=seed, solver="sgd")
-    assert sgd["top1"] < reference["top1"] - 20, sgd
-
-
-@pytest.mark.slow
-def test_default_probe_is_converged_on_a_contrastive_encoder():
-    """Real features from an encoder trained with another objective (the tiny SODA encoder preset
-    trained 200 steps by SimCLR on the CIFAR-10 records) and the same encoder at random init: the
-    default probe within 0.5 top-1 of a fit with 4x its iteration cap, on train.py's validation split
-    (~7 minutes on 2 cores; tools/probe_solvers.py gives the full table)."""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import probe_solvers
-    dd = os.path.join(ROOT, "..", "shared", "data")
-    if not data.has_cifar10(dd):
-        pytest.skip("no CIFAR-10 records in ../shared/data")
-    xtr, ytr, _ = data.load_cifar10(dd, "train", n_val=500)
-    xva, yva, _ = data.load_cifar10(dd, "val", n_val=500)
-    torch.manual_seed(0)
-    random_init = probe_solvers.M.Encoder(128, **probe_solvers.M.PRESETS["encoder"]["tiny"]).eval()
-    simclr = probe_solvers.contrastive_encoder(xtr, steps=200)
-    for enc in (random_init, simclr):
-        (ptr, ztr), (pva, zva) = (solvers.extract_features(enc, x) for x in (xtr, xva))
-        for f_tr, f_va in ((ztr, zva), (ptr, pva)):
-            default = solvers.linear_probe(f_tr, ytr, f_va, yva, 10)
-            reference = solvers.linear_probe(f_tr, ytr, f_va, yva, 10, lbfgs_iters=4 * solvers.LBFGS_ITERS)
-            assert abs(default["top1"] - reference["top1"]) <= 0.5, (default, reference)
-
-
-def test_chunked_logreg_equals_one_pass():
-    """fit_logreg over chunks of rows, standardising each chunk, fits what one pass over the
-    standardised features fits."""
-    f, y = blobs(100, 3, 6, 1.0, seed=5)
-    f = f * torch.arange(1, 7) + 3
-    mean, std = solvers.standardise_stats(f)
-    W1, b1 = solvers.fit_logreg((f - mean) / std, y, 3, 1e-3, 500)
-    W2, b2 = solvers.fit_logreg(f.half(), y, 3, 1e-3, 500, mean=mean, std=std, chunk=64)
-    assert torch.allclose(W1, W2, atol=2e-3) and torch.allclose(b1, b2, atol=2e-3)
-
-
-def test_knn_on_identical_features_is_perfect():
-    f = torch.randn(60, 32, generator=torch.Generator().manual_seed(0))
-    y = torch.randint(0, 5, (60,), generator=torch.Generator().manual_seed(1))  # random labels: only self-matches help
-    assert solvers.knn_accuracy(f, y, f, y) == 100.0
-    assert solvers.knn_accuracy(f, y, f, y.roll(1)) < 60
-
-
-# --- multi-label -----------------------------------------------------------------
+# --- multi-label ----------------------------------------------------------------------------------
 
 def test_mean_f1_hand_computed():
     target = torch.tensor([[1, 0, 1], [1, 1, 0], [0, 1, 0], [0, 0, 0]])
@@ -181,57 +44,7 @@ def test_multilabel_probe_separable():
     assert res["f1"] < 45  # rows shuffled against features (predicting all positive: 33)
 
 
-def write_celeba(root, colours, partition):
-    """A tiny CelebA in torchvision's layout and the real file formats: 178x218 JPEGs, a count line
-    and a names line above '000001.jpg -1  1 ...' rows, and '000001.jpg 0' partition rows."""
-    d = root / "celeba"
-    (d / "img_align_celeba").mkdir(parents=True)
-    rs = np.random.RandomState(0)
-    attrs = rs.rand(len(colours), 40) < 0.4
-    rows = []
-    for i, (c, a) in enumerate(zip(colours, attrs)):
-        name = f"{i + 1:06d}.jpg"
-        Image.fromarray(np.full((218, 178, 3), c, np.uint8)).save(d / "img_align_celeba" / name, quality=95)
-        rows.append(name + " " + " ".join(f"{1 if v else -1:2d}" for v in a))
-    (d / "list_attr_celeba.txt").write_text(f"{len(colours)}\n{' '.join(CELEBA_ATTRS)} \n" + "\n".join(rows) + "\n")
-    (d / "list_eval_partition.txt").write_text("".join(f"{i + 1:06d}.jpg {p}\n" for i, p in enumerate(partition)))
-    return attrs
-
-
-@pytest.fixture(scope="module")
-def celeba_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("celeba_root")
-    colours = [(20 * i, 255 - 20 * i, 100) for i in range(12)]
-    partition = [0, 0, 1, 0, 2, 0, 0, 1, 2, 0, 1, 2]
-    attrs = write_celeba(root, colours, partition)
-    return str(root), colours, partition, attrs
-
-
-def test_celeba_fixture_round_trip(celeba_dir):
-    root, colours, partition, attrs = celeba_dir
-    for split, code in (("train", 0), ("val", 1), ("test", 2)):
-        x, a, names = data.load_celeba(root, split, image_size=32)
-        rows = [i for i, p in enumerate(partition) if p == code]
-        assert x.shape == (len(rows), 3, 32, 32) and x.dtype == torch.uint8
-        assert names == CELEBA_ATTRS
-        assert a.tolist() == attrs[rows].astype(int).tolist()
-        mean_colour = x.float().mean(dim=(2, 3))
-        assert (mean_colour - torch.tensor([colours[i] for i in rows]).float()).abs().max() < 4  # JPEG loss only
-    assert len(data.load_celeba(root, "train", 16, n=2)[0]) == 2
-
-
-def test_celeba_missing_files_name_the_path_and_layout(tmp_path, celeba_dir):
-    with pytest.raises(data.DataError, match=r"list_attr_celeba\.txt.*img_align_celeba/\*\.jpg"):
-        (tmp_path / "celeba" / "img_align_celeba").mkdir(parents=True)
-        data.load_celeba(str(tmp_path), "train")
-    root = tmp_path / "other"
-    write_celeba(root, [(0, 0, 0)] * 2, [0, 0])
-    os.remove(root / "celeba" / "img_align_celeba" / "000002.jpg")
-    with pytest.raises(data.DataError, match="000002.jpg"):
-        data.load_celeba(str(root), "train")
-
-
-# --- few-shot --------------------------------------------------------------------
+# --- few-shot -------------------------------------------------------------------------------------
 
 def test_episode_sampler_counts_no_overlap_deterministic():
     y = torch.cat([torch.full((n,), c) for c, n in enumerate([30, 22, 40, 10, 25, 26, 21])])  # class 3 too small
@@ -262,7 +75,7 @@ def test_fewshot_separable_features_high_random_features_chance():
     assert abs(res["5shot"] - 20) < 5  # 5-way chance
 
 
-# --- DCI -------------------------------------------------------------------------
+# --- DCI ------------------------------------------------------------------------------------------
 
 def needs_sklearn(model):
     return pytest.param(model, marks=pytest.mark.skipif(
@@ -326,26 +139,7 @@ def test_dci_gbt_without_sklearn_names_the_package(monkeypatch):
         probe.dci(y.float(), y, y.float(), y, model="gbt")
 
 
-def test_load_dsprites_splits():
-    xte, cte = data.load_dsprites(DSPRITES, "test")
-    xtr, ctr = data.load_dsprites(DSPRITES, "train", n_val=500)
-    assert xte.shape == (4608, 3, 64, 64) and xte.dtype == torch.uint8 and len(ctr) == 46080 - 4608 - 500
-    assert set(xte[:50].unique().tolist()) == {0, 255} and torch.equal(xte[:, 0], xte[:, 2])
-    assert cte.shape == (4608, 5) and cte.max(0).values.tolist() == [2, 5, 9, 15, 15]
-    key = lambda c: set((c * torch.tensor([2560 * 6, 2560, 256, 16, 1])).sum(1).tolist())  # factors -> grid index
-    assert len(key(cte)) == 4608 and not key(cte) & key(ctr)
-    mass = xte[:, 0].float() / 255  # (N, 64, 64): each image agrees with its factors
-    cx = (mass.sum(1) * torch.arange(64.0)).sum(1) / mass.sum((1, 2))
-    cy = (mass.sum(2) * torch.arange(64.0)).sum(1) / mass.sum((1, 2))
-    corr = lambda a, b: torch.corrcoef(torch.stack([a, b.float()]))[0, 1]
-    assert corr(cx, cte[:, 3]) > 0.95 and corr(cy, cte[:, 4]) > 0.95 and corr(mass.sum((1, 2)), cte[:, 1]) > 0.8
-    x5, c5 = data.load_dsprites(DSPRITES, "test", n=5)
-    assert torch.equal(x5, xte[:5]) and torch.equal(c5, cte[:5])
-    with pytest.raises(data.DataError, match="dsprites_downsampled.npz"):
-        data.load_dsprites(ROOT, "test")
-
-
-# --- command line ----------------------------------------------------------------
+# --- command line ---------------------------------------------------------------------------------
 
 def make_ckpt(path, image_size):
     cfg = dict(train.DEFAULTS, image_size=image_size, z_dim=16, dataset="cifar10", data_dir="nowhere")
@@ -450,26 +244,9 @@ def test_cli_fewshot_multilabel_dci(tmp_path, capsys, celeba_dir):
     assert os.path.getsize(tmp_path / "probe_dci_z.png") > 1000
 
 
-def test_cars3d_factors_split_and_labels(tmp_path):
-    from test_nvs import write_cars3d  # 4 cars x 2 elevations x 4 azimuths of noise, in the real layout
-    write_cars3d(tmp_path)
-    splits = multiview.load_cars3d_factors(str(tmp_path), 16)
-    (xtr, ytr, Ktr, ctr), (xte, yte, Kte, cte) = splits["train"], splits["test"]
-    assert len(xtr) + len(xte) == 32 and len(xte) == 10 and xtr.shape[1:] == (3, 16, 16) and Ktr.shape == (22, 3, 3)
-    key = lambda y: set((y * torch.tensor([4, 1, 8])).sum(1).tolist())  # (elevation, azimuth, object) -> index
-    assert len(key(ytr) | key(yte)) == 32 and not key(ytr) & key(yte)
-    assert ytr.max(0).values.tolist() == [1, 3, 3]
-    full = np.load(tmp_path / "cars3d_64.npz")
-    order = np.concatenate([np.flatnonzero(full["split"] == s) for s in ("train", "test")])  # the 'train' cars first
-    for img, (e, a, o), c2w in zip(xte, yte.tolist(), cte):
-        ref = multiview._resize_u8(torch.from_numpy(full["images"][order[o], e, a]).permute(2, 0, 1)[None, None], 16)[0, 0]
-        assert torch.equal(img, ref)
-        assert torch.allclose(c2w, multiview.cars3d_camera(float(full["azimuth_deg"][a]), float(full["elevation_deg"][e])))
-
-
 @pytest.mark.parametrize("model", [needs_sklearn("logreg"), needs_sklearn("gbt")])
 def test_cli_dci_on_cars3d_posed_checkpoint(tmp_path, capsys, model):
-    from test_nvs import write_cars3d
+    from conftest import write_cars3d
     write_cars3d(tmp_path)
     cfg = dict(train.DEFAULTS, image_size=16, z_dim=8, dataset="cars3d", data_dir=str(tmp_path), ray_freqs=2)
     torch.manual_seed(0)
@@ -505,3 +282,52 @@ def test_unet_features_see_the_image_not_z():
     assert torch.equal(f, feats())
     net.denoise = lambda x_t, ls, z, keep: with_z(x_t, ls, z, torch.ones_like(keep))
     assert (f - feats()).abs().max() > 1e-3  # unmasked, z would show
+
+
+# --- image folders: the streaming probe and its cache, an unlabelled folder -----------------------
+
+def test_streaming_probe_of_a_folder_run_and_its_cache(imagenet_run, capsys, monkeypatch):
+    """The val folder, never CIFAR-10 (80 images, not 1,017); features extracted once, then read from
+    the cache by the next probe; the extraction goes through DataLoader workers when asked."""
+    ck = f"--ckpt={imagenet_run / 'ckpt.pt'}"
+    res = probe.main([ck, "--task=linear", "--num_workers=2"])
+    assert res["dataset"] == "imagenet" and res["features"] == "z" and (res["n_train"], res["n_test"]) == (240, 80)
+    assert 0 <= res["top1"] <= res["top5"] <= 100 and res["solver"] == "lbfgs" and res["wd"] in solvers.LINEAR_WDS
+    assert set(res["extract_img_s"]) == {"train", "test"}
+    cached = sorted(os.listdir(imagenet_run / "features"))
+    assert len(cached) == 2 and all(f.startswith("imagenet_") for f in cached)
+    out = capsys.readouterr().out
+    assert "imagenet train z features: 240 images" in out and "linear top1" in out
+    extracted = []
+    monkeypatch.setattr(probe, "stream_features", lambda *a, **k: extracted.append(1))
+    knn = probe.main([ck, "--task=knn"])  # the same features: read, not extracted
+    assert not extracted and knn["extract_img_s"] == {} and 0 <= knn["top1"] <= knn["top5"] <= 100
+    assert "features: read" in capsys.readouterr().out
+    monkeypatch.undo()
+    pool = probe.main([ck, "--task=knn", "--features=pool", "--cache=False"])  # other features: extracted
+    assert set(pool["extract_img_s"]) == {"train", "test"} and len(os.listdir(imagenet_run / "features")) == 2
+
+
+def test_probe_refuses_another_dataset_unless_asked(imagenet_run):
+    ck = f"--ckpt={imagenet_run / 'ckpt.pt'}"
+    with pytest.raises(probe.ConfigError, match="probed on its test split"):
+        probe.main([ck, "--split=val"])
+    with pytest.raises(probe.ConfigError, match="augments a training set held in memory"):
+        probe.main([ck, "--probe_aug=1"])
+    # a folder without train/ and val/ (the run's own PNGs) is a folder of images, but without class subfolders
+    with pytest.raises(data.DataError, match="task='linear' needs labels.*task='zusage' measures"):
+        probe.main([ck, f"--data_dir={imagenet_run}"])
+    empty = imagenet_run / "empty"
+    empty.mkdir(exist_ok=True)
+    with pytest.raises(data.DataError, match="no image files in"):
+        probe.main([ck, f"--data_dir={empty}"])
+
+
+def test_probe_of_an_unlabelled_folder_measures_only_zusage(photo_run):
+    out, photos, _ = photo_run
+    with pytest.raises(data.DataError, match="task='linear' needs labels") as e:
+        probe.main([f"--ckpt={out / 'ckpt.pt'}", "--task=linear"])
+    assert "\n" not in str(e.value)
+    res = probe.main([f"--ckpt={out / 'ckpt.pt'}", "--task=zusage"])
+    assert res["dataset"] == "folder" and (res["n_train"], res["n_test"]) == (16, 4) and res["step"] == 2
+    assert np.isfinite(res["removed_mean"]) and (out / "probe_zusage_z.json").is_file()

@@ -1,8 +1,7 @@
-"""sample.py: metrics against hand cases, slerp, section mixing, and every mode end to end on a tiny
-random model (CPU, a few sampler steps)."""
-import os
-import subprocess
-import sys
+"""sample.py: slerp, section mixing, directions, and every mode end to end on a tiny random model
+(CPU, a few sampler steps); on image folders: it reads only the images it shows, and takes your own
+images in every mode. (PSNR and SSIM: tests/test_common.py.)"""
+import json
 
 import numpy as np
 import pytest
@@ -10,10 +9,11 @@ import torch
 from PIL import Image
 
 import common
+import data
 import sample
 import train
+from conftest import save_image
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*partial copy:UserWarning")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -59,58 +59,7 @@ def assert_png(path):
         assert im.format == "PNG" and min(im.size) > 32
 
 
-# --- metrics ----------------------------------------------------------------------
-
-def test_psnr_known_cases():
-    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.8
-    assert torch.isinf(common.psnr(x, x)).all()
-    # a constant offset of 0.1 everywhere: MSE = 0.01, PSNR = 10 log10(1 / 0.01) = 20 dB
-    assert torch.allclose(common.psnr(x, x + 0.1), torch.full((3,), 20.0), atol=1e-4)
-    # per image: an offset of 0.01 on the second image only -> 40 dB there
-    y = x.clone()
-    y[1] += 0.01
-    assert torch.isinf(common.psnr(x, y)[0]) and abs(common.psnr(x, y)[1].item() - 40.0) < 1e-3
-
-
-def test_ssim_identical_is_one_and_noise_lowers_it():
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(common.ssim(x, x), torch.ones(2), atol=1e-6)
-    noisy = (x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
-    s = common.ssim(x, noisy)
-    assert (s < 0.9).all() and torch.allclose(s, common.ssim(noisy, x), atol=1e-6)
-
-
-def test_ssim_constant_shift_matches_hand_formula():
-    # x constant a_c in channel c, y = x + d: every window has mu_x = a, mu_y = a + d and no variance,
-    # so SSIM = (2 a (a + d) + C1) / (a^2 + (a + d)^2 + C1) per channel; the image's SSIM is their mean
-    C1 = 0.01**2
-    a, d = torch.tensor([0.2, 0.4, 0.7]), 0.1
-    x = a[None, :, None, None].expand(1, 3, 24, 24)
-    hand = ((2 * a * (a + d) + C1) / (a**2 + (a + d) ** 2 + C1)).mean()
-    assert abs(common.ssim(x, x + d).item() - hand.item()) < 1e-6
-    # the Gaussian window is normalised: a window that sums to 2 would give a different number
-    assert abs(common.gaussian_window().sum().item() - 1) < 1e-12
-
-
-def test_ssim_one_bright_pixel_matches_hand_formula():
-    # x = m everywhere, y = x with one pixel raised by d, far enough from the border that all 11 x 11
-    # windows over it are valid. The window with weight w = g_u g_v on that pixel sees mu_x = m,
-    # mu_y = m + d w, var_x = cov = 0, var_y = d^2 w (1 - w), so its SSIM is
-    # (2 m (m + d w) + C1) / (m^2 + (m + d w)^2 + C1) * C2 / (d^2 w (1 - w) + C2); every other window
-    # gives 1. This case checks C2 and the window's width (sigma 1.5), which a constant image cannot.
-    C1, C2, m, d = 0.01**2, 0.03**2, 0.5, 0.4
-    r = torch.arange(11, dtype=torch.float64) - 5
-    g = torch.exp(-r**2 / (2 * 1.5**2))
-    w = (g / g.sum())[:, None] * (g / g.sum())[None, :]  # (11, 11)
-    per_window = (2 * m * (m + d * w) + C1) / (m**2 + (m + d * w) ** 2 + C1) * C2 / (d**2 * w * (1 - w) + C2)
-    n = 22 * 22  # valid positions of a 32x32 image
-    hand = (n - 121 + per_window.sum().item()) / n
-    x = torch.full((1, 3, 32, 32), m)
-    y = x.clone()
-    y[:, :, 16, 16] += d
-    assert abs(common.ssim(x, y).item() - hand) < 1e-6 and hand < 0.99
-
-
+@pytest.mark.filterwarnings("ignore:.*partial copy:UserWarning")
 def test_slerp_end_points_and_norm():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(3, 8, 8, generator=g), torch.randn(3, 8, 8, generator=g)
@@ -123,8 +72,9 @@ def test_slerp_end_points_and_norm():
     assert torch.allclose(sample.slerp(a, a, 0.3), a, atol=1e-6)  # parallel inputs
 
 
-# --- mixing ---------------------------------------------------------------------------
+# --- mixing ---------------------------------------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore:.*partial copy:UserWarning")
 def test_mix_latents_takes_sections_from_a(ckpt):
     net, _ = common.model_from_checkpoint(ckpt)
     z_a, z_b = torch.randn(2, 32), torch.randn(2, 32)
@@ -137,6 +87,7 @@ def test_mix_latents_takes_sections_from_a(ckpt):
     assert torch.equal(z[:, :lo], z_b[:, :lo]) and torch.equal(z[:, hi:], z_b[:, hi:])
 
 
+@pytest.mark.filterwarnings("ignore:.*partial copy:UserWarning")
 def test_masked_sections_of_b_leak_nothing_under_layerwise_guidance(ckpt):
     """Sections 0, 1 from A and the rest from B, decoded with only sections 0, 1 on and layer-wise
     guidance (w = 2, section 0 on in the unconditional branch too) == A's z decoded the same way:
@@ -158,8 +109,9 @@ def test_masked_sections_of_b_leak_nothing_under_layerwise_guidance(ckpt):
     assert not torch.allclose(plain, classic, atol=1e-3)  # keep_uncond matters: layer-wise != classic CFG
 
 
-# --- modes end to end -------------------------------------------------------------------
+# --- modes end to end -----------------------------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore:.*partial copy:UserWarning")
 def test_recon_metrics_and_baseline(ckpt, tmp_path, capsys):
     res = run(ckpt, tmp_path, "recon")
     out = capsys.readouterr().out
@@ -171,6 +123,7 @@ def test_recon_metrics_and_baseline(ckpt, tmp_path, capsys):
     assert "PSNR" in out and "z masked" in out and f"wrote {tmp_path / 'recon.png'}" in out
 
 
+@pytest.mark.filterwarnings("ignore:.*partial copy:UserWarning")
 def test_recon_is_deterministic_under_seed(ckpt, tmp_path):
     kw = dict(sampler="ddpm", guidance=2.0, n=2)
     a = run(ckpt, tmp_path / "a", "recon", **kw)
@@ -180,6 +133,7 @@ def test_recon_is_deterministic_under_seed(ckpt, tmp_path):
     assert not torch.equal(a["images"][1], c["images"][1])
 
 
+@pytest.mark.filterwarnings("ignore:.*partial copy:UserWarning")
 def test_interp_writes_png_and_gif_and_moves_only_chosen_sections(ckpt, tmp_path):
     res = run(ckpt, tmp_path, "interp", sections="0,1")
     assert_png(tmp_path / "interp.png")
@@ -193,6 +147,7 @@ def test_interp_writes_png_and_gif_and_moves_only_chosen_sections(ckpt, tmp_path
     assert res["frames"].shape == (3, 3, 32, 32)
 
 
+@pytest.mark.filterwarnings("ignore:.*partial copy:UserWarning")
 def test_directions_grid_walks_from_one_fixed_x_T(ckpt, tmp_path):
     res = run(ckpt, tmp_path, "directions", attr=2, alphas="-2,0,2")
     assert_png(tmp_path / "directions.png")
@@ -204,6 +159,7 @@ def test_directions_grid_walks_from_one_fixed_x_T(ckpt, tmp_path):
     assert not torch.allclose(grid[:, 1], grid[:, 2], atol=1e-3)
 
 
+@pytest.mark.filterwarnings("ignore:.*partial copy:UserWarning")
 def test_pca_and_probe_directions_find_the_planted_axis():
     g = torch.Generator().manual_seed(0)
     zs = torch.randn(200, 6, generator=g)
@@ -219,6 +175,7 @@ def test_pca_and_probe_directions_find_the_planted_axis():
     assert d[4].item() > 0.95 and abs(d[5].item()) < 0.05
 
 
+@pytest.mark.filterwarnings("ignore:.*partial copy:UserWarning")
 def test_mix_grid_rows(ckpt, tmp_path):
     res = run(ckpt, tmp_path, "mix")
     assert_png(tmp_path / "mix.png")
@@ -232,6 +189,7 @@ def test_mix_grid_rows(ckpt, tmp_path):
         assert not torch.allclose(grid[row[f"sec {s} from A, rest B"]], grid[row["B"]], atol=1e-3)
 
 
+@pytest.mark.filterwarnings("ignore:.*partial copy:UserWarning")
 def test_random_guidance_columns(ckpt, tmp_path):
     res = run(ckpt, tmp_path, "random", ws="1,3")
     assert_png(tmp_path / "random.png")
@@ -241,6 +199,7 @@ def test_random_guidance_columns(ckpt, tmp_path):
     assert not torch.allclose(grid[:, 1], grid[:, 2], atol=1e-3)  # z changes the sample
 
 
+@pytest.mark.filterwarnings("ignore:.*partial copy:UserWarning")
 def test_config_errors(ckpt, tmp_path):
     with pytest.raises(train.ConfigError, match="mode"):
         run(ckpt, tmp_path, "bogus")
@@ -252,8 +211,73 @@ def test_config_errors(ckpt, tmp_path):
         run(ckpt, tmp_path, "recon", n=40)
 
 
-def test_cli_missing_checkpoint_is_one_line(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "sample.py", f"--ckpt={tmp_path / 'none.pt'}"], cwd=root,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: no checkpoint at {str(tmp_path / 'none.pt')!r}"]
+# --- image folders, and your own images -----------------------------------------------------------
+
+def test_sample_reads_only_the_images_it_shows(imagenet_run, imagenet_dir, capsys, monkeypatch):
+    reads = []
+    real = data.FolderData.__getitem__
+    monkeypatch.setattr(data.FolderData, "__getitem__", lambda self, i: reads.append(i) or real(self, i))
+    res = sample.main([f"--ckpt={imagenet_run / 'ckpt.pt'}", "--mode=recon", "--n=4", "--index=10", "--steps=2",
+                       "--threads=1", f"--out_dir={imagenet_run / 'samples'}"])
+    assert reads == [10, 11, 12, 13]
+    assert all(np.isfinite(res["metrics"][k]["psnr"]) for k in ("z", "z_masked"))
+    got = json.load(open(imagenet_run / "samples" / "recon.json"))
+    assert got["n"] == 4 and "data: 4 of the 80 images of the imagenet val/ or held-out part: " in capsys.readouterr().out
+    reads.clear()
+    res = sample.main([f"--ckpt={imagenet_run / 'ckpt.pt'}", "--mode=interp", "--index=40", "--steps=2", "--frames=3",
+                       "--threads=1", f"--out_dir={imagenet_run / 'samples'}"])
+    assert reads == [40, 41] and res["frames"].shape == (3, 3, 32, 32)
+    with pytest.raises(data.DataError, match="the test split has 80"):
+        sample.main([f"--ckpt={imagenet_run / 'ckpt.pt'}", "--mode=interp", "--index=79", "--steps=2"])
+
+
+def sample_args(run, *more):
+    return [f"--ckpt={run / 'ckpt.pt'}", "--steps=2", "--threads=1", f"--out_dir={run / 'own'}", *more]
+
+
+def test_sample_reconstructs_your_images(photo_run, tmp_path, capsys):
+    out, photos, _ = photo_run
+    mine = save_image(tmp_path / "mine.png", (np.random.RandomState(3).rand(50, 70, 4) * 255).astype(np.uint8))
+    res = sample.main(sample_args(out, "--mode=recon", f"--images={mine},{photos / 'album'},{photos / 'grey16.png'}"))
+    assert res["images"].shape == (3, 3, 3, 32, 32)  # source / with z / z masked x 3 images
+    assert all(np.isfinite(res["metrics"][k]["psnr"]) for k in ("z", "z_masked"))
+    got = json.load(open(out / "own" / "recon.json"))
+    assert got["n"] == 3 and got["step"] == 2 and "mine.png" in got["data"] and "album" in got["data"]
+    assert (out / "own" / "recon.png").stat().st_size > 1000
+    assert "data: 3 of your images" in capsys.readouterr().out
+
+
+def test_sample_modes_on_your_images(photo_run):
+    out, photos, _ = photo_run
+    images = f"--images={photos / 'rotated.jpg'},{photos / 'rgba.png'},{photos / 'pal.gif'},{photos / 'grey.png'}"
+    res = sample.main(sample_args(out, "--mode=interp", "--frames=2", images))
+    assert res["frames"].shape == (2, 3, 32, 32) and (out / "own" / "interp.png").is_file()
+    res = sample.main(sample_args(out, "--mode=mix", images))
+    assert res["images"].shape[1] == 2  # 4 images: 2 (A, B) pairs
+    res = sample.main(sample_args(out, "--mode=random", "--ws=2", images))
+    assert res["images"].shape[:2] == (4, 3) and (out / "own" / "random.png").is_file()
+    res = sample.main(sample_args(out, "--mode=directions", "--n_dirs=2", "--alphas=-1,1", images, "--index=2"))
+    assert res["images"].shape[:2] == (2, 3)  # PC1, PC2 (no labels: no class direction) x (source + 2 steps)
+    # the walked image is the third one given (pal.gif), not a test image
+    mine = data.read_images(str(photos / "pal.gif"), 32)[0][0].float() / 127.5 - 1
+    assert torch.allclose(res["images"][0, 0], mine) and (out / "own" / "directions.png").is_file()
+
+
+def test_sample_refuses_too_few_or_missing_images(photo_run):
+    out, photos, _ = photo_run
+    with pytest.raises(data.DataError, match=r"images=.*mode='interp' reads 2 image\(s\).*but 1 was given") as e:
+        sample.main(sample_args(out, "--mode=interp", f"--images={photos / '00.jpg'}"))
+    assert "\n" not in str(e.value)
+    with pytest.raises(data.DataError, match="images=.*mode='mix'"):
+        sample.main(sample_args(out, "--mode=mix", f"--images={photos / '00.jpg'},{photos / '01.png'}", "--index=1"))
+    with pytest.raises(data.DataError, match="no file or folder .*gone.png") as e:
+        sample.main(sample_args(out, "--mode=recon", f"--images={photos / '00.jpg'},{photos / 'gone.png'}"))
+    assert "\n" not in str(e.value)
+
+
+def test_sample_directions_asks_for_more_directions_than_a_small_folder_holds(photo_run):
+    """The run's held-out part is 4 images: 4 centred points span 3 directions, so n_dirs=6 draws those 3
+    (an unlabelled folder has no class direction)."""
+    out, photos, _ = photo_run
+    res = sample.main(sample_args(out, "--mode=directions", "--n_dirs=6", "--alphas=1"))
+    assert res["images"].shape[0] == len(res["directions"]) == 3

@@ -1,6 +1,6 @@
 """
 The GPU check: in one call on one CUDA GPU (<= 8 minutes) everything a CPU cannot verify; with
---dry-run the same code on the CPU at tiny sizes (tests/test_gpu_check.py).
+--dry-run the same code on the CPU at tiny sizes (tests/test_tools.py).
 
     bash tools/gpu_check.sh OUT_DIR               # one CUDA GPU, ../shared/data/cifar10-subset
     bash tools/gpu_check.sh OUT_DIR --dry-run     # CPU, tiny models, a 120-image fixture in OUT_DIR
