@@ -130,11 +130,11 @@ def main(argv):
     def step(it):  # train.py's step, one micro-step: views, encoder noise, loss, backward, clip, AdamW, EMA
         (x_src, x_tgt), rng = views_at(it)
         x_src = x_src + C["enc_noise"] * rng.randn(3, S, S)
-        keep, u, eps = raw.draw_keep(rng.rand), rng.rand(), rng.randn(3, S, S)
+        z_on, u, eps = raw.draw_z_on(rng.rand), rng.rand(), rng.randn(3, S, S)
         if C["channels_last"]:
             x_src, x_tgt = (t.contiguous(memory_format=torch.channels_last) for t in (x_src, x_tgt))
         with autocast():
-            loss = D.loss(net, x_src, x_tgt, schedule_fn, u=u, eps=eps, weighting=C["weighting"], keep=keep)
+            loss = D.loss(net, x_src, x_tgt, schedule_fn, u=u, eps=eps, weighting=C["weighting"], z_on=z_on)
         loss.backward()
         if C["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(raw.parameters(), C["grad_clip"])

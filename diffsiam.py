@@ -19,7 +19,7 @@ import diffusion as D
 import model as M
 
 
-def segment_keep(u, n, mode="hierarchical"):
+def segments_switched_on(u, n, mode="hierarchical"):
     """DiffSiam's segment schedule (thesis §3.2, §4.3.1): at noise position u in [0, 1] (more noise,
     more lost attributes) level k = ceil(u n) in 1..n; 'hierarchical' switches on segments 1..k
     (z_bar_k = [z_1..z_k, 0..]), 'sequential' only segment k. -> (B, n) of 0/1."""
@@ -33,11 +33,11 @@ def segment_keep(u, n, mode="hierarchical"):
 
 
 def segment_schedule(n, mode, schedule):
-    """The segment schedule for samplers: logsnr (B,) -> (B, n) keep, the segments that training
-    switched on at that noise level (segment_keep at the u where the training `schedule` gives
+    """The segment schedule for samplers: logsnr (B,) -> (B, n) of 0/1, the segments that training
+    switched on at that noise level (segments_switched_on at the u where the training `schedule` gives
     this logsnr). A sampler that conditions on every segment at every step asks the decoder for
     something it never saw at low noise (thesis Alg. 2 can: its k is drawn apart from t)."""
-    return lambda logsnr: segment_keep(D.invert_decreasing(schedule, logsnr.float()), n, mode)
+    return lambda logsnr: segments_switched_on(D.invert_decreasing(schedule, logsnr.float()), n, mode)
 
 
 class MLP(nn.Sequential):
@@ -99,11 +99,11 @@ class DiffSiam(M.SODA):
             self.frozen.eval()
         return self
 
-    def keep_dims(self, keep, seg_keep):
-        """A section keep (B, P) and a segment keep (B or 1, segments) -> one keep per dim of z
+    def dims_on(self, z_on, segments_on):
+        """A section mask z_on (B, P) and a segment mask (B or 1, segments) -> one 0/1 per dim of z
         (B, z_dim): the two cut z differently, so they combine dim by dim."""
-        ones = torch.ones(keep.shape[0], self.z_dim, device=keep.device)
-        return self.mask_z(ones, keep) * self.mask_z(ones, seg_keep)
+        ones = torch.ones(z_on.shape[0], self.z_dim, device=z_on.device)
+        return self.mask_z(ones, z_on) * self.mask_z(ones, segments_on)
 
     def simsiam_loss(self, z1, z2):
         """Symmetrised SimSiam loss on two views' latents: D(pred(proj(z1)), proj(z2)) / 2 + the
@@ -111,19 +111,19 @@ class DiffSiam(M.SODA):
         h1, h2 = self.projector(z1), self.projector(z2)
         return 0.5 * (negative_cosine(self.predictor(h1), h2) + negative_cosine(self.predictor(h2), h1))
 
-    def denoise(self, x_t, logsnr, z, keep=None, rays_tgt=None, keep_pose=None, seg_keep=None):
-        """SODA's denoise, with only the segments on that the noise level uses: seg_keep (B, segments)
+    def denoise(self, x_t, logsnr, z, z_on=None, rays_tgt=None, pose_on=None, segments_on=None):
+        """SODA's denoise, with only the segments on that the noise level uses: segments_on (B, segments)
         where given (training: from u), else the segment schedule at logsnr (the samplers)."""
         if self.segments:
-            keep = torch.ones(len(z), self.n_sections, device=z.device) if keep is None else keep
-            keep = self.keep_dims(keep, self.segments_at(logsnr) if seg_keep is None else seg_keep)
+            z_on = torch.ones(len(z), self.n_sections, device=z.device) if z_on is None else z_on
+            z_on = self.dims_on(z_on, self.segments_at(logsnr) if segments_on is None else segments_on)
         if self.frozen is None:
-            return super().denoise(x_t, logsnr, z, keep, rays_tgt, keep_pose)
+            return super().denoise(x_t, logsnr, z, z_on, rays_tgt, pose_on)
         # PDAE: eps_hat = eps_theta(x_t) - sqrt(1 - abar) G(x_t, z), G ~ grad_x_t log p(z | x_t), the
         # classifier-guidance shift of the frozen model's eps (thesis eq. 3.8); G's up path reads
         # the frozen down path's features, so only it and the encoder learn.
-        z = self.decoder_latent(z, keep)
-        x_in = self.network_input(x_t, rays_tgt, keep_pose)
+        z = self.decoder_latent(z, z_on)
+        x_in = self.network_input(x_t, rays_tgt, pose_on)
         with torch.no_grad():
             cond = self.frozen.conditioning(logsnr, torch.zeros_like(z))
             skips = self.frozen.down_path(x_in, *cond)
@@ -131,13 +131,13 @@ class DiffSiam(M.SODA):
         G = self.unet.up_path(skips, *self.unet.conditioning(logsnr, z))
         return eps_theta - torch.sigmoid(-logsnr.float()).sqrt().to(G.dtype)[:, None, None, None] * G
 
-    def forward(self, x_t, logsnr, x_src, keep=None, rays_src=None, rays_tgt=None, keep_pose=None,
-                keep_src_pose=None, seg_keep=None, x_pair=None):
+    def forward(self, x_t, logsnr, x_src, z_on=None, rays_src=None, rays_tgt=None, pose_on=None,
+                src_pose_on=None, segments_on=None, x_pair=None):
         """SODA's training forward; with x_pair (the other augmented view) -> (eps_hat, the SimSiam
         loss of the two views' latents): one forward, so DDP sees every parameter used once."""
-        z = self.encode(x_src, rays_src, keep_src_pose)
-        keep, keep_pose = self.training_masks(x_t, keep, keep_pose)
-        eps_hat = self.denoise(x_t, logsnr, z, keep, rays_tgt, keep_pose, seg_keep)
+        z = self.encode(x_src, rays_src, src_pose_on)
+        z_on, pose_on = self.training_masks(x_t, z_on, pose_on)
+        eps_hat = self.denoise(x_t, logsnr, z, z_on, rays_tgt, pose_on, segments_on)
         if x_pair is None:
             return eps_hat
         return eps_hat, self.simsiam_loss(z, self.encode(x_pair))

@@ -167,22 +167,22 @@ def eps_mse(eps_hat, eps, logsnr, weighting="eps"):
 # -----------------------------------------------------------------------------
 # Guidance (§3.2.1, §3.3): one batched forward for the conditional and unconditional halves
 
-def guided_eps(model, x_t, logsnr, z, w=1.0, keep=None, keep_uncond=None, rays_tgt=None, w_pose=1.0):
+def guided_eps(model, x_t, logsnr, z, w=1.0, z_on=None, z_on_uncond=None, rays_tgt=None, w_pose=1.0):
     """eps = eps(x | masked z) + w (eps(x | z) - eps(x | masked z)).
-    keep: the sections to condition on (default all); keep_uncond: the sections left on in the
+    z_on: the sections to condition on (default all); z_on_uncond: the sections left on in the
     unconditional branch (default none: classic CFG; any subset: layer-wise guidance).
     With rays and w_pose != 1, pose is guided separately:
     eps = eps(0, 0) + w_pose (eps(0, r) - eps(0, 0)) + w (eps(z, r) - eps(0, r))."""
     B, S = x_t.shape[0], model.n_sections
     ones = torch.ones(B, S, device=x_t.device)
-    keep = ones if keep is None else keep.to(ones).expand(B, S)
-    keep_uncond = 0 * ones if keep_uncond is None else keep_uncond.to(ones).expand(B, S)
+    z_on = ones if z_on is None else z_on.to(ones).expand(B, S)
+    z_on_uncond = 0 * ones if z_on_uncond is None else z_on_uncond.to(ones).expand(B, S)
     guide_pose = rays_tgt is not None and w_pose != 1.0
     if w == 1.0 and not guide_pose:  # no guidance: the conditional pass alone
-        return model.denoise(x_t, logsnr, z, keep, rays_tgt).float()
-    keeps, pose = [keep, keep_uncond], [1.0, 1.0]
+        return model.denoise(x_t, logsnr, z, z_on, rays_tgt).float()
+    keeps, pose = [z_on, z_on_uncond], [1.0, 1.0]
     if guide_pose:  # a third branch with neither latent nor target pose
-        keeps, pose = keeps + [keep_uncond], pose + [0.0]
+        keeps, pose = keeps + [z_on_uncond], pose + [0.0]
     n = len(keeps)
     eps = model.denoise(x_t.repeat(n, 1, 1, 1), logsnr.repeat(n), z.repeat(n, 1), torch.cat(keeps),
                         None if rays_tgt is None else rays_tgt.repeat(n, 1, 1, 1),

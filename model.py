@@ -448,8 +448,8 @@ class SODAConfig:
 
 
 class SODA(nn.Module):
-    """eps_hat = D(x_t, logsnr, z = E(x')). `keep` (B, n_sections) of 0/1 switches sections of z
-    off (zeroed: eps(x_t | 0) is the unconditional model, §3.2.1); `keep_pose` (B,) does the same
+    """eps_hat = D(x_t, logsnr, z = E(x')). `z_on` (B, n_sections) of 0/1 switches sections of z
+    off (zeroed: eps(x_t | 0) is the unconditional model, §3.2.1); `pose_on` (B,) does the same
     for the target rays. During training, forward() draws that dropout unless given."""
 
     def __init__(self, config):
@@ -481,43 +481,43 @@ class SODA(nn.Module):
         # decoder reads what differs between images. The statistics are the global batch's under DDP.
         self.z_bn = BatchStandardize(c.z_dim) if c.z_bn else None
 
-    def network_input(self, x, rays=None, keep_pose=None):
-        """x and, side by side, the ray embedding of its view (zeroed where keep_pose is 0: no pose)
+    def network_input(self, x, rays=None, pose_on=None):
+        """x and, side by side, the ray embedding of its view (zeroed where pose_on is 0: no pose)
         and the pixel coordinates: what the encoder reads of a source view and the UNet of x_t."""
         if self.ray_freqs:
             r = ray_embed(rays, self.ray_freqs)
-            if keep_pose is not None:
-                r = r * keep_pose.to(r.dtype)[:, None, None, None]
+            if pose_on is not None:
+                r = r * pose_on.to(r.dtype)[:, None, None, None]
             x = torch.cat([x, r], dim=1)
         return with_coords(x) if self.coords else x
 
-    def encode_features(self, x_src, rays_src=None, keep_pose=None):
+    def encode_features(self, x_src, rays_src=None, pose_on=None):
         """One view per image: (B, C, H, W) -> (pooled (B, feat_dim), z (B, z_dim)), for probes."""
-        return self.encoder.forward_features(self.network_input(x_src, rays_src, keep_pose))
+        return self.encoder.forward_features(self.network_input(x_src, rays_src, pose_on))
 
-    def encode(self, x_src, rays_src=None, keep_pose=None):
-        """(B, C, H, W) or k views (B, k, C, H, W) -> z (B, z_dim). keep_pose (B,) or (B, k) of 0/1:
+    def encode(self, x_src, rays_src=None, pose_on=None):
+        """(B, C, H, W) or k views (B, k, C, H, W) -> z (B, z_dim). pose_on (B,) or (B, k) of 0/1:
         the source views whose pose the encoder sees (training: source-pose dropout, §3.3)."""
         if x_src.dim() == 4 and self.agg.kind == "mean":
-            return self.encode_features(x_src, rays_src, keep_pose)[1]
+            return self.encode_features(x_src, rays_src, pose_on)[1]
         if x_src.dim() == 4:
             x_src = x_src[:, None]
             rays_src = rays_src[:, None] if rays_src is not None else None
-            keep_pose = keep_pose[:, None] if keep_pose is not None else None
+            pose_on = pose_on[:, None] if pose_on is not None else None
         B, k = x_src.shape[:2]
         flat = lambda t: None if t is None else t.flatten(0, 1)  # (B*k, C, H, W)
-        zs = self.encode_features(flat(x_src), flat(rays_src), flat(keep_pose))[1]
+        zs = self.encode_features(flat(x_src), flat(rays_src), flat(pose_on))[1]
         return self.agg(zs.view(B, k, -1))
 
-    def mask_z(self, z, keep):
-        """keep (B, P) of 0/1: z cut into P near-equal parts (P = n_sections: the layer sections;
-        P = z_dim: any mask), each zeroed where keep is 0."""
+    def mask_z(self, z, z_on):
+        """on (B, P) of 0/1: z cut into P near-equal parts (P = n_sections: the layer sections;
+        P = z_dim: any mask), each zeroed where on is 0."""
         # the same cut as unet.sec_dims (tensor_split): the first r parts have q + 1 dims, the rest q;
         # each dim's part computed on z's device (a training step never waits for the host)
-        q, r = divmod(z.shape[1], keep.shape[1])
+        q, r = divmod(z.shape[1], z_on.shape[1])
         dim = torch.arange(z.shape[1], device=z.device)
         part = torch.where(dim < r * (q + 1), dim // (q + 1), r + (dim - r * (q + 1)) // max(q, 1))
-        return z * keep.to(z.dtype)[:, part]
+        return z * z_on.to(z.dtype)[:, part]
 
     def to_eps(self, out, x_t, logsnr):
         """The network's output read as eps (what the loss and the samplers use). 'eps': as is.
@@ -533,46 +533,46 @@ class SODA(nn.Module):
             return sigma * x_t + alpha * out
         return (x_t - alpha * out) / sigma
 
-    def decoder_latent(self, z, keep=None):
-        """z as the decoder reads it: standardised over the batch (z_bn), the sections that keep
-        switches off zeroed, each section layer-normalised (z_norm)."""
+    def decoder_latent(self, z, z_on=None):
+        """z as the decoder reads it: standardised over the batch (z_bn), the sections where z_on is 0
+        zeroed, each section layer-normalised (z_norm)."""
         if self.z_bn is not None:
             z = self.z_bn(z)
-        if keep is not None:  # masked parts of z are zero before the norm too: they cannot reach its statistics
-            z = self.mask_z(z, keep)
+        if z_on is not None:  # masked parts of z are zero before the norm too: they cannot reach its statistics
+            z = self.mask_z(z, z_on)
         if self.z_norm:  # each section to unit scale before the modulation
             z = torch.cat([F.layer_norm(t, t.shape[1:]) for t in z.split(self.unet.sec_dims, dim=1)], dim=1)
-            if keep is not None:  # a part smaller than a section is zero again after it
-                z = self.mask_z(z, keep)
+            if z_on is not None:  # a part smaller than a section is zero again after it
+                z = self.mask_z(z, z_on)
         return z
 
-    def denoise(self, x_t, logsnr, z, keep=None, rays_tgt=None, keep_pose=None):
+    def denoise(self, x_t, logsnr, z, z_on=None, rays_tgt=None, pose_on=None):
         """eps_hat for noisy targets x_t at noise level logsnr (B,), given a latent z."""
-        z = self.decoder_latent(z, keep)
-        return self.to_eps(self.unet(self.network_input(x_t, rays_tgt, keep_pose), logsnr, z), x_t, logsnr)
+        z = self.decoder_latent(z, z_on)
+        return self.to_eps(self.unet(self.network_input(x_t, rays_tgt, pose_on), logsnr, z), x_t, logsnr)
 
-    def draw_keep(self, rand):
+    def draw_z_on(self, rand):
         """Training dropout of z (§3.2.1): each section off with p_mask_layer (layer masking), all
         of z off with p_uncond (classifier-free guidance dropout). rand(*shape) -> uniform (B, *shape)."""
-        keep = (rand(self.n_sections) >= self.p_mask_layer).float()
-        return keep * (rand(1) >= self.p_uncond).float()
+        z_on = (rand(self.n_sections) >= self.p_mask_layer).float()
+        return z_on * (rand(1) >= self.p_uncond).float()
 
-    def draw_keep_pose(self, rand):
+    def draw_pose_on(self, rand):
         """Pose dropout, independent of the latent's (§3.3 "Guidance")."""
         return (rand() >= self.p_uncond_pose).float()
 
-    def training_masks(self, x_t, keep=None, keep_pose=None):
+    def training_masks(self, x_t, z_on=None, pose_on=None):
         """In training, the dropout of z and of the target pose, drawn here where not given."""
         rand = lambda *shape: torch.rand(x_t.shape[0], *shape, device=x_t.device)
-        if self.training and keep is None:
-            keep = self.draw_keep(rand)
-        if self.training and keep_pose is None and self.ray_freqs:
-            keep_pose = self.draw_keep_pose(rand)
-        return keep, keep_pose
+        if self.training and z_on is None:
+            z_on = self.draw_z_on(rand)
+        if self.training and pose_on is None and self.ray_freqs:
+            pose_on = self.draw_pose_on(rand)
+        return z_on, pose_on
 
-    def forward(self, x_t, logsnr, x_src, keep=None, rays_src=None, rays_tgt=None, keep_pose=None,
-                keep_src_pose=None):
+    def forward(self, x_t, logsnr, x_src, z_on=None, rays_src=None, rays_tgt=None, pose_on=None,
+                src_pose_on=None):
         """Training forward: encode the source view(s), then denoise (§3.2)."""
-        z = self.encode(x_src, rays_src, keep_src_pose)
-        keep, keep_pose = self.training_masks(x_t, keep, keep_pose)
-        return self.denoise(x_t, logsnr, z, keep, rays_tgt, keep_pose)
+        z = self.encode(x_src, rays_src, src_pose_on)
+        z_on, pose_on = self.training_masks(x_t, z_on, pose_on)
+        return self.denoise(x_t, logsnr, z, z_on, rays_tgt, pose_on)

@@ -87,10 +87,10 @@ def evaluate(run, it):
     losses = []
     on = torch.ones(len(f_src), ema.n_sections, device=run.dev)
     # DiffSiam: "with z" is the segments training switches on at these noise levels (u)
-    seg = {"seg_keep": diffsiam.segment_keep(u, run.segments, run.segment_mode)} if run.segments else {}
-    for keep in (on, torch.zeros_like(on)):
+    seg = {"segments_on": diffsiam.segments_switched_on(u, run.segments, run.segment_mode)} if run.segments else {}
+    for z_on in (on, torch.zeros_like(on)):
         with autocast():
-            eps_hat = ema.denoise(x_t, logsnr, z, keep, r_tgt, **seg)
+            eps_hat = ema.denoise(x_t, logsnr, z, z_on, r_tgt, **seg)
         losses.append(F.mse_loss(eps_hat.float(), eps).item())
     out["loss_z"], out["zgap"] = losses[0], losses[1] - losses[0]  # > 0: the decoder uses z
     with autocast():  # x0-MSE with z vs z masked on the log-SNR grid (zusage.z_usage)

@@ -96,13 +96,13 @@ def rays_of(mv, objs, views, dev):
     return multiview.camera_rays(mv.K[objs, views], mv.c2w[objs, views], *mv.images.shape[-2:]).to(dev)
 
 
-def generate(net, x_src, r_src, r_tgt, C, seed, keep=None):
+def generate(net, x_src, r_src, r_tgt, C, seed, z_on=None):
     """Target views for rays r_tgt (B, 6, H, W) from source views (B, k, 3, H, W) with rays."""
     g = torch.Generator(x_src.device).manual_seed(seed)
     z = net.encode(x_src, r_src)
-    w = 1.0 if keep is not None else C["guidance_z"]  # the masked-z baseline is not guided by z
+    w = 1.0 if z_on is not None else C["guidance_z"]  # the masked-z baseline is not guided by z
     return D.sample(net, z, (len(z), 3, *x_src.shape[-2:]), steps=C["steps"], eta=D.SAMPLERS[C["sampler"]],
-                    schedule=C["schedule"], generator=g, w=w, keep=keep, rays_tgt=r_tgt, w_pose=C["guidance_pose"])
+                    schedule=C["schedule"], generator=g, w=w, z_on=z_on, rays_tgt=r_tgt, w_pose=C["guidance_pose"])
 
 
 def check(C):
@@ -170,7 +170,7 @@ def predict(net, mv, pairs, ks, C, dev):
             sl = slice(i, i + C["batch"])
             o, s = objs[sl, None].expand(-1, max(kk, 1)), srcs[sl, :max(kk, 1)]
             outs.append(generate(net, images_of(mv, o, s, dev), rays_of(mv, o, s, dev),
-                                 rays_of(mv, objs[sl], tgts[sl], dev), C, C["seed"] + i, keep=none if kk == 0 else None))
+                                 rays_of(mv, objs[sl], tgts[sl], dev), C, C["seed"] + i, z_on=none if kk == 0 else None))
         preds[kk] = torch.cat(outs)
     return preds
 

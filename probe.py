@@ -104,7 +104,7 @@ def unet_features(net, logsnr=4.0, seed=0):
             ls = torch.full((len(xb),), float(logsnr), device=dev)
             x_t = D.q_sample(xb, ls, torch.randn(xb.shape, generator=g, device=dev))
             net.denoise(x_t, ls, torch.zeros(len(xb), sum(net.unet.sec_dims), device=dev),
-                        keep=torch.zeros(len(xb), net.n_sections, device=dev))
+                        z_on=torch.zeros(len(xb), net.n_sections, device=dev))
         finally:
             hook.remove()
         return acts[0]

@@ -82,22 +82,22 @@ def slerp(a, b, t):
 # -----------------------------------------------------------------------------
 # Sampling and pictures
 
-def decode(net, z, C, seed, keep=None, x_T=None, w=None):
+def decode(net, z, C, seed, z_on=None, x_T=None, w=None):
     """One sampler call with its own generator: the same seed gives the same noise, so calls that
-    differ only in z, keep or w are comparable image by image."""
+    differ only in z, z_on or w are comparable image by image."""
     g = torch.Generator(z.device).manual_seed(seed)
     shape = (len(z), 3, C["image_size"], C["image_size"])
     return D.sample(net, z, shape, steps=C["steps"], eta=D.SAMPLERS[C["sampler"]],
                     schedule=C["schedule"], generator=g, x_T=x_T, progress=True,
-                    w=C["guidance"] if w is None else w, keep=keep)
+                    w=C["guidance"] if w is None else w, z_on=z_on)
 
 
 def section_mask(net, secs, z, parts=None):
     """(1, z_dim): 1 on the dims of z that belong to the sections `secs` (of `parts` equal cuts of
     z; default the UNet's sections), 0 elsewhere."""
-    keep = torch.zeros(1, parts or net.n_sections, device=z.device)
-    keep[:, list(secs)] = 1
-    return net.mask_z(torch.ones_like(z[:1]), keep)
+    z_on = torch.zeros(1, parts or net.n_sections, device=z.device)
+    z_on[:, list(secs)] = 1
+    return net.mask_z(torch.ones_like(z[:1]), z_on)
 
 
 def mix_latents(net, z_a, z_b, from_a):
@@ -118,7 +118,7 @@ def pick(x, C, k):
 # Modes: (net, test images in [-1, 1], labels, class names, config, out dir) -> a result dict
 
 def recon(net, x, y, classes, C, out):
-    """§4.2.1: encode, decode, measure. The same images and seeds decoded with z masked (keep = 0,
+    """§4.2.1: encode, decode, measure. The same images and seeds decoded with z masked (z_on = 0,
     the unconditional model) are the baseline that gives the numbers their meaning."""
     xs = pick(x, C, C["n"])
     uncond = torch.zeros(1, net.n_sections, device=x.device)
@@ -126,7 +126,7 @@ def recon(net, x, y, classes, C, out):
     for i in range(0, len(xs), C["batch"]):
         z = net.encode(xs[i:i + C["batch"]])
         rec.append(decode(net, z, C, C["seed"] + i))
-        base.append(decode(net, z, C, C["seed"] + i, keep=uncond, w=1.0))
+        base.append(decode(net, z, C, C["seed"] + i, z_on=uncond, w=1.0))
     rec, base, metrics = torch.cat(rec), torch.cat(base), {}
     for name, r in (("z", rec), ("z_masked", base)):
         metrics[name] = {"psnr": psnr(to_unit(xs), to_unit(r)).mean().item(),
@@ -227,7 +227,7 @@ def directions(net, x, y, classes, C, out):
 
 def mix(net, x, y, classes, C, out):
     """§4.3 layer-wise mixing: section s from A and the rest from B; and only section s of A with
-    the other sections unconditioned (keep = 0 there: layer-wise guidance, §3.2.1). One seed for
+    the other sections unconditioned (z_on = 0 there: layer-wise guidance, §3.2.1). One seed for
     every row, so rows differ only in what conditions the decoder."""
     xs = pick(x, C, 2 * C["n_show"])
     x_a, x_b = xs[0::2], xs[1::2]
@@ -238,7 +238,7 @@ def mix(net, x, y, classes, C, out):
     rows += [(f"sec {s} from A, rest B", mix_latents(net, z_a, z_b, [s]), None) for s in range(S)]
     rows += [(f"only sec {s} of A", z_a, only(s)) for s in range(S)]
     rows += [("unconditional", z_a, torch.zeros(1, S, device=x.device))]
-    samples = [decode(net, z, C, C["seed"], keep=keep) for _, z, keep in rows]
+    samples = [decode(net, z, C, C["seed"], z_on=z_on) for _, z, z_on in rows]
     grid = torch.stack([x_a, x_b] + samples)  # (2 + rows, pairs, 3, H, W)
     labels = ["source A", "source B"] + [r[0] for r in rows]
     png = save_grid(os.path.join(out, "mix.png"), grid, labels, [f"pair {i}" for i in range(len(x_a))])
@@ -246,13 +246,13 @@ def mix(net, x, y, classes, C, out):
 
 
 def random_samples(net, x, y, classes, C, out):
-    """Unconditional samples (keep = 0) beside samples guided by each source's z at several
+    """Unconditional samples (z_on = 0) beside samples guided by each source's z at several
     scales w (§3.2.1), with the same noise along a row."""
     xs = pick(x, C, C["n_show"])
     z = net.encode(xs)
     uncond = torch.zeros(1, net.n_sections, device=x.device)
     ws_ = parse_list(C["ws"])
-    cols = [decode(net, z, C, C["seed"], keep=uncond, w=1.0)] + [decode(net, z, C, C["seed"], w=w) for w in ws_]
+    cols = [decode(net, z, C, C["seed"], z_on=uncond, w=1.0)] + [decode(net, z, C, C["seed"], w=w) for w in ws_]
     grid = torch.stack([xs] + cols, dim=1)  # (n_show, 2 + len(ws), 3, H, W)
     png = save_grid(os.path.join(out, "random.png"), grid, [f"image {C['index'] + i}" for i in range(len(xs))],
                     ["source", "uncond"] + [f"w={w:g}" for w in ws_])

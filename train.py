@@ -598,26 +598,26 @@ def micro_step(run, it, slot, rows):
     if run.multiview:  # k source views + a target view of one object, with their rays
         k = 1 + rng.shared_randint(run.k_max)
         x_src, rays_src, x_tgt, rays_tgt = multiview.multiview_batch(run.mv_train, k, rng)
-        cond = dict(rays_src=rays_src, rays_tgt=rays_tgt, keep_pose=run.raw.draw_keep_pose(rng.rand))
+        cond = dict(rays_src=rays_src, rays_tgt=rays_tgt, pose_on=run.raw.draw_pose_on(rng.rand))
         if run.p_uncond_src_pose > 0:  # each source view's pose dropped too (§3.3: "absence of source ... positional information")
-            cond["keep_src_pose"] = (rng.rand(k) >= run.p_uncond_src_pose).float()
+            cond["src_pose_on"] = (rng.rand(k) >= run.p_uncond_src_pose).float()
     else:
         xb, _, idx, aspect = get_batch(run, it, rows)
         x_src, x_tgt = views_of(run, xb, idx, rng, aspect)
     x_src = x_src + run.enc_noise * rng.randn(*x_src.shape[1:])  # low noise on the encoder input (§3.4)
-    keep = run.raw.draw_keep(rng.rand)
+    z_on = run.raw.draw_z_on(rng.rand)
     u, eps = rng.rand(), rng.randn(*x_tgt.shape[1:])
     if run.segments:  # DiffSiam: the noise level decides which segments of z are on, on top of the dropout
-        cond["seg_keep"] = diffsiam.segment_keep(u, run.segments, run.segment_mode)
+        cond["segments_on"] = diffsiam.segments_switched_on(u, run.segments, run.segment_mode)
     x_pair = x_tgt  # DiffSiam's SimSiam loss: the second augmented view
     if run.channels_last and not run.multiview:
         x_src, x_tgt = x_src.contiguous(memory_format=run.mem), x_tgt.contiguous(memory_format=run.mem)
     with run.autocast():
         if run.simsiam_weight > 0:  # + the weighted SimSiam loss (thesis eq. 3.12)
             loss = diffsiam.loss(run.net, x_src, x_tgt, run.schedule_fn, u, eps, x_pair, run.simsiam_weight,
-                                 weighting=run.weighting, keep=keep, **cond)
+                                 weighting=run.weighting, z_on=z_on, **cond)
         else:
-            loss = D.loss(run.net, x_src, x_tgt, run.schedule_fn, u=u, eps=eps, weighting=run.weighting, keep=keep, **cond)
+            loss = D.loss(run.net, x_src, x_tgt, run.schedule_fn, u=u, eps=eps, weighting=run.weighting, z_on=z_on, **cond)
     loss = loss / run.grad_accum  # the micro-steps' mean: their gradients add up to the global batch's
     loss.backward()
     return loss.detach()

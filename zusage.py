@@ -37,8 +37,8 @@ def z_usage(model, x_0, logsnrs=ZUSAGE_LOGSNRS, x_src=None, seed=0, batch=256, r
             logsnr = torch.full((B,), float(l), device=dev)
             abar = torch.sigmoid(logsnr)[:, None, None, None]
             x_t = q_sample(x_0[sl], logsnr, eps[sl])
-            for k, keep in enumerate((on, torch.zeros_like(on))):
-                eps_hat = model.denoise(x_t, logsnr, z, keep, rt).float()
+            for k, z_on in enumerate((on, torch.zeros_like(on))):
+                eps_hat = model.denoise(x_t, logsnr, z, z_on, rt).float()
                 x0_hat = ((x_t - (1 - abar).sqrt() * eps_hat) / abar.sqrt()).clamp(-1, 1)
                 sums[j, k] += (x0_hat - x_0[sl]).pow(2).mean(dim=(1, 2, 3)).double().sum().cpu()
     mse = (sums / len(x_0)).tolist()

@@ -38,14 +38,14 @@ def test_simsiam_loss_gradients_reach_both_views_through_the_predictor_branch():
 def test_hierarchical_mask_activates_exactly_the_first_k(n):
     k = torch.arange(1, n + 1)
     u = (k - 0.5) / n  # the middle of level k
-    hier = diffsiam.segment_keep(u, n, "hierarchical")
-    seq = diffsiam.segment_keep(u, n, "sequential")
+    hier = diffsiam.segments_switched_on(u, n, "hierarchical")
+    seq = diffsiam.segments_switched_on(u, n, "sequential")
     for row, kk in enumerate(k.tolist()):
         assert hier[row].tolist() == [1.0] * kk + [0.0] * (n - kk)
         assert seq[row].tolist() == [0.0] * (kk - 1) + [1.0] + [0.0] * (n - kk)
-    assert diffsiam.segment_keep(torch.tensor([0.0, 1.0]), n).sum(1).tolist() == [1.0, float(n)]  # ends: 1 and all
+    assert diffsiam.segments_switched_on(torch.tensor([0.0, 1.0]), n).sum(1).tolist() == [1.0, float(n)]  # ends: 1 and all
     with pytest.raises(ValueError, match="segment_mode"):
-        diffsiam.segment_keep(u, n, "random")
+        diffsiam.segments_switched_on(u, n, "random")
 
 
 @pytest.mark.usefixtures("light_eval")
@@ -116,7 +116,7 @@ def test_segment_schedule_recovers_the_training_level(name, shift):
     logsnr = sched(u)
     inner = (logsnr > D.LOGSNR_MIN) & (logsnr < D.LOGSNR_MAX)  # clipped ends are flat: no unique u
     got = diffsiam.segment_schedule(n, "hierarchical", sched)(logsnr)
-    assert torch.equal(got[inner], diffsiam.segment_keep(u, n, "hierarchical")[inner])
+    assert torch.equal(got[inner], diffsiam.segments_switched_on(u, n, "hierarchical")[inner])
     assert inner.sum() >= n // 2
 
 
@@ -129,20 +129,20 @@ def test_ddim_conditions_each_step_on_the_trained_segments(monkeypatch):
     net = tiny_soda(z_dim=8, image_size=8, segments=n, schedule="cosine").eval()
     assert net.n_sections == 4  # 2 dims of z a section, 2 a segment
 
-    def record(self, x_t, logsnr, z, keep=None, rays_tgt=None, keep_pose=None):
-        keeps.append((logsnr[0].item(), keep.clone()))
+    def record(self, x_t, logsnr, z, z_on=None, rays_tgt=None, pose_on=None):
+        keeps.append((logsnr[0].item(), z_on.clone()))
         return torch.zeros_like(x_t)
     monkeypatch.setattr(M.SODA, "denoise", record)
     sched = D.get_schedule("cosine")
     D.ddim(net, torch.ones(3, 8), (3, 3, 8, 8), steps=8, schedule=sched, w=2.0)  # guided: 2 branches a step
     assert len(keeps) == 8
-    for logsnr, keep in keeps:
-        cond, uncond = keep.chunk(2)
+    for logsnr, z_on in keeps:
+        cond, uncond = z_on.chunk(2)
         u = D.invert_decreasing(sched, torch.tensor([logsnr]))
-        k = int(diffsiam.segment_keep(u, n).sum())  # segments on at this level: the first 2k of z's 8 dims
+        k = int(diffsiam.segments_switched_on(u, n).sum())  # segments on at this level: the first 2k of z's 8 dims
         assert cond.tolist() == [[1.0] * (2 * k) + [0.0] * (8 - 2 * k)] * 3
         assert uncond.sum() == 0
-    ks = [int(keep.chunk(2)[0][0].sum()) for _, keep in keeps]
+    ks = [int(z_on.chunk(2)[0][0].sum()) for _, z_on in keeps]
     assert ks[0] == 8 and ks[-1] == 2 and ks == sorted(ks, reverse=True)  # all at the noisy end, one near clean
 
 
@@ -219,10 +219,10 @@ def test_masked_segments_have_no_influence_under_z_norm():
     z = torch.randn(len(x), 32, generator=g)
     on = torch.ones(len(x), m.n_sections)
     seg = torch.tensor([[1.0, 0.0, 1.0]]).expand(len(x), -1)  # the middle third of z off: it straddles two sections
-    off = m.keep_dims(on, seg)[0] == 0
+    off = m.dims_on(on, seg)[0] == 0
     z2 = z.clone()
     z2[:, off] = torch.randn(len(x), int(off.sum()), generator=g) * 5
     with torch.no_grad():
-        a, b = m.denoise(x, logsnr, z, on, seg_keep=seg), m.denoise(x, logsnr, z2, on, seg_keep=seg)
+        a, b = m.denoise(x, logsnr, z, on, segments_on=seg), m.denoise(x, logsnr, z2, on, segments_on=seg)
         assert torch.equal(a, b)
-        assert not torch.allclose(m.denoise(x, logsnr, z2, on, seg_keep=torch.ones_like(seg)), a, atol=1e-4)
+        assert not torch.allclose(m.denoise(x, logsnr, z2, on, segments_on=torch.ones_like(seg)), a, atol=1e-4)

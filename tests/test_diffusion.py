@@ -27,7 +27,7 @@ class PerfectEps(torch.nn.Module):
         super().__init__()
         self.x0 = x0
 
-    def denoise(self, x_t, logsnr, z, keep=None, rays_tgt=None, keep_pose=None):
+    def denoise(self, x_t, logsnr, z, z_on=None, rays_tgt=None, pose_on=None):
         abar = torch.sigmoid(logsnr.float())[:, None, None, None]
         return (x_t - abar.sqrt() * self.x0) / (1 - abar).sqrt()
 
@@ -40,7 +40,7 @@ class GaussianDenoiser(torch.nn.Module):
         super().__init__()
         self.s2 = s * s
 
-    def denoise(self, x_t, logsnr, z, keep=None, rays_tgt=None, keep_pose=None):
+    def denoise(self, x_t, logsnr, z, z_on=None, rays_tgt=None, pose_on=None):
         a = torch.sigmoid(logsnr.double())[:, None, None, None]
         x_t = x_t.double()
         x0_hat = a.sqrt() * self.s2 * x_t / (a * self.s2 + 1 - a)
@@ -209,7 +209,7 @@ class SpyEps(torch.nn.Module):
         super().__init__()
         self.seen = []
 
-    def denoise(self, x_t, logsnr, z, keep=None, rays_tgt=None, keep_pose=None):
+    def denoise(self, x_t, logsnr, z, z_on=None, rays_tgt=None, pose_on=None):
         self.seen.append((x_t.clone(), logsnr.clone()))
         return 0.5 * x_t + 0.1
 
@@ -313,15 +313,15 @@ def test_guided_eps_layerwise():
     m = tiny_model()
     x_t, logsnr, z, _ = _guidance_inputs(m)
     S = m.n_sections
-    keep = torch.tensor([1.0, 1.0, 0.0, 1.0])
-    keep_uncond = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    z_on = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    z_on_uncond = torch.tensor([1.0, 0.0, 0.0, 0.0])
     with torch.no_grad():
-        c = m.denoise(x_t, logsnr, z, keep.expand(2, S))
-        u = m.denoise(x_t, logsnr, z, keep_uncond.expand(2, S))
-        out = D.guided_eps(m, x_t, logsnr, z, w=3.0, keep=keep, keep_uncond=keep_uncond)
-        classic = D.guided_eps(m, x_t, logsnr, z, w=3.0, keep=keep)
+        c = m.denoise(x_t, logsnr, z, z_on.expand(2, S))
+        u = m.denoise(x_t, logsnr, z, z_on_uncond.expand(2, S))
+        out = D.guided_eps(m, x_t, logsnr, z, w=3.0, z_on=z_on, z_on_uncond=z_on_uncond)
+        classic = D.guided_eps(m, x_t, logsnr, z, w=3.0, z_on=z_on)
     assert torch.allclose(out, u + 3.0 * (c - u), atol=1e-5)
-    assert (out - classic).abs().max() > 1e-4  # keep_uncond is not ignored
+    assert (out - classic).abs().max() > 1e-4  # z_on_uncond is not ignored
 
 
 def test_guided_eps_pose_three_branch():
@@ -469,11 +469,11 @@ def test_loss_with_given_u_and_eps():
     x_src, x_tgt = torch.randn(3, 3, 4, 4, generator=g), torch.randn(3, 3, 4, 4, generator=g)
     u, eps = torch.tensor([0.1, 0.5, 0.9]), torch.randn(3, 3, 4, 4, generator=g)
     sched = D.get_schedule("cosine")
-    keep = torch.ones(3, 1)
-    l = D.loss(Spy(), x_src, x_tgt, sched, u=u, eps=eps, keep=keep)
+    z_on = torch.ones(3, 1)
+    l = D.loss(Spy(), x_src, x_tgt, sched, u=u, eps=eps, z_on=z_on)
     assert torch.equal(seen["logsnr"], sched(u))
     assert torch.allclose(seen["x_t"], D.q_sample(x_tgt, sched(u), eps), atol=1e-6)
-    assert seen["x_src"] is x_src and seen["kw"]["keep"] is keep
+    assert seen["x_src"] is x_src and seen["kw"]["z_on"] is z_on
     assert abs(l.item() - ((0.5 - eps) ** 2).mean().item()) < 1e-6
 
 

@@ -115,7 +115,7 @@ def test_cond_kinds(cond, n_sec):
     z = torch.randn(2, Z, generator=g)
     with torch.no_grad():
         out = m.denoise(x, logsnr, z)
-        out_k = m.denoise(x, logsnr, z, keep=torch.ones(2, expected))
+        out_k = m.denoise(x, logsnr, z, z_on=torch.ones(2, expected))
         out2 = m.denoise(x, logsnr, torch.randn(2, Z, generator=g))
     assert out.shape == (2, 3, 16, 16)
     assert torch.allclose(out, out_k)
@@ -125,13 +125,13 @@ def test_cond_kinds(cond, n_sec):
 def test_mask_z_zeroes_sections():
     m = make(randomized=False)
     z = torch.arange(1, Z + 1, dtype=torch.float32)[None].repeat(2, 1)
-    keep = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 1]], dtype=torch.float32)
-    zm = m.mask_z(z, keep)
+    z_on = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 1]], dtype=torch.float32)
+    zm = m.mask_z(z, z_on)
     bounds = torch.tensor([0] + m.unet.sec_dims).cumsum(0)
     for b in range(2):
         for s in range(4):
             seg = zm[b, bounds[s]:bounds[s + 1]]
-            ref = z[b, bounds[s]:bounds[s + 1]] * keep[b, s]
+            ref = z[b, bounds[s]:bounds[s + 1]] * z_on[b, s]
             assert torch.equal(seg, ref)
 
 
@@ -180,23 +180,23 @@ def test_masking_section_removes_only_its_influence(cond):
     with torch.no_grad():
         full = m.denoise(x, logsnr, z)
         for j in range(S):
-            keep = torch.ones(2, S)
-            keep[:, j] = 0
-            base = m.denoise(x, logsnr, z, keep=keep)
+            z_on = torch.ones(2, S)
+            z_on[:, j] = 0
+            base = m.denoise(x, logsnr, z, z_on=z_on)
             assert maxdiff(base, full) > 1e-5  # masking j does something
             zj = z.clone()
             zj[:, secs[j]] = torch.randn(2, secs[j].stop - secs[j].start, generator=g) * 3
-            assert torch.equal(m.denoise(x, logsnr, zj, keep=keep), base)
+            assert torch.equal(m.denoise(x, logsnr, zj, z_on=z_on), base)
             for i in range(S):
                 if i == j:
                     continue
                 zi = z.clone()
                 zi[:, secs[i]] = torch.randn(2, secs[i].stop - secs[i].start, generator=g) * 3
-                assert maxdiff(m.denoise(x, logsnr, zi, keep=keep), base) > 1e-5, (j, i)
-        # keep all zeros: z has no influence at all
+                assert maxdiff(m.denoise(x, logsnr, zi, z_on=z_on), base) > 1e-5, (j, i)
+        # z_on all zeros: z has no influence at all
         zero = torch.zeros(2, S)
-        a = m.denoise(x, logsnr, z, keep=zero)
-        b = m.denoise(x, logsnr, torch.randn(2, Z, generator=g) * 3, keep=zero)
+        a = m.denoise(x, logsnr, z, z_on=zero)
+        b = m.denoise(x, logsnr, torch.randn(2, Z, generator=g) * 3, z_on=zero)
         assert torch.equal(a, b)
         assert torch.equal(a, m.denoise(x, logsnr, torch.zeros(2, Z)))
 
@@ -205,11 +205,11 @@ def test_keep_is_per_sample():
     m = make()
     x, logsnr, g = inputs()
     z = torch.randn(2, Z, generator=g)
-    keep = torch.tensor([[1.0] * 4, [0.0] * 4])
+    z_on = torch.tensor([[1.0] * 4, [0.0] * 4])
     with torch.no_grad():
-        mixed = m.denoise(x, logsnr, z, keep=keep)
+        mixed = m.denoise(x, logsnr, z, z_on=z_on)
         on = m.denoise(x, logsnr, z)
-        off = m.denoise(x, logsnr, z, keep=torch.zeros(2, 4))
+        off = m.denoise(x, logsnr, z, z_on=torch.zeros(2, 4))
     assert torch.allclose(mixed[0], on[0], atol=1e-6)
     assert torch.allclose(mixed[1], off[1], atol=1e-6)
     assert maxdiff(on[1], off[1]) > 1e-5
@@ -268,7 +268,7 @@ def test_ray_embed_channels():
     assert M.ray_channels(0) == 0
 
 
-def test_rays_shapes_and_keep_pose():
+def test_rays_shapes_and_pose_on():
     m = make(ray_freqs=2)
     g = torch.Generator().manual_seed(8)
     B, H = 2, 16
@@ -282,8 +282,8 @@ def test_rays_shapes_and_keep_pose():
         out_a = m.denoise(x_t, logsnr, z, rays_tgt=rays_a)
         out_b = m.denoise(x_t, logsnr, z, rays_tgt=rays_b)
         off = torch.zeros(B)
-        out_a0 = m.denoise(x_t, logsnr, z, rays_tgt=rays_a, keep_pose=off)
-        out_b0 = m.denoise(x_t, logsnr, z, rays_tgt=rays_b, keep_pose=off)
+        out_a0 = m.denoise(x_t, logsnr, z, rays_tgt=rays_a, pose_on=off)
+        out_b0 = m.denoise(x_t, logsnr, z, rays_tgt=rays_b, pose_on=off)
         fwd = m(x_t, logsnr, x_src, rays_src=rays_src, rays_tgt=rays_a)
     assert z.shape == (B, Z) and z2.shape == (B, Z) and pooled.shape == (B, 128)
     assert maxdiff(z, z_other_rays) > 1e-5  # the encoder sees the source rays
@@ -344,8 +344,8 @@ def test_train_p_uncond_one_is_unconditional():
     with torch.no_grad():
         out = m(x_t, logsnr, x_src)
         z = m.encode(x_src)
-        uncond = m.denoise(x_t, logsnr, z, keep=torch.zeros(3, m.n_sections))
-        cond = m.denoise(x_t, logsnr, z, keep=torch.ones(3, m.n_sections))
+        uncond = m.denoise(x_t, logsnr, z, z_on=torch.zeros(3, m.n_sections))
+        cond = m.denoise(x_t, logsnr, z, z_on=torch.ones(3, m.n_sections))
     assert maxdiff(uncond, cond) > 1e-5
     assert torch.allclose(out, uncond, atol=1e-6)
 
@@ -355,38 +355,38 @@ def test_train_no_dropout_is_conditional():
     with torch.no_grad():
         out = m(x_t, logsnr, x_src)
         z = m.encode(x_src)
-        cond = m.denoise(x_t, logsnr, z, keep=torch.ones(3, m.n_sections))
-        uncond = m.denoise(x_t, logsnr, z, keep=torch.zeros(3, m.n_sections))
+        cond = m.denoise(x_t, logsnr, z, z_on=torch.ones(3, m.n_sections))
+        uncond = m.denoise(x_t, logsnr, z, z_on=torch.zeros(3, m.n_sections))
     assert maxdiff(uncond, cond) > 1e-5
     assert torch.allclose(out, cond, atol=1e-6)
 
 
 def test_train_dropout_rates():
-    # the keep masks forward() draws have the asked-for statistics
+    # the z_on masks forward() draws have the asked-for statistics
     m = make(p_mask_layer=0.3, p_uncond=0.5).train()
     seen = {}
 
-    def fake_denoise(x_t, logsnr, z, keep=None, rays_tgt=None, keep_pose=None):
-        seen["keep"] = keep
+    def fake_denoise(x_t, logsnr, z, z_on=None, rays_tgt=None, pose_on=None):
+        seen["z_on"] = z_on
         return torch.zeros_like(x_t)
 
     m.denoise = fake_denoise
     torch.manual_seed(0)
     B = 2000
     m(torch.zeros(B, 3, 8, 8), torch.zeros(B), torch.zeros(B, 3, 8, 8))
-    keep = seen["keep"]
-    assert keep.shape == (B, m.n_sections)
-    assert set(keep.unique().tolist()) <= {0.0, 1.0}
-    all_off = (keep.sum(1) == 0).float().mean().item()
+    z_on = seen["z_on"]
+    assert z_on.shape == (B, m.n_sections)
+    assert set(z_on.unique().tolist()) <= {0.0, 1.0}
+    all_off = (z_on.sum(1) == 0).float().mean().item()
     # P(all off) = p_uncond + (1 - p_uncond) p_mask^S
     expect = 0.5 + 0.5 * 0.3 ** m.n_sections
     assert abs(all_off - expect) < 0.05
-    rows_on = keep[keep.sum(1) > 0]  # rows not dropped wholesale: each section kept w.p. 0.7
+    rows_on = z_on[z_on.sum(1) > 0]  # rows not dropped wholesale: each section kept w.p. 0.7
     assert abs(rows_on.mean().item() - 0.7 / (1 - 0.3 ** m.n_sections)) < 0.05
     # eval mode: no dropout drawn
     m.eval()
     m(torch.zeros(2, 3, 8, 8), torch.zeros(2), torch.zeros(2, 3, 8, 8))
-    assert seen["keep"] is None
+    assert seen["z_on"] is None
 
 
 # -----------------------------------------------------------------------------
@@ -424,15 +424,15 @@ def test_z_norm_keeps_masking_exact_and_scales_z():
     secs = _sections(m)
     x, logsnr, g = inputs()
     z = torch.randn(2, Z, generator=g)
-    keep = torch.ones(2, len(secs))
-    keep[:, 0] = 0
+    z_on = torch.ones(2, len(secs))
+    z_on[:, 0] = 0
     with torch.no_grad():
-        a = m.denoise(x, logsnr, z, keep)
+        a = m.denoise(x, logsnr, z, z_on)
         z2 = z.clone()
         z2[:, secs[0]] = torch.randn(2, secs[0].stop - secs[0].start, generator=g)
-        torch.testing.assert_close(m.denoise(x, logsnr, z2, keep), a)
-        torch.testing.assert_close(m.denoise(x, logsnr, 10 * z, keep), a, atol=1e-4, rtol=1e-4)
-        assert not torch.allclose(m.denoise(x, logsnr, z, torch.ones_like(keep)), a, atol=1e-4)
+        torch.testing.assert_close(m.denoise(x, logsnr, z2, z_on), a)
+        torch.testing.assert_close(m.denoise(x, logsnr, 10 * z, z_on), a, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(m.denoise(x, logsnr, z, torch.ones_like(z_on)), a, atol=1e-4)
 
 
 def test_no_bottleneck_passes_the_feature_map_as_tokens():
@@ -482,16 +482,16 @@ def test_each_z_section_drives_its_down_and_up_level_and_the_last_the_middle():
                 blk.res.register_forward_hook(lambda mod, inp, out, part=part: seen.append((part, inp[0].shape[-1], inp[2])))
     x, logsnr, g = inputs()
     z = torch.randn(2, Z, generator=g)
-    keep = torch.ones(2, m.n_sections)
+    z_on = torch.ones(2, m.n_sections)
     with torch.no_grad():
-        m.denoise(x, logsnr, z, keep)
+        m.denoise(x, logsnr, z, z_on)
         base, seen[:] = list(seen), []
         lo = 0
         for i, d in enumerate(m.unet.sec_dims):
             z2 = z.clone()
             z2[:, lo:lo + d] += 1.0
             lo += d
-            m.denoise(x, logsnr, z2, keep)
+            m.denoise(x, logsnr, z2, z_on)
             changed = {(part, res) for (part, res, a), (_, _, b) in zip(base, seen) if not torch.equal(a, b)}
             seen[:] = []
             want = {("mid", 4)} if i == m.unet.m else {("down", 16 >> i), ("up", 16 >> i)}
@@ -535,18 +535,18 @@ def test_mod_plus_xattn_reads_z_through_both_paths():
 
 
 def test_source_pose_dropout_removes_the_source_rays():
-    """keep_pose=0 on a source view: the encoder sees no ray embedding (zeros), not the rays of 0."""
+    """src_pose_on=0 on a source view: the encoder sees no ray embedding (zeros), not the rays of 0."""
     m = make(ray_freqs=2)
     x, _, g = inputs()
     rays = torch.randn(2, 6, 16, 16, generator=g)
     with torch.no_grad():
-        z_off = m.encode(x, rays, keep_pose=torch.tensor([0.0, 1.0]))
+        z_off = m.encode(x, rays, pose_on=torch.tensor([0.0, 1.0]))
         z_on = m.encode(x, rays)
         blank = torch.cat([x, torch.zeros(2, M.ray_channels(2), 16, 16)], dim=1)
         assert torch.allclose(z_off[0], m.encoder(blank)[0], atol=1e-6)
         assert torch.equal(z_off[1], z_on[1]) and maxdiff(z_off[0], z_on[0]) > 1e-4
         views = m.encode(x[:, None].repeat(1, 2, 1, 1, 1), rays[:, None].repeat(1, 2, 1, 1, 1),
-                         keep_pose=torch.tensor([[0.0, 1.0], [1.0, 1.0]]))  # k = 2 views, one pose dropped
+                         pose_on=torch.tensor([[0.0, 1.0], [1.0, 1.0]]))  # k = 2 views, one pose dropped
         assert views.shape == (2, Z)
 
 
@@ -618,7 +618,7 @@ def test_z_init_gives_the_encoder_a_gradient_at_step_zero():
             if "z_proj" not in name and torch.count_nonzero(p) == 0 and p.dim() > 1:
                 torch.nn.init.normal_(p, std=0.05)
         x, logsnr, _ = inputs()
-        m(x, logsnr, x, keep=torch.ones(len(x), m.n_sections)).pow(2).mean().backward()
+        m(x, logsnr, x, z_on=torch.ones(len(x), m.n_sections)).pow(2).mean().backward()
         grads[z_init] = sum(p.grad.abs().sum().item() for p in m.encoder.parameters() if p.grad is not None)
         if z_init:
             w = m.unet.down[0].res.z_proj.weight
@@ -632,11 +632,11 @@ def test_z_bn_removes_what_every_image_shares():
     m = make(z_bn=True, z_init=1.0).train()
     x, logsnr, g = inputs(B=4)
     z = torch.randn(4, 32, generator=g)
-    keep = torch.ones(4, m.n_sections)
+    z_on = torch.ones(4, m.n_sections)
     with torch.no_grad():
-        a = m.denoise(x, logsnr, z, keep)
-        torch.testing.assert_close(m.denoise(x, logsnr, z + 10 * torch.randn(1, 32, generator=g), keep), a,
+        a = m.denoise(x, logsnr, z, z_on)
+        torch.testing.assert_close(m.denoise(x, logsnr, z + 10 * torch.randn(1, 32, generator=g), z_on), a,
                                    atol=1e-4, rtol=1e-4)
         m.eval()
         assert m.z_bn.running_mean.abs().sum() > 0  # the training passes updated the statistics
-        assert not torch.allclose(m.denoise(x, logsnr, z + 10, keep), m.denoise(x, logsnr, z, keep), atol=1e-3)
+        assert not torch.allclose(m.denoise(x, logsnr, z + 10, z_on), m.denoise(x, logsnr, z, z_on), atol=1e-3)

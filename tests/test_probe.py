@@ -277,10 +277,10 @@ def test_unet_features_see_the_image_not_z():
     assert (f[0] - f[1]).abs().max() > 1e-4  # different images, different features
     real_denoise = net.denoise
     g = torch.Generator().manual_seed(1)
-    with_z = lambda x_t, ls, z, keep: real_denoise(x_t, ls, torch.randn(z.shape, generator=g), keep)
-    net.denoise = with_z  # another z, under the keep unet_features passes: nothing changes (masked)
+    with_z = lambda x_t, ls, z, z_on: real_denoise(x_t, ls, torch.randn(z.shape, generator=g), z_on)
+    net.denoise = with_z  # another z, under the z_on unet_features passes: nothing changes (masked)
     assert torch.equal(f, feats())
-    net.denoise = lambda x_t, ls, z, keep: with_z(x_t, ls, z, torch.ones_like(keep))
+    net.denoise = lambda x_t, ls, z, z_on: with_z(x_t, ls, z, torch.ones_like(z_on))
     assert (f - feats()).abs().max() > 1e-3  # unmasked, z would show
 
 

@@ -91,22 +91,22 @@ def test_mix_latents_takes_sections_from_a(ckpt):
 def test_masked_sections_of_b_leak_nothing_under_layerwise_guidance(ckpt):
     """Sections 0, 1 from A and the rest from B, decoded with only sections 0, 1 on and layer-wise
     guidance (w = 2, section 0 on in the unconditional branch too) == A's z decoded the same way:
-    B's masked sections reach neither branch. Changing the kept sections or keep_uncond shows."""
+    B's masked sections reach neither branch. Changing the kept sections or z_on_uncond shows."""
     net, _ = common.model_from_checkpoint(ckpt)
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     S = net.n_sections
-    keep, keep_uncond = torch.tensor([[1.0, 1, 0, 0]]), torch.tensor([[1.0, 0, 0, 0]])
+    z_on, z_on_uncond = torch.tensor([[1.0, 1, 0, 0]]), torch.tensor([[1.0, 0, 0, 0]])
     dec = lambda z, **kw: sample.D.ddim(net, z, (2, 3, 32, 32), steps=2, generator=torch.Generator().manual_seed(3),
-                                        **{"w": 2.0, "keep": keep, "keep_uncond": keep_uncond, **kw})
+                                        **{"w": 2.0, "z_on": z_on, "z_on_uncond": z_on_uncond, **kw})
     with torch.no_grad():
         z_a, z_b = net.encode(x[:2]), net.encode(x[2:])
         mixed = dec(sample.mix_latents(net, z_a, z_b, [0, 1]))
         plain = dec(z_a)
         other = dec(sample.mix_latents(net, z_a, z_b, [0]))  # B in kept section 1
-        classic = dec(z_a, keep_uncond=torch.zeros(1, S))  # section 0 off in the unconditional branch
+        classic = dec(z_a, z_on_uncond=torch.zeros(1, S))  # section 0 off in the unconditional branch
     assert S == 4 and torch.allclose(mixed, plain, atol=1e-6)
     assert not torch.allclose(plain, other, atol=1e-3)  # a kept section of B would show
-    assert not torch.allclose(plain, classic, atol=1e-3)  # keep_uncond matters: layer-wise != classic CFG
+    assert not torch.allclose(plain, classic, atol=1e-3)  # z_on_uncond matters: layer-wise != classic CFG
 
 
 # --- modes end to end -----------------------------------------------------------------------------

@@ -15,11 +15,11 @@ class Oracle(torch.nn.Module):
     def encode(self, x, rays=None):
         return x.flatten(1)
 
-    def denoise(self, x_t, logsnr, z, keep, rays=None):
+    def denoise(self, x_t, logsnr, z, z_on, rays=None):
         abar = torch.sigmoid(logsnr)[:, None, None, None]
-        x_0 = z.view(x_t.shape) * keep[:, :1, None, None]
+        x_0 = z.view(x_t.shape) * z_on[:, :1, None, None]
         eps = (x_t - abar.sqrt() * x_0) / (1 - abar).sqrt()
-        return torch.where(keep[:, :1, None, None] > 0, eps, torch.zeros_like(eps))
+        return torch.where(z_on[:, :1, None, None] > 0, eps, torch.zeros_like(eps))
 
 
 def test_z_usage_is_zero_for_a_decoder_that_ignores_z():
