@@ -4,7 +4,7 @@ that the noise level switches on, SimSiam heads on the encoder of two augmented 
 optionally PDAE's decoder (a frozen pre-trained denoiser plus a trainable gradient estimator).
 Thesis: "DiffSiam" §3 (segments §3.2, §4.3.1; SimSiam eq. 3.9-3.12; PDAE eq. 3.8, Fig. 3.1).
 
-DiffSiam is a model.SODA: the samplers and the z-usage instrument in diffusion.py call its
+DiffSiam is a model.SODA: the samplers (diffusion.py) and the z-usage instrument (zusage.py) call its
 denoise() as they call SODA's, and it switches on, at each noise level, the segments that
 training used there. This file imports model.py and diffusion.py only.
 """
