@@ -119,6 +119,7 @@ def main(argv):
         print(cpu_line)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     raw, ema, opt, net = build(C, dev)
+    params, ema_params = list(raw.parameters()), list(ema.parameters())  # listed once, not every step
     schedule_fn = D.get_schedule(C["schedule"], C["logsnr_shift"])
     B, S = C["batch_size"], C["image_size"]
     images = torch.randint(0, 256, (max(4096, 2 * B), 3, S, S), dtype=torch.uint8, device=dev)  # in memory, as CIFAR
@@ -137,10 +138,10 @@ def main(argv):
             loss = D.loss(net, x_src, x_tgt, schedule_fn, u=u, eps=eps, weighting=C["weighting"], z_on=z_on)
         loss.backward()
         if C["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), C["grad_clip"])
+            torch.nn.utils.clip_grad_norm_(params, C["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 0.001)
+        torch._foreach_lerp_(ema_params, params, 0.001)
         return loss.detach()
 
     if cuda:

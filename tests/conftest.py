@@ -1,7 +1,7 @@
 """What several test files share: the options and markers (--runslow, --multiprocess, slow,
 numerics, multiprocess, full_eval), the light_eval fixture, tiny models, tiny data sets written in
 their public layouts, tiny training runs and checkpoints, and the one-line error checks. A fixture
-that trains is session-scoped: it runs at most once per pytest-xdist worker, whichever files use it."""
+that trains has pytest's widest scope: it runs at most once per pytest-xdist worker, whichever files use it."""
 import contextlib
 import io
 import os
@@ -377,7 +377,7 @@ class World:
 
 @pytest.fixture(scope="session")
 def w(tmp_path_factory, cifar_dir):
-    """Tiny checkpoints and data, once per session (per xdist worker); every test checks that nothing
+    """Tiny checkpoints and data, built once per xdist worker; every test checks that nothing
     under them changed."""
     root = str(tmp_path_factory.mktemp("inputs"))
     W = World()
