@@ -359,8 +359,7 @@ class BatchStandardize(nn.Module):
         sums = torch.stack([z.sum(0), z.pow(2).sum(0)])  # (2, dim)
         n = z.shape[0]
         if self.sync and torch.distributed.is_available() and torch.distributed.is_initialized():
-            from torch.distributed import _functional_collectives as collectives  # with autograd; compiles
-            sums = collectives.all_reduce(sums, "sum", torch.distributed.group.WORLD)
+            sums = AllReduceSum.apply(sums)
             n *= torch.distributed.get_world_size()
         mean = sums[0] / n
         var = (sums[1] / n - mean ** 2).clamp(min=0)
@@ -369,6 +368,27 @@ class BatchStandardize(nn.Module):
             self.running_var.lerp_(var * n / max(n - 1, 1), self.momentum)
             self.num_batches_tracked += 1
         return (z - mean) / (var + self.eps).sqrt()
+
+
+class AllReduceSum(torch.autograd.Function):
+    """x summed over the processes, with its gradient: every process's output depends on every
+    process's x, so the backward sums the outputs' gradients over the processes too. Written out
+    rather than taken from the functional all-reduce's own autograd, which older torch releases
+    lack (there the gradient would silently stay this process's). The functional collectives
+    (not the in-place ones) keep it traceable by torch.compile."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return all_reduce_sum(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_sum(grad)
+
+
+def all_reduce_sum(x):
+    from torch.distributed import _functional_collectives as collectives
+    return collectives.wait_tensor(collectives.all_reduce(x, "sum", torch.distributed.group.WORLD))
 
 
 # -----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ train_step(run, it), with evaluate (monitor.py) and save_run at their intervals.
 """
 import contextlib
 import copy
+import datetime
 import math
 import os
 import shutil
@@ -118,6 +119,8 @@ compile_backend = "inductor"  # torch.compile backend; 'aot_eager' skips the C++
 fused_adamw = True  # AdamW as one fused kernel (CPU and CUDA) instead of a loop over parameters
 channels_last = False  # NHWC memory layout for convolutions
 threads = 0  # CPU threads for torch (0: torch's default)
+dist_timeout_min = 30.0  # torchrun: how long a process waits for the others at a collective (first-step compiles, a
+# download or a folder listing on one process per node) before the run fails
 seed = 0
 peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = look up bf16 peak by GPU name
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
@@ -140,7 +143,7 @@ RANGES = [
     (("eval_interval", "n_val", "num_workers", "ray_freqs", "segments", "threads", "warmup_iters",
       "weight_decay", "grad_clip", "enc_noise", "z_init", "simsiam_weight", "peak_flops",
       "ema_rampup"), lambda v: v >= 0, ">= 0"),
-    (("lr", "enc_lr_mult", "ema_halflife_kimg"), lambda v: v > 0, "> 0"),
+    (("lr", "enc_lr_mult", "ema_halflife_kimg", "dist_timeout_min"), lambda v: v > 0, "> 0"),
     (("p_mask_layer", "p_uncond", "p_uncond_pose", "p_uncond_src_pose", "min_lr_ratio"), lambda v: 0 <= v <= 1,
      "in [0, 1]"),
     (("beta2",), lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -159,7 +162,7 @@ RESUME_MAY_CHANGE = {"out_dir", "init_from", "overwrite", "log_interval", "eval_
                      "batch_size", "grad_accum",
                      "eval_at_start", "max_iters", "data_dir", "download", "num_workers", "sample_steps",
                      "sample_schedule", "device", "dtype", "cpu_bf16", "compile", "compile_backend", "fused_adamw",
-                     "channels_last", "threads", "peak_flops"}
+                     "channels_last", "threads", "peak_flops", "dist_timeout_min"}
 
 
 def validate(cfg):
@@ -277,13 +280,13 @@ def loop(run):
             log_progress(run, bar, loss_sum, step - seen0, t0, lr_at(run, it))
             t0, seen0 = time.time(), step
             loss_sum.zero_()
+        if saving:  # before the evaluation: a stop agreed at an evaluation step has its checkpoint first
+            save_run(run, step)
         evaluating = (run.eval_interval > 0 and step % run.eval_interval == 0) or last
         if evaluating:
             t_eval = time.time()
             evaluate_and_log(run, step)
             t0 += time.time() - t_eval  # evaluation time is not training time
-        if saving:
-            save_run(run, step)
         if evaluating or saving:
             wait_for_rank_0(run)
         if halt:
@@ -376,9 +379,11 @@ def setup_processes(run):
             dev = f"cuda:{run.local_rank % torch.cuda.device_count()}"  # srun --gpus-per-task: one GPU each
             torch.cuda.set_device(dev)
         cuda = dev.startswith("cuda")  # device_id: NCCL binds this process's GPU now (barriers know it)
-        torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(dev) if cuda else None)
-        if cuda:  # on GPUs a gloo group of the CPUs: agreeing to stop never waits for a GPU
-            run.stop_group = torch.distributed.new_group(backend="gloo")
+        timeout = datetime.timedelta(minutes=run.dist_timeout_min)  # NCCL's own default is 10 minutes
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(dev) if cuda else None,
+                                             timeout=timeout)
+        if cuda:  # on GPUs a gloo group of the CPUs: agreeing to stop, or waiting for a download, never waits for a GPU
+            run.stop_group = torch.distributed.new_group(backend="gloo", timeout=timeout)
     else:
         run.rank, run.world, run.local_rank = 0, 1, 0
     run.dev, run.cuda, run.master = dev, dev.startswith("cuda"), run.rank == 0
@@ -393,6 +398,9 @@ def setup_processes(run):
     run.say = print if run.master else (lambda *a, **k: None)
     if not run.cuda:
         run.say(cpu_line)
+    warning = launcher_signal_warning(os.environ)
+    if warning:
+        run.say(warning)
 
 
 def setup_data(run, ckpt):
@@ -433,12 +441,14 @@ def setup_data(run, ckpt):
 @contextlib.contextmanager
 def local_rank_first(run):
     """The block runs on each node's first process (LOCAL_RANK 0) first, then on the others, which
-    find what it downloaded or wrote (torchrun: every process calls this once)."""
+    find what it downloaded or wrote (torchrun: every process calls this once). The others wait on the
+    CPUs (run.stop_group), for up to dist_timeout_min: a download or the listing of a large folder on a
+    network file system can take longer than NCCL's watchdog allows."""
     if run.ddp and run.local_rank != 0:
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=run.stop_group)
     yield
     if run.ddp and run.local_rank == 0:
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=run.stop_group)
 
 
 def load_data(run):
@@ -496,6 +506,8 @@ def setup_model(run, ckpt):
     if ckpt is not None:  # loaded and compared with this config by resume_checkpoint
         raw.load_state_dict(ckpt["model"])
         run.ema.load_state_dict(ckpt["ema"])
+        for group in ckpt["optimizer"]["param_groups"]:  # they hold the saving run's kernel choice: this run's,
+            group["fused"] = run.fused_adamw  # before loading (a fused AdamW keeps its step counts on the device)
         run.optimizer.load_state_dict(ckpt["optimizer"])
         run.step = ckpt["step"]
         set_rng_states(ckpt["rng"], run.cuda)
@@ -640,6 +652,22 @@ def save_run(run, it):
 
 
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")  # Ctrl-C; torchrun's, Kubernetes' and SLURM's stop; SLURM's --signal=USR1@secs
+
+
+def launcher_signal_warning(env):
+    """torchrun passes on to its workers only the signals it handles (SIGTERM, SIGINT, SIGHUP and SIGQUIT,
+    or those its --signals_to_handle names where it has that flag); another one ends torchrun, and with
+    it this run, without a checkpoint. -> a warning line where that loses the recipe's stop signal
+    (SIGTERM), or SLURM's customary SIGUSR1 in a SLURM job; else ''."""
+    if "TORCHELASTIC_RUN_ID" not in env:
+        return ""
+    passed = env.get("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT").split(",")
+    lost = [s for s in ("SIGTERM",) + (("SIGUSR1",) if "SLURM_JOB_ID" in env else ()) if s not in passed]
+    if not lost:
+        return ""
+    return (f"warning: this torchrun passes on {', '.join(passed)} only: {' or '.join(lost)} would end it without a "
+            "checkpoint. Stop the job with SIGTERM (#SBATCH --signal=TERM@300, as tools/slurm/*.sbatch do), or "
+            f"start torchrun with --signals_to_handle={','.join(passed + lost)}")
 
 
 def ignore_stop_signals(worker_id):

@@ -640,3 +640,37 @@ def test_z_bn_removes_what_every_image_shares():
         m.eval()
         assert m.z_bn.running_mean.abs().sum() > 0  # the training passes updated the statistics
         assert not torch.allclose(m.denoise(x, logsnr, z + 10, z_on), m.denoise(x, logsnr, z, z_on), atol=1e-3)
+
+
+def z_bn_gradient(rank, world, init_file, z, weights, out):
+    """One process of z_bn_gradient's test: its rows of z through BatchStandardize (statistics summed
+    over the processes), a weighted sum as the loss, backward -> its rows' gradient, saved to out."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    rows = slice(rank * len(z) // world, (rank + 1) * len(z) // world)
+    mine = z[rows].clone().requires_grad_()
+    (M.BatchStandardize(z.shape[1]).train()(mine) * weights[rows]).sum().backward()
+    torch.save(mine.grad, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_z_bn_gradient_over_two_processes_equals_one_process(tmp_path):
+    """z_bn's all-reduce with the backward written out (model.AllReduceSum, the path on every
+    supported torch): 2 gloo processes with 3 rows each give every row the gradient one process
+    gets on all 6. Without the backward's all-reduce (each process's gradient through its own sums
+    only) the gradients differ by a multiple of their size."""
+    g = torch.Generator().manual_seed(0)
+    z, weights = torch.randn(6, 5, generator=g) * 3 + 1, torch.randn(6, 5, generator=g)
+    one = z.clone().requires_grad_()
+    (M.BatchStandardize(5).train()(one) * weights).sum().backward()
+    out = tmp_path / "grad"
+    torch.multiprocessing.spawn(z_bn_gradient, args=(2, str(tmp_path / "init"), z, weights, str(out)), nprocs=2)
+    two = torch.cat([torch.load(f"{out}.{r}", weights_only=True) for r in range(2)])
+    torch.testing.assert_close(two, one.grad, atol=1e-5, rtol=1e-4)
+    # what a forward-only all-reduce would give: this process's rows' own contribution alone
+    local = z[:3].clone().requires_grad_()
+    sums = torch.stack([local.sum(0), local.pow(2).sum(0)])
+    full = torch.stack([z.sum(0), z.pow(2).sum(0)])
+    sums = sums + (full - sums).detach()  # the other process's sums as constants
+    mean, var = sums[0] / 6, (sums[1] / 6 - (sums[0] / 6) ** 2)
+    (((local - mean) / (var + 1e-5).sqrt()) * weights[:3]).sum().backward()
+    assert (local.grad - one.grad[:3]).abs().max() > 0.1 * one.grad[:3].abs().max()

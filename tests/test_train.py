@@ -702,6 +702,54 @@ def test_torchrun_sigterm_saves_and_resumes_on_another_process_count(cifar_dir, 
     assert_same_training_state(state(tmp_path / "one" / "ckpt.pt"), state(out / "ckpt.pt"), moment_tol=5e-4)
 
 
+# srun's and scontrol's stand-ins for the cluster scripts: srun drops its options and runs the command
+SRUN = 'while [ "${1#-}" != "$1" ]; do shift; done\nexec "$@"\n'
+SCONTROL = "echo 127.0.0.1\n"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("script", ["one_node", "nodes"])
+def test_the_cluster_scripts_stop_with_a_checkpoint_on_their_signal(cifar_dir, tmp_path, script):
+    """tools/slurm/SCRIPT.sbatch as a SLURM job runs it (srun starting torchrun with the script's own
+    arguments, here 2 gloo processes on the CPU), and the signal its #SBATCH --signal names sent to the
+    launcher: every process stops after the same step and rank 0 saves it."""
+    path = os.path.join(ROOT, "tools", "slurm", f"{script}.sbatch")
+    name = re.search(r"^#SBATCH --signal=(\w+)@\d+$", open(path).read(), re.M).group(1)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (bin_dir / tool).write_text("#!/bin/sh\n" + text)
+        (bin_dir / tool).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}", NPROC="2",
+               PORT=str(free_port()), SLURM_JOB_ID="7", SLURM_NNODES="1", SLURM_JOB_NODELIST="node1",
+               OMP_NUM_THREADS="1")
+    out = tmp_path / "run"
+    args = base_args(cifar_dir, out, batch_size=4, max_iters=1000, ckpt_interval=1, log_interval=400)
+    p = subprocess.Popen(["bash", path] + args, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)  # bash execs srun, which execs torchrun: p is the launcher
+    deadline = time.time() + 180
+    while not (out / "ckpt.pt").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    p.send_signal(getattr(signal, "SIG" + name))
+    printed, _ = p.communicate(timeout=120)
+    stopped = re.search(rf"stopped by SIG{name} after step (\d+);", printed)
+    assert stopped, printed[-3000:]
+    assert state(out / "ckpt.pt")["step"] == int(stopped.group(1))
+
+
+def test_a_launcher_that_would_not_pass_the_stop_signal_on_is_named():
+    """train.py's start-up line where torchrun would end the run without a checkpoint: SIGTERM not
+    passed on, or in a SLURM job SIGUSR1; nothing outside torchrun or where both are passed on."""
+    warn = train.launcher_signal_warning
+    run = {"TORCHELASTIC_RUN_ID": "x"}
+    assert warn({}) == "" and warn({"SLURM_JOB_ID": "1"}) == "" and warn(run) == ""
+    line = warn(dict(run, SLURM_JOB_ID="1"))  # a torchrun that passes on its four default signals only
+    assert line.startswith("warning: ") and "SIGUSR1 would end it" in line and "\n" not in line
+    assert "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in line
+    assert warn(dict(run, SLURM_JOB_ID="1", TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGUSR1")) == ""
+    assert "SIGTERM would end it" in warn(dict(run, TORCHELASTIC_SIGNALS_TO_HANDLE="SIGINT"))
+
+
 NAN_ON_RANK_1 = """
 import os, runpy, sys, time
 sys.path.insert(0, {root!r})
@@ -725,6 +773,39 @@ data.load = load
 sys.argv = ["train.py"] + sys.argv[1:]
 runpy.run_path({train!r}, run_name="__main__")
 """
+
+
+SLOW_READ_ON_RANK_0 = """
+import os, runpy, sys, time
+sys.path.insert(0, {root!r})
+import data
+real_load = data.load
+def load(*a, **k):  # local rank 0 reads (or downloads) the data first, slowly; the others wait at a barrier
+    if os.environ["LOCAL_RANK"] == "0":
+        time.sleep({seconds})
+    return real_load(*a, **k)
+data.load = load
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.multiprocess
+def test_processes_wait_for_a_slow_download_as_long_as_dist_timeout_min(cifar_dir, tmp_path):
+    """Local rank 0 reads the data 8 s late: the other process waits at the CPU barrier for up to
+    dist_timeout_min. 0.05 minutes (3 s) fails the run on the timeout, 0.5 minutes waits it out and trains
+    (as 30 minutes outlasts NCCL's 10-minute watchdog for a download or a folder listing on a cluster)."""
+    script = tmp_path / "slow_read.py"
+    script.write_text(SLOW_READ_ON_RANK_0.format(root=ROOT, train=os.path.join(ROOT, "train.py"), seconds=8))
+    for minutes, ok in ((0.05, False), (0.5, True)):
+        out = tmp_path / f"run_{minutes}"
+        p = torchrun([str(script)] + base_args(cifar_dir, out, max_iters=1, batch_size=4, dist_timeout_min=minutes),
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        printed, _ = p.communicate(timeout=180)
+        assert (p.returncode == 0) == ok, printed[-3000:]
+        assert ok == (out / "ckpt.pt").exists()
+        if not ok:
+            assert re.search(r"time(d)? ?out", printed, re.I), printed[-3000:]
 
 
 @pytest.mark.usefixtures("light_eval")
