@@ -206,6 +206,33 @@ def test_resume_is_bit_exact(cifar_dir, tmp_path, monkeypatch):
             assert torch.equal(sa[k], sb[k])
 
 
+@pytest.mark.usefixtures("light_eval")
+def test_resume_takes_this_runs_fused_adamw(cifar_dir, tmp_path):
+    """A checkpoint holds AdamW's groups with the kernel choice of the run that wrote it: a resume
+    runs the kernel its own fused_adamw names, either way."""
+    for before, now in ((True, False), (False, True)):
+        out = tmp_path / f"fused_{before}"
+        run_train(base_args(cifar_dir, out, max_iters=1, fused_adamw=before))
+        cfg = train.configure(base_args(cifar_dir, out, max_iters=2, init_from="resume", fused_adamw=now), train.DEFAULTS)
+        with pytest.warns(UserWarning, match="partial copy"):
+            run = train.setup(cfg, train.resume_checkpoint(cfg))
+        assert [g["fused"] for g in run.optimizer.param_groups] == [now] * 4
+        train.train_step(run, 1)  # the state's step counts where the kernel wants them
+        assert all(torch.isfinite(p).all() for p in run.raw.parameters())
+
+
+def test_a_stop_at_an_evaluation_step_saves_before_it_evaluates(cifar_dir, tmp_path, monkeypatch):
+    """Step 2 is a checkpoint and an evaluation step: the checkpoint is written first, so an evaluation
+    that never ends (a job killed during it) costs nothing."""
+    def evaluation_killed(run, step):
+        if step == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train, "evaluate_and_log", evaluation_killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(base_args(cifar_dir, tmp_path, max_iters=4, eval_interval=2, ckpt_interval=2))
+    assert state(tmp_path / "ckpt.pt")["step"] == 2
+
+
 def assert_bit_exact(a, b):
     for key in ("model", "ema"):
         for name in a[key]:
