@@ -280,13 +280,15 @@ def loop(run):
             log_progress(run, bar, loss_sum, step - seen0, t0, lr_at(run, it))
             t0, seen0 = time.time(), step
             loss_sum.zero_()
-        if saving:  # before the evaluation: a stop agreed at an evaluation step has its checkpoint first
+        if halt:  # a stop agreed at an evaluation step: the checkpoint first (the job may end during the evaluation)
             save_run(run, step)
         evaluating = (run.eval_interval > 0 and step % run.eval_interval == 0) or last
         if evaluating:
             t_eval = time.time()
             evaluate_and_log(run, step)
             t0 += time.time() - t_eval  # evaluation time is not training time
+        if saving and not halt:
+            save_run(run, step)
         if evaluating or saving:
             wait_for_rank_0(run)
         if halt:

@@ -1,6 +1,7 @@
 # ImageNet at paper scale on 8 GPUs (§4.1, Table 1): ResNet-50x2 encoder (94M), ~36M UNet,
 # 2048-d z, RandAugment views, inverted schedule.
 #   torchrun --nproc_per_node=8 train.py configs/imagenet.py
+#   sbatch tools/slurm/one_node.sbatch configs/imagenet.py      # SLURM: stops with a checkpoint on its SIGTERM
 # data_dir holds train/<wnid>/*.JPEG and val/<wnid>/*.JPEG. Cannot run on a laptop; a test builds
 # this model and runs one step at a tiny batch and resolution on the CPU.
 out_dir = "out/imagenet"

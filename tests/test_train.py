@@ -221,15 +221,26 @@ def test_resume_takes_this_runs_fused_adamw(cifar_dir, tmp_path):
         assert all(torch.isfinite(p).all() for p in run.raw.parameters())
 
 
-def test_a_stop_at_an_evaluation_step_saves_before_it_evaluates(cifar_dir, tmp_path, monkeypatch):
-    """Step 2 is a checkpoint and an evaluation step: the checkpoint is written first, so an evaluation
-    that never ends (a job killed during it) costs nothing."""
+def test_a_stop_at_an_evaluation_step_saves_before_it_evaluates(cifar_dir, tmp_path, monkeypatch, capsys):
+    """A signal in step 1 of a run that evaluates every 2 steps: the processes agree to stop after step
+    2, an evaluation step, and the checkpoint is written before the evaluation, so a job killed during
+    it (the scheduler's grace running out) keeps its step."""
+    real_loss = train.D.loss
+
+    def loss_then_signal(*a, **k):
+        loss_then_signal.calls += 1
+        if loss_then_signal.calls == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*a, **k)
+    loss_then_signal.calls = 0
+
     def evaluation_killed(run, step):
         if step == 2:
             raise KeyboardInterrupt
+    monkeypatch.setattr(train.D, "loss", loss_then_signal)
     monkeypatch.setattr(train, "evaluate_and_log", evaluation_killed)
     with pytest.raises(KeyboardInterrupt):
-        run_train(base_args(cifar_dir, tmp_path, max_iters=4, eval_interval=2, ckpt_interval=2))
+        run_train(base_args(cifar_dir, tmp_path, max_iters=4, eval_interval=2, ckpt_interval=100))
     assert state(tmp_path / "ckpt.pt")["step"] == 2
 
 
