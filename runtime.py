@@ -12,6 +12,18 @@ import torch
 from configurator import ConfigError
 
 
+TORCH_MIN = (2, 6)  # requirements.txt's floor: torch.nn.utils.get_total_norm (train.py) is new in 2.6
+
+
+def check_torch(version=None):
+    """An older torch than TORCH_MIN is refused in one line, before it fails somewhere inside a run."""
+    version = version or torch.__version__
+    have = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+    if have < TORCH_MIN:
+        raise ConfigError(f"torch {version} is older than this code needs ({'.'.join(map(str, TORCH_MIN))} or newer): "
+                          "pip install -r requirements.txt installs a newer one")
+
+
 def pick_device(device):
     """'auto' -> 'cuda' where torch sees a CUDA GPU, else 'cpu'; any other name as it is (checked by
     configurator.check_device)."""

@@ -224,6 +224,7 @@ def resume_conflicts(old, new):
 # The run: main() sets it up once, then loops over train_step, evaluate and save_run.
 
 def main(argv):
+    runtime.check_torch()
     cfg = configure(argv, DEFAULTS)
     validate(cfg)
     run = None
@@ -669,7 +670,7 @@ def launcher_signal_warning(env):
         return ""
     return (f"warning: this torchrun passes on {', '.join(passed)} only: {' or '.join(lost)} would end it without a "
             "checkpoint. Stop the job with SIGTERM (#SBATCH --signal=TERM@300, as tools/slurm/*.sbatch do), or "
-            f"start torchrun with --signals_to_handle={','.join(passed + lost)}")
+            f"start torchrun (2.10 or newer) with --signals_to_handle={','.join(passed + lost)}")
 
 
 def ignore_stop_signals(worker_id):
