@@ -1,5 +1,6 @@
 """tools/: the GPU check's dry run on the CPU (tools/gpu_check.sh --dry-run: its code at tiny sizes,
-so that the one call a GPU machine gets does not fail on a typo) and its per-item timeout; the
+so that the one call a GPU machine gets does not fail on a typo), without the data folder and then
+the items that need it, its options, its per-item timeout and its killing of a process group; the
 arguments of tools/loader_bench.py, tools/zusage_curve.py and tools/schedules.py, refused in one
 line; the schedule figure."""
 import importlib.util
@@ -28,38 +29,95 @@ gpu_check = tool("gpu_check")
 
 # --- tools/gpu_check.py ---------------------------------------------------------------------------
 
-def test_dry_run_reports_every_item(tmp_path):
-    # under the second CPU kernel set (tests/test_kernels.py): its items compare the same switches as
-    # tests/test_train.py, which runs them under this CPU's own kernels, so both sets are checked
+def dry_run(out, *args, timeout=300):
+    """`bash tools/gpu_check.sh OUT --dry-run ARGS` -> summary.json. Under the second CPU kernel set
+    (tests/test_kernels.py): the correctness items compare the same switches as tests/test_train.py,
+    which runs them under this CPU's own kernels, so both sets are checked."""
     kernels = os.environ.get("ATEN_CPU_CAPABILITY") or other_kernel_set()
-    # PYTHON: this interpreter (the suite's venv, activated or not), not the first python on PATH
+    # PYTHON: this interpreter (the suite's venv, activated or not), not the first python3 on PATH
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", ATEN_CPU_CAPABILITY=kernels,
                PYTHON=sys.executable)
-    r = subprocess.run(["bash", "tools/gpu_check.sh", str(tmp_path), "--dry-run"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=240)
+    r = subprocess.run(["bash", "tools/gpu_check.sh", str(out), "--dry-run", *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
-    s = json.loads((tmp_path / "summary.json").read_text())
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_dry_run_without_data_runs_every_other_item(tmp_path):
+    # the acceptance of a box that has only the repository: the data items skipped with why, all others pass
+    s = dry_run(tmp_path, "--data_dir=/nonexistent")
     items = s["items"]
     assert list(items) == list(gpu_check.ITEMS) and s["run"]["dry_run"] and s["run"]["children"][0]["rc"] == 0
-    for name, res in items.items():
-        assert res["pass"] in (True, False) or res["pass"] is None and res["skipped"], (name, res)
-    # on the CPU the correctness items hold (tests/test_train.py measures the same switches)
-    for name in ("bf16_vs_fp32", "compile_vs_eager", "channels_last_vs_nchw", "fused_adamw_vs_looped",
-                 "samplers_deterministic", "resume_2_plus_2"):
+    assert s["run"]["data_found"] is False and s["run"]["torch"] and "cuda" in s["run"]
+    for name in gpu_check.NEEDS_DATA:
+        assert items[name]["pass"] is None and "no CIFAR-10 at /nonexistent" in items[name]["skipped"], items[name]
+        assert "data/cifar10-subset" in items[name]["skipped"] and "--data_dir" in items[name]["skipped"]
+    by_design = {"imagenet_train_b64": "batch 128 fits", "torchrun_vs_plain": "CUDA only",
+                 "torchrun_2gpu_compile_zbn": "dry run"}
+    for name, why in by_design.items():
+        assert items[name]["pass"] is None and why in items[name]["skipped"], (name, items[name])
+    for name in set(gpu_check.ITEMS) - set(gpu_check.NEEDS_DATA) - set(by_design):
         assert items[name]["pass"] is True, (name, items[name])
+    # on the CPU the correctness items hold (tests/test_train.py measures the same switches)
     assert items["resume_2_plus_2"]["bit_exact"] and not items["bf16_vs_fp32"]["bit_exact"]
     assert 0 < items["bf16_vs_fp32"]["loss_rel_diff"] < items["bf16_vs_fp32"]["loss_rel_step"]
-    assert items["torchrun_vs_plain"]["pass"] is None  # CUDA only
     for name in gpu_check.ITEMS:
         if name.startswith("speed_"):
-            assert items[name]["pass"] and items[name]["train_img_s"] > 0 and items[name]["sample_img_steps_s"] > 0
-    assert items["speed_bf16_autocast"]["x_all_off"] > 0
+            assert items[name]["train_img_s"] > 0 and items[name]["sample_img_steps_s"] > 0
+    assert items["speed_bf16_autocast"]["x_all_off"] > 0 and items["speed_config"]["x_config_eager"] > 0
+    # the ImageNet path under torchrun (gloo here), its loader's workers and what the wrapper measured
+    im = items["imagenet_train_b128"]
+    assert im["backend"] == "gloo" and im["loader_workers"] == 2 and len(im["losses"]) == 3, im
+    for k in ("img_s_with_loader", "img_s_step_alone", "loader_img_s", "peak_mem_gb", "first_interval_s", "eval_s",
+              "ckpt_gb"):
+        assert im[k] > 0, (k, im)
+    assert (tmp_path / "imagenet_jpegs" / "train").is_dir() and (tmp_path / "logs" / "imagenet_train_b128.log").exists()
+
+
+def test_dry_run_items_that_need_data(tmp_path):
+    # --only: the four items the first dry run skipped, here on the generated stand-in for the subset
+    s = dry_run(tmp_path, "--only=learn_zusage,learn_linear_vs_random,folder_imagenet_path", timeout=240)
+    items = s["items"]
+    assert list(items) == list(gpu_check.NEEDS_DATA) and s["run"]["data_found"] is True
     # learning: it ran; whether 4 steps beat random init is a measurement, not a requirement here
     assert items["learn_train"]["pass"] and items["learn_train"]["max_iters"] == 4
-    assert isinstance(items["learn_linear_vs_random"]["pass"], bool) and items["learn_linear_vs_random"]["top1_random_init"] >= 0
+    linear = items["learn_linear_vs_random"]
+    assert isinstance(linear["pass"], bool) and linear["top1_random_init"] >= 0
     assert len(items["learn_zusage"]["removed"]) == 8
-    for png in ("learn_samples.png", "learn_zusage.png", "learn_curves.png"):
+    assert items["folder_imagenet_path"]["pass"] and items["folder_imagenet_path"]["knn_read_cache"]
+    for png in ("learn_samples.png", "learn_zusage.png", "learn_curves.png", "folder_curves.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_options_and_what_an_item_builds_on(capsys):
+    assert gpu_check.selection(["learn_zusage"]) == ["learn_train", "learn_zusage"]
+    assert gpu_check.selection(["imagenet_train_b64", "bf16_vs_fp32"]) == \
+        ["imagenet_train_b128", "imagenet_train_b64", "eager_fp32_reference", "bf16_vs_fp32"]
+    assert gpu_check.selection([]) == list(gpu_check.ITEMS)
+    out, dry, child, opts, only = gpu_check.parse(["o", "--dry-run", "--data_dir=d", "--only=learn_train"])
+    assert dry and not child and opts["data_dir"] == os.path.abspath("d") and only == ["learn_train"]
+    for argv, match in [(["o", "--data-dir=d"], "unknown option --data-dir"), (["o", "--dryrun"], "unknown option"),
+                        (["o", "--only=nope"], "no item 'nope'"), ([], "one OUT_DIR")]:
+        with pytest.raises(SystemExit, match=match):
+            gpu_check.parse(argv)
+
+
+def test_a_command_over_its_time_is_killed_with_its_process_group(tmp_path):
+    # as a torchrun past its limit: the launcher and every worker it started, so none keeps the GPU
+    pid_file = tmp_path / "worker.pid"
+    cmd = ["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"]
+    t = time.time()
+    with pytest.raises(gpu_check.Timeout):
+        gpu_check.run_group(str(tmp_path), cmd, 1.5, str(tmp_path / "logs" / "slow.log"))
+    assert time.time() - t < 5
+    worker = int(pid_file.read_text())
+    for _ in range(50):  # gone, or a zombie waiting for its new parent to reap it
+        state = open(f"/proc/{worker}/stat").read().split()[2] if os.path.exists(f"/proc/{worker}") else "gone"
+        if state in ("gone", "Z"):
+            break
+        time.sleep(0.1)
+    assert state in ("gone", "Z"), state
+    assert json.loads((tmp_path / "summary.json").read_text())["run"]["group"] is None
 
 
 def test_an_item_over_its_time_fails_and_the_next_runs(tmp_path):
