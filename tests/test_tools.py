@@ -56,7 +56,8 @@ def test_dry_run_reports_every_item(tmp_path):
     assert items["speed_bf16_autocast"]["x_all_off"] > 0
     # learning: it ran; whether 4 steps beat random init is a measurement, not a requirement here
     assert items["learn_train"]["pass"] and items["learn_train"]["max_iters"] == 4
-    assert isinstance(items["learn_linear_vs_random"]["pass"], bool) and items["learn_linear_vs_random"]["top1_random_init"] >= 0
+    learn = items["learn_linear_vs_random"]
+    assert isinstance(learn["pass"], bool) and learn["top1_random_init"] >= 0
     assert len(items["learn_zusage"]["removed"]) == 8
     for png in ("learn_samples.png", "learn_zusage.png", "learn_curves.png"):
         assert (tmp_path / png).stat().st_size > 1000

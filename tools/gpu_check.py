@@ -46,8 +46,9 @@ BUDGET = 470  # the whole GPU check, seconds; the learning run gets what is left
 TRAIN_S = 90  # the learning run's training time, if the budget allows
 LEARN_REST_S = 150  # what the learning group needs besides training: final eval, 3 probes, the PNGs, the folder path
 ITEMS = ("bf16_vs_fp32", "compile_vs_eager", "channels_last_vs_nchw", "fused_adamw_vs_looped", "samplers_deterministic",
-         "resume_2_plus_2", "torchrun_vs_plain", "grad_accum_vs_big_batch", "torchrun_2gpu_compile_zbn", "speed_all_off",
-         "speed_bf16_autocast", "speed_fused_adamw", "speed_channels_last", "speed_compile", "speed_config",
+         "resume_2_plus_2", "torchrun_vs_plain", "grad_accum_vs_big_batch", "torchrun_2gpu_compile_zbn",
+         "speed_all_off", "speed_bf16_autocast", "speed_fused_adamw", "speed_channels_last", "speed_compile",
+         "speed_config",
          "imagenet_b128", "imagenet_b64", "imagenet_b32", "learn_train", "learn_linear_vs_random", "learn_zusage",
          "folder_imagenet_path")
 CORRECTNESS = ITEMS[:ITEMS.index("speed_all_off")]
@@ -56,7 +57,7 @@ OFF = ["--cpu_bf16=false", "--dtype=float32", "--compile=False", "--channels_las
 SWITCHES = {"bf16_autocast": ["--cpu_bf16=true", "--dtype=bfloat16"], "fused_adamw": ["--fused_adamw=True"],
             "channels_last": ["--channels_last=True"], "compile": ["--compile=True"]}
 # --dry-run: the sizes differ, the code path does not. torch.compile's graph capture with the 'eager'
-# backend: 'aot_eager' (+ AOT autograd, compared with eager in tests/test_train.py) took 23 of the
+# backend: 'aot_eager' (+ AOT autograd, compared with eager in tests/test_train.py) takes 23 of the
 # dry run's 56 s, 'eager' 8; on CUDA the backend is the config's (inductor)
 TINY = ["--encoder=tiny", "--unet=tiny", "--z_dim=32", "--batch_size=8", "--n_val=20", "--threads=1",
         "--compile_backend=eager"]
@@ -188,7 +189,8 @@ def light_eval():
     def z_usage(model, x_0, logsnrs=None, **kw):
         kw = {k: v[:8] if torch.is_tensor(v) and len(v) == len(x_0) else v for k, v in kw.items()}
         return real[0](model, x_0[:8], logsnrs=(-3.0, 0.0), **kw)
-    zusage.z_usage, zusage.plot_z_usage, monitor.plot_curves = z_usage, lambda res, path, title="": path, lambda out_dir: None
+    zusage.z_usage, zusage.plot_z_usage = z_usage, lambda res, path, title="": path
+    monitor.plot_curves = lambda out_dir: None
     try:
         yield
     finally:
@@ -301,8 +303,8 @@ def correctness(out, dry):
                 res[f"{name}_same_seed_max_diff"] = (a - b).abs().max().item()
                 res[f"{name}_other_seed_max_diff"] = (a - c).abs().max().item()
                 res["pass"] &= res[f"{name}_same_seed_max_diff"] <= 1e-5 < res[f"{name}_other_seed_max_diff"]
-        return {**res, "tol": 1e-5, "why": "same Generator seed -> the same images (CUDA: same kernels in one process); "
-                "another seed -> other images"}
+        return {**res, "tol": 1e-5, "why": "same Generator seed -> the same images (CUDA: same kernels in one "
+                "process); another seed -> other images"}
     item(out, "samplers_deterministic", 60, samplers)
 
     def resume():
@@ -416,7 +418,8 @@ def imagenet(out, dry):
             d = os.path.join(out, "bench", f"imagenet_b{b}")
             argv = [os.path.join(ROOT, "configs", "imagenet.py"), f"--out_dir={d}", "--iters=5", "--warmup=2",
                     "--sample_n=8", "--sample_steps=4"] + \
-                (TINY_BENCH + ["--image_size=32", f"--batch_size={b // 32}", "--z_dim=64"] if dry else [f"--batch_size={b}"])
+                (TINY_BENCH + ["--image_size=32", f"--batch_size={b // 32}", "--z_dim=64"] if dry
+                 else [f"--batch_size={b}"])
             try:
                 run_script("bench.py", argv)
             except torch.cuda.OutOfMemoryError as e:
@@ -472,7 +475,8 @@ def learning(out, dry, deadline):
         # there the run only has to finish with finite losses; on the GPU it has to learn
         return {"pass": all(map(math.isfinite, loss)) and (dry or loss[-1] < loss[0]), "max_iters": iters,
                 "wall_s": round(time.time() - t, 1), "loss_first": loss[0], "loss_last": loss[-1],
-                "img_s": [r["img_s"] for r in log if "img_s" in r][-1], "mfu": [r.get("mfu") for r in log if "loss" in r][-1],
+                "img_s": [r["img_s"] for r in log if "img_s" in r][-1],
+                "mfu": [r.get("mfu") for r in log if "loss" in r][-1],
                 "knn": ev.get("knn"), "zgap": ev["zgap"], "grid": "learn_samples.png"}
     # a run cut short by its alarm (a compile the bench did not leave behind: ~1 min) still leaves the
     # checkpoint of its last quarter for the probes
@@ -528,7 +532,8 @@ def folder_path(out, dry):
                 "knn_in_training": [r["knn"] for r in evs], "z_removed_mean": [r["z_removed_mean"] for r in evs],
                 "eval_s": [r["eval_s"] for r in evs],
                 "extract_img_s": lin["extract_img_s"], "linear_s": lin["task_s"], "knn_s": knn["task_s"],
-                "knn_read_cache": cached, "linear_top1": lin["top1"], "linear_top5": lin["top5"], "knn_top1": knn["top1"],
+                "knn_read_cache": cached, "linear_top1": lin["top1"], "linear_top5": lin["top5"],
+                "knn_top1": knn["top1"],
                 "curves": "folder_curves.png",
                 "why": "pass: the run evaluates at start, middle and end (the dry run: start and end); the kNN reads "
                        "the linear probe's cached features; on the GPU the linear probe is above chance (10%)"}
