@@ -8,7 +8,7 @@ samplers are in diffusion.py; the thesis' DiffSiam variant extends SODA in diffs
 The classes are the paper's model. What we added and measured is kept apart, one block each marked
 "Measured" that names the docs page that measured it: z_bn's after the UNet, the others (z_norm,
 prediction, z_init, coords, top_skips, attention in bf16 on a CPU) at the end of the file. Each
-is off by default, and the paper's classes reach it at one line commented "measured".
+is off by default, and the paper's classes reach it only at lines commented "measured".
 This file imports no other project file.
 """
 import math
@@ -561,7 +561,7 @@ class SODA(nn.Module):
 
 # -----------------------------------------------------------------------------
 # Measured additions. Each is the paper's model at its default and is reached from the classes
-# above at one line commented "measured"; z_bn's block (BatchStandardize) follows the UNet.
+# above only at lines commented "measured"; z_bn's block (BatchStandardize) follows the UNet.
 
 # Measured: bf16 attention on a CPU (docs/speed.md). PyTorch's CPU SDPA kernel took 16 ms per
 # backward call at head size 8 in bf16, the plain product ~3 ms: the bf16 step went 178 -> 210 img/s.
