@@ -43,7 +43,8 @@ def load_checkpoint(path, device="cpu"):
         raise CheckpointError(f"could not read checkpoint {path!r} (corrupted or not a SODA checkpoint): "
                               f"{_load_failure(path, e)}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("ema"), dict):
-        held = f"a dict of {', '.join(map(repr, list(ckpt)[:6]))}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        held = (f"a dict of {', '.join(map(repr, list(ckpt)[:6]))}" if isinstance(ckpt, dict)
+                else f"a {type(ckpt).__name__}")
         raise CheckpointError(f"{path!r} is not a SODA checkpoint (no config/ema entries): train.py's hold a 'config' "
                               f"dict and 'ema' weights, this file holds {held}")
     return ckpt
@@ -55,7 +56,8 @@ def _load_failure(path, e):
     if "WeightsUnpickler error:" in msg:
         detail = " ".join(msg.split("WeightsUnpickler error:", 1)[1].split())
         if detail.startswith("Unsupported global"):
-            return f"it holds Python objects besides tensors ({detail.split(' was not')[0]}), which weights_only refuses"
+            what = detail.split(" was not")[0]
+            return f"it holds Python objects besides tensors ({what}), which weights_only refuses"
         with open(path, "rb") as f:
             head = f.read(8)
         return f"not a torch.save file (it starts with {head!r})"
@@ -64,24 +66,29 @@ def _load_failure(path, e):
 
 
 def model_args(cfg):
-    """A train.py config -> the model's arguments (SODAConfig's fields; DiffSiamConfig's where the run
-    asks for the thesis' variant: segments, SimSiam heads, or a pretrained frozen denoiser). A key
-    the config lacks (a checkpoint written before the key existed) takes the field's default, which
-    is what the model was then."""
-    siam = cfg.get("segments") or cfg.get("simsiam_weight", 0) > 0 or cfg.get("pretrained")
-    fields = dataclasses.fields(diffsiam.DiffSiamConfig if siam else M.SODAConfig)
-    args = {f.name: cfg.get(f.name, f.default) for f in fields}
-    if siam:  # the heads exist only where their loss is used; the frozen denoiser where one is named
-        args.update(simsiam_dim=cfg["simsiam_dim"] if cfg.get("simsiam_weight", 0) > 0 else 0,
-                    pdae=bool(cfg.get("pretrained")))
-    return args
+    """A train.py config -> the model's arguments: SODAConfig's fields, and DiffSiamConfig's where they
+    describe the thesis' variant (is_diffsiam). A key the config lacks (a checkpoint written before
+    the key existed) takes the field's default, which is what the model was then."""
+    args = {f.name: cfg.get(f.name, f.default) for f in dataclasses.fields(diffsiam.DiffSiamConfig)}
+    # the SimSiam heads exist only where their loss is used; the frozen denoiser where one is named
+    args.update(simsiam_dim=args["simsiam_dim"] if cfg.get("simsiam_weight", 0) > 0 else 0,
+                pdae=bool(cfg.get("pretrained")))
+    if is_diffsiam(args):
+        return args
+    return {f.name: args[f.name] for f in dataclasses.fields(M.SODAConfig)}
+
+
+def is_diffsiam(args):
+    """Which model a model's arguments describe: DiffSiam where one of the thesis' three changes is on
+    (z in segments, SimSiam heads, PDAE's frozen denoiser), else SODA."""
+    return bool(args.get("segments") or args.get("simsiam_dim") or args.get("pdae"))
 
 
 def build_model(args):
-    """model_args -> SODA(SODAConfig(**args)), or DiffSiam where they hold the thesis' fields."""
-    if any(f.name not in args for f in dataclasses.fields(diffsiam.DiffSiamConfig)):
-        return M.SODA(M.SODAConfig(**args))
-    return diffsiam.DiffSiam(diffsiam.DiffSiamConfig(**args))
+    """model_args -> SODA(SODAConfig(**args)), or DiffSiam(DiffSiamConfig(**args)) (is_diffsiam)."""
+    if is_diffsiam(args):
+        return diffsiam.DiffSiam(diffsiam.DiffSiamConfig(**args))
+    return M.SODA(M.SODAConfig(**args))
 
 
 # what every train.py checkpoint's config holds, and the scripts read besides the model's arguments

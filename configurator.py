@@ -35,7 +35,8 @@ def configure(argv, defaults, lenient_files=False):
     def set_key(k, v, where):
         if k not in cfg:
             close = difflib.get_close_matches(k, cfg, n=1)
-            raise ConfigError(f"unknown config key {k!r} in {where}" + (f"; did you mean {close[0]!r}?" if close else ""))
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {k!r} in {where}{hint}")
         old = cfg[k]
         if isinstance(v, bool) != isinstance(old, bool) or \
                 not isinstance(v, type(old)) and not (isinstance(old, float) and isinstance(v, int)):
@@ -108,7 +109,8 @@ def check_device(dev):
         raise ConfigError(f"device={dev!r}, but torch sees {n} CUDA device{'s' * (n != 1)} here: use 'cuda:0'"
                           + (f"..'cuda:{n - 1}'" if n > 1 else ""))
     if dev == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device={dev!r}, but this torch has no MPS (Apple GPU) device here: use device='auto' or 'cpu'")
+        raise ConfigError(f"device={dev!r}, but this torch has no MPS (Apple GPU) device here: use device='auto' "
+                          "or 'cpu'")
 
 
 # a seed reaches torch.manual_seed scaled (train.py's data.Rng: seed * 1_000_003 + step), which must fit 64 bits
@@ -134,7 +136,8 @@ def parse_groups(text):
             if not (lo.isdigit() and (hi.isdigit() or not hi)):
                 raise ConfigError(f"sections: expected numbers and ranges like 0,1 or 0-7;8-15, got {text!r}")
             if hi and int(hi) < int(lo):
-                raise ConfigError(f"sections={text!r}: the range {item!r} runs backwards: write it low-high ({hi}-{lo})")
+                raise ConfigError(f"sections={text!r}: the range {item!r} runs backwards: write it low-high "
+                                  f"({hi}-{lo})")
             secs += range(int(lo), int(hi or lo) + 1)
         if secs:
             groups.append(secs)

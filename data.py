@@ -318,7 +318,8 @@ def load_cifar10(data_dir, split="train", download=False, n_val=500, seed=0):
             torchvision.datasets.CIFAR10(data_dir, train=train, download=True)
         except Exception as e:
             msg = (str(e).splitlines() or [""])[0][:200]
-            raise DataError(f"could not download CIFAR-10 to {data_dir!r} ({type(e).__name__}: {msg}). {CIFAR_HINT}") from None
+            raise DataError(f"could not download CIFAR-10 to {data_dir!r} ({type(e).__name__}: {msg}). "
+                            f"{CIFAR_HINT}") from None
         x, y, classes = _load_cifar_records(data_dir, train)
     else:
         raise DataError(f"no CIFAR-10 found in {os.path.abspath(data_dir)!r}. {CIFAR_HINT}")
@@ -428,9 +429,11 @@ def load_folder(data_dir, split="train", image_size=32, n_val=500, seed=0):
         raise DataError(f"no folder {os.path.abspath(root)!r}: data_dir names a folder of images")
     tr, va = os.path.join(root, "train"), os.path.join(root, "val")
     if os.path.isdir(tr) and os.path.isdir(va):
-        ds = FolderData(tr if split == "train" else va, image_size, 2 if split == "train" else 1)  # val/: any of train's classes
+        # val/: any of train's classes
+        ds = FolderData(tr if split == "train" else va, image_size, 2 if split == "train" else 1)
         if split != "train" and ds.labelled:  # val/'s classes by name, numbered as train/'s
-            train_classes = [e for e in sorted(os.listdir(tr)) if not e.startswith(".") and os.path.isdir(os.path.join(tr, e))]
+            train_classes = [e for e in sorted(os.listdir(tr))
+                             if not e.startswith(".") and os.path.isdir(os.path.join(tr, e))]
             unknown = sorted(set(ds.classes) - set(train_classes))
             if unknown:
                 raise DataError(f"{va!r} has class folders train/ lacks: {', '.join(unknown[:5])}"
@@ -579,8 +582,8 @@ class CelebAData(torch.utils.data.Dataset):
             if f not in attrs:
                 raise DataError(f"{f} is listed in list_eval_partition.txt but has no row in {paths[1]!r}")
             if not os.path.isfile(os.path.join(paths[0], f)):
-                raise DataError(f"no {os.path.abspath(os.path.join(paths[0], f))!r}, listed in list_eval_partition.txt: "
-                                f"{CELEBA_HINT}")
+                raise DataError(f"no {os.path.abspath(os.path.join(paths[0], f))!r}, listed in "
+                                f"list_eval_partition.txt: {CELEBA_HINT}")
         self.files = [os.path.join(paths[0], f) for f in files]
         self.targets = torch.tensor([attrs[f] for f in files], dtype=torch.long)  # (N, 40)
         self.tf = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)])

@@ -127,7 +127,7 @@ class DiffSiam(M.SODA):
         with torch.no_grad():
             cond = self.frozen.conditioning(logsnr, torch.zeros_like(z))
             skips = self.frozen.down_path(x_in, *cond)
-            eps_theta = self.to_eps(self.frozen.up_path(skips, *cond), x_t, logsnr)  # its own parameterisation
+            eps_theta = M.to_eps(self.frozen.up_path(skips, *cond), x_t, logsnr, self.prediction)
         G = self.unet.up_path(skips, *self.unet.conditioning(logsnr, z))
         return eps_theta - torch.sigmoid(-logsnr.float()).sqrt().to(G.dtype)[:, None, None, None] * G
 

@@ -138,6 +138,12 @@ def q_sample(x_0, logsnr, eps):
     return abar.sqrt() * x_0 + (1 - abar).sqrt() * eps
 
 
+def x0_from_eps(x_t, abar, eps):
+    """x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar): the forward process solved for x_0, the clean
+    image an eps prediction implies."""
+    return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+
 def loss(model, x_src, x_tgt, schedule, u=None, eps=None, weighting="eps", **cond):
     """The eps-MSE of §3.4 on the target view x_tgt, the model conditioned on the source view x_src.
     u ~ U[0, 1] (the schedule decides which noise levels that means) and eps ~ N(0, I) are drawn
@@ -220,7 +226,7 @@ def sample(model, z, shape, steps=50, eta=0.0, schedule="cosine", generator=None
         lt, ls = logsnrs[i], logsnrs[i + 1]  # from noise level t to the less noisy s
         abar_t, abar_s = torch.sigmoid(lt), torch.sigmoid(ls)
         eps = guided_eps(model, x, lt.expand(shape[0]), z, **guidance)
-        x_0 = (x - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+        x_0 = x0_from_eps(x, abar_t, eps)
         if clip:
             x_0 = x_0.clamp(-1, 1)
             eps = (x - abar_t.sqrt() * x_0) / (1 - abar_t).sqrt()  # keep eps consistent with x_0
@@ -261,7 +267,7 @@ def ddim_invert(model, x_0, z, steps=50, schedule="cosine", progress=False, **gu
         ls, lt = logsnrs[i], logsnrs[i + 1]  # from the less noisy s to the noisier t
         abar_s, abar_t = torch.sigmoid(ls), torch.sigmoid(lt)
         eps = guided_eps(model, x, ls.expand(x.shape[0]), z, **guidance)
-        x_0_hat = (x - (1 - abar_s).sqrt() * eps) / abar_s.sqrt()
+        x_0_hat = x0_from_eps(x, abar_s, eps)
         x = abar_t.sqrt() * x_0_hat + (1 - abar_t).sqrt() * eps
     return x
 

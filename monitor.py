@@ -42,7 +42,7 @@ def fixed_eval_batch(run):
 
 
 # the evaluation's kNN compares held-out images with at most this many training images: a monitor that
-# stays cheap on big in-memory sets (dSprites: 41k images at 64 px took 6 minutes at 1 thread); probe.py
+# stays cheap on big in-memory sets (dSprites: 41k images at 64 px take 6 minutes at 1 thread); probe.py
 # gives the real figure on the whole training set
 KNN_REFERENCES = 10_000
 

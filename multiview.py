@@ -191,7 +191,8 @@ def load_srn(data_dir, split="train", image_size=64):
     intrinsics.txt's first line is 'f cx cy 0' and its last 'H W', in pixels."""
     roots = sorted(glob.glob(os.path.join(data_dir, f"*_{split}")))
     if len(roots) != 1:
-        raise DataError(f"expected one folder *_{split} in {os.path.abspath(data_dir)!r}, found {len(roots)}: {SRN_HINT}")
+        raise DataError(f"expected one folder *_{split} in {os.path.abspath(data_dir)!r}, found {len(roots)}: "
+                        f"{SRN_HINT}")
     cam = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
     objects = []
     for obj in sorted(p for p in glob.glob(os.path.join(roots[0], "*")) if os.path.isdir(p)):

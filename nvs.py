@@ -27,8 +27,8 @@ import diffusion as D
 import multiview
 import runtime
 from common import CheckpointError, model_from_checkpoint, psnr, save_gif, save_grid, ssim, to_unit
-from configurator import (SEED_RANGE, ConfigError, check_device, check_keys, check_out_dir, check_schedules, check_writable,
-                          configure, parse_list)
+from configurator import (SEED_RANGE, ConfigError, check_device, check_keys, check_out_dir, check_schedules,
+                          check_writable, configure, parse_list)
 
 # -----------------------------------------------------------------------------
 ckpt = "out/cars3d_cpu/ckpt.pt"  # a train.py checkpoint of a posed multi-view model (its EMA is used)
@@ -49,7 +49,8 @@ device = "auto"
 threads = 0  # CPU threads for torch (0: torch's default)
 seed = 0
 # -----------------------------------------------------------------------------
-DEFAULTS = {k_: v for k_, v in dict(globals()).items() if not k_.startswith("_") and isinstance(v, (int, float, bool, str))}
+DEFAULTS = {k_: v for k_, v in dict(globals()).items()
+            if not k_.startswith("_") and isinstance(v, (int, float, bool, str))}
 
 
 def eval_pairs(n_objects, n_views, n_targets, k_max, seed):
@@ -109,17 +110,16 @@ def check(C):
     """Every check of the config alone, made once, before anything is read: one ConfigError naming
     the key. -> (the numbers of source views, sorted; the output directory). What needs the
     checkpoint or the views is checked by load(), as soon as they are read."""
-    if C["sampler"] not in D.SAMPLERS:
-        raise ConfigError(f"sampler must be {' or '.join(map(repr, D.SAMPLERS))}, got {C['sampler']!r}")
+    check_keys(C, {"sampler": tuple(D.SAMPLERS)},
+               [(("n_targets", "steps", "n_show", "batch"), lambda v: v >= 1, ">= 1"),
+                (("turntable_object", "turntable_view", "threads"), lambda v: v >= 0, ">= 0"),
+                (("guidance_z", "guidance_pose"), lambda v: True, "finite"), SEED_RANGE])
     try:
         ks = sorted(set(parse_list(C["k"], int)))
     except ConfigError:
         raise ConfigError(f"k={C['k']!r}: expected comma-separated whole numbers of source views, e.g. 1,2") from None
     if not ks or min(ks) < 1:
         raise ConfigError(f"k must be comma-separated numbers of source views >= 1, got {C['k']!r}")
-    check_keys(C, None, [(("n_targets", "steps", "n_show", "batch"), lambda v: v >= 1, ">= 1"),
-                         (("turntable_object", "turntable_view", "threads"), lambda v: v >= 0, ">= 0"),
-                         (("guidance_z", "guidance_pose"), lambda v: True, "finite"), SEED_RANGE])
     check_schedules(C, "schedule")
     check_device(C["device"])
     ckpt_dir = os.path.dirname(C["ckpt"]) or "."
@@ -138,9 +138,9 @@ def load(C, ks, dev):
     n_targets and turntable_* must fit the objects and their views."""
     net, train_cfg = model_from_checkpoint(C["ckpt"], dev)
     if train_cfg["dataset"] not in multiview.MULTIVIEW or not train_cfg["ray_freqs"]:
-        raise data.DataError(f"nvs.py needs a model trained on posed multi-view data ({', '.join(multiview.MULTIVIEW)}, "
-                             f"ray_freqs > 0); this checkpoint was trained on {train_cfg['dataset']!r} with "
-                             f"ray_freqs={train_cfg['ray_freqs']}")
+        raise data.DataError(f"nvs.py needs a model trained on posed multi-view data "
+                             f"({', '.join(multiview.MULTIVIEW)}, ray_freqs > 0); this checkpoint was trained on "
+                             f"{train_cfg['dataset']!r} with ray_freqs={train_cfg['ray_freqs']}")
     mv = multiview.load_multiview(train_cfg["dataset"], C["data_dir"] or train_cfg["data_dir"], "test",
                                   train_cfg["image_size"])
     N, V = mv.images.shape[:2]
@@ -154,7 +154,8 @@ def load(C, ks, dev):
         raise ConfigError(f"turntable_object={C['turntable_object']} is out of range: there are {N} held-out objects "
                           f"(0..{N - 1})")
     if C["turntable_view"] >= V:
-        raise ConfigError(f"turntable_view={C['turntable_view']} is out of range: the objects have {V} views (0..{V - 1})")
+        raise ConfigError(f"turntable_view={C['turntable_view']} is out of range: the objects have {V} views "
+                          f"(0..{V - 1})")
     return net, train_cfg, mv
 
 
@@ -170,7 +171,8 @@ def predict(net, mv, pairs, ks, C, dev):
             sl = slice(i, i + C["batch"])
             o, s = objs[sl, None].expand(-1, max(kk, 1)), srcs[sl, :max(kk, 1)]
             outs.append(generate(net, images_of(mv, o, s, dev), rays_of(mv, o, s, dev),
-                                 rays_of(mv, objs[sl], tgts[sl], dev), C, C["seed"] + i, z_on=none if kk == 0 else None))
+                                 rays_of(mv, objs[sl], tgts[sl], dev), C, C["seed"] + i,
+                                 z_on=none if kk == 0 else None))
         preds[kk] = torch.cat(outs)
     return preds
 
@@ -229,7 +231,8 @@ def main(argv):
     N, V = mv.images.shape[:2]
     pairs = eval_pairs(N, V, C["n_targets"], max(ks), C["seed"])
     P = len(pairs[0])
-    what = (f"{P} pairs of {N} held-out objects, {train_cfg['dataset']} test split of "  # what every result line measured
+    # what every result line measured
+    what = (f"{P} pairs of {N} held-out objects, {train_cfg['dataset']} test split of "
             f"{C['data_dir'] or train_cfg['data_dir']}; checkpoint {C['ckpt']} step {train_cfg['step']}")
     print(f"nvs: {N} held-out objects x {C['n_targets']} target views = {P} pairs; k = {ks}; "
           f"{C['sampler']} {C['steps']} steps, guidance z {C['guidance_z']:g} pose {C['guidance_pose']:g}")
@@ -243,7 +246,8 @@ def main(argv):
     with open(js, "w") as f:
         json.dump({**results, "pairs": P, "objects": N, "sampler": C["sampler"], "steps": C["steps"],
                    "guidance_z": C["guidance_z"], "guidance_pose": C["guidance_pose"], "seed": C["seed"],
-                   "ckpt": C["ckpt"], "step": train_cfg["step"], "data": what, "grid": png, "turntable": gif}, f, indent=1)
+                   "ckpt": C["ckpt"], "step": train_cfg["step"], "data": what, "grid": png, "turntable": gif},
+                  f, indent=1)
     for path in (png, gif, js):
         print(f"wrote {path}")
     print(" ".join(f"k{kk} psnr {results[f'k{kk}']['psnr']:.2f} ssim {results[f'k{kk}']['ssim']:.4f}" for kk in ks)

@@ -46,41 +46,43 @@ import runtime
 import zusage
 from common import CheckpointError, load_checkpoint, model_of
 from configurator import SEED_RANGE, ConfigError, check_device, check_keys, check_writable, configure, parse_list
-from solvers import (LINEAR_WDS, WDS, cached_features, count_images, extract_features, file_digest, fit_logreg, knn_accuracy,
-                     linear_probe, standardise_stats, stream_features, topk)
+from solvers import (EPOCHS, LINEAR_WDS, WDS, cached_features, count_images, extract_features, file_digest, fit_logreg,
+                     knn_accuracy, linear_probe, standardise, standardise_stats, stream_features, topk)
 from zusage import plot_z_usage, z_usage_table
 
 # -----------------------------------------------------------------------------
 ckpt = "out/cifar10_cpu/ckpt.pt"  # a train.py checkpoint
 random = False  # True: the same encoder config at random init (the baseline for every figure)
 task = "linear"  # 'linear' | 'knn' | 'fewshot' | 'zusage' (cifar10) | 'multilabel' (celeba) | 'dci' (dsprites, cars3d)
-features = "z"  # 'z' (the bottleneck latent: the paper's probe, §4.1) | 'pool' (the encoder's features before the bottleneck)
-# | 'unet' (the denoiser's pooled middle block on a lightly noised image, z masked: the paper's
-#   unconditional-diffusion baseline, footnote 2)
+features = "z"  # 'z' (the bottleneck latent: the paper's probe, §4.1) | 'pool' (the encoder's features before the
+# bottleneck) | 'unet' (the denoiser's pooled middle block on a lightly noised image, z masked: the paper's
+# unconditional-diffusion baseline, footnote 2)
 unet_logsnr = 4.0  # features='unet': the noise level of the image the denoiser sees (4: abar = 0.98)
-dataset = ""  # default: the checkpoint's, if the task reads it (cifar10, folder, celeba, dsprites, cars3d); else refused
+dataset = ""  # '': the checkpoint's, if the task reads it (cifar10, folder, celeba, dsprites, cars3d); else refused
 data_dir = ""  # default: the checkpoint's, when it was trained on that dataset
-split = "test"  # 'test' (train on train, measure on test; a folder: its val/ or held-out part, the final figure) | 'val'
-# (cifar10: train on train.py's training split, measure on its n_val held-out images: choosing recipes without the test split)
+split = "test"  # 'test' (train on train, measure on test; a folder: its val/ or held-out part, the final figure)
+# | 'val' (cifar10: train on train.py's training split, measure on its n_val held-out images: choosing recipes
+# without the test split)
 probe_aug = 0  # linear: number of crop+flip copies of the probe's training set (0 = none)
 val_frac = 0.1  # linear: fraction of the training set held out to choose the weight decay and epochs
-solver = "lbfgs"  # linear: 'lbfgs' (full batch, to convergence) | 'sgd' (mini-batch, fixed epochs chosen from lin_epochs)
-lin_epochs = "30,100"  # linear, solver='sgd': the epoch counts tried (chosen on the held-out rows)
+solver = "lbfgs"  # linear: 'lbfgs' (full batch, to convergence) | 'sgd' (mini-batch, epochs chosen from lin_epochs)
+lin_epochs = ",".join(map(str, EPOCHS))  # linear, solver='sgd': the epoch counts tried (chosen on the held-out rows)
 lin_batch = 0  # linear, solver='sgd': mini-batch size (0: max(256, images / 200))
 episodes = 2000  # fewshot: episodes per shot count (thesis §4.1.2: 2000)
 batch = 256  # images per encoder call when extracting features
 num_workers = 4  # DataLoader workers decoding image files (image folders, CelebA)
 cache = True  # keep extracted features (fp16) in <checkpoint dir>/features/, keyed by checkpoint, data, split and
 # features, so the next probe of the same checkpoint reads them instead of extracting again
-n_images = 0  # linear, knn on image folders; multilabel, dci: at most this many images of each split (0 = all; dci_model='gbt': 10,000
-# train / 5,000 test, disentanglement_lib's numbers); zusage: (0 = 256)
+n_images = 0  # linear, knn on image folders; multilabel, dci: at most this many images of each split (0 = all;
+# dci_model='gbt': 10,000 train / 5,000 test, disentanglement_lib's numbers); zusage: (0 = 256)
 dci_model = "logreg"  # dci: 'logreg' (fast: |weights| of a logistic regression per factor) | 'gbt' (the paper's
 # Table 4 and disentanglement_lib's recipe: gradient-boosted trees' feature importances; needs scikit-learn)
 out = ""  # the result JSON (its PNGs go beside it); '': beside the checkpoint, named by task and features
 device = "auto"
 seed = 0
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+DEFAULTS = {k: v for k, v in dict(globals()).items()
+            if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 FOLDERS = ("folder", "imagenet")  # any folder of images ('imagenet': another name of it)
 TASK_DATA = {"linear": ("cifar10",) + FOLDERS, "knn": ("cifar10",) + FOLDERS, "fewshot": ("cifar10",) + FOLDERS,
              "zusage": ("cifar10",) + FOLDERS + ("celeba",), "multilabel": ("celeba",), "dci": ("dsprites", "cars3d")}
@@ -130,8 +132,8 @@ def mean_f1(pred, target):
 def multilabel_probe(ftr, ytr, fva, yva, fte, yte, wds=WDS):
     """One linear layer, a logistic regression per attribute (BCE); the weight decay with the best
     mean F1 on the validation split is refitted on train + val and measured on test. -> F1 in %."""
-    mean, std = ftr.mean(0), ftr.std(0) + 1e-6
-    ftr, fva, fte = (ftr - mean) / std, (fva - mean) / std, (fte - mean) / std
+    mean, std = standardise_stats(ftr, float64=False)
+    ftr, fva, fte = (standardise(f, mean, std) for f in (ftr, fva, fte))
     fit = lambda x, y, wd: fit_logreg(x, y.float(), y.shape[1], wd, loss_fn=F.binary_cross_entropy_with_logits)
     scores = {}
     for wd in wds:
@@ -234,7 +236,8 @@ def gbt_importance(ctr, ytr, cte, yte, seed=0):
     GradientBoostingClassifier = gbt_classifier()
     from tqdm import tqdm
     R, acc = [], []
-    for j in tqdm(range(ytr.shape[1]), desc="dci gbt, one factor at a time", disable=ytr.shape[1] < 2 or len(ytr) < 2000):
+    for j in tqdm(range(ytr.shape[1]), desc="dci gbt, one factor at a time",
+                  disable=ytr.shape[1] < 2 or len(ytr) < 2000):
         gbt = GradientBoostingClassifier(random_state=seed).fit(ctr.numpy(), ytr[:, j].numpy())
         R.append(torch.from_numpy(gbt.feature_importances_).abs().float())
         acc.append(float((gbt.predict(cte.numpy()) == yte[:, j].numpy()).mean()))
@@ -252,8 +255,8 @@ def dci(ctr, ytr, cte, yte, model="logreg", wd=1e-4, seed=0):
     if model == "gbt":
         R, acc = gbt_importance(ctr, ytr, cte, yte, seed)
     else:
-        mean, std = ctr.mean(0), ctr.std(0) + 1e-6
-        ctr, cte = (ctr - mean) / std, (cte - mean) / std
+        mean, std = standardise_stats(ctr, float64=False)
+        ctr, cte = standardise(ctr, mean, std), standardise(cte, mean, std)
         R, acc = [], []
         for j in range(ytr.shape[1]):
             n_classes = int(max(ytr[:, j].max(), yte[:, j].max())) + 1
@@ -318,11 +321,13 @@ def check(cfg):
     if task == "dci" and cfg["dci_model"] == "gbt":
         gbt_classifier()  # scikit-learn is there, or one ConfigError now
     if cfg["out"] and not (cfg["out"].endswith(".json") and os.path.isdir(os.path.dirname(cfg["out"]) or ".")):
-        raise ConfigError(f"out={cfg['out']!r} must be a .json file in an existing directory ('': beside the checkpoint)")
+        raise ConfigError(f"out={cfg['out']!r} must be a .json file in an existing directory "
+                          "('': beside the checkpoint)")
     res_dir = os.path.dirname(cfg["out"] or cfg["ckpt"]) or "."
     if os.path.isdir(res_dir):  # else load_checkpoint says there is no checkpoint
         key = "out" if cfg["out"] else "ckpt"
-        check_writable(key, cfg[key], res_dir, "probe.py's result (a JSON" + ("" if cfg["out"] else " beside the checkpoint") + ")")
+        beside = "" if cfg["out"] else " beside the checkpoint"
+        check_writable(key, cfg[key], res_dir, f"probe.py's result (a JSON{beside})")
     checkpoint = load_checkpoint(cfg["ckpt"], "cpu")
     torch.manual_seed(cfg["seed"])  # --random=True: this seed's init is the baseline
     net = model_of(checkpoint, cfg["ckpt"], None if cfg["random"] else "ema")
@@ -330,7 +335,8 @@ def check(cfg):
     del checkpoint  # net holds its own copy of the weights: the checkpoint's tensors are freed
     if not cfg["dataset"] and train_cfg["dataset"] not in allowed:  # never a stand-in dataset without being asked
         raise ConfigError(f"the checkpoint was trained on {train_cfg['dataset']}, and task={task!r} reads "
-                          f"{' or '.join(allowed)}: pass --dataset={allowed[0]} (and its --data_dir) to measure it there")
+                          f"{' or '.join(allowed)}: pass --dataset={allowed[0]} (and its --data_dir) to measure it "
+                          "there")
     dataset = cfg["dataset"] or train_cfg["dataset"]
     if train_cfg["ray_freqs"] and dataset != "cars3d":  # Cars3D is the one probe set with cameras
         raise ConfigError(f"the checkpoint's model reads camera rays (ray_freqs={train_cfg['ray_freqs']}, trained on "
@@ -339,13 +345,16 @@ def check(cfg):
     if train_cfg["ray_freqs"] and cfg["features"] == "unet":
         raise ConfigError("features='unet' gives the denoiser no camera: use 'pool' or 'z' for Cars3D DCI")
     if cfg["split"] == "val" and dataset != "cifar10":
-        raise ConfigError(f"split='val' is CIFAR-10's (train.py's held-out images); {dataset} is probed on its test split "
-                          "(a folder: its val/ or held-out part), and its weight decay is chosen on a held-out part of train")
+        raise ConfigError(f"split='val' is CIFAR-10's (train.py's held-out images); {dataset} is probed on its test "
+                          "split (a folder: its val/ or held-out part), and its weight decay is chosen on a held-out "
+                          "part of train")
     if cfg["probe_aug"] and dataset != "cifar10":
-        raise ConfigError(f"probe_aug={cfg['probe_aug']} augments a training set held in memory (cifar10); {dataset} is streamed")
+        raise ConfigError(f"probe_aug={cfg['probe_aug']} augments a training set held in memory (cifar10); "
+                          f"{dataset} is streamed")
     data_dir = cfg["data_dir"] or (train_cfg["data_dir"] if train_cfg["dataset"] == dataset else "")
     if not data_dir and dataset != "cifar10":  # cifar10: '' is searched for as train.py does
-        raise ConfigError(f"the checkpoint was trained on {train_cfg['dataset']}: say where {dataset} is with --data_dir")
+        raise ConfigError(f"the checkpoint was trained on {train_cfg['dataset']}: say where {dataset} is with "
+                          "--data_dir")
     if dataset == "dsprites" and train_cfg["image_size"] != 64:
         raise data.DataError(f"dSprites images are 64x64, but the checkpoint's image_size is {train_cfg['image_size']}"
                              "; --dataset=cars3d measures DCI at any size")
@@ -360,7 +369,7 @@ def prepare(run):
     run.dev = runtime.pick_device(cfg["device"])
     run.net = net = run.net.to(run.dev).eval()
     run.download = False
-    if run.dataset == "cifar10":  # '' searches as train.py does: ./data/cifar10, ../shared/data/cifar10-subset, download
+    if run.dataset == "cifar10":  # '' searched for as train.py does (data.find_cifar10)
         run.data_dir, why, run.download = data.find_cifar10(run.data_dir)
         print(f"data: using {run.data_dir} ({why})")
     if cfg["features"] == "unet":
@@ -383,8 +392,8 @@ def split_features(run, source, split):
     cfg, n = run.cfg, count_images(source)
     if cfg["cache"] and not run.digest:
         run.digest = file_digest(cfg["ckpt"])
-    key = {"ckpt": run.digest, "dataset": run.dataset, "data_dir": os.path.abspath(run.data_dir), "split": split, "n": n,
-           "probe_split": cfg["split"],  # cifar10's train split differs between split='test' and 'val'
+    key = {"ckpt": run.digest, "dataset": run.dataset, "data_dir": os.path.abspath(run.data_dir), "split": split,
+           "n": n, "probe_split": cfg["split"],  # cifar10's train split differs between split='test' and 'val'
            "image_size": run.train_cfg["image_size"], "features": cfg["features"], "random": cfg["random"],
            "seed": cfg["seed"] if cfg["random"] or cfg["features"] == "unet" or cfg["n_images"] else 0,  # what it draws
            "unet_logsnr": cfg["unet_logsnr"] if cfg["features"] == "unet" else 0.0}
@@ -418,14 +427,15 @@ def probe_sets(run):
                      f"(seed {held_seed})")
         return (xtr, ytr), (xte, yte), classes, about
     n = cfg["n_images"]
-    if run.dataset in FOLDERS:  # train/ and val/, or the part train.py held out (its n_val, seed), at the checkpoint's image size
+    if run.dataset in FOLDERS:  # train/ and val/, or the part train.py held out (its n_val, seed), at the image size
         train, test = (data.load_folder(data_dir, sp, train_cfg["image_size"], train_cfg["n_val"], train_cfg["seed"])
                        for sp in ("train", "test"))
         if not (train.labelled and test.labelled) and run.task != "zusage":
             raise data.DataError(f"{train.about}: task={run.task!r} needs labels, and the images are not all in class "
                                  "subfolders (2 or more); task='zusage' measures a folder without them")
         sub = lambda d: f"{d.about}{f'; {n:,} of them, a fixed random choice' if 0 < n < len(d) else ''}"
-        return data.subset(train, n, cfg["seed"]), data.subset(test, n, cfg["seed"]), train.classes, (sub(train), sub(test))
+        return (data.subset(train, n, cfg["seed"]), data.subset(test, n, cfg["seed"]), train.classes,
+                (sub(train), sub(test)))
     train, test = (data.CelebAData(data_dir, sp, train_cfg["image_size"], n) for sp in ("train", "test"))
     return train, test, train.names, (f"{data_dir} CelebA train partition", f"{data_dir} CelebA test partition")
 
@@ -484,7 +494,8 @@ def linear_task(run, d):
     for c in range(cfg["probe_aug"]):  # crop+flip copies of the training images (paper Table 1)
         rng = data.Rng(cfg["seed"], c, len(d.train[0]))
         xa = (data.augment(d.train[0], "cropflip", rng) * 255).round().to(torch.uint8)
-        copies.append(stream_features(run.encode, (xa, d.ytr), run.dev, cfg["batch"], desc=f"augmented copy {c + 1}")[0])
+        copies.append(stream_features(run.encode, (xa, d.ytr), run.dev, cfg["batch"],
+                                      desc=f"augmented copy {c + 1}")[0])
     res = linear_probe(torch.cat(copies), d.ytr.repeat(len(copies)), d.fte, d.yte, len(d.classes), wds=LINEAR_WDS,
                        epochs=run.epochs, val_frac=cfg["val_frac"], seed=cfg["seed"], n_orig=len(d.ftr),
                        solver=cfg["solver"], batch=cfg["lin_batch"], device=run.dev)
@@ -502,7 +513,7 @@ def knn_task(run, d):
 
 def fewshot_task(run, d):
     mean, std = standardise_stats(d.ftr)
-    res = fewshot_probe((d.fte.float() - mean) / std, d.yte, run.cfg["episodes"], seed=run.cfg["seed"])
+    res = fewshot_probe(standardise(d.fte, mean, std), d.yte, run.cfg["episodes"], seed=run.cfg["seed"])
     res["episodes"] = run.cfg["episodes"]
     return res, "fewshot " + " ".join(f"{k}shot {res[f'{k}shot']:.2f}+-{res[f'{k}shot_ci95']:.2f}" for k in (1, 5, 10))
 
@@ -557,9 +568,10 @@ def report(run, d, res, summary, t_task):
                n_test=d.n_test, extract_img_s=run.speed, task_s=round(time.time() - t_task, 2))
     with open(run.out, "w") as f:
         json.dump(res, f, indent=1)
-    print(f"{run.task} {cfg['features']}{random_init}: {json.dumps({k: v for k, v in res.items() if not isinstance(v, list)})}")
+    figures = {k: v for k, v in res.items() if not isinstance(v, list)}
+    print(f"{run.task} {cfg['features']}{random_init}: {json.dumps(figures)}")
     solver = f", solver {res['solver']}" if run.task == "linear" else ""
-    counts = f"{len(d.x):,}" if run.task == "zusage" else f"{d.n_train:,} train / {d.n_test:,}"  # z-usage: k test images
+    counts = f"{len(d.x):,}" if run.task == "zusage" else f"{d.n_train:,} train / {d.n_test:,}"  # zusage: k test images
     print(f"{summary} ({cfg['features']}{random_init}{solver}; {counts} {cfg['split']} images of {d.about[1]}; "
           f"{cfg['ckpt']} step {run.step})")
     return res

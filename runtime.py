@@ -83,18 +83,23 @@ def lock_holder(out_dir):
     return pid
 
 
+def check_lock(out_dir):
+    """One ConfigError where a live process other than this one holds out_dir's lock."""
+    holder = lock_holder(out_dir)
+    if holder:
+        raise ConfigError(f"out_dir={out_dir!r} is in use by a live run (pid {holder}, "
+                          f"{os.path.join(out_dir, LOCK)}): wait for it, stop it, or pick another out_dir")
+
+
 def take_lock(out_dir):
     """Create out_dir/run.lock holding this pid (atomically: O_EXCL), replacing a stale one; a live
-    holder is one ConfigError. -> the lock's path."""
+    holder is one ConfigError (check_lock). -> the lock's path."""
     path = os.path.join(out_dir, LOCK)
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            holder = lock_holder(out_dir)
-            if holder:
-                raise ConfigError(f"out_dir={out_dir!r} is in use by a live run (pid {holder}, {path}): "
-                                  "wait for it, stop it, or pick another out_dir") from None
+            check_lock(out_dir)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)  # stale: its process is gone (or it is this process's own, from an earlier run)
             continue

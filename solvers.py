@@ -30,8 +30,8 @@ def extract_features(net, x, batch=500, cams=None):
     pooled, zs = [], []
     for i in range(0, len(x), batch):
         xb = data.to_signed(x[i:i + batch].to(dev))
-        rays = None if cams is None else multiview.camera_rays(cams[0][i:i + batch].to(dev), cams[1][i:i + batch].to(dev),
-                                                          *xb.shape[-2:])
+        rays = None if cams is None else multiview.camera_rays(cams[0][i:i + batch].to(dev),
+                                                          cams[1][i:i + batch].to(dev), *xb.shape[-2:])
         p, z = encode(xb, rays)
         pooled.append(p.float().cpu())
         zs.append(z.float().cpu())
@@ -152,7 +152,7 @@ def fit_logreg(x, y, n_classes, wd, iters=100, loss_fn=F.cross_entropy, mean=Non
     b.requires_grad_(True)
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, max_eval=iters * 5 // 4, history_size=20,
                             line_search_fn="strong_wolfe")
-    prep = (lambda xc: xc.float()) if mean is None else (lambda xc: (xc.float() - mean) / std)
+    prep = (lambda xc: xc.float()) if mean is None else (lambda xc: standardise(xc, mean, std))
     logits = (lambda xc: xc @ W + b) if dtype == torch.float32 else (lambda xc: (xc @ W.float()).to(dtype) + b)
 
     def closure():
@@ -173,8 +173,15 @@ def fit_logreg(x, y, n_classes, wd, iters=100, loss_fn=F.cross_entropy, mean=Non
     return W.detach().float(), b.detach().float()
 
 
-def standardise_stats(f, chunk=65536):
-    """Mean and std (float32, (D,)) of the rows of f (any float dtype), a chunk at a time."""
+def standardise_stats(f, chunk=65536, float64=True):
+    """Mean and std (float32, (D,)) of the rows of f, the std + 1e-6 (a constant feature divides by
+    1e-6, not 0), by which features are standardised (standardise). float64=True: f of any float
+    dtype and length, summed in float64 a chunk at a time (the linear and few-shot probes). False:
+    torch's float32 mean and std of f at once, f float32 and in memory (the multi-label and DCI
+    probes, sample.py's probe direction: the arithmetic their figures were measured with; the two
+    differ in the last bits of float32)."""
+    if not float64:
+        return f.mean(0), f.std(0) + 1e-6
     n, s1, s2 = len(f), 0.0, 0.0
     for i in range(0, n, chunk):
         x = f[i:i + chunk].double()
@@ -184,13 +191,18 @@ def standardise_stats(f, chunk=65536):
     return mean.float(), var.clamp(min=0).sqrt().float() + 1e-6
 
 
+def standardise(f, mean, std):
+    """(f - mean) / std in float32 (f of any float dtype), with standardise_stats' mean and std."""
+    return (f.float() - mean) / std
+
+
 def top_eigenvalue(f, mean, std, n=10_000, iters=100, seed=0):
     """The largest eigenvalue of the covariance of the standardised rows of f (n of them, drawn with
     a fixed seed), by power iteration: it bounds the curvature of the logistic loss, so 1 / it is a
     step size that cannot diverge whatever the number of features."""
     g = torch.Generator().manual_seed(seed)
     rows = torch.randperm(len(f), generator=g)[:n].to(f.device)
-    x = (f[rows].float() - mean) / std
+    x = standardise(f[rows], mean, std)
     cov = x.T @ x / len(x)
     v = torch.randn(len(cov), 1, generator=g).to(cov)
     for _ in range(iters):
@@ -223,7 +235,7 @@ def fit_linear(f, y, n_classes, settings, mean, std, batch=256, seed=0, lr_scale
             step = epoch * per_epoch + i // batch
             lr = (peak * 0.5 * (1 + torch.cos(math.pi * step / steps))).where(step < steps, 0.0).float()  # (C,)
             idx = perm[i:i + batch]
-            logits = torch.einsum("bd,cdk->cbk", (f[idx].float() - mean) / std, W) + b  # (C, B, K)
+            logits = torch.einsum("bd,cdk->cbk", standardise(f[idx], mean, std), W) + b  # (C, B, K)
             ce = F.cross_entropy(logits.flatten(0, 1), y[idx].repeat(C), reduction="none").view(C, -1).mean(1)
             loss = ce.sum() + (wd * W.pow(2).sum((1, 2))).sum()  # the pairs' losses are independent
             gW, gb = torch.autograd.grad(loss, [W, b])
@@ -237,7 +249,7 @@ def fit_linear(f, y, n_classes, settings, mean, std, batch=256, seed=0, lr_scale
 
 def linear_logits(f, W, b, mean, std, chunk=65536):
     """Logits of standardised features, a chunk at a time (on the CPU)."""
-    return torch.cat([((f[i:i + chunk].float() - mean) / std @ W + b).cpu() for i in range(0, len(f), chunk)])
+    return torch.cat([(standardise(f[i:i + chunk], mean, std) @ W + b).cpu() for i in range(0, len(f), chunk)])
 
 
 # -----------------------------------------------------------------------------
@@ -249,8 +261,8 @@ WDS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # the weight decays of probe.py's multilab
 # the CIFAR-10 z here held-out top-1 at wd 1e-6 ... 0 stays within 0.8
 LINEAR_WDS = WDS + (1e-1,)
 # L-BFGS iterations at most: it stops where torch's tolerances say it has converged. From scratch (float64
-# loss) wd=1e-5 took ~1,000 iterations and 1e-6 ~2,200 (100, the earlier cap, left fits several points
-# short); each decay here starts from the next larger one's fit, which takes fewer
+# loss) wd=1e-5 takes ~1,000 iterations and 1e-6 ~2,200 (a cap of 100 leaves fits several points short);
+# each decay here starts from the next larger one's fit, which takes fewer
 LBFGS_ITERS = 5000
 EPOCHS = (30, 100)  # solver='sgd': the epoch counts tried (probe.py's lin_epochs)
 

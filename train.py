@@ -204,10 +204,7 @@ def validate(cfg):
         raise ConfigError(f"the model cannot be built: {e}") from None
     out = cfg["out_dir"]
     check_out_dir("out_dir", out)
-    holder = runtime.lock_holder(out)
-    if holder:
-        raise ConfigError(f"out_dir={out!r} is in use by a live run (pid {holder}, {os.path.join(out, runtime.LOCK)}): "
-                          "wait for it, stop it, or pick another out_dir")
+    runtime.check_lock(out)
     if cfg["init_from"] == "scratch" and not cfg["overwrite"] and \
             os.path.exists(os.path.join(out, "ckpt.pt")):
         raise ConfigError(f"out_dir={out!r} already holds ckpt.pt: continue it with --init_from=resume, "

@@ -6,7 +6,7 @@ train.py's evaluation, probe.py's zusage task and the studies in docs/ read it.
 import torch
 
 import common
-from diffusion import q_sample
+from diffusion import q_sample, x0_from_eps
 
 ZUSAGE_LOGSNRS = (-8.0, -6.0, -4.0, -3.0, -2.0, 0.0, 2.0, 4.0)
 
@@ -39,7 +39,7 @@ def z_usage(model, x_0, logsnrs=ZUSAGE_LOGSNRS, x_src=None, seed=0, batch=256, r
             x_t = q_sample(x_0[sl], logsnr, eps[sl])
             for k, z_on in enumerate((on, torch.zeros_like(on))):
                 eps_hat = model.denoise(x_t, logsnr, z, z_on, rt).float()
-                x0_hat = ((x_t - (1 - abar).sqrt() * eps_hat) / abar.sqrt()).clamp(-1, 1)
+                x0_hat = x0_from_eps(x_t, abar, eps_hat).clamp(-1, 1)
                 sums[j, k] += (x0_hat - x_0[sl]).pow(2).mean(dim=(1, 2, 3)).double().sum().cpu()
     mse = (sums / len(x_0)).tolist()
     res = {"logsnr": [float(l) for l in logsnrs], "mse_z": [m[0] for m in mse], "mse_masked": [m[1] for m in mse],
@@ -63,7 +63,8 @@ def z_usage_table(res):
     return "\n".join([row("log-SNR", res["logsnr"], ".0f"), row("x0-MSE with z", res["mse_z"], ".3f"),
                       row("x0-MSE z masked", res["mse_masked"], ".3f"), row("removed by z %", res["removed"], ".1f"),
                       f"grey image {res['grey']:.3f}, per-image mean colour {res['mean_colour']:.3f}; "
-                      f"z removes {res['removed_at_-3']:.1f}% at log-SNR -3, {res['removed_mean']:.1f}% on average over -6..+2"])
+                      f"z removes {res['removed_at_-3']:.1f}% at log-SNR -3, {res['removed_mean']:.1f}% on average "
+                      "over -6..+2"])
 
 
 def plot_z_usage(res, path, title="z usage"):

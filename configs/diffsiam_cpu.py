@@ -9,8 +9,8 @@ segments = 64
 segment_mode = "hierarchical"
 simsiam_weight = 1.0
 simsiam_dim = 512
-# The setting the DiffSiam figures of docs/diffsiam.md were measured with (the teaching config before the
-# z-usage recipe): two augmented views (SimSiam needs them), eps output and loss, no z_bn, 1,500 steps.
+# The setting the DiffSiam figures of docs/diffsiam.md are measured with, the paper's recipe rather than the
+# z-usage one: two augmented views (SimSiam needs them), eps output and loss, no z_bn, 1,500 steps.
 views = "augment"
 prediction = "eps"
 weighting = "eps"

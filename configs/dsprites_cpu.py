@@ -4,7 +4,8 @@
 #   python probe.py --ckpt=out/dsprites_cpu/ckpt.pt --task=dci --features=z --dci_model=gbt    # the paper's
 # Auto-encoding views with no augmentation: a crop or flip would change the very factors (position,
 # scale, orientation) that DCI asks z to encode. The z-usage recipe of configs/cifar10_cpu.py (v
-# output and weighting, z standardised over the batch and per section; docs/zusage.md) and its learning rates; a 32-image batch, since 64x64 images cost 4x the CIFAR ones.
+# output and weighting, z standardised over the batch and per section; docs/zusage.md) and its
+# learning rates; a 32-image batch, since 64x64 images cost 4x the CIFAR ones.
 out_dir = "out/dsprites_cpu"
 dataset = "dsprites"
 data_dir = "../shared/data/dsprites"

@@ -58,7 +58,8 @@ def pytest_configure(config):
 LONGEST_FIRST = ("test_tools.py::test_dry_run_reports_every_item",
                  "test_train.py::test_torchrun_sigterm_saves_and_resumes_on_another_process_count",
                  "test_train.py::test_ddp_two_processes_equal_one",
-                 "test_train.py::test_compiled_step_equals_eager", "test_train.py::test_imagenet_config_builds_and_steps")
+                 "test_train.py::test_compiled_step_equals_eager",
+                 "test_train.py::test_imagenet_config_builds_and_steps")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -166,7 +167,8 @@ CELEBA_ATTRS = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bal
                 "Black_Hair Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee "
                 "Gray_Hair Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard "
                 "Oval_Face Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair "
-                "Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young").split()
+                "Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Wearing_Necktie "
+                "Young").split()
 
 
 def write_celeba(root, colours, partition):

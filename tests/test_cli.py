@@ -30,7 +30,8 @@ from conftest import ROOT, base_args, one_line_error, state
     ("--lr=nan", "lr=nan"), ("--p_uncond=1.5", "p_uncond=1.5"), ("--crop_min=0", "crop_min=0.0"),
     ("--image_size=30", "multiple of 8"), ("--views=foo", "views='foo'"), ("--aug=foo", "aug='foo'"),
     ("--cond=foo", "cond='foo'"), ("--agg=foo", "agg='foo'"), ("--schedule=foo", "schedule='foo'"),
-    ("--prediction=eps2", "prediction='eps2'"), ("--weighting=x", "weighting='x'"), ("--dataset=mnist", "dataset='mnist'"),
+    ("--prediction=eps2", "prediction='eps2'"), ("--weighting=x", "weighting='x'"),
+    ("--dataset=mnist", "dataset='mnist'"),
     ("--encoder=huge", "encoder='huge'"), ("--unet=huge", "unet='huge'"), ("--device=tpu", "device='tpu'"),
     ("--dataset=cars3d", "needs data_dir"), ("--pretrained=/no/such.pt", "pretrained='/no/such.pt'"),
     ("--init_from=latest", "init_from='latest'"), ("--batch_size=1.5", "batch_size"),
@@ -86,7 +87,8 @@ def test_train_values(w, tmp_path, refused):
         (dict(batch_size=1000), "global batch .*1000.*larger than the training set"),
         (dict(ray_freqs=2), "ray_freqs=2 .*dataset='cifar10' has no camera poses"),  # combinations
         (dict(dataset="cars3d", data_dir=w.cars, image_size=16), "ray_freqs"),
-        (dict(dataset="cars3d", data_dir=w.cars, image_size=16, ray_freqs=2, k_max=4), "k_max=4 .*4 view\\(s\\).*another one, the target"),
+        (dict(dataset="cars3d", data_dir=w.cars, image_size=16, ray_freqs=2, k_max=4),
+         "k_max=4 .*4 view\\(s\\).*another one, the target"),
         (dict(dataset="imagenet", data_dir=""), "dataset='imagenet' needs data_dir"),
         (dict(dataset="imagenet", views="class", data_dir=w.cifar), "views='class'"),
         (dict(simsiam_weight=0.5), "simsiam_weight"),
@@ -192,7 +194,8 @@ def test_probe_values(w, refused, monkeypatch):
         # combinations that cannot work
         ([ck, "--task=dci"], "trained on cifar10, and task='dci' reads dsprites or cars3d: pass --dataset=dsprites"),
         ([ck, "--task=dci", "--dataset=dsprites"], "trained on cifar10: say where dsprites is with --data_dir"),
-        ([ck, "--task=dci", "--dataset=dsprites", f"--data_dir={w.root}"], "dSprites images are 64x64.*image_size is 32"),
+        ([ck, "--task=dci", "--dataset=dsprites", f"--data_dir={w.root}"],
+         "dSprites images are 64x64.*image_size is 32"),
         ([ck, "--task=multilabel"], "--data_dir"),
         ([ck, "--out=result.txt"], r"out=.result.txt. must be a .json file"),
         ([ck, f"--out={w.root}/nowhere/r.json"], "must be a .json file in an existing directory"),
@@ -279,7 +282,8 @@ def test_cli_missing_checkpoint_is_one_line(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "sample.py", f"--ckpt={tmp_path / 'none.pt'}"], cwd=root,
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: no checkpoint at {str(tmp_path / 'none.pt')!r}"]
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [f"error: no checkpoint at {str(tmp_path / 'none.pt')!r}"]
 
 
 # --- nvs.py ---------------------------------------------------------------------------------------

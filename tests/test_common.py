@@ -1,7 +1,7 @@
 """common.py: checkpoints (written atomically; older checkpoints still load) and the image metrics
 PSNR and SSIM against hand cases.
-tests/fixtures/state_dict_keys.json was written by the code before the library split
-(configurator.py, evaluation.py, diffsiam.py), for each model variant."""
+tests/fixtures/state_dict_keys.json holds, for each model variant, the state-dict names and shapes
+its checkpoints hold: a checkpoint of any of them loads strictly."""
 import json
 import os
 

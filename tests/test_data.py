@@ -25,7 +25,8 @@ def fake_cifar_records(root, n=20):
     rs = np.random.RandomState(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         with open(os.path.join(d, name), "wb") as f:
-            pickle.dump({"data": rs.randint(0, 256, (n, 3072), dtype=np.uint8), "labels": list(rs.randint(0, 10, n))}, f)
+            pickle.dump({"data": rs.randint(0, 256, (n, 3072), dtype=np.uint8),
+                         "labels": list(rs.randint(0, 10, n))}, f)
     with open(os.path.join(d, "batches.meta"), "wb") as f:
         pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
 

@@ -43,7 +43,8 @@ def test_hierarchical_mask_activates_exactly_the_first_k(n):
     for row, kk in enumerate(k.tolist()):
         assert hier[row].tolist() == [1.0] * kk + [0.0] * (n - kk)
         assert seq[row].tolist() == [0.0] * (kk - 1) + [1.0] + [0.0] * (n - kk)
-    assert diffsiam.segments_switched_on(torch.tensor([0.0, 1.0]), n).sum(1).tolist() == [1.0, float(n)]  # ends: 1 and all
+    ends = diffsiam.segments_switched_on(torch.tensor([0.0, 1.0]), n).sum(1).tolist()
+    assert ends == [1.0, float(n)]  # 1 and all
     with pytest.raises(ValueError, match="segment_mode"):
         diffsiam.segments_switched_on(u, n, "random")
 

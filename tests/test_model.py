@@ -479,7 +479,8 @@ def test_each_z_section_drives_its_down_and_up_level_and_the_last_the_middle():
     for part in ("down", "mid", "up"):
         for blk in getattr(m.unet, part):
             if isinstance(blk, M.UNetBlock):
-                blk.res.register_forward_hook(lambda mod, inp, out, part=part: seen.append((part, inp[0].shape[-1], inp[2])))
+                blk.res.register_forward_hook(
+                    lambda mod, inp, out, part=part: seen.append((part, inp[0].shape[-1], inp[2])))
     x, logsnr, g = inputs()
     z = torch.randn(2, Z, generator=g)
     z_on = torch.ones(2, m.n_sections)
@@ -561,8 +562,8 @@ def test_config_defaults_are_the_training_defaults():
 
 
 def test_config_refuses_unknown_presets_and_outputs():
-    for kw, match in ((dict(encoder="nope"), "unknown encoder preset 'nope'"), (dict(unet="nope"), "unknown unet preset"),
-                      (dict(prediction="score"), "prediction must be")):
+    for kw, match in ((dict(encoder="nope"), "unknown encoder preset 'nope'"),
+                      (dict(unet="nope"), "unknown unet preset"), (dict(prediction="score"), "prediction must be")):
         with pytest.raises(ValueError, match=match):
             M.SODA(M.SODAConfig(**kw))
 

@@ -65,7 +65,8 @@ def test_cars3d_camera_convention():
     assert torch.allclose(c[:3, 1], torch.tensor([0.0, 1, 0]), atol=1e-6)  # camera up
     centre_ray = multiview.camera_rays(multiview.intrinsics(10.0, 4), c, 4, 4)[3:, 1:3, 1:3].mean(dim=(1, 2))
     assert torch.allclose(torch.nn.functional.normalize(centre_ray, dim=0), torch.tensor([0.0, 0, -1]), atol=1e-6)
-    assert torch.allclose(multiview.cars3d_camera(90, 0)[:3, 3], torch.tensor([multiview.CARS3D_RADIUS, 0, 0]), atol=1e-6)
+    assert torch.allclose(multiview.cars3d_camera(90, 0)[:3, 3], torch.tensor([multiview.CARS3D_RADIUS, 0, 0]),
+                          atol=1e-6)
     assert multiview.cars3d_camera(0, 18)[1, 3] > 0
     for a, e in ((0, 0), (135, 12), (300, 18)):  # every camera looks at the origin
         c = multiview.cars3d_camera(a, e)
@@ -111,7 +112,8 @@ def test_multiview_batch_rows_match_one_process():
 # --- readers: NMR and SRN fixtures in their public layouts, Cars3D --------------------------------
 
 def fixture_cameras(V):
-    c2w = torch.stack([multiview.look_at((2 * math.sin(0.9 * v), 0.5 + 0.1 * v, 2 * math.cos(0.9 * v))) for v in range(V)])
+    c2w = torch.stack([multiview.look_at((2 * math.sin(0.9 * v), 0.5 + 0.1 * v, 2 * math.cos(0.9 * v)))
+                       for v in range(V)])
     return c2w, [multiview.intrinsics(30.0 + v, 32) for v in range(V)]
 
 
@@ -282,6 +284,7 @@ def test_cars3d_factors_split_and_labels(tmp_path):
     full = np.load(tmp_path / "cars3d_64.npz")
     order = np.concatenate([np.flatnonzero(full["split"] == s) for s in ("train", "test")])  # the 'train' cars first
     for img, (e, a, o), c2w in zip(xte, yte.tolist(), cte):
-        ref = multiview._resize_u8(torch.from_numpy(full["images"][order[o], e, a]).permute(2, 0, 1)[None, None], 16)[0, 0]
-        assert torch.equal(img, ref)
-        assert torch.allclose(c2w, multiview.cars3d_camera(float(full["azimuth_deg"][a]), float(full["elevation_deg"][e])))
+        full_size = torch.from_numpy(full["images"][order[o], e, a]).permute(2, 0, 1)[None, None]
+        assert torch.equal(img, multiview._resize_u8(full_size, 16)[0, 0])
+        cam = multiview.cars3d_camera(float(full["azimuth_deg"][a]), float(full["elevation_deg"][e]))
+        assert torch.allclose(c2w, cam)

@@ -45,7 +45,8 @@ def test_nvs_pairs_and_baselines():
     again = nvs.eval_pairs(3, 7, 4, 2, seed=0)
     assert all(torch.equal(a, b) for a, b in zip((objs, tgts, srcs), again))
     cams = torch.stack([multiview.cars3d_camera(a, 0) for a in (0, 90, 180)])
-    near = nvs.nearest_source(cams[None, [0, 2]].expand(2, -1, -1, -1), torch.stack([cams[1], multiview.cars3d_camera(170, 0)]))
+    near = nvs.nearest_source(cams[None, [0, 2]].expand(2, -1, -1, -1),
+                              torch.stack([cams[1], multiview.cars3d_camera(170, 0)]))
     assert near.tolist()[1] == 1  # 170 deg is nearest the 180 deg source
     ring = nvs.ring(torch.stack([multiview.cars3d_camera(a, e) for e in (0, 6) for a in (0, 90, 180, 270)]), 6)
     assert ring.tolist() == [6, 7, 4, 5]  # elevation 6's views, from azimuth 180 on

@@ -250,7 +250,8 @@ def test_cli_dci_on_cars3d_posed_checkpoint(tmp_path, capsys, model):
     write_cars3d(tmp_path)
     cfg = dict(train.DEFAULTS, image_size=16, z_dim=8, dataset="cars3d", data_dir=str(tmp_path), ray_freqs=2)
     torch.manual_seed(0)
-    torch.save({"config": cfg, "ema": common.build_model(common.model_args(cfg)).state_dict(), "step": 0}, tmp_path / "ck.pt")
+    torch.save({"config": cfg, "ema": common.build_model(common.model_args(cfg)).state_dict(), "step": 0},
+               tmp_path / "ck.pt")
     probe.main([f"--ckpt={tmp_path / 'ck.pt'}", "--task=dci", "--features=z", f"--dci_model={model}"])
     assert re.fullmatch(r"dci D [\d.]+ C [\d.]+ I [\d.]+", last_line(capsys))
     res = json.load(open(tmp_path / f"probe_dci{'_gbt' if model == 'gbt' else ''}_z.json"))

@@ -222,7 +222,8 @@ def test_sample_reads_only_the_images_it_shows(imagenet_run, imagenet_dir, capsy
     assert reads == [10, 11, 12, 13]
     assert all(np.isfinite(res["metrics"][k]["psnr"]) for k in ("z", "z_masked"))
     got = json.load(open(imagenet_run / "samples" / "recon.json"))
-    assert got["n"] == 4 and "data: 4 of the 80 images of the imagenet val/ or held-out part: " in capsys.readouterr().out
+    assert got["n"] == 4
+    assert "data: 4 of the 80 images of the imagenet val/ or held-out part: " in capsys.readouterr().out
     reads.clear()
     res = sample.main([f"--ckpt={imagenet_run / 'ckpt.pt'}", "--mode=interp", "--index=40", "--steps=2", "--frames=3",
                        "--threads=1", f"--out_dir={imagenet_run / 'samples'}"])

@@ -72,8 +72,8 @@ def low_variance_signal(seed, n=2500, d=32, k=10, rank=8, eps=0.05):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_default_probe_is_a_converged_fit(seed):
     """On badly conditioned features the default probe equals a fit with 4x its iteration cap (top-1
-    within 0.5, the same objective at the chosen decay to 1e-4), where 100 L-BFGS iterations (the
-    earlier cap) leave the objective higher and the mini-batch solver lands 20+ points short."""
+    within 0.5, the same objective at the chosen decay to 1e-4), where a cap of 100 L-BFGS iterations
+    leaves the objective higher and the mini-batch solver lands 20+ points short."""
     ftr, ytr, fte, yte = low_variance_signal(seed)
     default = solvers.linear_probe(ftr, ytr, fte, yte, 10, seed=seed)
     reference = solvers.linear_probe(ftr, ytr, fte, yte, 10, seed=seed, lbfgs_iters=4 * solvers.LBFGS_ITERS)

@@ -50,7 +50,8 @@ def test_every_config_file_sets_only_known_keys():
 
 
 def test_no_config_forces_cpu_bf16():
-    configs = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(ROOT, "configs")) for f in fs if f.endswith(".py")]
+    configs = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(ROOT, "configs"))
+               for f in fs if f.endswith(".py")]
     for path in configs:
         assert train.configure([path], train.DEFAULTS)["cpu_bf16"] == "auto", path
 
@@ -527,7 +528,8 @@ def test_compiled_step_equals_eager(cifar_dir, tmp_path, eager_fp32):
 
 @pytest.mark.usefixtures("light_eval")
 @pytest.mark.numerics
-@pytest.mark.parametrize("switch", [dict(channels_last=True), dict(fused_adamw=False)], ids=["channels_last", "looped_adamw"])
+@pytest.mark.parametrize("switch", [dict(channels_last=True), dict(fused_adamw=False)],
+                         ids=["channels_last", "looped_adamw"])
 def test_rounding_switch_equals_the_reference(cifar_dir, tmp_path, eager_fp32, switch):
     """channels_last (NHWC convolutions), and AdamW as a loop over parameters instead of the fused
     kernel, give the reference's losses and weights to float32 rounding."""
@@ -599,7 +601,8 @@ def test_ddp_two_processes_equal_one(cifar_dir, tmp_path):
     assert moved > 10  # the runs trained: the comparison is not between two untouched inits
 
 
-CPU_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*_cpu.py"))) + [os.path.join(ROOT, "configs", "cifar10_recon.py")]
+CPU_CONFIGS = (sorted(glob.glob(os.path.join(ROOT, "configs", "*_cpu.py")))
+               + [os.path.join(ROOT, "configs", "cifar10_recon.py")])
 
 
 DIFFSIAM = ("diffsiam_cpu.py", "diffsiam_pdae_cpu.py")  # SimSiam heads: BatchNorm, per rank under CPU DDP
@@ -710,8 +713,9 @@ def test_torchrun_sigterm_saves_and_resumes_on_another_process_count(cifar_dir, 
     """2 processes x batch 4 x 2 micro-steps, compiled (aot_eager) with z_bn (all-reduced in forward
     and backward), evaluated at the start, a checkpoint every step; once the first is written,
     SIGTERM to the launcher (torchrun passes it on) between log steps: every process stops after the
-    same step, rank 0 saves, all exit in seconds, with no deprecation warning. Resumed on 1 process x batch 8 x 2 (the global batch kept: z_bn's micro-steps
-    hold the same rows), it ends where an uninterrupted 1 x 8 x 2 run ends, to rounding."""
+    same step, rank 0 saves, all exit in seconds, with no deprecation warning. Resumed on 1 process x
+    batch 8 x 2 (the global batch kept: z_bn's micro-steps hold the same rows), it ends where an
+    uninterrupted 1 x 8 x 2 run ends, to rounding."""
     common = dict(DDP_COMMON, z_bn=True, decay_lr=False, log_interval=400, n_val=20)
     out = tmp_path / "two"
     p = torchrun(["train.py"] + base_args(cifar_dir, out, **dict(common, batch_size=4, grad_accum=2, max_iters=1000,
@@ -855,7 +859,8 @@ def test_a_nan_on_one_process_stops_every_process_before_a_save(cifar_dir, tmp_p
     script, loads = tmp_path / "nan_on_rank_1.py", tmp_path / "loads.txt"
     script.write_text(NAN_ON_RANK_1.format(root=ROOT, train=os.path.join(ROOT, "train.py"), loads=str(loads)))
     out = tmp_path / "run"
-    p = torchrun([str(script)] + base_args(cifar_dir, out, max_iters=4, log_interval=100, ckpt_interval=1, batch_size=4),
+    p = torchrun([str(script)] + base_args(cifar_dir, out, max_iters=4, log_interval=100, ckpt_interval=1,
+                                           batch_size=4),
                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     printed, err = p.communicate(timeout=180)
     assert p.returncode != 0
@@ -877,8 +882,8 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves(tmp_path):
     root = random_image_folder(tmp_path / "folder", 8, 40, 48, "png")
     out = tmp_path / "run"
     cmd = [sys.executable, "train.py", "--dataset=imagenet", f"--data_dir={root}", f"--out_dir={out}", "--batch_size=4",
-           "--max_iters=100000", "--log_interval=400", "--ckpt_interval=1", "--eval_interval=0", "--eval_at_start=False",
-           "--num_workers=1", "--z_dim=32", "--threads=1", "--cpu_bf16=false"]
+           "--max_iters=100000", "--log_interval=400", "--ckpt_interval=1", "--eval_interval=0",
+           "--eval_at_start=False", "--num_workers=1", "--z_dim=32", "--threads=1", "--cpu_bf16=false"]
     p = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 120
@@ -899,7 +904,8 @@ def test_imagenet_config_builds_and_steps(tmp_path, monkeypatch):
     root = random_image_folder(tmp_path / "imagenet", 2, 80, 96, "JPEG", classes=("n00", "n01"))
     saved = []
     monkeypatch.setattr(train, "save_checkpoint", lambda obj, path: saved.append(obj))
-    monkeypatch.setattr(train, "evaluate_and_log", lambda run, it: None)  # a folder run's evaluation: tests/test_monitor.py
+    # a folder run's evaluation: tests/test_monitor.py
+    monkeypatch.setattr(train, "evaluate_and_log", lambda run, it: None)
     argv = [os.path.join(ROOT, "configs", "imagenet.py"), f"--data_dir={root}", f"--out_dir={tmp_path / 'o'}",
             "--image_size=32", "--batch_size=2", "--max_iters=1", "--num_workers=0", "--compile=False",
             "--eval_at_start=False", "--threads=1"]
@@ -928,7 +934,8 @@ def test_celeba_trains_probes_and_samples(tmp_path, capsys, light_eval):
     evals = [r for r in log if "zgap" in r]
     assert [r["step"] for r in evals] == [0, 4] and not any("knn" in r for r in evals)
     res = probe.main([f"--ckpt={out / 'ckpt.pt'}", "--task=multilabel"])
-    assert res["dataset"] == "celeba" and (res["n_train"], res["n_test"]) == (16, 4) and len(res["f1_per_attribute"]) == 40
+    assert res["dataset"] == "celeba" and (res["n_train"], res["n_test"]) == (16, 4)
+    assert len(res["f1_per_attribute"]) == 40
     got = sample.main([f"--ckpt={out / 'ckpt.pt'}", "--mode=directions", "--attr=2", "--steps=2", "--alphas=-1,1",
                        "--n_dirs=2", "--threads=1"])
     assert got["images"].shape[:2] == (3, 3)  # PC1, PC2 and the attribute's probe direction x (source + 2 steps)

@@ -68,8 +68,8 @@ def main():
         load, aug = [], []
         for r in range(a.rounds):
             # train.py's DataLoader for the image-folder path, with num_workers=0: this process is the worker
-            dl = torch.utils.data.DataLoader(ds, batch_sampler=data.StepBatches(len(ds), a.batch, [slice(None)], 0, 0, steps),
-                                             num_workers=0)
+            batches = data.StepBatches(len(ds), a.batch, [slice(None)], 0, 0, steps)
+            dl = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=0)
             t = time.perf_counter()
             for xb, yb in dl:
                 pass
@@ -78,7 +78,8 @@ def main():
             for i in range(2):  # the two RandAugment views train.py makes of a batch
                 data.make_views(xb, "augment", "randaugment", data.Rng(0, i, a.batch))
             aug.append(2 * a.batch / (time.perf_counter() - t))
-            print(f"round {r + 1}: loader {load[-1]:.0f} img/s, RandAugment (2 views, CPU) {aug[-1]:.0f} img/s", flush=True)
+            print(f"round {r + 1}: loader {load[-1]:.0f} img/s, RandAugment (2 views, CPU) {aug[-1]:.0f} img/s",
+                  flush=True)
     print(f"loader_bench: {a.n} JPEGs {w}x{h} ({kb:.0f} kB) -> {a.image_size} px, 1 thread: decode+resize+crop "
           f"max {max(load):.0f} img/s per core (rounds {', '.join(f'{v:.0f}' for v in load)}); RandAugment 2 views on "
           f"the CPU max {max(aug):.0f} img/s (on CUDA it runs on the GPU)")

@@ -100,11 +100,13 @@ def main(names):
         r = measure(name, defaults)
         rows.append(r)
         print(json.dumps(r), flush=True)
-    print("\n| config | image | params | checkpoint | activations / image fp32 (CPU) | bf16 | est. GPU GB at batch_size | "
-          + " | ".join(f"{g} GPU{'s' * (g > 1)}: batch_size x grad_accum" for g in GPUS) + " |")
+    splits = " | ".join(f"{g} GPU{'s' * (g > 1)}: batch_size x grad_accum" for g in GPUS)
+    print("\n| config | image | params | checkpoint | activations / image fp32 (CPU) | bf16 "
+          f"| est. GPU GB at batch_size | {splits} |")
     print("|---" * (7 + len(GPUS)) + "|")
     for r in rows:
-        print(f"| `{r['config']}` (batch_size {r['batch_size']}, global {r['global_batch']}) | {r['image_size']} px | {r['params_m']:.1f}M | "
+        print(f"| `{r['config']}` (batch_size {r['batch_size']}, global {r['global_batch']}) | {r['image_size']} px "
+              f"| {r['params_m']:.1f}M | "
               f"{r['ckpt_mb']:,.0f} MB | {r['act_mb_per_img_fp32']:.1f} MB | {r['act_mb_per_img_bf16']:.1f} MB | "
               f"{r['gpu_gb_at_batch_size']:.1f} | " + " | ".join(r["split"][g] for g in GPUS) + " |")
 

@@ -44,8 +44,9 @@ def first_step_checkpoint(folder, out_dir):
     """train.py --dataset=imagenet for one step on the folder (a tiny 32 px model): a checkpoint of the
     folder's kind, so the probe needs no other data and no flag to read it."""
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset=imagenet", f"--data_dir={folder}",
-                        "--image_size=32", "--max_iters=1", "--batch_size=8", "--eval_at_start=False", "--num_workers=0",
-                        "--sample_steps=1", f"--out_dir={out_dir}"], cwd=ROOT, capture_output=True, text=True)
+                        "--image_size=32", "--max_iters=1", "--batch_size=8", "--eval_at_start=False",
+                        "--num_workers=0", "--sample_steps=1", f"--out_dir={out_dir}"],
+                       cwd=ROOT, capture_output=True, text=True)
     if r.returncode:
         raise ConfigError(f"train.py failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     return os.path.join(out_dir, "ckpt.pt")
@@ -54,8 +55,8 @@ def first_step_checkpoint(folder, out_dir):
 def run_probe(ckpt, folder, workers, out, log):
     """probe.py in its own process -> (its result JSON, its peak RSS in MB: the largest of the
     process and the workers it reaped)."""
-    cmd = [sys.executable, os.path.join(ROOT, "probe.py"), f"--ckpt={ckpt}", "--dataset=imagenet", f"--data_dir={folder}",
-           "--cache=False", f"--num_workers={workers}", f"--out={out}"]
+    cmd = [sys.executable, os.path.join(ROOT, "probe.py"), f"--ckpt={ckpt}", "--dataset=imagenet",
+           f"--data_dir={folder}", "--cache=False", f"--num_workers={workers}", f"--out={out}"]
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(p.pid, 0)
@@ -83,12 +84,15 @@ def main(argv):
             make_folder(folder, png, n)
             ckpt = ckpt or first_step_checkpoint(folder, os.path.join(tmp, "run"))
             t = time.time()
-            res, peak = run_probe(ckpt, folder, workers, os.path.join(tmp, f"probe_{n}.json"), os.path.join(tmp, f"{n}.log"))
+            res, peak = run_probe(ckpt, folder, workers, os.path.join(tmp, f"probe_{n}.json"),
+                                  os.path.join(tmp, f"{n}.log"))
             rows.append({"train_images": n, "val_images": res["n_test"], "peak_rss_mb": round(peak, 1),
-                         "extract_img_s": res["extract_img_s"], "probe_s": res["task_s"], "wall_s": round(time.time() - t, 1),
+                         "extract_img_s": res["extract_img_s"], "probe_s": res["task_s"],
+                         "wall_s": round(time.time() - t, 1),
                          "top1": round(res["top1"], 2), "workers": workers})
             print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{'train images':>12} {'peak RSS MB':>11} {'train img/s':>11} {'val img/s':>9} {'probe s':>7} {'wall s':>6}")
+    print(f"\n{'train images':>12} {'peak RSS MB':>11} {'train img/s':>11} {'val img/s':>9} {'probe s':>7} "
+          f"{'wall s':>6}")
     for r in rows:
         print(f"{r['train_images']:>12,} {r['peak_rss_mb']:>11} {r['extract_img_s'].get('train', 0):>11} "
               f"{r['extract_img_s'].get('test', 0):>9} {r['probe_s']:>7} {r['wall_s']:>6}")

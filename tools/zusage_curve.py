@@ -53,7 +53,8 @@ def train_minutes(out_dir):
             recs.append(json.loads(line))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{log!r} line {i} is not a JSON record ({e.msg}): not a train.py log") from None
-    if any(not isinstance(r, dict) or "img_s" in r and not ("step" in r and isinstance(r["img_s"], (int, float)) and r["img_s"] > 0) for r in recs):
+    speed_ok = lambda r: "step" in r and isinstance(r["img_s"], (int, float)) and r["img_s"] > 0
+    if any(not isinstance(r, dict) or "img_s" in r and not speed_ok(r) for r in recs):
         raise ConfigError(f"{log!r} is not a train.py log: its img_s records need a step and a speed > 0")
     cfg_batch = common.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["config"].get("batch_size")
     if not isinstance(cfg_batch, int):
