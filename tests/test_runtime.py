@@ -39,7 +39,8 @@ def test_cpu_bf16_setting(monkeypatch):
 def test_an_older_torch_than_requirements_allow_is_refused_in_one_line(monkeypatch, tmp_path):
     for version in ("2.6.0", "2.6.0+cu124", "2.14.1+cu130", "3.0.0a0"):
         runtime.check_torch(version)
-    with pytest.raises(runtime.ConfigError, match=r"torch 2\.5\.1\+cu121 is older than this code needs \(2\.6 or newer\)"):
+    older = r"torch 2\.5\.1\+cu121 is older than this code needs \(2\.6 or newer\)"
+    with pytest.raises(runtime.ConfigError, match=older):
         runtime.check_torch("2.5.1+cu121")
     floor = ".".join(map(str, runtime.TORCH_MIN))
     assert any(line.startswith(f"torch>={floor}") for line in open(os.path.join(ROOT, "requirements.txt")))

@@ -69,26 +69,31 @@ def low_variance_signal(seed, n=2500, d=32, k=10, rank=8, eps=0.05):
     return f[:1500], y[:1500], f[1500:], y[1500:]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_default_probe_is_a_converged_fit(seed):
-    """On badly conditioned features the default probe equals a fit with 4x its iteration cap (top-1
-    within 0.5, the same objective at the chosen decay to 1e-4), where a cap of 100 L-BFGS iterations
-    leaves the objective higher and the mini-batch solver lands 20+ points short."""
-    ftr, ytr, fte, yte = low_variance_signal(seed)
-    default = solvers.linear_probe(ftr, ytr, fte, yte, 10, seed=seed)
-    reference = solvers.linear_probe(ftr, ytr, fte, yte, 10, seed=seed, lbfgs_iters=4 * solvers.LBFGS_ITERS)
-    assert default["solver"] == "lbfgs" and 35 < reference["top1"] < 70, reference  # neither trivial nor hopeless
-    assert abs(default["top1"] - reference["top1"]) <= 0.5 and default["wd"] == reference["wd"], (default, reference)
-    mean, std = solvers.standardise_stats(ftr)
-    x = (ftr - mean) / std
+def test_default_probe_is_a_converged_fit():
+    """On badly conditioned features (3 seeds) the default probe equals a fit with 4x its iteration cap
+    (top-1 within 0.5, the same objective at the chosen decay to 1e-4), where a cap of 100 L-BFGS
+    iterations leaves the objective higher on most seeds and the mini-batch solver lands 15+ points
+    short on every one. (How far 100 iterations get depends on torch's kernels: on torch 2.6 one seed
+    of three comes within 1e-5; the mini-batch solver's shortfall was 18-27 points on 2.6 and 2.14.)"""
+    short_at_100 = 0
+    for seed in range(3):
+        ftr, ytr, fte, yte = low_variance_signal(seed)
+        default = solvers.linear_probe(ftr, ytr, fte, yte, 10, seed=seed)
+        reference = solvers.linear_probe(ftr, ytr, fte, yte, 10, seed=seed, lbfgs_iters=4 * solvers.LBFGS_ITERS)
+        assert default["solver"] == "lbfgs" and 35 < reference["top1"] < 70, reference  # neither trivial nor hopeless
+        assert abs(default["top1"] - reference["top1"]) <= 0.5 and default["wd"] == reference["wd"], (default, reference)
+        mean, std = solvers.standardise_stats(ftr)
+        x = (ftr - mean) / std
 
-    def objective(iters):
-        W, b = solvers.fit_logreg(x, ytr, 10, default["wd"], iters)
-        return (torch.nn.functional.cross_entropy(x @ W + b, ytr) + default["wd"] * W.pow(2).sum()).item()
-    converged = objective(4 * solvers.LBFGS_ITERS)
-    assert objective(solvers.LBFGS_ITERS) - converged < 1e-4 < objective(100) - converged
-    sgd = solvers.linear_probe(ftr, ytr, fte, yte, 10, seed=seed, solver="sgd")
-    assert sgd["top1"] < reference["top1"] - 20, sgd
+        def objective(iters):
+            W, b = solvers.fit_logreg(x, ytr, 10, default["wd"], iters)
+            return (torch.nn.functional.cross_entropy(x @ W + b, ytr) + default["wd"] * W.pow(2).sum()).item()
+        converged = objective(4 * solvers.LBFGS_ITERS)
+        assert objective(solvers.LBFGS_ITERS) - converged < 1e-4
+        short_at_100 += objective(100) - converged > 1e-4
+        sgd = solvers.linear_probe(ftr, ytr, fte, yte, 10, seed=seed, solver="sgd")
+        assert sgd["top1"] < reference["top1"] - 15, sgd
+    assert short_at_100 >= 2
 
 
 @pytest.mark.slow

@@ -214,7 +214,8 @@ def test_resume_takes_this_runs_fused_adamw(cifar_dir, tmp_path):
     for before, now in ((True, False), (False, True)):
         out = tmp_path / f"fused_{before}"
         run_train(base_args(cifar_dir, out, max_iters=1, fused_adamw=before))
-        cfg = train.configure(base_args(cifar_dir, out, max_iters=2, init_from="resume", fused_adamw=now), train.DEFAULTS)
+        argv = base_args(cifar_dir, out, max_iters=2, init_from="resume", fused_adamw=now)
+        cfg = train.configure(argv, train.DEFAULTS)
         with pytest.warns(UserWarning, match="partial copy"):
             run = train.setup(cfg, train.resume_checkpoint(cfg))
         assert [g["fused"] for g in run.optimizer.param_groups] == [now] * 4
