@@ -274,6 +274,7 @@ def loop(run):
                 raise FloatingPointError(f"non-finite loss or gradient at step {first}; stopping. The last good "
                                          f"checkpoint is {os.path.join(run.out_dir, 'ckpt.pt')} (if any)")
         if step % run.log_interval == 0 or last:
+            run.bad_count = unreadable_count(run)  # image files: how many could not be read so far (logged)
             log_progress(run, bar, loss_sum, step - seen0, t0, lr_at(run, it))
             t0, seen0 = time.time(), step
             loss_sum.zero_()
@@ -292,7 +293,9 @@ def loop(run):
                     f"checkpoint {os.path.join(run.out_dir, 'ckpt.pt')}; continue with --init_from=resume", flush=True)
             break
     bar.close()
-    run.say(f"done: {run.step} steps; checkpoint {os.path.join(run.out_dir, 'ckpt.pt')}")
+    bad = f"; {run.bad_count} unreadable image file{'s' * (run.bad_count > 1)} (named in the warnings) replaced by " \
+          "the next readable image" if run.bad_count else ""
+    run.say(f"done: {run.step} steps; checkpoint {os.path.join(run.out_dir, 'ckpt.pt')}{bad}")
 
 
 class Run(types.SimpleNamespace):
@@ -339,6 +342,13 @@ def setup(cfg, ckpt=None):
     setup_processes(run)
     setup_data(run, ckpt)
     setup_model(run, ckpt)
+    # files decoded by DataLoader workers: no more of them than cores; the unreadable files met (their messages)
+    from_files = not (run.in_memory or run.multiview)
+    run.bad_files, run.bad_count = (set(), 0) if from_files else (None, None)
+    if from_files:
+        run.num_workers, line = data.fit_workers(run.num_workers)
+        if line:
+            run.say(line)
     # image folders: DataLoader workers, built after setup_model so they start at the resumed step
     run.loader_iter = None if run.in_memory or run.multiview else iter(torch.utils.data.DataLoader(
         run.train_views, batch_sampler=data.StepBatches(run.n_train, run.global_batch, run.micro_rows, run.seed, run.step,
@@ -540,10 +550,11 @@ def get_batch(run, it, rows):
             run.order_cache[epoch] = data.epoch_order(run.n_train, run.global_batch, run.seed, epoch).to(run.dev)
         idx = run.order_cache[epoch][i][rows]
         return run.x_train[idx], run.y_train[idx], idx, None
-    try:
-        xb, yb, *aspect = next(run.loader_iter)  # the micro-steps' rows in order (StepBatches); whole images: aspect
+    try:  # the micro-steps' rows in order (StepBatches); whole images: aspect; the unreadable files' messages
+        xb, yb, *aspect, bad = next(run.loader_iter)
     except data.DataError as e:
         raise data.from_worker(e) from None
+    data.warn_unreadable(bad, run.bad_files, "the next readable image of the split is trained on in its place")
     aspect = aspect[0].to(run.dev, torch.float32, non_blocking=True) if aspect else None
     return xb.to(run.dev, non_blocking=True), yb.to(run.dev, non_blocking=True), None, aspect
 
@@ -637,6 +648,16 @@ def save_run(run, it):
     }, os.path.join(run.out_dir, "ckpt.pt"))
     if run.ckpt_keep:  # a learning curve: every checkpoint stays as ckpt_<step>.pt for the probes
         shutil.copyfile(os.path.join(run.out_dir, "ckpt.pt"), os.path.join(run.out_dir, f"ckpt_{it:06d}.pt"))
+
+
+def unreadable_count(run):
+    """How many unreadable image files the processes have met (each decodes its own rows): the union of
+    their run.bad_files, gathered on the CPUs (run.stop_group); None where the data is held in memory."""
+    if run.bad_files is None or not run.ddp:
+        return None if run.bad_files is None else len(run.bad_files)
+    every = [None] * run.world
+    torch.distributed.all_gather_object(every, run.bad_files, group=run.stop_group)
+    return len(set().union(*every))
 
 
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")  # Ctrl-C; torchrun's, Kubernetes' and SLURM's stop; SLURM's --signal=USR1@secs

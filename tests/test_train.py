@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,7 +29,7 @@ import probe
 import runtime
 import sample
 import train
-from conftest import ROOT, TINY, base_args, mv_args, run_train, save_image, state, write_celeba
+from conftest import ROOT, TINY, base_args, mv_args, run_train, save_image, state, unreadable_images, write_celeba
 
 
 # --- config files ---------------------------------------------------------------------------------
@@ -216,7 +217,8 @@ def assert_bit_exact(a, b):
 
 @pytest.fixture(scope="module")
 def folder_dir(tmp_path_factory):
-    """An ImageFolder (ImageNet layout): 2 classes x 6 train and 2 val images of 40x48 px (resized to 32)."""
+    """An ImageFolder (ImageNet layout): 2 classes x 6 train and 2 val images of 40x48 px (resized to 32),
+    and a seventh train file of n00, a JPEG cut short."""
     root = tmp_path_factory.mktemp("folder")
     rs = np.random.RandomState(1)
     for split, n in (("train", 6), ("val", 2)):
@@ -225,13 +227,15 @@ def folder_dir(tmp_path_factory):
             d.mkdir(parents=True)
             for i in range(n):
                 Image.fromarray((rs.rand(40, 48, 3) * 255).astype(np.uint8)).save(d / f"{i}.JPEG")
+    (root / "train" / "n00" / "6.JPEG").write_bytes((root / "train" / "n00" / "5.JPEG").read_bytes()[:400])
     return str(root)
 
 
 @pytest.mark.usefixtures("light_eval")
 def test_resume_on_the_dataloader_path_is_bit_exact(folder_dir, tmp_path, monkeypatch):
     """The image-folder path (not in memory: DataLoader + StepBatches) resumes at the step it
-    stopped, across an epoch boundary (12 images, global batch 4: 3 steps an epoch)."""
+    stopped, across an epoch boundary (13 images, global batch 4: 3 steps an epoch); the unreadable file,
+    drawn at step 2 (0-based) after the resumed checkpoint, is replaced there as in the uninterrupted run."""
     args = lambda out, **kw: base_args(folder_dir, out, dataset="imagenet", batch_size=4, num_workers=0, **kw)
     in_memory, real_load = [], train.data.load
 
@@ -244,6 +248,8 @@ def test_resume_on_the_dataloader_path_is_bit_exact(folder_dir, tmp_path, monkey
     assert in_memory and not any(in_memory)  # the DataLoader path, not the in-memory one
     assert a["data_pos"] == b["data_pos"] and (a["data_pos"]["epoch"], a["data_pos"]["batch"]) == (1, 1)
     assert_bit_exact(a, b)
+    for run in ("full", "split"):  # counted on every log line (the evaluation's images meet it when the run starts)
+        assert json.loads((tmp_path / run / "log.jsonl").read_text().splitlines()[-2])["bad_files"] == 1
 
 
 @pytest.mark.usefixtures("light_eval")
@@ -842,3 +848,42 @@ def test_labelled_flat_folder_run_evaluates_knn(tmp_path, light_eval):
                 *TINY[:3], "--batch_size=8", *TINY[4:7], "--warmup_iters=1"])
     evals = [r for r in map(json.loads, open(out / "log.jsonl")) if "zgap" in r]
     assert [r["step"] for r in evals] == [1] and 0 <= evals[0]["knn"] <= 100
+
+
+# --- what a long run meets: unreadable files, a full disk, a damaged checkpoint -------------------
+
+@pytest.fixture
+def no_eval(monkeypatch):
+    """train.main without its evaluation (~2 s a run here): tests of what a run reads and writes."""
+    monkeypatch.setattr(train, "evaluate_and_log", lambda run, it: None)
+
+
+@pytest.mark.usefixtures("no_eval")
+def test_a_folder_run_replaces_unreadable_files_names_each_once_and_counts_them(tmp_path, monkeypatch, capsys):
+    """train/: 12 readable JPEGs and 4 unreadable files (each kind) of class c0; val/: 12 and a JPEG cut
+    short; decoded by a DataLoader worker, the evaluation reading 4 train images (one unreadable) and all
+    of val. Each file is named in one warning, counted on the log lines as they are met (2 at the start,
+    the others at steps 2 and 4) and in the last line; the weights are those of a run on copies where
+    each unreadable file is the next readable one, decoded without workers: a function of the index."""
+    monkeypatch.setattr(monitor, "FOLDER_EVAL", (4, 13))
+    root = random_image_folder(tmp_path / "a", 6, 24, 28, "JPEG")
+    bad = unreadable_images(root / "train" / "c0", prefix="3") + [str(root / "val" / "c1" / "9.JPEG")]
+    (root / "val" / "c1" / "9.JPEG").write_bytes((root / "val" / "c1" / "0.JPEG").read_bytes()[:300])
+    args = lambda data_dir, out, **kw: base_args(str(data_dir), out, dataset="imagenet", batch_size=4, aug="cropflip",
+                                                 **kw)
+    with pytest.warns(UserWarning, match="cannot read image file") as said:
+        train.main(args(root, tmp_path / "run", num_workers=1))
+    named = [str(w.message).split("'")[1] for w in said if str(w.message).startswith("cannot read image file")]
+    assert sorted(named) == sorted(bad)  # each once
+    logged = [r["bad_files"] for r in map(json.loads, open(tmp_path / "run" / "log.jsonl")) if "loss" in r]
+    assert logged == [2, 3, 3, 5]
+    assert "; 5 unreadable image files (named in the warnings) replaced by the next readable image" in \
+        capsys.readouterr().out.splitlines()[-1]
+    copies = tmp_path / "copies"
+    shutil.copytree(root, copies)
+    for path in bad:  # the next readable file of each: 4.JPEG of train/c0; val's: the first of val (wraps)
+        shutil.copyfile(root / ("train/c0/4.JPEG" if "train" in path else "val/c0/0.JPEG"),
+                        copies / os.path.relpath(path, root))
+    train.main(args(copies, tmp_path / "copies_run", num_workers=0))
+    a, b = state(tmp_path / "run" / "ckpt.pt"), state(tmp_path / "copies_run" / "ckpt.pt")
+    assert all(torch.equal(a[k][n], b[k][n]) for k in ("model", "ema") for n in a[k])
