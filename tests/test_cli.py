@@ -60,6 +60,7 @@ def test_train_values(w, tmp_path, refused):
         (dict(compile=1), "compile"),
         (dict(lr=0.0), r"lr=0\.0 .*> 0"),  # out of range
         (dict(max_iters=0), "max_iters=0"),
+        (dict(ckpt_keep_last=0), "ckpt_keep_last=0"),
         (dict(beta2=1.0), "beta2"),
         (dict(crop_min=0.0), "crop_min"),
         (dict(image_size=12), "image_size=12"),
