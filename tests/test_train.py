@@ -781,20 +781,25 @@ runpy.run_path({train!r}, run_name="__main__")
 
 
 @pytest.mark.multiprocess
-def test_a_full_disk_on_rank_0_stops_every_process(cifar_dir, tmp_path):
-    """torchrun, 2 processes, a checkpoint every step: rank 0's second write fails. The other process learns
-    it when rank 0 is done and stops too: one error line, the first checkpoint kept, no temporary file."""
+def test_a_full_disk_on_rank_0_stops_every_process(tmp_path):
+    """torchrun, 2 processes on an image folder with a file cut short, a checkpoint every step: rank 0's
+    second write fails. The other process learns it when rank 0 is done and stops too: one error line,
+    the first checkpoint kept, no temporary file. The unreadable file, met by both processes (the
+    evaluation's images, a training batch), is counted once on the log lines (their union, not a sum)."""
+    root = random_image_folder(tmp_path / "folder", 4, 20, 24, "png")
+    (root / "train" / "c0" / "cut.jpg").write_bytes((root / "train" / "c0" / "0.png").read_bytes()[:60])
     script = tmp_path / "full_disk_on_rank_0.py"
     told = tmp_path / "told.txt"
     script.write_text(FULL_DISK_ON_RANK_0.format(root=ROOT, train=os.path.join(ROOT, "train.py"), told=str(told)))
     out = tmp_path / "run"
-    args = base_args(cifar_dir, out, max_iters=4, log_interval=100, ckpt_interval=1, batch_size=4)
+    args = base_args(str(root), out, dataset="imagenet", max_iters=4, ckpt_interval=1, batch_size=4, num_workers=1)
     p = torchrun([str(script)] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     printed, err = p.communicate(timeout=180)
     assert p.returncode != 0
     assert err.count("error: checkpoint of step 2: could not write") == 1, err[-3000:]
     assert told.read_text() == "rank 1 was told\n"  # by the all-reduce after the save, then it stopped
-    assert os.listdir(out) == ["ckpt.pt"] and state(out / "ckpt.pt")["step"] == 1
+    assert [r["bad_files"] for r in map(json.loads, open(out / "log.jsonl")) if "loss" in r] == [1, 1]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"] and state(out / "ckpt.pt")["step"] == 1
 
 
 @pytest.mark.usefixtures("light_eval")
