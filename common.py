@@ -3,8 +3,10 @@ What every script shares to read a trained SODA and to show it: checkpoints (wri
 read with weights_only=True) and the model they hold, the image metrics PSNR and SSIM, and
 pictures (grids, labelled columns, GIFs). train.py, probe.py, sample.py and nvs.py import it.
 """
+import contextlib
 import dataclasses
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -20,15 +22,47 @@ class CheckpointError(Exception):
     pass
 
 
-def save_checkpoint(obj, path):
+def checkpoint_path(path, age):
+    """The checkpoint saved `age` saves before path's (train.py's ckpt_keep_last): path itself (age 0),
+    then out/ckpt.1.pt, out/ckpt.2.pt, ..."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.{age}{ext}" if age else path
+
+
+def saved_checkpoints(path):
+    """path and its older checkpoints (checkpoint_path) that are on disk, newest first."""
+    root, ext = os.path.splitext(path)
+    folder = os.path.dirname(path) or "."
+    older = re.compile(re.escape(os.path.basename(root)) + r"\.(\d+)" + re.escape(ext))
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    ages = sorted(int(m.group(1)) for m in map(older.fullmatch, names) if m)
+    return [p for p in (checkpoint_path(path, a) for a in [0] + ages) if os.path.isfile(p)]
+
+
+def save_checkpoint(obj, path, keep=1):
     """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint, so an
-    interrupted write leaves the previous checkpoint intact."""
+    interrupted write leaves the previous checkpoint intact. keep > 1: the keep - 1 checkpoints before
+    it stay, each renamed one age on (checkpoint_path) once the new one is written; older ones go. A
+    write that fails (a full disk) removes its temporary file: one CheckpointError naming the path."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:  # a full disk (torch.save's writer fails as a RuntimeError), Ctrl-C
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
+        why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"could not write {path!r} ({type(e).__name__}: {why})") from None
+    for age in range(keep - 1, 0, -1):  # ckpt.1.pt -> ckpt.2.pt, then ckpt.pt -> ckpt.1.pt
+        if os.path.isfile(checkpoint_path(path, age - 1)):
+            os.replace(checkpoint_path(path, age - 1), checkpoint_path(path, age))
     os.replace(tmp, path)
+    for old in saved_checkpoints(path)[keep:]:  # the keep newest stay (a run resumed with a smaller ckpt_keep_last)
+        os.remove(old)
 
 
 def load_checkpoint(path, device="cpu"):

@@ -272,13 +272,68 @@ def to_rgb(img):
 
 
 def read_rgb(path):
-    """An image file -> uint8 (H, W, 3) (to_rgb); a file PIL cannot read is one DataError naming it."""
+    """An image file -> uint8 (H, W, 3) (to_rgb; a multi-page file: its first page). A file PIL cannot
+    read is one DataError naming it: cut short, empty, not an image, or over PIL's decompression-bomb
+    limit (more than twice Image.MAX_IMAGE_PIXELS: DecompressionBombError). One between once and twice
+    the limit is read, without PIL's DecompressionBombWarning, which every DataLoader worker would print
+    without naming the file."""
     from PIL import Image
+    # the filter below, added once rather than around each read: after any change of the filters Python
+    # shows again the warnings it has shown once (a partial data copy's, ...)
+    if ("ignore", None, Image.DecompressionBombWarning, None, 0) not in warnings.filters:
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
         with Image.open(path) as img:
             return to_rgb(img)
     except Exception as e:
-        raise DataError(f"cannot read image file {path!r} ({type(e).__name__}): remove or replace it") from None
+        detail = (str(e).splitlines() or [""])[0].replace(f" {str(path)!r}", "")[:120]  # PIL's may name the file again
+        raise DataError(f"cannot read image file {path!r} ({type(e).__name__}{': ' * bool(detail)}{detail})") from None
+
+
+def read_or_next(files, i):
+    """File i as uint8 (H, W, 3) (read_rgb); one that cannot be read is replaced by the next file that
+    can (i + 1, i + 2, ..., on from the first after the last): a function of i alone, so a resumed run
+    replays the same images. -> (image, the index read, file i's DataError message or '' where it read)."""
+    bad = ""
+    for k in range(len(files)):
+        j = (i + k) % len(files)
+        try:
+            return read_rgb(files[j]), j, bad
+        except DataError as e:
+            bad = bad or str(e)  # file i's own error: the one this item reports
+    raise DataError(f"not one of the {len(files):,} image files can be read ({bad})")
+
+
+# A split is tried at start on READ_CHECK of its files (a fixed random choice): when more than half of
+# them cannot be read, it is refused there, before any step. A few bad files (a camera's leftovers, a
+# cut download) are replaced as they are met (read_or_next), but a mostly unreadable split is the wrong
+# folder or a broken copy, where training would repeat its few good images. With 64 files tried, a split
+# with 30% bad files passes with probability 99.97%, one with 70% is refused with 99.94% (binomial).
+READ_CHECK = 64
+
+
+def check_readable(files, about):
+    """One DataError, naming the first unreadable file, when more than half of READ_CHECK files of the
+    split (all of a smaller one) cannot be read."""
+    bad = []
+    for i in fixed_choice(len(files), READ_CHECK).tolist():
+        try:
+            read_rgb(files[i])
+        except DataError as e:
+            bad.append(str(e))
+    if 2 * len(bad) > min(len(files), READ_CHECK):
+        raise DataError(f"{about}: {len(bad)} of the {min(len(files), READ_CHECK)} image files tried cannot be read, "
+                        f"e.g. {bad[0]}: is it the right folder, and is its copy complete?")
+
+
+def warn_unreadable(bad, seen, what):
+    """A warning for each unreadable file the first time it is met: `bad` holds the items' DataError
+    messages ('' where the file read: read_or_next), `seen` the messages said so far (updated). The
+    DataLoader workers put them in the batch; the process that reads the batches warns, once."""
+    for msg in bad:
+        if msg and msg not in seen:
+            seen.add(msg)
+            warnings.warn(f"{msg}: {what}", stacklevel=2)
 
 
 def _load_image_folder(root):
@@ -290,7 +345,10 @@ def _load_image_folder(root):
                         + ("some images lie outside a class folder" if files else "no image files in class folders"))
     images = []
     for path in files:
-        img = read_rgb(path)  # (H, W, 3)
+        try:
+            img = read_rgb(path)  # (H, W, 3)
+        except DataError as e:  # held in memory whole, image by image: every file must read
+            raise DataError(f"{e}: remove or replace it") from None
         if images and img.shape != images[0].shape:
             (h, w), (h0, w0) = img.shape[:2], images[0].shape[:2]
             raise DataError(f"image {path!r} is {w}x{h}, but {files[0]!r} is {w0}x{h0}: "
@@ -377,7 +435,9 @@ class FolderData(torch.utils.data.Dataset):
     (3, S, S) (evaluation, probes, samples). For training, whole_images(size): each whole picture
     squashed to size x size, with its aspect ratio, so the batched random crops on the device
     (augment) cut from all of it, as RandomResizedCrop does. Labels come from class subfolders
-    (list_images); without them every label is -1 and `classes` is empty."""
+    (list_images); without them every label is -1 and `classes` is empty. Every item ends with the
+    DataError message of its file where that could not be read ('' where it read): the next readable
+    file is in its place (read_or_next); a folder mostly unreadable is refused here (check_readable)."""
 
     def __init__(self, root, image_size, min_classes=2):
         import torchvision.transforms.v2 as T
@@ -393,6 +453,7 @@ class FolderData(torch.utils.data.Dataset):
         self.whole = 0
         self.about = f"{os.path.abspath(root)}: {len(self.files):,} images, " + \
             (f"{len(self.classes)} classes" if self.labelled else "no labels")
+        check_readable(self.files, repr(os.path.abspath(root)))
 
     def select(self, idx, about):
         """The images at indices idx (in this order), described by `about`."""
@@ -401,7 +462,8 @@ class FolderData(torch.utils.data.Dataset):
         return part
 
     def whole_images(self, size):
-        """The same images for training: (uint8 (3, size, size) of the whole picture, label, width / height)."""
+        """The same images for training: (uint8 (3, size, size) of the whole picture, label, width / height,
+        '' or an unreadable file's message)."""
         import torchvision.transforms.v2 as T
         views = copy.copy(self)
         views.tf, views.whole = T.Resize((size, size), antialias=True), size
@@ -411,10 +473,11 @@ class FolderData(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        img = torch.from_numpy(read_rgb(self.files[i])).permute(2, 0, 1)
+        img, j, bad = read_or_next(self.files, i)
+        img = torch.from_numpy(img).permute(2, 0, 1)
         if self.whole:
-            return self.tf(img), int(self.targets[i]), img.shape[2] / img.shape[1]
-        return self.tf(img), int(self.targets[i])
+            return self.tf(img), int(self.targets[j]), img.shape[2] / img.shape[1], bad
+        return self.tf(img), int(self.targets[j]), bad
 
 
 def load_folder(data_dir, split="train", image_size=32, n_val=500, seed=0):
@@ -457,7 +520,8 @@ def load_folder(data_dir, split="train", image_size=32, n_val=500, seed=0):
 def read_images(paths, image_size):
     """Your own images: comma-separated files and folders (a folder: every image in it, at any
     depth, list_images's order) -> (uint8 (N, 3, S, S), file paths). Each is made RGB (to_rgb), its
-    short side resized to image_size and centre-cropped, as FolderData does for evaluation."""
+    short side resized to image_size and centre-cropped, as FolderData does for evaluation. A file
+    that cannot be read is skipped with a warning naming it; when none can, one DataError."""
     import torchvision.transforms.v2 as T
     tf = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)])
     files = []
@@ -475,7 +539,17 @@ def read_images(paths, image_size):
             raise DataError(f"images: no file or folder {os.path.abspath(path)!r}")
     if not files:
         raise DataError(f"images={paths!r} names no file: give image files or folders, comma-separated")
-    return torch.stack([tf(torch.from_numpy(read_rgb(f)).permute(2, 0, 1)) for f in files]), files
+    images, read, bad = [], [], []
+    for f in files:
+        try:
+            images.append(tf(torch.from_numpy(read_rgb(f)).permute(2, 0, 1)))
+            read.append(f)
+        except DataError as e:
+            bad.append(str(e))
+    if not images:
+        raise DataError(f"images={paths!r}: not one of its {len(files)} image files can be read ({bad[0]})")
+    warn_unreadable(bad, set(), "skipped")
+    return torch.stack(images), read
 
 
 def load(dataset, data_dir, split="train", image_size=32, download=False, n_val=500, seed=0):
@@ -503,6 +577,23 @@ def epoch_order(n, global_batch, seed, epoch):
     """The global batches of an epoch: a permutation seeded by (seed, epoch), cut into full batches."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
     return perm[: n // global_batch * global_batch].view(-1, global_batch)
+
+
+def usable_cores():
+    """The CPU cores this process may use: its affinity where the OS tells it (a job's cgroup, taskset),
+    else all of them; under torchrun, its share of the node's (LOCAL_WORLD_SIZE processes)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def fit_workers(num_workers):
+    """num_workers capped at usable_cores(): more decoding processes than cores only take turns on them
+    (and torch warns that the DataLoader may run slow or freeze). -> (workers, '' or a line saying so)."""
+    cores = usable_cores()
+    if num_workers <= cores:
+        return num_workers, ""
+    return cores, f"data: {cores} DataLoader worker{'s' * (cores > 1)}, not num_workers={num_workers}: " \
+                  f"this process may use {cores} CPU core{'s' * (cores > 1)}"
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -550,8 +641,9 @@ CELEBA_HINT = ("expected torchvision's CelebA layout: DATA_DIR/celeba/img_align_
 
 class CelebAData(torch.utils.data.Dataset):
     """CelebA in torchvision's layout, one split ('train' | 'val' | 'test': the official partition
-    0 / 1 / 2), read by DataLoader workers: (uint8 (3, S, S), attributes (40,) in {0, 1}). Images
-    are resized (short side) and centre-cropped to image_size; n > 0 keeps the first n."""
+    0 / 1 / 2), read by DataLoader workers: (uint8 (3, S, S), attributes (40,) in {0, 1}, '' or the
+    DataError message of an unreadable file: as FolderData's). Images are resized (short side) and
+    centre-cropped to image_size; n > 0 keeps the first n."""
 
     def __init__(self, data_dir, split="train", image_size=64, n=0):
         import torchvision.transforms.v2 as T
@@ -587,19 +679,22 @@ class CelebAData(torch.utils.data.Dataset):
         self.files = [os.path.join(paths[0], f) for f in files]
         self.targets = torch.tensor([attrs[f] for f in files], dtype=torch.long)  # (N, 40)
         self.tf = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)])
+        check_readable(self.files, f"CelebA's {split} partition in {os.path.abspath(paths[0])!r}")
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        img = torch.from_numpy(read_rgb(self.files[i])).permute(2, 0, 1)
-        return self.tf(img), self.targets[i]
+        img, j, bad = read_or_next(self.files, i)
+        return self.tf(torch.from_numpy(img).permute(2, 0, 1)), self.targets[j], bad
 
 
 def load_celeba(data_dir, split="train", image_size=64, n=0):
     """CelebA in memory: (uint8 images (N, 3, S, S), attributes (N, 40) in {0, 1}, attribute names)."""
     ds = CelebAData(data_dir, split, image_size, n)
-    return torch.stack([ds[i][0] for i in range(len(ds))]), ds.targets, ds.names
+    x, y, bad = zip(*(ds[i] for i in range(len(ds))))
+    warn_unreadable(bad, set(), "the next readable image is in its place")
+    return torch.stack(x), torch.stack(y), ds.names
 
 
 def fixed_choice(n_total, n, seed=0):

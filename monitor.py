@@ -54,10 +54,11 @@ FOLDER_EVAL = (5_000, 1_000)
 
 def folder_eval_sets(run):
     """A folder run's evaluation images: ((train x, y), (val x, y)), uint8 on the CPU, a fixed random
-    FOLDER_EVAL choice of each split, decoded once by DataLoader workers."""
-    sets = []
+    FOLDER_EVAL choice of each split, decoded once by DataLoader workers (less the files that cannot be
+    read: each said once, and counted in run.bad_files)."""
+    sets, what = [], "not among the evaluation images; where training meets it, the next readable image stands in"
     for ds, n in ((run.train_set, FOLDER_EVAL[0]), (run.val_set, FOLDER_EVAL[1])):
-        xs, ys = zip(*image_batches(data.subset(ds, n, run.seed), 256, run.num_workers))
+        xs, ys = zip(*image_batches(data.subset(ds, n, run.seed), 256, run.num_workers, seen=run.bad_files, what=what))
         sets.append((torch.cat(xs), torch.cat(ys)))
     run.say(f"evaluation images: {len(sets[0][0]):,} train and {len(sets[1][0]):,} val, decoded once")
     return sets
@@ -135,6 +136,8 @@ def log_progress(run, bar, loss_sum, n, t0, lr):
     ips = n * run.global_batch / (time.time() - t0)
     loss_avg = (loss_sum / n).item()
     rec = {"step": run.step, "loss": loss_avg, "lr": lr, "img_s": ips}
+    if run.bad_count is not None:  # image files: how many could not be read so far (train.unreadable_count)
+        rec["bad_files"] = run.bad_count
     if run.flops_per_img and run.peak:
         rec["mfu"] = run.flops_per_img * ips / (run.peak * run.world)
     mfu = {"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}

@@ -47,7 +47,7 @@ import zusage
 from common import CheckpointError, load_checkpoint, model_of
 from configurator import SEED_RANGE, ConfigError, check_device, check_keys, check_writable, configure, parse_list
 from solvers import (EPOCHS, LINEAR_WDS, WDS, cached_features, count_images, extract_features, file_digest, fit_logreg,
-                     knn_accuracy, linear_probe, standardise, standardise_stats, stream_features, topk)
+                     image_batches, knn_accuracy, linear_probe, standardise, standardise_stats, stream_features, topk)
 from zusage import plot_z_usage, z_usage_table
 
 # -----------------------------------------------------------------------------
@@ -372,6 +372,10 @@ def prepare(run):
     if run.dataset == "cifar10":  # '' searched for as train.py does (data.find_cifar10)
         run.data_dir, why, run.download = data.find_cifar10(run.data_dir)
         print(f"data: using {run.data_dir} ({why})")
+    if run.dataset in FOLDERS + ("celeba",):  # decoded by DataLoader workers: no more than the cores
+        cfg["num_workers"], line = data.fit_workers(cfg["num_workers"])
+        if line:
+            print(line)
     if cfg["features"] == "unet":
         run.encode = unet_features(net, cfg["unet_logsnr"], cfg["seed"])
     else:
@@ -480,9 +484,14 @@ def load_data(run):
           f"  train: {d.n_train:,} images, {about[0]}\n  {cfg['split']}: {d.n_test:,} images, {about[1]}")
     if run.task == "zusage":  # only the images it reads
         k = min(cfg["n_images"] or 256, d.n_test)
-        d.x = test[0][:k] if isinstance(test, tuple) else torch.stack([test[i][0] for i in range(k)])
+        if isinstance(test, tuple):
+            d.x = test[0][:k]
+        else:  # from files: less those that cannot be read
+            first = torch.utils.data.Subset(test, range(k))
+            d.x = torch.cat([xb for xb, _ in image_batches(first, cfg["batch"], cfg["num_workers"])])
     else:
         (d.ftr, d.ytr), (d.fte, d.yte) = split_features(run, train, "train"), split_features(run, test, cfg["split"])
+        d.n_train, d.n_test = len(d.ftr), len(d.fte)  # less the files that could not be read
     return d
 
 

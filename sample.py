@@ -329,7 +329,8 @@ def read_test_images(C, train_cfg, index):
     about = getattr(test_set, "about", f"{data_dir} {TEST_SPLIT[train_cfg['dataset']]}")
     print(f"data: {len(rows):,} of the {len(test_set):,} images of the {train_cfg['dataset']} "
           f"{TEST_SPLIT[train_cfg['dataset']]}: {about}")
-    x, y = zip(*(test_set[i] for i in rows))
+    x, y, bad = zip(*(test_set[i] for i in rows))
+    data.warn_unreadable(bad, set(), "the next readable test image is in its place")  # the rows keep their index
     return torch.stack(x), torch.stack([torch.as_tensor(v) for v in y]), classes, rows.index(index), about
 
 

@@ -43,18 +43,28 @@ def count_images(source):
     return len(source[0]) if isinstance(source, tuple) else len(source)
 
 
-def image_batches(source, batch, num_workers=0, pin_memory=False):
+def image_batches(source, batch, num_workers=0, pin_memory=False, seen=None, what="skipped"):
     """(uint8 images (B, 3, H, W), labels) batches, in order: from (images, labels) tensors in memory,
-    or from a Dataset of (uint8 image, label) decoded by DataLoader workers (pin_memory: into
-    page-locked memory, from which a copy to a CUDA device is faster and can be asynchronous)."""
+    or from a Dataset of (uint8 image, label, unreadable file's message) decoded by DataLoader workers
+    (pin_memory: into page-locked memory, from which a copy to a CUDA device is faster and can be
+    asynchronous), less the images whose files could not be read, each named once in a warning that
+    ends with `what` (data.warn_unreadable; seen: the messages said before, updated)."""
     if isinstance(source, tuple):
         x, y = source
         for i in range(0, len(x), batch):
             yield x[i:i + batch], y[i:i + batch]
         return
+    seen = set() if seen is None else seen
     try:
-        yield from torch.utils.data.DataLoader(source, batch_size=batch, num_workers=num_workers,
-                                               prefetch_factor=4 if num_workers else None, pin_memory=pin_memory)
+        for xb, yb, bad in torch.utils.data.DataLoader(source, batch_size=batch, num_workers=num_workers,
+                                                       prefetch_factor=4 if num_workers else None,
+                                                       pin_memory=pin_memory):
+            data.warn_unreadable(bad, seen, what)
+            read = [k for k, msg in enumerate(bad) if not msg]
+            if len(read) < len(bad):  # the next readable file stands in for each: dropped, not counted twice
+                xb, yb = xb[read], yb[read]
+            if read:
+                yield xb, yb
     except data.DataError as e:
         raise data.from_worker(e) from None
 
@@ -71,7 +81,9 @@ def stream_features(fn, source, device, batch=256, num_workers=0, desc="features
             feats.append(fn(data.to_signed(xb.to(device, non_blocking=True))).half().cpu())
             labels.append(torch.as_tensor(yb))
             bar.update(len(xb))
-    dt = time.time() - t0
+    dt, n = time.time() - t0, sum(map(len, feats))  # n: the images read (image_batches skips unreadable files)
+    if not n:
+        raise data.DataError(f"{desc}: not one of the {count_images(source):,} images could be read")
     print(f"{desc}: {n:,} images in {dt:.1f} s ({n / max(dt, 1e-9):,.0f} img/s)")
     return torch.cat(feats), torch.cat(labels)
 

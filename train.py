@@ -45,11 +45,12 @@ from monitor import (count_flops, evaluate_and_log, fixed_eval_batch, folder_eva
 # I/O
 out_dir = "out"  # checkpoint, log.jsonl and sample grids go here
 init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
-overwrite = False  # a scratch run may replace an out_dir that already holds ckpt.pt (and its log)
+overwrite = False  # a scratch run may replace an out_dir that already holds ckpt.pt (its checkpoints and log go)
 log_interval = 20  # steps between log lines (with checkpoint steps, the only waits for the GPU)
 eval_interval = 500  # steps between evaluations (kNN, z-gap, sample grid); 0 = only at the end
 ckpt_interval = 500  # steps between checkpoints (and one at the end)
 ckpt_keep = False  # also keep every checkpoint as ckpt_<step>.pt (learning curves: probe each one)
+ckpt_keep_last = 2  # checkpoints kept: ckpt.pt, the one before as ckpt.1.pt, ...; resume reads the newest that loads
 eval_at_start = True  # evaluate the untrained model too: the baseline every figure is compared with
 # data
 dataset = "cifar10"  # 'cifar10' | 'folder' (any folder of images; 'imagenet' is another name) | 'celeba' | 'dsprites' | multi-view: 'cars3d' | 'nmr' | 'srn'
@@ -139,7 +140,7 @@ CHOICES = dict(
 
 RANGES = [
     (("batch_size", "grad_accum", "max_iters", "log_interval", "ckpt_interval", "sample_steps", "k_max", "z_dim", "n_tokens",
-      "simsiam_dim"), lambda v: v >= 1, ">= 1"),
+      "simsiam_dim", "ckpt_keep_last"), lambda v: v >= 1, ">= 1"),
     (("eval_interval", "n_val", "num_workers", "ray_freqs", "segments", "threads", "warmup_iters",
       "weight_decay", "grad_clip", "enc_noise", "z_init", "simsiam_weight", "peak_flops",
       "ema_rampup"), lambda v: v >= 0, ">= 0"),
@@ -159,7 +160,7 @@ RANGES = [
 # checks that their product with the process count stays). Every other key changes the model, the
 # data order or the optimisation, and a resume with another value is refused.
 RESUME_MAY_CHANGE = {"out_dir", "init_from", "overwrite", "log_interval", "eval_interval", "ckpt_interval", "ckpt_keep",
-                     "batch_size", "grad_accum",
+                     "ckpt_keep_last", "batch_size", "grad_accum",
                      "eval_at_start", "max_iters", "data_dir", "download", "num_workers", "sample_steps",
                      "sample_schedule", "device", "dtype", "cpu_bf16", "compile", "compile_backend", "fused_adamw",
                      "channels_last", "threads", "peak_flops", "dist_timeout_min"}
@@ -205,10 +206,10 @@ def validate(cfg):
     out = cfg["out_dir"]
     check_out_dir("out_dir", out)
     runtime.check_lock(out)
-    if cfg["init_from"] == "scratch" and not cfg["overwrite"] and \
-            os.path.exists(os.path.join(out, "ckpt.pt")):
-        raise ConfigError(f"out_dir={out!r} already holds ckpt.pt: continue it with --init_from=resume, "
-                          "pick another out_dir, or pass --overwrite=True to start over")
+    saved = common.saved_checkpoints(os.path.join(out, "ckpt.pt"))  # ckpt.pt and the older ckpt.1.pt, ...
+    if cfg["init_from"] == "scratch" and not cfg["overwrite"] and saved:
+        raise ConfigError(f"out_dir={out!r} already holds {os.path.basename(saved[0])}: continue it with "
+                          "--init_from=resume, pick another out_dir, or pass --overwrite=True to start over")
 
 
 def resume_conflicts(old, new):
@@ -275,6 +276,7 @@ def loop(run):
                 raise FloatingPointError(f"non-finite loss or gradient at step {first}; stopping. The last good "
                                          f"checkpoint is {os.path.join(run.out_dir, 'ckpt.pt')} (if any)")
         if step % run.log_interval == 0 or last:
+            run.bad_count = unreadable_count(run)  # image files: how many could not be read so far (logged)
             log_progress(run, bar, loss_sum, step - seen0, t0, lr_at(run, it))
             t0, seen0 = time.time(), step
             loss_sum.zero_()
@@ -295,7 +297,9 @@ def loop(run):
                     f"checkpoint {os.path.join(run.out_dir, 'ckpt.pt')}; continue with --init_from=resume", flush=True)
             break
     bar.close()
-    run.say(f"done: {run.step} steps; checkpoint {os.path.join(run.out_dir, 'ckpt.pt')}")
+    skipped = f"; {run.bad_count} unreadable image file{'s' * (run.bad_count > 1)} (named in the warnings) replaced by " \
+          "the next readable image" if run.bad_count else ""
+    run.say(f"done: {run.step} steps; checkpoint {os.path.join(run.out_dir, 'ckpt.pt')}{skipped}")
 
 
 class Run(types.SimpleNamespace):
@@ -305,15 +309,30 @@ class Run(types.SimpleNamespace):
 
 
 def resume_checkpoint(cfg):
-    """init_from='resume': out_dir/ckpt.pt, once this config is known to be allowed to continue it
-    (asked before any work); scratch: None."""
+    """init_from='resume': the newest checkpoint of out_dir that can be read and resumed (ckpt.pt, else the
+    older ckpt.1.pt, ...: ckpt_keep_last; a fall back is said in one line), once this config is known to be
+    allowed to continue it (asked before any work); scratch: None. ckpt['unreadable'] lists the newer
+    files it could not use: the next save removes them, so that they never push a good one out."""
     if cfg["init_from"] != "resume":
         return None
-    path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    ckpt = load_checkpoint(path)
-    if any(k not in ckpt for k in ("model", "optimizer", "step", "rng")):
-        raise CheckpointError(f"cannot resume {path}: it holds no model/optimizer/step/rng, so it is not a resumable "
-                              "train.py checkpoint (start a new out_dir, or --init_from=scratch --overwrite=True)")
+    newest = os.path.join(cfg["out_dir"], "ckpt.pt")
+    unreadable = []  # (path, why)
+    for path in common.saved_checkpoints(newest) or [newest]:
+        try:
+            ckpt = load_checkpoint(path)
+            if any(k not in ckpt for k in ("model", "optimizer", "step", "rng")):
+                raise CheckpointError(f"cannot resume {path}: it holds no model/optimizer/step/rng, so it is not a "
+                                      "resumable train.py checkpoint (start a new out_dir, or --init_from=scratch "
+                                      "--overwrite=True)")
+            break
+        except CheckpointError as e:
+            unreadable.append((path, str(e)))
+    else:
+        raise CheckpointError("; the older ".join(why for _, why in unreadable))
+    if path != newest and int(os.environ.get("RANK", 0)) == 0:  # no ckpt.pt: a run stopped between two renames
+        why = f"{unreadable[0][1]} (the next checkpoint replaces it)" if unreadable else f"no checkpoint at {newest!r}"
+        print(f"resume: {why}; resuming from the older {path} (step {ckpt['step']})", flush=True)
+    ckpt["unreadable"] = [p for p, _ in unreadable]
     bad = resume_conflicts(ckpt["config"], cfg)
     if bad:
         raise ConfigError(f"cannot resume {path} with {', '.join(bad)}: these keys change the model, the data "
@@ -341,7 +360,19 @@ def setup(cfg, ckpt=None):
     run = Run(**cfg, cfg=cfg, model_args=common.model_args(cfg), step=0, t_start=time.time())
     setup_processes(run)
     setup_data(run, ckpt)
+    # the step of the last checkpoint, and the newer files a resume could not use (the next save removes them)
+    run.saved_step, run.unreadable_ckpts = (ckpt["step"], ckpt.pop("unreadable")) if ckpt is not None else (None, [])
     setup_model(run, ckpt)
+    # a checkpoint's size before the first is written: model, EMA and AdamW's two moments of each trained parameter
+    tensors = [*run.raw.state_dict().values(), *run.ema.state_dict().values(), *run.raw_params, *run.raw_params]
+    run.ckpt_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    # files decoded by DataLoader workers: no more of them than cores; the unreadable files met (their messages)
+    from_files = not (run.in_memory or run.multiview)
+    run.bad_files, run.bad_count = (set(), 0) if from_files else (None, None)
+    if from_files:
+        run.num_workers, line = data.fit_workers(run.num_workers)
+        if line:
+            run.say(line)
     # image folders: DataLoader workers, built after setup_model so they start at the resumed step
     run.loader_iter = None if run.in_memory or run.multiview else iter(torch.utils.data.DataLoader(
         run.train_views, batch_sampler=data.StepBatches(run.n_train, run.global_batch, run.micro_rows, run.seed, run.step,
@@ -354,13 +385,20 @@ def setup(cfg, ckpt=None):
     run.fixed = fixed_eval_batch(run)
     run.lock = None
     if run.master:  # the first write of the run: a bad input above has left nothing behind
+        need, free = checkpoint_room(run)
+        if free < need:  # said now, not after hours of training
+            raise CheckpointError(f"out_dir={run.out_dir!r} has {free / 1e9:.2f} GB free, and a checkpoint of this "
+                                  f"run needs about {need / 1e9:.2f} GB ({need:,} bytes): free some space, or pick "
+                                  "another out_dir")
         try:
             os.makedirs(run.out_dir, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"out_dir={run.out_dir!r} cannot be created: {e.strerror}") from None
         run.lock = runtime.take_lock(run.out_dir)  # refused if a live run writes there
-        if run.overwrite and run.init_from == "scratch" and os.path.exists(os.path.join(run.out_dir, "log.jsonl")):
-            os.remove(os.path.join(run.out_dir, "log.jsonl"))  # a new run, a new log
+        if run.overwrite and run.init_from == "scratch":  # a new run: a new log, and none of the old checkpoints
+            old = common.saved_checkpoints(os.path.join(run.out_dir, "ckpt.pt"))
+            for path in filter(os.path.exists, old + [os.path.join(run.out_dir, "log.jsonl")]):
+                os.remove(path)
     run.flops_per_img = count_flops(lambda: common.build_model(run.model_args), run.image_size)  # every process, no collective
     run.peak = runtime.peak_flops(run.dev, run.peak_flops)
     return run
@@ -552,10 +590,11 @@ def get_batch(run, it, rows):
             run.order_cache[epoch] = data.epoch_order(run.n_train, run.global_batch, run.seed, epoch).to(run.dev)
         idx = run.order_cache[epoch][i][rows]
         return run.x_train[idx], run.y_train[idx], idx, None
-    try:
-        xb, yb, *aspect = next(run.loader_iter)  # the micro-steps' rows in order (StepBatches); whole images: aspect
+    try:  # the micro-steps' rows in order (StepBatches); whole images: aspect; the unreadable files' messages
+        xb, yb, *aspect, bad = next(run.loader_iter)
     except data.DataError as e:
         raise data.from_worker(e) from None
+    data.warn_unreadable(bad, run.bad_files, "the next readable image of the split is trained on in its place")
     aspect = aspect[0].to(run.dev, torch.float32, non_blocking=True) if aspect else None
     return xb.to(run.dev, non_blocking=True), yb.to(run.dev, non_blocking=True), None, aspect
 
@@ -637,18 +676,81 @@ def micro_step(run, it, slot, rows):
 
 def save_run(run, it):
     """Rank 0: the resumable checkpoint out_dir/ckpt.pt (written atomically): model, EMA, optimizer,
-    step, config, data position and every RNG state; with ckpt_keep also a copy ckpt_<step>.pt."""
-    if not run.master:
-        return
-    save_checkpoint({
+    step, config, data position and every RNG state; the ckpt_keep_last - 1 before it stay as ckpt.1.pt,
+    ...; with ckpt_keep also a copy ckpt_<step>.pt. One that does not fit on the disk, or whose write
+    fails, stops every process with one CheckpointError, and the checkpoints before it stay."""
+    failed = write_checkpoint(run, it) if run.master else ""
+    if run.ddp:  # the others wait here while rank 0 writes, and learn whether it could
+        flag = torch.tensor(float(bool(failed)))
+        torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=run.stop_group)
+        failed = failed or ("rank 0 could not save the checkpoint" if flag.item() else "")
+    if failed:
+        raise CheckpointError(failed)
+
+
+def checkpoint_state(run, it):
+    """What a checkpoint holds: model, EMA, optimizer, step, config, data position and every RNG state."""
+    return {
         "model": run.raw.state_dict(), "ema": run.ema.state_dict(), "optimizer": run.optimizer.state_dict(),
         "step": it, "config": run.cfg, "model_args": run.model_args,
         "batch": {"world": run.world, "batch_size": run.batch_size, "grad_accum": run.grad_accum},  # resume: the product stays
         "data_pos": {"epoch": it // run.steps_per_epoch, "batch": it % run.steps_per_epoch, "n_train": run.n_train},
         "rng": rng_states(run.cuda),
-    }, os.path.join(run.out_dir, "ckpt.pt"))
-    if run.ckpt_keep:  # a learning curve: every checkpoint stays as ckpt_<step>.pt for the probes
-        shutil.copyfile(os.path.join(run.out_dir, "ckpt.pt"), os.path.join(run.out_dir, f"ckpt_{it:06d}.pt"))
+    }
+
+
+def write_checkpoint(run, it):
+    """Rank 0's part of save_run -> '' or why the checkpoint of step `it` could not be saved."""
+    path = os.path.join(run.out_dir, "ckpt.pt")
+    for stale in filter(os.path.exists, run.unreadable_ckpts):  # a resume's unusable newer files go first
+        os.remove(stale)
+    run.unreadable_ckpts = []
+    need, free = checkpoint_room(run)
+    try:
+        if free < need:  # not even tried: a write that fills the disk stops the run the same way, later
+            raise CheckpointError(f"no room for {path!r}")
+        save_checkpoint(checkpoint_state(run, it), path, run.ckpt_keep_last)
+        run.saved_step = it
+        if run.ckpt_keep:  # a learning curve: every checkpoint stays as ckpt_<step>.pt for the probes
+            copy_checkpoint(path, os.path.join(run.out_dir, f"ckpt_{it:06d}.pt"))
+    except CheckpointError as e:
+        kept = "nothing was saved: free some space and start again" if run.saved_step is None else \
+            f"the checkpoint of step {run.saved_step} stays: free some space, then continue with --init_from=resume"
+        return f"checkpoint of step {it}: {e}: it needs about {need:,} bytes ({need / 1e9:.2f} GB), and " \
+               f"{run.out_dir!r} had {free:,} free; {kept}"
+    return ""
+
+
+def copy_checkpoint(path, copy_path):
+    """A copy of a checkpoint (ckpt_keep); one that fails (a full disk) leaves no part behind: one CheckpointError."""
+    try:
+        shutil.copyfile(path, copy_path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(copy_path)
+        raise CheckpointError(f"could not copy {path!r} to {copy_path!r} ({e.strerror or e})") from None
+
+
+def checkpoint_room(run):
+    """-> (bytes the next checkpoint needs, bytes free where out_dir is: its nearest folder, before it is
+    made). It needs the size of the last one (before the first, that of its tensors), twice that with
+    ckpt_keep (the copy), free while the checkpoints before it are still there."""
+    last = os.path.join(run.out_dir, "ckpt.pt")
+    need = max(run.ckpt_bytes, os.path.getsize(last) if os.path.isfile(last) else 0) * (2 if run.ckpt_keep else 1)
+    where = os.path.abspath(run.out_dir)
+    while not os.path.isdir(where):
+        where = os.path.dirname(where)
+    return need, shutil.disk_usage(where).free
+
+
+def unreadable_count(run):
+    """How many unreadable image files the processes have met (each decodes its own rows): the union of
+    their run.bad_files, gathered on the CPUs (run.stop_group); None where the data is held in memory."""
+    if run.bad_files is None or not run.ddp:
+        return None if run.bad_files is None else len(run.bad_files)
+    every = [None] * run.world
+    torch.distributed.all_gather_object(every, run.bad_files, group=run.stop_group)
+    return len(set().union(*every))
 
 
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")  # Ctrl-C; torchrun's, Kubernetes' and SLURM's stop; SLURM's --signal=USR1@secs

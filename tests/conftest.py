@@ -305,6 +305,31 @@ def mixed_photos(root):
     return root
 
 
+def png_header(width, height):
+    """The start of a PNG: its signature and an IHDR chunk claiming width x height RGB pixels, then IEND."""
+    import struct
+    import zlib
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def unreadable_images(root, prefix=""):
+    """One file of each kind PIL cannot read, written into root: a JPEG cut short, a text file named .png, an
+    empty .jpg, and a PNG claiming 50,000 x 50,000 pixels (over PIL's decompression-bomb limit). -> their paths."""
+    os.makedirs(root, exist_ok=True)
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 40, 3), np.uint8)).save(jpeg, "JPEG")
+    kinds = {"cut.jpg": jpeg.getvalue()[:len(jpeg.getvalue()) // 2], "text.png": b"not a PNG", "empty.jpg": b"",
+             "bomb.png": png_header(50_000, 50_000)}
+    paths = []
+    for name, body in kinds.items():
+        paths.append(os.path.join(root, prefix + name))
+        with open(paths[-1], "wb") as f:
+            f.write(body)
+    return paths
+
+
 @pytest.fixture(scope="session")
 def photo_run(tmp_path_factory):
     """train.py configs/cifar10_cpu.py --dataset=folder on a flat folder of 20 mixed photos (4 held

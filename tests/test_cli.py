@@ -20,7 +20,7 @@ import probe
 import runtime
 import sample
 import train
-from conftest import ROOT, base_args, one_line_error, state
+from conftest import ROOT, base_args, one_line_error, state, unreadable_images
 
 
 # --- train.py -------------------------------------------------------------------------------------
@@ -61,6 +61,7 @@ def test_train_values(w, tmp_path, refused):
         (dict(compile=1), "compile"),
         (dict(lr=0.0), r"lr=0\.0 .*> 0"),  # out of range
         (dict(max_iters=0), "max_iters=0"),
+        (dict(ckpt_keep_last=0), "ckpt_keep_last=0"),
         (dict(beta2=1.0), "beta2"),
         (dict(crop_min=0.0), "crop_min"),
         (dict(image_size=12), "image_size=12"),
@@ -275,6 +276,14 @@ def test_sample_values(w, tmp_path, refused, monkeypatch):
 def test_sample_cli_one_line(w):
     out = os.path.join(w.text, "samples")  # under a regular file
     assert "cannot be created" in one_line_error(["sample.py", f"--ckpt={w.c10}", f"--out_dir={out}"])
+
+
+def test_sample_of_images_none_readable_is_one_line(w, tmp_path):
+    unreadable_images(tmp_path / "mine")
+    out = tmp_path / "own"
+    err = one_line_error(["sample.py", f"--ckpt={w.c10}", "--mode=recon", f"--images={tmp_path / 'mine'}",
+                          f"--out_dir={out}", "--steps=1"], out)
+    assert "images=" in err and "not one of its 4 image files can be read (cannot read image file" in err
 
 
 @pytest.mark.filterwarnings("ignore:.*partial copy:UserWarning")

@@ -1,10 +1,12 @@
 """data.py: CIFAR-10 (the search order, the download, the records, the held-out split), views and
 batches (deterministic per seed and step, split across micro-steps, crops in the original picture's
 aspect, the Gaussian augmentation), any folder of images (modes, EXIF, labels, splits), CelebA and
-dSprites."""
+dSprites; files that cannot be read; DataLoader workers fitted to the cores."""
 import math
 import os
 import pickle
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 from PIL import Image
 
 import data
-from conftest import CELEBA_ATTRS, DSPRITES, ROOT, SHARED_DATA, save_image, write_celeba
+from conftest import CELEBA_ATTRS, DSPRITES, ROOT, SHARED_DATA, save_image, unreadable_images, write_celeba
 
 SHARED_CIFAR = SHARED_DATA  # ../shared/data: the CIFAR-10 records (cifar-10-batches-py/)
 
@@ -92,11 +94,9 @@ def test_unreadable_image_names_the_file(tmp_path):
         (tmp_path / split / "cat").mkdir(parents=True)
         Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / split / "cat" / "0.png")
     (tmp_path / "train" / "cat" / "1.png").write_bytes(b"not a png")
-    with pytest.raises(data.DataError, match="1.png") as e:
+    with pytest.raises(data.DataError, match="1.png.*remove or replace it") as e:  # in memory: every file must read
         data.load_cifar10(str(tmp_path), "train", n_val=0)
     assert "\n" not in str(e.value)
-    with pytest.raises(data.DataError, match="1.png"):
-        data.FolderData(str(tmp_path / "train"), 32)[1]
 
 
 # --- views and batches ----------------------------------------------------------------------------
@@ -151,11 +151,12 @@ def test_folder_training_views_come_from_the_whole_picture(tmp_path):
     (tmp_path / "c").mkdir()
     Image.fromarray(img).save(tmp_path / "c" / "a.png")
     ds = data.FolderData(str(tmp_path), 32)
-    centre, _ = ds[0]
+    centre, _, bad = ds[0]
     assert centre.shape == (3, 32, 32) and centre[0].max() < 30  # no red in the centre crop
     size = data.decode_size(32, 0.25)
-    whole, y, aspect = ds.whole_images(size)[0]
+    whole, y, aspect, bad = ds.whole_images(size)[0]
     assert size == 64 and whole.shape == (3, 64, 64) and aspect == 2.0 and y == -1  # one class folder: no labels
+    assert bad == ""  # the file read
     x = whole[None].expand(64, -1, -1, -1)
     views = data.augment(x, "cropflip", data.Rng(0, 0, 64), 0.25, torch.full((64,), 2.0), 32)
     assert views.shape == (64, 3, 32, 32)
@@ -242,8 +243,89 @@ def test_read_rgb_names_an_unreadable_file(tmp_path):
     with pytest.raises(data.DataError, match="cannot read image file .*broken.jpg") as e:
         data.read_rgb(bad)
     assert "\n" not in str(e.value)
-    with pytest.raises(data.DataError, match="broken.jpg"):  # a folder with it: the same error, naming it
-        data.FolderData(str(tmp_path), 8)[0]
+    with pytest.raises(data.DataError, match="1 of the 1 image files tried cannot be read.*broken.jpg"):
+        data.FolderData(str(tmp_path), 8)  # a folder of it alone: refused when made
+
+
+def test_unreadable_files_are_replaced_by_the_next_readable_one(tmp_path, monkeypatch):
+    """Two classes: a/ holds a JPEG cut short, a text file named .png, an empty file and a PNG over PIL's
+    decompression-bomb limit, between readable PNGs; b/ a multi-page TIFF (read as its first page) and a
+    PNG between once and twice the limit (read, without PIL's warning). Each unreadable file stands in
+    as the next one that reads, with its label, and names itself; after the last file comes the first."""
+    colour = lambda v: np.full((8, 8, 3), v, np.uint8)
+    save_image(tmp_path / "a" / "0.png", colour(10))
+    bad = unreadable_images(tmp_path / "a", prefix="1")
+    save_image(tmp_path / "a" / "2.png", colour(20))
+    save_image(tmp_path / "a" / "3.png", colour(25))
+    (tmp_path / "b").mkdir()
+    pages = [Image.fromarray(colour(v)) for v in (30, 200)]
+    pages[0].save(tmp_path / "b" / "tiff.tif", save_all=True, append_images=pages[1:])
+    save_image(tmp_path / "b" / "z_big.png", np.full((50, 50, 3), 40, np.uint8))
+    (tmp_path / "b" / "z_cut.png").write_bytes((tmp_path / "a" / "2.png").read_bytes()[:30])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # z_big.png's 2,500 pixels: over the limit, not twice over
+    ds = data.FolderData(str(tmp_path), 8)
+    names = [os.path.basename(f) for f in ds.files]
+    assert names == ["0.png", "1bomb.png", "1cut.jpg", "1empty.jpg", "1text.png", "2.png", "3.png", "tiff.tif",
+                     "z_big.png", "z_cut.png"]  # half unreadable: not refused (test below)
+    with warnings.catch_warnings(record=True) as said:  # the filters in place: what a user would see
+        items = [ds[i] for i in range(len(ds))]
+    assert not said  # no DecompressionBombWarning
+    colours = [int(x[0, 0, 0]) for x, _, _ in items]
+    assert colours == [10, 20, 20, 20, 20, 20, 25, 30, 40, 10]  # the next readable one; z_cut.png: the first
+    assert [y for _, y, _ in items] == [0, 0, 0, 0, 0, 0, 0, 1, 1, 0]  # the label of the image given
+    for (_, _, msg), name in zip(items, names):
+        assert (msg == "") == (name in ("0.png", "2.png", "3.png", "tiff.tif", "z_big.png")), (name, msg)
+        assert not msg or re.fullmatch(rf"cannot read image file '.*{name}' \([A-Za-z]+Error: .*\)", msg), msg
+    assert "DecompressionBombError" in items[1][2] and "truncated" in items[2][2]
+    assert [int(ds[2][0][0, 0, 0]) for _ in range(2)] == [20, 20] and ds.whole_images(8)[4][3] == items[4][2]
+    assert sorted(bad) == sorted(os.path.join(tmp_path, "a", n) for n in names[1:5])
+
+
+def test_a_mostly_unreadable_split_is_refused_when_made(tmp_path):
+    """More than half of the files tried (all of a split of <= 64) unreadable: one line naming one, before
+    any image is used; exactly half is still a split to train on."""
+    for i in range(4):
+        save_image(tmp_path / "half" / f"{i}.png", np.zeros((8, 8, 3), np.uint8))
+    unreadable_images(tmp_path / "half")
+    assert len(data.FolderData(str(tmp_path / "half"), 8)) == 8
+    os.remove(tmp_path / "half" / "0.png")
+    with pytest.raises(data.DataError, match=r"half': 4 of the 7 image files tried cannot be read, e\.g\. cannot "
+                                             r"read image file .*bomb\.png.*is it the right folder") as e:
+        data.FolderData(str(tmp_path / "half"), 8)
+    assert "\n" not in str(e.value)
+
+
+def test_read_images_skips_unreadable_files_naming_each(tmp_path):
+    save_image(tmp_path / "mine" / "a.png", np.full((10, 12, 3), 7, np.uint8))
+    bad = unreadable_images(tmp_path / "mine")
+    with pytest.warns(UserWarning) as said:
+        x, files = data.read_images(str(tmp_path / "mine"), 8)
+    assert x.shape == (1, 3, 8, 8) and files == [str(tmp_path / "mine" / "a.png")]
+    assert sorted(str(w.message).split("'")[1] for w in said) == sorted(bad)
+    assert all(str(w.message).endswith(": skipped") for w in said)
+    os.remove(tmp_path / "mine" / "a.png")
+    with pytest.raises(data.DataError, match="images=.*not one of its 4 image files can be read") as e:
+        data.read_images(str(tmp_path / "mine"), 8)
+    assert "\n" not in str(e.value)
+
+
+def test_workers_fit_the_cores_this_process_may_use(monkeypatch):
+    """num_workers is capped at the cores of this process's affinity, shared by torchrun's processes on
+    the node; a DataLoader with the workers it gives draws no warning from torch."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert data.fit_workers(3) == (3, "") and data.fit_workers(0) == (0, "")
+    n, line = data.fit_workers(8)
+    assert n == 4 and line == "data: 4 DataLoader workers, not num_workers=8: this process may use 4 CPU cores"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert data.fit_workers(8)[0] == 1 and data.fit_workers(0) == (0, "")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert data.fit_workers(2)[0] == 1  # at least one
+    monkeypatch.undo()
+    loader = torch.utils.data.DataLoader(list(range(4)), num_workers=data.fit_workers(64)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader.check_worker_number_rationality()  # what torch runs when the workers start
 
 
 def test_list_images_labels_only_when_every_image_has_a_class(tmp_path):
@@ -282,7 +364,7 @@ def test_folder_holds_out_a_seeded_part(tmp_path):
     assert split("train").files == tr.files and split("val", seed=1).files != va.files  # a function of the seed
     assert len(split("val", n_val=3)) == 3 and len(split("train", n_val=3)) == 20
     assert len(split("val", n_val=10)) == 4  # min(n_val, a fifth)
-    x, y = tr[0]
+    x, y, _ = tr[0]
     assert x.shape == (3, 8, 8) and x.dtype == torch.uint8 and y == -1
     ds = data.load("folder", str(tmp_path / "imgs"), "test", 8, n_val=3, seed=1)
     assert isinstance(ds, data.FolderData) and ds.files == split("test", 3, 1).files

@@ -19,7 +19,7 @@ import data
 import probe
 import solvers
 import train
-from conftest import DSPRITES, blobs
+from conftest import DSPRITES, blobs, save_image, unreadable_images
 
 
 # --- multi-label ----------------------------------------------------------------------------------
@@ -322,6 +322,24 @@ def test_probe_refuses_another_dataset_unless_asked(imagenet_run):
     empty.mkdir(exist_ok=True)
     with pytest.raises(data.DataError, match="no image files in"):
         probe.main([ck, f"--data_dir={empty}"])
+
+
+def test_probe_skips_unreadable_files_naming_each(imagenet_run, tmp_path):
+    """A folder (train/ and val/, 2 classes) with a file of each unreadable kind in train/ and a JPEG cut
+    short in val/: the probe measures the readable images alone, through a DataLoader worker, and names
+    each unreadable file in one warning."""
+    for split, n in (("train", 4), ("val", 3)):
+        for c in ("a", "b"):
+            for i in range(n):
+                grey = np.full((36, 32, 3), 40 * i + 100 * (c == "b"), np.uint8)
+                save_image(tmp_path / "d" / split / c / f"{i}.png", grey)
+    bad = unreadable_images(tmp_path / "d" / "train" / "a") + [str(tmp_path / "d" / "val" / "b" / "9.jpg")]
+    (tmp_path / "d" / "val" / "b" / "9.jpg").write_bytes(b"\xff\xd8\xff")  # a JPEG's first bytes only
+    with pytest.warns(UserWarning, match="cannot read image file") as said:
+        res = probe.main([f"--ckpt={imagenet_run / 'ckpt.pt'}", "--task=knn", f"--data_dir={tmp_path / 'd'}",
+                          "--cache=False", "--num_workers=1", f"--out={tmp_path / 'knn.json'}"])
+    assert (res["n_train"], res["n_test"]) == (8, 6) and 0 <= res["top1"] <= 100
+    assert sorted(str(w.message).split("'")[1] for w in said if "cannot read" in str(w.message)) == sorted(bad)
 
 
 def test_probe_of_an_unlabelled_folder_measures_only_zusage(photo_run):

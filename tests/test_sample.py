@@ -12,7 +12,7 @@ import common
 import data
 import sample
 import train
-from conftest import save_image
+from conftest import save_image, unreadable_images
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -230,6 +230,18 @@ def test_sample_reads_only_the_images_it_shows(imagenet_run, imagenet_dir, capsy
     assert reads == [40, 41] and res["frames"].shape == (3, 3, 32, 32)
     with pytest.raises(data.DataError, match="the test split has 80"):
         sample.main([f"--ckpt={imagenet_run / 'ckpt.pt'}", "--mode=interp", "--index=79", "--steps=2"])
+
+
+def test_sample_skips_your_unreadable_files_naming_each(ckpt, tmp_path):
+    """--images: a folder of 2 readable images and 4 files that cannot be read (each kind): the 2 are shown,
+    and each of the 4 is named in one warning (none readable: one line, tests/test_cli.py)."""
+    for i in range(2):
+        save_image(tmp_path / "mine" / f"{i}.png", np.full((20, 24, 3), 60 * i, np.uint8))
+    bad = unreadable_images(tmp_path / "mine")
+    with pytest.warns(UserWarning, match="cannot read image file") as said:
+        res = run(ckpt, tmp_path / "out", "recon", images=tmp_path / "mine")
+    assert res["images"].shape[1] == 2  # source / with z / z masked x the 2 readable images
+    assert sorted(str(w.message).split("'")[1] for w in said if "cannot read" in str(w.message)) == sorted(bad)
 
 
 def sample_args(run, *more):

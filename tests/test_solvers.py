@@ -1,15 +1,17 @@
 """solvers.py: the linear probe (learns separable labels, not shuffled ones; weight decay chosen on
 validation rows only; converged on badly conditioned features; the mini-batch solver agrees with
-L-BFGS), the chunked logistic regression, and kNN."""
+L-BFGS), the chunked logistic regression, and kNN; images streamed from files, less unreadable ones."""
 import os
 import sys
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
 import data
 import solvers
-from conftest import ROOT, blobs
+from conftest import ROOT, blobs, save_image, unreadable_images
 
 
 # --- linear probe ---------------------------------------------------------------------------------
@@ -166,3 +168,23 @@ def test_knn_streams_over_chunks_of_references():
     whole = solvers.knn_accuracy(ftr, ytr, fte, yte, top5=True)
     assert solvers.knn_accuracy(ftr.half(), ytr, fte.half(), yte, chunk=64, top5=True) == pytest.approx(whole, abs=0.34)
     assert solvers.knn_accuracy(ftr, ytr, fte, yte, chunk=64, top5=True) == whole
+
+
+# --- images streamed from files -------------------------------------------------------------------
+
+def test_image_batches_skip_unreadable_files_named_once_from_a_worker(tmp_path):
+    """A folder of 5 readable PNGs and 4 unreadable files (each kind), streamed through a DataLoader worker
+    twice: the readable images alone, in order, each unreadable file named in one warning the first time
+    (the worker's marker reaches this process), none the second time with the same `seen`."""
+    for i in range(5):
+        save_image(tmp_path / f"{i}.png", np.full((8, 8, 3), 10 * i, np.uint8))
+    bad = unreadable_images(tmp_path, prefix="3")  # between 3.png and 4.png
+    ds, seen = data.FolderData(str(tmp_path), 8), set()
+    with pytest.warns(UserWarning) as said:
+        got = list(solvers.image_batches(ds, 3, num_workers=1, seen=seen))
+    assert [int(x[0, 0, 0]) for xb, _ in got for x in xb] == [0, 10, 20, 30, 40]
+    assert sorted(str(w.message).split("'")[1] for w in said) == sorted(bad) and len(seen) == 4
+    assert all(str(w.message).endswith(": skipped") for w in said)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sum(len(xb) for xb, _ in solvers.image_batches(ds, 4, seen=seen)) == 5

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,7 +29,7 @@ import probe
 import runtime
 import sample
 import train
-from conftest import ROOT, TINY, base_args, mv_args, run_train, save_image, state, write_celeba
+from conftest import ROOT, TINY, base_args, mv_args, run_train, save_image, state, unreadable_images, write_celeba
 
 
 # --- config files ---------------------------------------------------------------------------------
@@ -177,8 +178,8 @@ def full_and_killed_then_resumed(run, args, out, monkeypatch):
     run(args(out / "full"))
     real_save = train.save_checkpoint
 
-    def save_then_die(obj, path):
-        real_save(obj, path)
+    def save_then_die(obj, path, *keep):
+        real_save(obj, path, *keep)
         if obj["step"] == 2:
             raise KeyboardInterrupt
 
@@ -256,7 +257,8 @@ def assert_bit_exact(a, b):
 
 @pytest.fixture(scope="module")
 def folder_dir(tmp_path_factory):
-    """An ImageFolder (ImageNet layout): 2 classes x 6 train and 2 val images of 40x48 px (resized to 32)."""
+    """An ImageFolder (ImageNet layout): 2 classes x 6 train and 2 val images of 40x48 px (resized to 32),
+    and a seventh train file of n00, a JPEG cut short."""
     root = tmp_path_factory.mktemp("folder")
     rs = np.random.RandomState(1)
     for split, n in (("train", 6), ("val", 2)):
@@ -265,13 +267,15 @@ def folder_dir(tmp_path_factory):
             d.mkdir(parents=True)
             for i in range(n):
                 Image.fromarray((rs.rand(40, 48, 3) * 255).astype(np.uint8)).save(d / f"{i}.JPEG")
+    (root / "train" / "n00" / "6.JPEG").write_bytes((root / "train" / "n00" / "5.JPEG").read_bytes()[:400])
     return str(root)
 
 
 @pytest.mark.usefixtures("light_eval")
 def test_resume_on_the_dataloader_path_is_bit_exact(folder_dir, tmp_path, monkeypatch):
     """The image-folder path (not in memory: DataLoader + StepBatches) resumes at the step it
-    stopped, across an epoch boundary (12 images, global batch 4: 3 steps an epoch)."""
+    stopped, across an epoch boundary (13 images, global batch 4: 3 steps an epoch); the unreadable file,
+    drawn at step 2 (0-based) after the resumed checkpoint, is replaced there as in the uninterrupted run."""
     args = lambda out, **kw: base_args(folder_dir, out, dataset="imagenet", batch_size=4, num_workers=0, **kw)
     in_memory, real_load = [], train.data.load
 
@@ -284,6 +288,8 @@ def test_resume_on_the_dataloader_path_is_bit_exact(folder_dir, tmp_path, monkey
     assert in_memory and not any(in_memory)  # the DataLoader path, not the in-memory one
     assert a["data_pos"] == b["data_pos"] and (a["data_pos"]["epoch"], a["data_pos"]["batch"]) == (1, 1)
     assert_bit_exact(a, b)
+    for run in ("full", "split"):  # counted on every log line (the evaluation's images meet it when the run starts)
+        assert json.loads((tmp_path / run / "log.jsonl").read_text().splitlines()[-2])["bad_files"] == 1
 
 
 @pytest.mark.usefixtures("light_eval")
@@ -310,7 +316,7 @@ def test_posed_dataset_without_rays_is_one_clear_error(cars_dir, tmp_path):
 def record_checkpoints(monkeypatch):
     """Replace train.save_checkpoint by an in-memory record: -> {step: checkpoint dict}."""
     saved = {}
-    monkeypatch.setattr(train, "save_checkpoint", lambda obj, path: saved.__setitem__(obj["step"], copy.deepcopy(obj)))
+    monkeypatch.setattr(train, "save_checkpoint", lambda obj, *_: saved.__setitem__(obj["step"], copy.deepcopy(obj)))
     return saved
 
 
@@ -874,6 +880,53 @@ def test_a_nan_on_one_process_stops_every_process_before_a_save(cifar_dir, tmp_p
     assert max(times[("0", "end")]) < min(times[("1", "start")]), loads.read_text()
 
 
+FULL_DISK_ON_RANK_0 = """
+import os, runpy, sys
+sys.path.insert(0, {root!r})
+import torch
+real, calls = torch.save, [0]
+def save(obj, f):  # rank 0's second checkpoint: the disk is full
+    calls[0] += 1
+    if calls[0] == 2:
+        f.write(b"part of it")
+        raise OSError(28, "No space left on device")
+    real(obj, f)
+torch.save = save
+real_all_reduce = torch.distributed.all_reduce
+def all_reduce(t, *a, **k):  # rank 1: what the flags it agrees on say
+    out = real_all_reduce(t, *a, **k)
+    if os.environ["RANK"] == "1" and t.is_floating_point() and t.numel() == 1 and t.item() == 1:  # a flag raised
+        with open({told!r}, "a") as f:
+            f.write("rank 1 was told\\n")
+    return out
+torch.distributed.all_reduce = all_reduce
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.multiprocess
+def test_a_full_disk_on_rank_0_stops_every_process(tmp_path):
+    """torchrun, 2 processes on an image folder with a file cut short, a checkpoint every step: rank 0's
+    second write fails. The other process learns it when rank 0 is done and stops too: one error line,
+    the first checkpoint kept, no temporary file. The unreadable file, met by both processes (the
+    evaluation's images, a training batch), is counted once on the log lines (their union, not a sum)."""
+    root = random_image_folder(tmp_path / "folder", 4, 20, 24, "png")
+    (root / "train" / "c0" / "cut.jpg").write_bytes((root / "train" / "c0" / "0.png").read_bytes()[:60])
+    script = tmp_path / "full_disk_on_rank_0.py"
+    told = tmp_path / "told.txt"
+    script.write_text(FULL_DISK_ON_RANK_0.format(root=ROOT, train=os.path.join(ROOT, "train.py"), told=str(told)))
+    out = tmp_path / "run"
+    args = base_args(str(root), out, dataset="imagenet", max_iters=4, ckpt_interval=1, batch_size=4, num_workers=1)
+    p = torchrun([str(script)] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    printed, err = p.communicate(timeout=180)
+    assert p.returncode != 0
+    assert err.count("error: checkpoint of step 2: could not write") == 1, err[-3000:]
+    assert told.read_text() == "rank 1 was told\n"  # by the all-reduce after the save, then it stopped
+    assert [r["bad_files"] for r in map(json.loads, open(out / "log.jsonl")) if "loss" in r] == [1, 1]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"] and state(out / "ckpt.pt")["step"] == 1
+
+
 @pytest.mark.usefixtures("light_eval")
 @pytest.mark.multiprocess
 def test_sigterm_to_the_process_group_with_loader_workers_saves(tmp_path):
@@ -904,7 +957,7 @@ def test_imagenet_config_builds_and_steps(tmp_path, monkeypatch):
     ~2.4 GB checkpoint is recorded in memory instead of written."""
     root = random_image_folder(tmp_path / "imagenet", 2, 80, 96, "JPEG", classes=("n00", "n01"))
     saved = []
-    monkeypatch.setattr(train, "save_checkpoint", lambda obj, path: saved.append(obj))
+    monkeypatch.setattr(train, "save_checkpoint", lambda obj, *_: saved.append(obj))
     # a folder run's evaluation: tests/test_monitor.py
     monkeypatch.setattr(train, "evaluate_and_log", lambda run, it: None)
     argv = [os.path.join(ROOT, "configs", "imagenet.py"), f"--data_dir={root}", f"--out_dir={tmp_path / 'o'}",
@@ -969,3 +1022,114 @@ def test_labelled_flat_folder_run_evaluates_knn(tmp_path, light_eval):
                 *TINY[:3], "--batch_size=8", *TINY[4:7], "--warmup_iters=1"])
     evals = [r for r in map(json.loads, open(out / "log.jsonl")) if "zgap" in r]
     assert [r["step"] for r in evals] == [1] and 0 <= evals[0]["knn"] <= 100
+
+
+# --- what a long run meets: unreadable files, a full disk, a damaged checkpoint -------------------
+
+@pytest.fixture
+def no_eval(monkeypatch):
+    """train.main without its evaluation (~2 s a run here): tests of what a run reads and writes."""
+    monkeypatch.setattr(train, "evaluate_and_log", lambda run, it: None)
+
+
+@pytest.mark.usefixtures("no_eval")
+def test_a_folder_run_replaces_unreadable_files_names_each_once_and_counts_them(tmp_path, monkeypatch, capsys):
+    """train/: 12 readable JPEGs and 4 unreadable files (each kind) of class c0; val/: 12 and a JPEG cut
+    short; decoded by a DataLoader worker, the evaluation reading 4 train images (one unreadable) and all
+    of val. Each file is named in one warning, counted on the log lines as they are met (2 at the start,
+    the others at steps 2 and 4) and in the last line; the weights are those of a run on copies where
+    each unreadable file is the next readable one, decoded without workers: a function of the index."""
+    monkeypatch.setattr(monitor, "FOLDER_EVAL", (4, 13))
+    root = random_image_folder(tmp_path / "a", 6, 24, 28, "JPEG")
+    bad = unreadable_images(root / "train" / "c0", prefix="3") + [str(root / "val" / "c1" / "9.JPEG")]
+    (root / "val" / "c1" / "9.JPEG").write_bytes((root / "val" / "c1" / "0.JPEG").read_bytes()[:300])
+    args = lambda data_dir, out, **kw: base_args(str(data_dir), out, dataset="imagenet", batch_size=4, aug="cropflip",
+                                                 **kw)
+    with pytest.warns(UserWarning, match="cannot read image file") as said:
+        train.main(args(root, tmp_path / "run", num_workers=1))
+    named = [str(w.message).split("'")[1] for w in said if str(w.message).startswith("cannot read image file")]
+    assert sorted(named) == sorted(bad)  # each once
+    logged = [r["bad_files"] for r in map(json.loads, open(tmp_path / "run" / "log.jsonl")) if "loss" in r]
+    assert logged == [2, 3, 3, 5]
+    assert "; 5 unreadable image files (named in the warnings) replaced by the next readable image" in \
+        capsys.readouterr().out.splitlines()[-1]
+    copies = tmp_path / "copies"
+    shutil.copytree(root, copies)
+    for path in bad:  # the next readable file of each: 4.JPEG of train/c0; val's: the first of val (wraps)
+        shutil.copyfile(root / ("train/c0/4.JPEG" if "train" in path else "val/c0/0.JPEG"),
+                        copies / os.path.relpath(path, root))
+    train.main(args(copies, tmp_path / "copies_run", num_workers=0))
+    a, b = state(tmp_path / "run" / "ckpt.pt"), state(tmp_path / "copies_run" / "ckpt.pt")
+    assert all(torch.equal(a[k][n], b[k][n]) for k in ("model", "ema") for n in a[k])
+
+
+@pytest.mark.usefixtures("no_eval")
+def test_a_full_disk_is_one_line_and_loses_no_checkpoint(cifar_dir, tmp_path, monkeypatch):
+    """Too little free space for a checkpoint: refused when the run starts, in one line, before out_dir is
+    made; a disk that fills at the second save (torch.save's write fails) or is seen full before it: the
+    run stops in one line naming the path, the bytes needed and how to resume, no temporary file left,
+    the first checkpoint kept."""
+    out, real_usage = tmp_path / "run", shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1000))
+    with pytest.raises(common.CheckpointError, match=r"out_dir=.*run' has 0\.00 GB free, and a checkpoint of this run "
+                       r"needs about 0\.0\d GB \([\d,]+ bytes\): free some space, or pick another out_dir") as e:
+        run_train(base_args(cifar_dir, out, max_iters=2, ckpt_interval=1))
+    assert "\n" not in str(e.value) and not out.exists()
+    monkeypatch.setattr(shutil, "disk_usage", real_usage)
+    real_save, saves = torch.save, []
+
+    def full_at_the_second(obj, f):
+        saves.append(obj["step"])
+        if len(saves) == 2:
+            f.write(b"part of it")
+            raise OSError(28, "No space left on device")
+        real_save(obj, f)
+    monkeypatch.setattr(torch, "save", full_at_the_second)
+    with pytest.raises(common.CheckpointError) as e:
+        run_train(base_args(cifar_dir, out, max_iters=3, ckpt_interval=1))
+    msg = str(e.value)
+    assert re.fullmatch(rf"checkpoint of step 2: could not write '{out}/ckpt\.pt' "
+                        r"\(OSError: No space left on device\): it needs about [\d,]+ bytes \(0\.0\d GB\), and "
+                        r"'.*run' had [\d,]+ free; the checkpoint of "
+                        r"step 1 stays: free some space, then continue with --init_from=resume", msg), msg
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"] and state(out / "ckpt.pt")["step"] == 1
+    monkeypatch.setattr(torch, "save", real_save)
+    size, asked = os.path.getsize(out / "ckpt.pt"), []  # the next checkpoint needs as much: seen before the write
+
+    def full_after_the_start(path):  # room when the run starts, one byte short at its save
+        asked.append(path)
+        return real_usage(path)._replace(free=size if len(asked) == 1 else size - 1)
+    monkeypatch.setattr(shutil, "disk_usage", full_after_the_start)
+    monkeypatch.setattr(train, "checkpoint_state", lambda run, it: pytest.fail("it made a checkpoint that cannot fit"))
+    with pytest.raises(common.CheckpointError, match=rf"checkpoint of step 2: no room for '{out}/ckpt\.pt': it needs "
+                       rf"about {size:,} bytes .* had {size - 1:,} free; the checkpoint of step 1 stays"):
+        train.main(base_args(cifar_dir, out, init_from="resume", max_iters=3, ckpt_interval=1))
+    assert state(out / "ckpt.pt")["step"] == 1 and not os.path.exists(out / "ckpt.pt.tmp")
+
+
+@pytest.mark.usefixtures("no_eval")
+def test_the_last_checkpoints_stay_and_a_resume_falls_back_to_one_that_loads(cifar_dir, tmp_path, capsys):
+    """ckpt_keep_last=2: ckpt.pt and ckpt.1.pt, the one before. A ckpt.pt cut short: the resume says in one
+    line that it continues ckpt.1.pt, and its next save replaces the bad file, keeping ckpt.1.pt's step. A
+    smaller ckpt_keep_last on resume drops the older ones; an out_dir holding only ckpt.1.pt refuses a scratch
+    run; --overwrite=True removes them all."""
+    out = tmp_path / "run"
+    args = lambda **kw: base_args(cifar_dir, out, ckpt_interval=1, **kw)
+    run_train(args(max_iters=3))
+    steps = lambda: {f: state(out / f)["step"] for f in sorted(os.listdir(out)) if f.startswith("ckpt")}
+    assert steps() == {"ckpt.pt": 3, "ckpt.1.pt": 2}
+    (out / "ckpt.pt").write_bytes((out / "ckpt.pt").read_bytes()[:1000])
+    capsys.readouterr()
+    train.main(args(init_from="resume", max_iters=4))
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume:")]
+    assert len(said) == 1 and re.fullmatch(rf"resume: could not read checkpoint '{out}/ckpt\.pt' .*\(the next "
+                                           rf"checkpoint replaces it\); resuming from the older {out}/ckpt\.1\.pt "
+                                           r"\(step 2\)", said[0]), said
+    assert steps() == {"ckpt.pt": 4, "ckpt.1.pt": 3}
+    train.main(args(init_from="resume", max_iters=5, ckpt_keep_last=1))
+    assert steps() == {"ckpt.pt": 5}
+    os.replace(out / "ckpt.pt", out / "ckpt.1.pt")  # as a run stopped between the renames of a save leaves it
+    with pytest.raises(train.ConfigError, match="already holds ckpt.1.pt: continue it with --init_from=resume"):
+        train.main(args(max_iters=1))
+    run_train(args(max_iters=1, overwrite=True))
+    assert steps() == {"ckpt.pt": 1}

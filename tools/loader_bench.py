@@ -71,7 +71,7 @@ def main():
             batches = data.StepBatches(len(ds), a.batch, [slice(None)], 0, 0, steps)
             dl = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=0)
             t = time.perf_counter()
-            for xb, yb in dl:
+            for xb, yb, _ in dl:
                 pass
             load.append(steps * a.batch / (time.perf_counter() - t))
             t = time.perf_counter()
