@@ -8,15 +8,17 @@ then the data pipeline alone and DDIM sampling. One process; one line and out_di
     python bench.py configs/imagenet.py --compile=False       # a speed switch off
 
 A training config file may be named: its keys that the benchmark has are read, the others (the
-data, the run's length and evaluation) are not a training step's business. Flags must be its keys.
-The step is train.py's for one in-memory batch: views, encoder noise, the denoising loss under
-autocast, backward, gradient clipping, AdamW, the EMA.
+data, the run's length and evaluation) are not a training step's business. Flags must be its keys,
+and a key train.py has too takes train.py's default. The step is train.py's own (training.py) on
+images held in memory, as CIFAR-10's are: the batch and its views, encoder noise, the denoising
+loss under autocast, backward, gradient clipping, AdamW in train.py's groups, the EMA.
 """
 import copy
 import json
 import os
 import sys
 import time
+import types
 
 import torch
 
@@ -25,6 +27,7 @@ import data
 import diffusion as D
 import monitor
 import runtime
+import training
 from configurator import ConfigError, check_device, check_keys, check_out_dir, check_schedules, configure
 from model import PRESETS, SODAConfig
 
@@ -41,9 +44,12 @@ logsnr_shift = 0.0
 weighting = "eps"
 batch_size = 64  # images per step
 lr = 2e-4
+enc_lr_mult = 1.0
 weight_decay = 0.0
 beta2 = 0.99
 grad_clip = 1.0
+ema_halflife_kimg = 50.0
+ema_rampup = 0.05
 seed = 0
 # sampling, as the evaluation's grid samples
 sample_steps = 50
@@ -54,7 +60,7 @@ dtype = "bfloat16"
 cpu_bf16 = "auto"
 compile = False
 compile_backend = "inductor"
-fused_adamw = False
+fused_adamw = True
 channels_last = False
 threads = 0
 peak_flops = 0.0
@@ -63,7 +69,8 @@ iters = 30  # timed training steps, after `warmup` steps
 warmup = 5
 sample_n = 64  # images sampled with DDIM for the sampling figure
 out_dir = "out/bench"
-DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+DEFAULTS = {k: v for k, v in dict(globals()).items()
+            if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 
 
 def check(cfg):
@@ -72,7 +79,9 @@ def check(cfg):
                      "dtype": ("bfloat16", "float32"), "views": ("augment", "identical"),
                      "aug": ("none", "cropflip", "simclr", "randaugment", "gaussian"), "weighting": ("eps", "v")},
                [(("iters", "batch_size", "sample_n", "sample_steps"), lambda v: v >= 1, ">= 1"),
-                (("warmup", "threads", "enc_noise", "grad_clip", "weight_decay", "peak_flops"), lambda v: v >= 0, ">= 0"),
+                (("warmup", "threads", "enc_noise", "grad_clip", "weight_decay", "peak_flops", "ema_rampup"),
+                 lambda v: v >= 0, ">= 0"),
+                (("lr", "enc_lr_mult", "ema_halflife_kimg"), lambda v: v > 0, "> 0"),
                 (("crop_min",), lambda v: 0 < v <= 1, "in (0, 1]"),
                 (("image_size",), lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8")])
     if cfg["cpu_bf16"].lower() not in ("auto", "true", "false"):
@@ -95,16 +104,29 @@ def timed(fn, n, sync):
     return time.perf_counter() - t
 
 
-def build(C, dev):
-    """The model (seeded), its EMA, AdamW and the network the step calls (compiled where asked)."""
+def build(C, dev, autocast):
+    """train.py's Run for one process, its data the benchmark's images in memory: the model (seeded),
+    its EMA, AdamW in train.py's groups, the network the step calls (compiled where asked). The
+    learning rate stays at lr (no warm-up or decay: a step costs the same at any rate)."""
     torch.manual_seed(C["seed"])
     mem = torch.channels_last if C["channels_last"] else torch.contiguous_format
     raw = common.build_model(common.model_args(C)).to(dev).to(memory_format=mem).train()
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(raw.parameters(), lr=C["lr"], betas=(0.9, C["beta2"]), weight_decay=C["weight_decay"],
-                            fused=C["fused_adamw"])
+    opt = torch.optim.AdamW(training.param_groups(raw, C["enc_lr_mult"], C["weight_decay"]), lr=C["lr"],
+                            betas=(0.9, C["beta2"]), fused=C["fused_adamw"])
     net = torch.compile(raw, backend=C["compile_backend"]) if C["compile"] else raw
-    return raw, ema, opt, net
+    B, S = C["batch_size"], C["image_size"]
+    images = torch.randint(0, 256, (max(4096, 2 * B), 3, S, S), dtype=torch.uint8, device=dev)  # uint8, as CIFAR's
+    return types.SimpleNamespace(
+        **C, dev=dev, autocast=autocast, mem=mem, raw=raw, ema=ema, optimizer=opt, net=net,
+        schedule_fn=D.get_schedule(C["schedule"], C["logsnr_shift"]),
+        raw_params=list(raw.parameters()), ema_params=list(ema.parameters()),
+        ema_buffers=[(e, r) for (n, e), r in zip(ema.named_buffers(), raw.buffers()) if n.startswith("z_bn.")],
+        warmup_iters=0, decay_lr=False, min_lr_ratio=1.0, max_iters=C["warmup"] + C["iters"],
+        in_memory=True, multiview=False, x_train=images, y_train=torch.zeros(len(images), dtype=torch.long, device=dev),
+        n_train=len(images), global_batch=B, steps_per_epoch=len(images) // B, order_cache={},
+        ddp=False, world=1, grad_accum=1, slots=[0], micro_rows=[slice(0, B)], view_size=None,
+        segments=0, simsiam_weight=0.0)
 
 
 def main(argv):
@@ -118,40 +140,22 @@ def main(argv):
     if not cuda:
         print(cpu_line)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    raw, ema, opt, net = build(C, dev)
-    params, ema_params = list(raw.parameters()), list(ema.parameters())  # listed once, not every step
-    schedule_fn = D.get_schedule(C["schedule"], C["logsnr_shift"])
-    B, S = C["batch_size"], C["image_size"]
-    images = torch.randint(0, 256, (max(4096, 2 * B), 3, S, S), dtype=torch.uint8, device=dev)  # in memory, as CIFAR
+    run = build(C, dev, autocast)
+    rows = run.micro_rows[0]
 
-    def views_at(it):  # a batch of the images and its two views, as train.py's in-memory sets
-        rng = data.Rng(C["seed"], it, B, device=dev)
-        return data.make_views(images[rng.randint(len(images))], C["views"], C["aug"], rng, crop_min=C["crop_min"]), rng
-
-    def step(it):  # train.py's step, one micro-step: views, encoder noise, loss, backward, clip, AdamW, EMA
-        (x_src, x_tgt), rng = views_at(it)
-        x_src = x_src + C["enc_noise"] * rng.randn(3, S, S)
-        z_on, u, eps = raw.draw_z_on(rng.rand), rng.rand(), rng.randn(3, S, S)
-        if C["channels_last"]:
-            x_src, x_tgt = (t.contiguous(memory_format=torch.channels_last) for t in (x_src, x_tgt))
-        with autocast():
-            loss = D.loss(net, x_src, x_tgt, schedule_fn, u=u, eps=eps, weighting=C["weighting"], z_on=z_on)
-        loss.backward()
-        if C["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(params, C["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch._foreach_lerp_(ema_params, params, 0.001)
-        return loss.detach()
+    def views_at(it):  # the data pipeline alone: the step's batch and its two views
+        xb, _, idx, aspect = training.get_batch(run, it, rows)
+        return training.views_of(run, xb, idx, data.Rng(run.seed, it, run.global_batch, rows, dev), aspect)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    timed(step, C["warmup"], sync)
-    train_ips = C["iters"] * B / timed(lambda i: step(C["warmup"] + i), C["iters"], sync)
-    data_ips = C["iters"] * B / timed(lambda i: views_at(i)[0][1], C["iters"], sync)
-    x = data.to_signed(images[: C["sample_n"]])
+    timed(lambda i: training.train_step(run, i), C["warmup"], sync)
+    train_ips = C["iters"] * run.global_batch / timed(lambda i: training.train_step(run, C["warmup"] + i), C["iters"],
+                                                       sync)
+    data_ips = C["iters"] * run.global_batch / timed(lambda i: views_at(i)[1], C["iters"], sync)
+    x = data.to_signed(run.x_train[: C["sample_n"]])
     with torch.no_grad(), autocast():
-        sample_s = timed(lambda i: D.ddim(ema, ema.encode(x), x.shape, steps=C["sample_steps"],
+        sample_s = timed(lambda i: D.ddim(run.ema, run.ema.encode(x), x.shape, steps=C["sample_steps"],
                                           schedule=C["sample_schedule"], generator=torch.Generator(dev).manual_seed(0)),
                          1, sync)
     return report(C, dev, train_ips, data_ips, sample_s, len(x))

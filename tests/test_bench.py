@@ -30,3 +30,12 @@ def test_bench_on_a_training_config(tmp_path):
 def test_bench_refuses_in_one_line(tmp_path, flags, match):
     with pytest.raises(ConfigError, match=match):
         bench.main([f"--out_dir={tmp_path}"] + TINY + flags)
+
+
+def test_bench_keys_train_py_has_too_take_its_defaults():
+    """bench.py times train.py's own step (training.py); the keys they share start where train.py's do,
+    so the benchmark measures what a run does unless a flag says otherwise (out_dir aside)."""
+    import train
+    shared = (set(bench.DEFAULTS) & set(train.DEFAULTS)) - {"out_dir"}
+    assert {"fused_adamw", "lr", "enc_lr_mult", "ema_halflife_kimg", "grad_clip", "views", "aug"} <= shared
+    assert {k: bench.DEFAULTS[k] for k in shared} == {k: train.DEFAULTS[k] for k in shared}
