@@ -178,7 +178,7 @@ def main(argv):
     out = cfg["out_dir"]
     os.makedirs(out, exist_ok=True)
     log = open(os.path.join(out, "log.jsonl"), "w")  # a new run, a new log
-    step, loss_sum, n_sum, last_loss = 0, 0.0, 0, float("nan")
+    step, loss_sum, n_sum, last_loss, last_n = 0, 0.0, 0, float("nan"), 0
     t0 = time.perf_counter()
     while step < max_steps:
         loss_sum += run.step(step).item()
@@ -187,7 +187,7 @@ def main(argv):
         seconds = time.perf_counter() - t0
         done = step >= max_steps or (minutes > 0 and seconds >= 60 * minutes)
         if step % cfg["log_interval"] == 0 or done:
-            last_loss = loss_sum / n_sum
+            last_loss, last_n = loss_sum / n_sum, n_sum  # the mean over the steps since the last log line
             if not math.isfinite(last_loss):
                 raise FloatingPointError(f"non-finite loss by step {step}; no checkpoint written")
             log.write(json.dumps({"step": step, "loss": last_loss, "seconds": round(seconds, 2),
@@ -204,7 +204,8 @@ def main(argv):
     common.save_checkpoint({"model": sd, "ema": sd, "step": step, "config": cfg, "model_args": args,
                             "trained_by": "contrastive", "contrastive": stats}, path)
     print(f"contrastive: {step} steps in {stats['minutes']:.2f} minutes, {stats['img_s']:.1f} img/s "
-          f"(images, two views each), final loss {last_loss:.4f}; {path} (python probe.py --ckpt={path})")
+          f"(images, two views each), final loss {last_loss:.4f} (mean of the last {last_n}); {path} "
+          f"(python probe.py --ckpt={path})")
     return stats
 
 
