@@ -191,3 +191,36 @@ def test_plot_schedules_writes_png(tmp_path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 5000
+
+
+@pytest.mark.filterwarnings("ignore:.*partial copy:UserWarning")
+def test_contrastive_yardstick_trains_and_probe_measures_it(cifar_dir, tmp_path):
+    """tools/contrastive.py on the tiny CIFAR-10 with the teaching config's keys: 3 SimCLR steps, a
+    checkpoint marked as contrastive whose encoder moved from train.py's init of the same config and
+    whose other weights did not; probe.py measures it (linear, kNN: a finite top-1); --minutes stops
+    at the first step past the time; a second run into the same out_dir is refused in one line."""
+    import math
+
+    import torch
+
+    import common
+    import configurator
+    import probe
+    clr = tool("contrastive")
+    out = tmp_path / "clr"
+    args = [os.path.join(ROOT, "configs", "cifar10_cpu.py"), f"--data_dir={cifar_dir}", "--n_val=20", "--z_dim=32",
+            "--batch_size=16", "--threads=1", "--cpu_bf16=false", "--log_interval=2"]
+    stats = clr.main(args + ["--steps=3", f"--out_dir={out}"])
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["trained_by"] == "contrastive" and ck["step"] == stats["steps"] == 3
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [2, 3]
+    torch.manual_seed(ck["config"]["seed"])
+    init = common.build_model(ck["model_args"]).state_dict()
+    moved = {k for k in init if not torch.equal(init[k], ck["ema"][k])}
+    assert moved and all(k.startswith("encoder.") for k in moved), sorted(moved)
+    for task in ("linear", "knn"):
+        res = probe.main([f"--ckpt={out / 'ckpt.pt'}", f"--task={task}", "--num_workers=0"])
+        assert math.isfinite(res["top1"]) and res["step"] == 3
+    assert clr.main(args + ["--minutes=0.0001", f"--out_dir={tmp_path / 'timed'}"])["steps"] == 1
+    with pytest.raises(configurator.ConfigError, match="already holds ckpt.pt"):
+        clr.main(args + ["--steps=3", f"--out_dir={out}"])

@@ -18,40 +18,26 @@ import time
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(TOOLS, "..")
 sys.path.insert(0, ROOT)
+sys.path.insert(0, TOOLS)
 import data  # noqa: E402
 import model as M  # noqa: E402
 from common import load_checkpoint, model_of  # noqa: E402
+from contrastive import SimCLR  # noqa: E402
 from solvers import LINEAR_WDS, extract_features, linear_probe, standardise_stats  # noqa: E402
-
-
-def nt_xent(a, b, T=0.5):
-    """SimCLR's loss (Chen et al. 2020): each view's partner among the 2B - 1 other views, by cosine / T."""
-    z = F.normalize(torch.cat([a, b]), dim=1)
-    sim = z @ z.T / T
-    sim.fill_diagonal_(float("-inf"))
-    B = len(a)
-    target = torch.cat([torch.arange(B, 2 * B), torch.arange(B)])
-    return F.cross_entropy(sim, target)
 
 
 def contrastive_encoder(x, steps=300, batch=128, z_dim=128, preset="tiny", lr=1e-3, seed=0, log=None):
     """The SODA encoder preset (a ResNet, pooled, a linear bottleneck to z_dim) trained by SimCLR on
     uint8 images x (N, 3, 32, 32): two 'simclr' views of each image, NT-Xent on a 2-layer projection
-    of z, Adam. -> the encoder (eval mode)."""
+    of z, Adam (tools/contrastive.py's SimCLR, in float32). -> the encoder (eval mode)."""
     torch.manual_seed(seed)
     enc = M.Encoder(z_dim, **M.PRESETS["encoder"][preset], image_size=x.shape[-1])
-    head = torch.nn.Sequential(torch.nn.Linear(z_dim, z_dim), torch.nn.ReLU(), torch.nn.Linear(z_dim, 64))
-    opt = torch.optim.Adam(list(enc.parameters()) + list(head.parameters()), lr=lr)
-    g = torch.Generator().manual_seed(seed)
+    run = SimCLR(lambda xb: enc.forward_features(xb)[1], enc.parameters(), x, z_dim, batch, seed=seed, lr=lr)
     for step in range(steps):
-        xb = x[torch.randint(len(x), (batch,), generator=g)]
-        src, tgt = data.make_views(xb, "augment", "simclr", data.Rng(seed, step, batch))
-        loss = nt_xent(head(enc.forward_features(src)[1]), head(enc.forward_features(tgt)[1]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        loss = run.step(step)
         if log and (step + 1) % 50 == 0:
             log(f"simclr step {step + 1}/{steps}: loss {loss.item():.3f}")
     return enc.eval()
