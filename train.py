@@ -55,8 +55,11 @@ ckpt_keep = False  # also keep every checkpoint as ckpt_<step>.pt (learning curv
 ckpt_keep_last = 2  # checkpoints kept: ckpt.pt, the one before as ckpt.1.pt, ...; resume reads the newest that loads
 eval_at_start = True  # evaluate the untrained model too: the baseline every figure is compared with
 # data
-dataset = "cifar10"  # 'cifar10' | 'folder' (any folder of images; 'imagenet' is another name) | 'celeba' | 'dsprites' | multi-view: 'cars3d' | 'nmr' | 'srn'
-data_dir = ""  # '' (cifar10 only): ./data/cifar10, else ../shared/data/cifar10-subset, else download into ./data/cifar10
+# 'cifar10' | 'folder' (any folder of images; 'imagenet' is another name) | 'celeba' | 'dsprites' | multi-view:
+# 'cars3d' | 'nmr' | 'srn'
+dataset = "cifar10"
+# '' (cifar10 only): ./data/cifar10, else ../shared/data/cifar10-subset, else download into ./data/cifar10
+data_dir = ""
 download = False  # with a data_dir that holds no CIFAR-10: let torchvision download it there (needs internet)
 image_size = 32
 views = "augment"  # 'augment' (two augmentations: novel views) | 'identical' (auto-encoding) | 'class'
@@ -70,7 +73,8 @@ num_workers = 4  # DataLoader workers (image-folder datasets only)
 encoder = "tiny"  # model.PRESETS['encoder'] key
 unet = "tiny"  # model.PRESETS['unet'] key
 z_dim = 128  # size of the bottleneck latent z
-cond = "mod"  # 'mod' (layer modulation) | 'xattn' (cross-attention) | 'mod+xattn' (both, §3.3) | 'emb' (z into the noise embedding)
+# 'mod' (layer modulation) | 'xattn' (cross-attention) | 'mod+xattn' (both, §3.3) | 'emb' (z into the noise embedding)
+cond = "mod"
 n_tokens = 8  # tokens of z for cond='xattn'
 agg = "mean"  # aggregation of k source views: 'mean' | 'transformer'
 ray_freqs = 0  # ray positional-encoding frequencies for posed 3D views (0: no poses)
@@ -80,7 +84,8 @@ coords = False  # two pixel-coordinate channels on the encoder's and the UNet's 
 z_init = 0.0  # init of the z projections: 0 = zero (the untrained decoder ignores z); > 0 = N(0, z_init^2 / fan_in)
 prediction = "eps"  # what the UNet outputs: 'eps' (the paper) | 'v' (Salimans & Ho 2022) | 'x0'; read as eps everywhere
 bottleneck = True  # False: no compact z, the encoder's whole feature map goes to the decoder (ablation)
-top_skips = True  # False: the UNet's full-resolution up level gets no skip connections (detail must pass where z modulates)
+# False: the UNet's full-resolution up level gets no skip connections (detail must pass where z modulates)
+top_skips = True
 # SODA training (§3.2.1, §3.4)
 schedule = "inverted"  # training noise schedule: diffusion.get_schedule name
 logsnr_shift = 0.0  # added to the training schedule's log-SNR (negative: more noise)
@@ -133,7 +138,8 @@ DEFAULTS = {k: globals()[k] for k in config_keys}  # configure() copies these, t
 # the config's rules: what each key allows, what a resume may change
 
 CHOICES = dict(
-    init_from=("scratch", "resume"), dataset=("cifar10", "folder", "imagenet", "celeba", "dsprites") + multiview.MULTIVIEW,
+    init_from=("scratch", "resume"),
+    dataset=("cifar10", "folder", "imagenet", "celeba", "dsprites") + multiview.MULTIVIEW,
     views=("augment", "identical", "class"), aug=("none", "cropflip", "simclr", "randaugment", "gaussian"),
     cond=("mod", "xattn", "mod+xattn", "emb"), agg=("mean", "transformer"), prediction=("eps", "v", "x0"),
     weighting=("eps", "v"), segment_mode=("hierarchical", "sequential"), dtype=("bfloat16", "float32"),
@@ -141,8 +147,8 @@ CHOICES = dict(
 
 
 RANGES = [
-    (("batch_size", "grad_accum", "max_iters", "log_interval", "ckpt_interval", "sample_steps", "k_max", "z_dim", "n_tokens",
-      "simsiam_dim", "ckpt_keep_last"), lambda v: v >= 1, ">= 1"),
+    (("batch_size", "grad_accum", "max_iters", "log_interval", "ckpt_interval", "sample_steps", "k_max", "z_dim",
+      "n_tokens", "simsiam_dim", "ckpt_keep_last"), lambda v: v >= 1, ">= 1"),
     (("eval_interval", "n_val", "num_workers", "ray_freqs", "segments", "threads", "warmup_iters",
       "weight_decay", "grad_clip", "enc_noise", "z_init", "simsiam_weight", "peak_flops",
       "ema_rampup"), lambda v: v >= 0, ">= 0"),
@@ -187,9 +193,11 @@ def validate(cfg):
         raise ConfigError(f"p_uncond_src_pose={cfg['p_uncond_src_pose']} drops source poses: only multi-view datasets "
                           f"have them ({', '.join(multiview.MULTIVIEW)}), not {cfg['dataset']!r}")
     if cfg["views"] == "class" and cfg["dataset"] in ("folder", "imagenet", "celeba"):
-        raise ConfigError(f"views='class' pairs images of a class in memory: not for {cfg['dataset']} (decoded from files)")
+        raise ConfigError(f"views='class' pairs images of a class in memory: not for {cfg['dataset']} "
+                          "(decoded from files)")
     if cfg["simsiam_weight"] > 0 and (cfg["segments"] < 1 or cfg["views"] != "augment"):
-        raise ConfigError("simsiam_weight > 0 is DiffSiam: it needs segments >= 1 and views='augment' (two augmented views)")
+        raise ConfigError("simsiam_weight > 0 is DiffSiam: it needs segments >= 1 and views='augment' "
+                          "(two augmented views)")
     if cfg["pretrained"] and not os.path.isfile(cfg["pretrained"]):
         raise ConfigError(f"pretrained={cfg['pretrained']!r}: " + ("a directory, not a checkpoint file"
                           if os.path.isdir(cfg["pretrained"]) else "no such checkpoint file"))
@@ -299,8 +307,8 @@ def loop(run):
                     f"checkpoint {os.path.join(run.out_dir, 'ckpt.pt')}; continue with --init_from=resume", flush=True)
             break
     bar.close()
-    skipped = f"; {run.bad_count} unreadable image file{'s' * (run.bad_count > 1)} (named in the warnings) replaced by " \
-          "the next readable image" if run.bad_count else ""
+    skipped = f"; {run.bad_count} unreadable image file{'s' * (run.bad_count > 1)} (named in the warnings) " \
+        "replaced by the next readable image" if run.bad_count else ""
     run.say(f"done: {run.step} steps; checkpoint {os.path.join(run.out_dir, 'ckpt.pt')}{skipped}")
 
 
@@ -377,8 +385,8 @@ def setup(cfg, ckpt=None):
             run.say(line)
     # image folders: DataLoader workers, built after setup_model so they start at the resumed step
     run.loader_iter = None if run.in_memory or run.multiview else iter(torch.utils.data.DataLoader(
-        run.train_views, batch_sampler=data.StepBatches(run.n_train, run.global_batch, run.micro_rows, run.seed, run.step,
-                                                 run.max_iters),
+        run.train_views, batch_sampler=data.StepBatches(run.n_train, run.global_batch, run.micro_rows, run.seed,
+                                                        run.step, run.max_iters),
         num_workers=run.num_workers, pin_memory=run.cuda, persistent_workers=run.num_workers > 0,
         prefetch_factor=4 if run.num_workers > 0 else None, worker_init_fn=ignore_stop_signals))
     # batches of (seed, step): a resume replays them
@@ -401,7 +409,8 @@ def setup(cfg, ckpt=None):
             old = common.saved_checkpoints(os.path.join(run.out_dir, "ckpt.pt"))
             for path in filter(os.path.exists, old + [os.path.join(run.out_dir, "log.jsonl")]):
                 os.remove(path)
-    run.flops_per_img = count_flops(lambda: common.build_model(run.model_args), run.image_size)  # every process, no collective
+    # every process, no collective
+    run.flops_per_img = count_flops(lambda: common.build_model(run.model_args), run.image_size)
     run.peak = runtime.peak_flops(run.dev, run.peak_flops)
     return run
 
@@ -470,7 +479,8 @@ def setup_data(run, ckpt):
     if ckpt is not None and ckpt.get("data_pos", {}).get("n_train", run.n_train) != run.n_train:
         raise data.DataError(f"cannot resume: the checkpoint was trained on {ckpt['data_pos']['n_train']:,} images, "
                              f"data_dir now gives {run.n_train:,} (another copy of the data changes the data order)")
-    split = f"{run.batch_size} x {run.world} processes" + (f" x {run.grad_accum} micro-steps" if run.grad_accum > 1 else "")
+    split = f"{run.batch_size} x {run.world} processes" + \
+        (f" x {run.grad_accum} micro-steps" if run.grad_accum > 1 else "")
     run.say(f"data: {run.dataset} {run.n_train:,} train images, global batch {run.global_batch} "
             f"({split}), {run.steps_per_epoch} steps per epoch")
     if run.multiview:
@@ -499,11 +509,11 @@ def load_data(run):
         run.n_train = run.mv_train.images.shape[0] * run.mv_train.images.shape[1]
         V = min(run.mv_train.images.shape[1], run.mv_val.images.shape[1])  # a step takes k_max sources + a target
         if run.k_max >= V:
-            raise ConfigError(f"k_max={run.k_max} is out of range: the objects of {run.dataset} in {run.data_dir!r} have "
-                              f"{V} view(s), and a step needs k_max source views and another one, the target")
+            raise ConfigError(f"k_max={run.k_max} is out of range: the objects of {run.dataset} in {run.data_dir!r} "
+                              f"have {V} view(s), and a step needs k_max source views and another one, the target")
     else:
         data_path, dl = run.data_dir, run.download
-        if run.dataset == "cifar10":  # data_dir='' searches ./data/cifar10, ../shared/data/cifar10-subset, then downloads
+        if run.dataset == "cifar10":  # data_dir='': ./data/cifar10, ../shared/data/cifar10-subset, else a download
             data_path, why, dl = data.find_cifar10(run.data_dir, run.download)
             run.say(f"data: using {data_path} ({why})")
         run.train_set = data.load(run.dataset, data_path, "train", run.image_size, dl, run.n_val, run.seed)
@@ -557,7 +567,8 @@ def setup_model(run, ckpt):
     if run.ddp:
         run.net = torch.nn.parallel.DistributedDataParallel(run.net, device_ids=[run.dev] if run.cuda else None)
     run.schedule_fn = D.get_schedule(run.schedule, run.logsnr_shift)
-    trained = [(e, r) for e, r in zip(run.ema.parameters(), raw.parameters()) if r.requires_grad]  # not a frozen denoiser
+    # the pairs the EMA follows: not a frozen denoiser's
+    trained = [(e, r) for e, r in zip(run.ema.parameters(), raw.parameters()) if r.requires_grad]
     run.ema_params, run.raw_params = [e for e, _ in trained], [r for _, r in trained]
     run.ema_buffers = [(e, r) for (n, e), r in zip(run.ema.named_buffers(), raw.buffers()) if n.startswith("z_bn.")]
     if ckpt is not None:
@@ -583,7 +594,8 @@ def checkpoint_state(run, it):
     return {
         "model": run.raw.state_dict(), "ema": run.ema.state_dict(), "optimizer": run.optimizer.state_dict(),
         "step": it, "config": run.cfg, "model_args": run.model_args,
-        "batch": {"world": run.world, "batch_size": run.batch_size, "grad_accum": run.grad_accum},  # resume: the product stays
+        # resume: the product stays
+        "batch": {"world": run.world, "batch_size": run.batch_size, "grad_accum": run.grad_accum},
         "data_pos": {"epoch": it // run.steps_per_epoch, "batch": it % run.steps_per_epoch, "n_train": run.n_train},
         "rng": rng_states(run.cuda),
     }
@@ -643,7 +655,8 @@ def unreadable_count(run):
     return len(set().union(*every))
 
 
-STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")  # Ctrl-C; torchrun's, Kubernetes' and SLURM's stop; SLURM's --signal=USR1@secs
+# Ctrl-C; torchrun's, Kubernetes' and SLURM's stop; SLURM's customary --signal=USR1@secs
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
 
 
 def launcher_signal_warning(env):
