@@ -352,7 +352,7 @@ class BatchStandardize(nn.Module):
     in eval (BatchNorm without the affine part). Under DDP the sums are all-reduced (with their
     gradient) over the ranks, so the statistics are the global batch's and a DDP run equals one
     process. The buffers carry BatchNorm1d's names. sync=False keeps the statistics to this
-    process's batch (a copy counted for FLOPs, train.py, issues no collective)."""
+    process's batch (the copy monitor.count_flops counts issues no collective)."""
 
     def __init__(self, dim, momentum=0.01, eps=1e-5):
         super().__init__()
