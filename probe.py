@@ -372,8 +372,9 @@ def prepare(run):
     if run.dataset == "cifar10":  # '' searched for as train.py does (data.find_cifar10)
         run.data_dir, why, run.download = data.find_cifar10(run.data_dir)
         print(f"data: using {run.data_dir} ({why})")
+    run.num_workers = cfg["num_workers"]
     if run.dataset in FOLDERS + ("celeba",):  # decoded by DataLoader workers: no more than the cores
-        cfg["num_workers"], line = data.fit_workers(cfg["num_workers"])
+        run.num_workers, line = data.fit_workers(cfg["num_workers"])
         if line:
             print(line)
     if cfg["features"] == "unet":
@@ -407,7 +408,7 @@ def split_features(run, source, split):
 
     def extract():
         t = time.time()
-        got = stream_features(run.encode, source, run.dev, cfg["batch"], cfg["num_workers"],
+        got = stream_features(run.encode, source, run.dev, cfg["batch"], run.num_workers,
                               desc=f"{run.dataset} {split} {cfg['features']} features")
         run.speed[split] = round(n / (time.time() - t), 1)
         return got
@@ -488,7 +489,7 @@ def load_data(run):
             d.x = test[0][:k]
         else:  # from files: less those that cannot be read
             first = torch.utils.data.Subset(test, range(k))
-            d.x = torch.cat([xb for xb, _ in image_batches(first, cfg["batch"], cfg["num_workers"])])
+            d.x = torch.cat([xb for xb, _ in image_batches(first, cfg["batch"], run.num_workers)])
     else:
         (d.ftr, d.ytr), (d.fte, d.yte) = split_features(run, train, "train"), split_features(run, test, cfg["split"])
         d.n_train, d.n_test = len(d.ftr), len(d.fte)  # less the files that could not be read
