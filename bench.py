@@ -120,8 +120,7 @@ def build(C, dev, autocast):
     return types.SimpleNamespace(
         **C, dev=dev, autocast=autocast, mem=mem, raw=raw, ema=ema, optimizer=opt, net=net,
         schedule_fn=D.get_schedule(C["schedule"], C["logsnr_shift"]),
-        raw_params=list(raw.parameters()), ema_params=list(ema.parameters()),
-        ema_buffers=[(e, r) for (n, e), r in zip(ema.named_buffers(), raw.buffers()) if n.startswith("z_bn.")],
+        **dict(zip(("ema_params", "raw_params", "ema_buffers"), training.ema_pairs(ema, raw))),
         warmup_iters=0, decay_lr=False, min_lr_ratio=1.0, max_iters=C["warmup"] + C["iters"],
         in_memory=True, multiview=False, x_train=images, y_train=torch.zeros(len(images), dtype=torch.long, device=dev),
         n_train=len(images), global_batch=B, steps_per_epoch=len(images) // B, order_cache={},

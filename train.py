@@ -40,7 +40,7 @@ from common import CheckpointError, load_checkpoint, save_checkpoint
 from configurator import SEED_RANGE, ConfigError, check_device, check_keys, check_out_dir, check_schedules, configure
 from monitor import (count_flops, evaluate_and_log, fixed_eval_batch, folder_eval_sets, log_progress, rng_states,
                      set_rng_states)
-from training import lr_at, param_groups, train_step
+from training import ema_pairs, lr_at, param_groups, train_step
 
 # -----------------------------------------------------------------------------
 # default config (a small CPU run); every key can be set by a config file or --key=value
@@ -141,7 +141,7 @@ CHOICES = dict(
     init_from=("scratch", "resume"),
     dataset=("cifar10", "folder", "imagenet", "celeba", "dsprites") + multiview.MULTIVIEW,
     views=("augment", "identical", "class"), aug=("none", "cropflip", "simclr", "randaugment", "gaussian"),
-    cond=("mod", "xattn", "mod+xattn", "emb"), agg=("mean", "transformer"), prediction=("eps", "v", "x0"),
+    cond=("mod", "xattn", "mod+xattn", "emb"), agg=("mean", "transformer"), prediction=M.PREDICTIONS,
     weighting=("eps", "v"), segment_mode=("hierarchical", "sequential"), dtype=("bfloat16", "float32"),
     encoder=tuple(M.PRESETS["encoder"]), unet=tuple(M.PRESETS["unet"]))
 
@@ -384,13 +384,13 @@ def setup(cfg, ckpt=None):
         if line:
             run.say(line)
     # image folders: DataLoader workers, built after setup_model so they start at the resumed step
-    run.loader_iter = None if run.in_memory or run.multiview else iter(torch.utils.data.DataLoader(
+    run.loader_iter = iter(torch.utils.data.DataLoader(
         run.train_views, batch_sampler=data.StepBatches(run.n_train, run.global_batch, run.micro_rows, run.seed,
                                                         run.step, run.max_iters),
         num_workers=run.num_workers, pin_memory=run.cuda, persistent_workers=run.num_workers > 0,
-        prefetch_factor=4 if run.num_workers > 0 else None, worker_init_fn=ignore_stop_signals))
+        prefetch_factor=4 if run.num_workers > 0 else None, worker_init_fn=ignore_stop_signals)) if from_files else None
     # batches of (seed, step): a resume replays them
-    if run.master and not (run.in_memory or run.multiview):  # decoded once: the evaluation's kNN and z-usage images
+    if run.master and from_files:  # decoded once: the evaluation's kNN and z-usage images
         (run.x_knn, run.y_knn), (run.x_val, run.y_val) = folder_eval_sets(run)
     run.fixed = fixed_eval_batch(run)
     run.lock = None
@@ -567,10 +567,7 @@ def setup_model(run, ckpt):
     if run.ddp:
         run.net = torch.nn.parallel.DistributedDataParallel(run.net, device_ids=[run.dev] if run.cuda else None)
     run.schedule_fn = D.get_schedule(run.schedule, run.logsnr_shift)
-    # the pairs the EMA follows: not a frozen denoiser's
-    trained = [(e, r) for e, r in zip(run.ema.parameters(), raw.parameters()) if r.requires_grad]
-    run.ema_params, run.raw_params = [e for e, _ in trained], [r for _, r in trained]
-    run.ema_buffers = [(e, r) for (n, e), r in zip(run.ema.named_buffers(), raw.buffers()) if n.startswith("z_bn.")]
+    run.ema_params, run.raw_params, run.ema_buffers = ema_pairs(run.ema, raw)
     if ckpt is not None:
         ckpt.clear()  # its tensors (model, EMA, optimizer) are loaded: free the host copy
 

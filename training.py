@@ -24,6 +24,14 @@ def param_groups(raw, enc_lr_mult, weight_decay):
             for in_enc in (True, False) for decay in (True, False)]
 
 
+def ema_pairs(ema, raw):
+    """What the EMA follows, as train_step reads it: (EMA parameters, the trained parameters they
+    follow (not a frozen denoiser's), [(EMA buffer, buffer)] for z_bn's running statistics, copied)."""
+    trained = [(e, r) for e, r in zip(ema.parameters(), raw.parameters()) if r.requires_grad]
+    buffers = [(e, r) for (n, e), r in zip(ema.named_buffers(), raw.buffers()) if n.startswith("z_bn.")]
+    return [e for e, _ in trained], [r for _, r in trained], buffers
+
+
 def lr_at(run, it):
     """Linear warm-up over warmup_iters, then cosine decay to min_lr_ratio * lr at max_iters."""
     if it < run.warmup_iters:
