@@ -76,7 +76,7 @@ DEFAULTS = {k: v for k, v in dict(globals()).items()
 def check(cfg):
     """Every value against what it allows, before any work: one ConfigError."""
     check_keys(cfg, {"encoder": tuple(PRESETS["encoder"]), "unet": tuple(PRESETS["unet"]),
-                     "dtype": ("bfloat16", "float32"), "views": ("augment", "identical"),
+                     "dtype": ("bfloat16", "float32"), "views": ("augment", "identical", "distort"),
                      "aug": ("none", "cropflip", "simclr", "randaugment", "gaussian"), "weighting": ("eps", "v")},
                [(("iters", "batch_size", "sample_n", "sample_steps"), lambda v: v >= 1, ">= 1"),
                 (("warmup", "threads", "enc_noise", "grad_clip", "weight_decay", "peak_flops", "ema_rampup"),

@@ -202,16 +202,21 @@ def make_views(x, views, aug, rng, x_other=None, crop_min=0.25, aspect=None, siz
     """A batch of images -> (x_src, x_tgt) in [-1, 1] (§3.3, §4.1).
     'augment': two independent augmentations of each image (novel views);
     'identical': one augmentation used as both (auto-encoding, the "w/o novel views" ablation);
+    'distort': one augmentation as the target, the same view colour-distorted as the source (SimCLR's
+    jitter and grey): z must carry what survives the distortion, the decoder restores the colours;
     'class': the source is x_other, another image of the same class.
     aspect, size: whole images decoded larger, cropped to size x size views (augment)."""
     if views == "augment":
         src, tgt = (augment(x, aug, rng, crop_min, aspect, size) for _ in range(2))
     elif views == "identical":
         src = tgt = augment(x, aug, rng, crop_min, aspect, size)
+    elif views == "distort":
+        tgt = augment(x, aug, rng, crop_min, aspect, size)
+        src = color_jitter(tgt, rng)
     elif views == "class":
         src, tgt = augment(x_other, aug, rng, crop_min), augment(x, aug, rng, crop_min)
     else:
-        raise ValueError(f"views must be 'augment', 'identical' or 'class', got {views!r}")
+        raise ValueError(f"views must be 'augment', 'identical', 'distort' or 'class', got {views!r}")
     return src * 2 - 1, tgt * 2 - 1
 
 

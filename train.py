@@ -140,7 +140,7 @@ DEFAULTS = {k: globals()[k] for k in config_keys}  # configure() copies these, t
 CHOICES = dict(
     init_from=("scratch", "resume"),
     dataset=("cifar10", "folder", "imagenet", "celeba", "dsprites") + multiview.MULTIVIEW,
-    views=("augment", "identical", "class"), aug=("none", "cropflip", "simclr", "randaugment", "gaussian"),
+    views=("augment", "identical", "distort", "class"), aug=("none", "cropflip", "simclr", "randaugment", "gaussian"),
     cond=("mod", "xattn", "mod+xattn", "emb"), agg=("mean", "transformer"), prediction=M.PREDICTIONS,
     weighting=("eps", "v"), segment_mode=("hierarchical", "sequential"), dtype=("bfloat16", "float32"),
     encoder=tuple(M.PRESETS["encoder"]), unet=tuple(M.PRESETS["unet"]))

@@ -224,3 +224,34 @@ def test_contrastive_yardstick_trains_and_probe_measures_it(cifar_dir, tmp_path)
     assert clr.main(args + ["--minutes=0.0001", f"--out_dir={tmp_path / 'timed'}"])["steps"] == 1
     with pytest.raises(configurator.ConfigError, match="already holds ckpt.pt"):
         clr.main(args + ["--steps=3", f"--out_dir={out}"])
+
+
+def test_yardstick_reads_minutes_from_the_log_and_tables_mean_and_sd(tmp_path, capsys):
+    """tools/yardstick.py on runs already written (no training): SODA's minutes are the log's intervals'
+    images over their img/s, the table has mean +- sd over seeds, yardstick.json and the plot are
+    written; an unknown argument or recipe is refused in one line."""
+    ys = tool("yardstick")
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"step": 20, "loss": 1.0, "img_s": 64.0}, {"step": 40, "loss": 0.9, "img_s": 32.0},
+        {"step": 40, "knn": 30.0})))
+    assert abs(ys.train_minutes(str(tmp_path)) - (20 + 40) / 60) < 1e-9
+    for method, z in (("identical", (40.0, 42.0)), ("simclr", (45.0, 47.0))):
+        for seed, top1 in enumerate(z):
+            run = tmp_path / f"{method}-10-s{seed}"
+            run.mkdir()
+            (run / "done").write_text(f"{1.5 + seed}\n")
+            for feats in ("z", "pool"):
+                (run / f"probe_{feats}_test.json").write_text(json.dumps({"top1": top1 + (feats == "pool")}))
+    for feats in ("z", "pool"):
+        (tmp_path / "identical-10-s0" / f"probe_{feats}_test_random.json").write_text(json.dumps({"top1": 39.0}))
+    ys.main(["--steps=10", "--seeds=0,1", "--recipes=identical", "--plot_only=True", f"--out={tmp_path}"])
+    table = capsys.readouterr().out
+    assert "| identical | 10 | 2.00 +- 0.71 | 41.00 +- 1.41 | 42.00 +- 1.41 | 2 |" in table
+    assert "| simclr | 10 | 2.00 +- 0.71 | 46.00 +- 1.41 | 47.00 +- 1.41 | 2 |" in table
+    assert "| random init | - | - | 39.00 | 39.00 |" in table
+    saved = json.load(open(tmp_path / "yardstick.json"))
+    assert saved["table"]["simclr"]["10"]["z"] == [45.0, 47.0]
+    assert (tmp_path / "yardstick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for bad in ("--recipes=nope", "--stepz=3"):
+        with pytest.raises(SystemExit, match="usage: python tools/yardstick.py"):
+            ys.main([bad])

@@ -1,0 +1,194 @@
+"""
+SODA against the contrastive yardstick at the same CPU time: each SODA recipe and SimCLR
+(tools/contrastive.py) on the same encoder, data and seeds, at several budgets, two runs side by
+side at one thread each; then probe.py (linear, converged L-BFGS) on z and the pooled features, a
+table (mean +- sd over seeds) and one plot: linear top-1 against minutes of training.
+
+    python tools/yardstick.py --steps=500,1900 --seeds=0,1,2                 # docs/yardstick.md's curve
+    python tools/yardstick.py --steps=500 --seeds=0 --split=val             # choosing: the validation split
+    python tools/yardstick.py --steps=500 --recipes=identical,distort --out=out/ys  # a subset of RECIPES
+
+The budget is SODA's: `--steps` of configs/cifar10_cpu.py (64 images each); SimCLR then gets the
+minutes of training that the first recipe's run of the same steps and seed took (read from its
+log: the steps' images over their img/s), so its step count is whatever those minutes allow. All
+runs go through a queue of --jobs workers (default 2: on a 2-core CPU, every run trains beside one
+other, each at one thread; the figure is only as fair as the machine is otherwise quiet). The
+random-init row is probe.py --random=True (the encoder at probe.py's seed). Runs and probes
+already written under --out are not redone, so a stopped study goes on where it stopped.
+-> OUT/yardstick.json (every figure), OUT/yardstick.png, the table on stdout.
+"""
+import concurrent.futures
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/cifar10_cpu.py"
+BATCH = 64  # CONFIG's batch_size, which no recipe changes
+# SODA recipes: flags on top of CONFIG, each spelled out so that it names the same run whatever the config's defaults
+RECIPES = {
+    "identical": ["--views=identical", "--aug=cropflip"],  # auto-encoding one crop + flip (§4.1 "w/o novel views")
+    "distort": ["--views=distort", "--aug=cropflip"],  # the target's crop, colour-distorted, as the source
+}
+ARGS = {"steps": "500", "seeds": "0,1,2", "recipes": ",".join(RECIPES), "split": "test", "jobs": 2,
+        "out": "out/yardstick", "plot_only": False}
+USAGE = ("usage: python tools/yardstick.py [--steps=500,1900] [--seeds=0,1,2] [--recipes=identical,distort] "
+         "[--split=test|val] [--jobs=2] [--out=out/yardstick] [--plot_only=True]")
+
+
+def parse(argv):
+    a = dict(ARGS)
+    for arg in argv:
+        key, eq, value = arg.lstrip("-").partition("=")
+        if not arg.startswith("--") or not eq or key not in a:
+            sys.exit(f"yardstick: unknown argument {arg!r}\n{USAGE}")
+        a[key] = type(a[key])(value == "True") if isinstance(a[key], bool) else type(a[key])(value)
+    a["steps"] = [int(s) for s in a["steps"].split(",")]
+    a["seeds"] = [int(s) for s in a["seeds"].split(",")]
+    a["recipes"] = a["recipes"].split(",")
+    bad = [r for r in a["recipes"] if r not in RECIPES]
+    if bad or a["split"] not in ("test", "val") or a["jobs"] < 1:
+        sys.exit(f"yardstick: recipes are {sorted(RECIPES)}, split 'test' or 'val', jobs >= 1\n{USAGE}")
+    return a
+
+
+def sh(cmd, log):
+    """Run cmd (a list) in the repository at one thread; its output goes to log. -> True if it succeeded."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(log, "w") as f:
+        ok = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env).returncode == 0
+    if not ok:
+        print(f"yardstick: failed, see {log}: {' '.join(cmd)}")
+    return ok
+
+
+def train_minutes(out):
+    """Minutes of training of a train.py run: each log interval's images over its img/s (setup,
+    evaluation and checkpoints excepted, as tools/contrastive.py's --minutes counts them)."""
+    recs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    steps = [r for r in recs if "img_s" in r and "loss" in r]
+    seconds, prev = 0.0, 0
+    for r in steps:
+        seconds += (r["step"] - prev) * BATCH / r["img_s"]
+        prev = r["step"]
+    return seconds / 60
+
+
+def soda(a, recipe, steps, seed):
+    out = os.path.join(a["out"], f"{recipe}-{steps}-s{seed}")
+    if not os.path.exists(os.path.join(out, "done")):
+        cmd = [sys.executable, "train.py", CONFIG, *RECIPES[recipe], f"--out_dir={out}", f"--max_iters={steps}",
+               f"--seed={seed}", "--threads=1", "--eval_interval=0", "--eval_at_start=False", "--overwrite=True"]
+        os.makedirs(out, exist_ok=True)
+        if sh(cmd, os.path.join(out, "train.out")):
+            open(os.path.join(out, "done"), "w").write(f"{train_minutes(out):.4f}\n")
+    return out
+
+
+def simclr(a, steps, seed):
+    out = os.path.join(a["out"], f"simclr-{steps}-s{seed}")
+    ref = os.path.join(a["out"], f"{a['recipes'][0]}-{steps}-s{seed}", "done")
+    if not os.path.exists(os.path.join(out, "done")) and os.path.exists(ref):
+        minutes = float(open(ref).read())
+        cmd = [sys.executable, "tools/contrastive.py", CONFIG, f"--out_dir={out}", f"--minutes={minutes:.4f}",
+               f"--seed={seed}", "--threads=1", "--overwrite=True"]
+        os.makedirs(out, exist_ok=True)
+        if sh(cmd, os.path.join(out, "train.out")):
+            open(os.path.join(out, "done"), "w").write(f"{minutes:.4f}\n")
+    return out
+
+
+def probe(a, out, features, random=False):
+    name = f"probe_{features}_{a['split']}{'_random' if random else ''}.json"
+    path = os.path.join(out, name)
+    if not os.path.exists(path) and os.path.exists(os.path.join(out, "done")):
+        cmd = [sys.executable, "probe.py", f"--ckpt={os.path.join(out, 'ckpt.pt')}", f"--features={features}",
+               f"--split={a['split']}", "--task=linear", "--solver=lbfgs", f"--out={path}"]
+        sh(cmd + (["--random=True"] if random else []), path[:-5] + ".out")
+    return json.load(open(path))["top1"] if os.path.exists(path) else None
+
+
+def run_all(a):
+    pool = concurrent.futures.ThreadPoolExecutor(a["jobs"])
+    runs = [(r, n, s) for n in a["steps"] for s in a["seeds"] for r in a["recipes"]]
+    list(pool.map(lambda job: soda(a, *job), runs))
+    list(pool.map(lambda job: simclr(a, *job), [(n, s) for n in a["steps"] for s in a["seeds"]]))
+    outs = [os.path.join(a["out"], f"{r}-{n}-s{s}") for r, n, s in runs]
+    outs += [os.path.join(a["out"], f"simclr-{n}-s{s}") for n in a["steps"] for s in a["seeds"]]
+    jobs = [(o, f, False) for o in outs for f in ("z", "pool")]
+    jobs += [(outs[0], f, True) for f in ("z", "pool")]
+    list(pool.map(lambda job: probe(a, *job), jobs))
+
+
+def gather(a):
+    """-> {method: {steps: {'minutes': [...], 'z': [...], 'pool': [...]}}}, and the random-init figures."""
+    table = {}
+    for method in a["recipes"] + ["simclr"]:
+        for n in a["steps"]:
+            row = table.setdefault(method, {}).setdefault(n, {"minutes": [], "z": [], "pool": [], "seeds": []})
+            for s in a["seeds"]:
+                out = os.path.join(a["out"], f"{method}-{n}-s{s}")
+                z, pool = probe(a, out, "z"), probe(a, out, "pool")
+                if z is None or pool is None:
+                    continue
+                row["seeds"].append(s)
+                row["minutes"].append(float(open(os.path.join(out, "done")).read()))
+                row["z"].append(z)
+                row["pool"].append(pool)
+    first = os.path.join(a["out"], f"{a['recipes'][0]}-{a['steps'][0]}-s{a['seeds'][0]}")
+    rand = {f: probe(a, first, f, random=True) for f in ("z", "pool")}
+    return table, rand
+
+
+def ms(v):
+    return f"{statistics.mean(v):.2f}" + (f" +- {statistics.stdev(v):.2f}" if len(v) > 1 else "") if v else "-"
+
+
+def report(a, table, rand):
+    print(f"| method | SODA steps | minutes | linear z ({a['split']}) | linear pooled | seeds |")
+    print("|---|---|---|---|---|---|")
+    for method, rows in table.items():
+        for n, r in rows.items():
+            print(f"| {method} | {n} | {ms(r['minutes'])} | {ms(r['z'])} | {ms(r['pool'])} | {len(r['z'])} |")
+    print(f"| random init | - | - | {rand['z']:.2f} | {rand['pool']:.2f} | probe.py's seed |")
+    json.dump({"split": a["split"], "table": table, "random": rand}, open(os.path.join(a["out"], "yardstick.json"),
+                                                                          "w"), indent=1)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, feats, title in zip(axes, ("z", "pool"), ("z (the bottleneck)", "pooled features")):
+        for method, rows in table.items():
+            pts = [(statistics.mean(r["minutes"]), statistics.mean(r[feats]),
+                    statistics.stdev(r[feats]) if len(r[feats]) > 1 else 0) for r in rows.values() if r[feats]]
+            if pts:
+                x, y, e = zip(*sorted(pts))
+                ax.errorbar(x, y, yerr=e, marker="o", capsize=3,
+                            label="SimCLR (the yardstick)" if method == "simclr" else f"SODA, {method}")
+        if rand[feats] is not None:
+            ax.axhline(rand[feats], color="grey", ls="--", label="random init")
+        ax.set_xscale("log")
+        ax.set_xlabel("minutes of training (one thread, beside another run)")
+        ax.set_title(f"linear probe on {title}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"top-1 on CIFAR-10 {a['split']} (%)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(a["out"], "yardstick.png")
+    fig.savefig(path, dpi=100)
+    print(f"yardstick: {path}, {os.path.join(a['out'], 'yardstick.json')}")
+
+
+def main(argv):
+    a = parse(argv)
+    a["out"] = os.path.abspath(a["out"])
+    os.makedirs(a["out"], exist_ok=True)
+    if not a["plot_only"]:
+        run_all(a)
+    report(a, *gather(a))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
