@@ -62,7 +62,8 @@ dataset = "cifar10"
 data_dir = ""
 download = False  # with a data_dir that holds no CIFAR-10: let torchvision download it there (needs internet)
 image_size = 32
-views = "augment"  # 'augment' (two augmentations: novel views) | 'identical' (auto-encoding) | 'class'
+views = "augment"  # 'augment' (two augmentations: novel views) | 'identical' (auto-encoding) | 'distort' (one crop;
+# the source colour-distorted) | 'class'
 # (multi-view datasets always give 'multiview' batches: k posed source views + 1 posed target view)
 k_max = 2  # multi-view: each step uses k = 1..k_max source views of an object (§3.3 "Cardinality")
 aug = "cropflip"  # 'none' | 'cropflip' | 'simclr' | 'randaugment'

@@ -30,6 +30,7 @@ BATCH = 64  # CONFIG's batch_size, which no recipe changes
 # SODA recipes: flags on top of CONFIG, each spelled out so that it names the same run whatever the config's defaults
 RECIPES = {
     "identical": ["--views=identical", "--aug=cropflip"],  # auto-encoding one crop + flip (§4.1 "w/o novel views")
+    "identical_lr2x": ["--views=identical", "--aug=cropflip", "--lr=2e-3"],  # the same at twice the learning rate
     "distort": ["--views=distort", "--aug=cropflip"],  # the target's crop, colour-distorted, as the source
 }
 ARGS = {"steps": "500", "seeds": "0,1,2", "recipes": ",".join(RECIPES), "split": "test", "jobs": 2,
