@@ -226,32 +226,53 @@ def test_contrastive_yardstick_trains_and_probe_measures_it(cifar_dir, tmp_path)
         clr.main(args + ["--steps=3", f"--out_dir={out}"])
 
 
-def test_yardstick_reads_minutes_from_the_log_and_tables_mean_and_sd(tmp_path, capsys):
-    """tools/yardstick.py on runs already written (no training): SODA's minutes are the log's intervals'
-    images over their img/s, the table has mean +- sd over seeds, yardstick.json and the plot are
-    written; an unknown argument or recipe is refused in one line."""
+def test_yardstick_queues_runs_probes_and_tables_mean_and_sd(tmp_path, capsys, monkeypatch):
+    """tools/yardstick.py with its commands faked (no training): SODA's minutes are its log's intervals'
+    images over their img/s; SimCLR is given the first recipe's minutes at the same steps and seed and
+    tabled with its own clock; a run stopped short of its steps is not 'done', gets no probe and no
+    SimCLR beside it; the table has mean +- sd over seeds, yardstick.json and the plot are written;
+    an unknown argument, recipe or a boolean other than True/False is refused in one line."""
     ys = tool("yardstick")
-    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
-        {"step": 20, "loss": 1.0, "img_s": 64.0}, {"step": 40, "loss": 0.9, "img_s": 32.0},
-        {"step": 40, "knn": 30.0})))
-    assert abs(ys.train_minutes(str(tmp_path)) - (20 + 40) / 60) < 1e-9
-    for method, z in (("identical", (40.0, 42.0)), ("simclr", (45.0, 47.0))):
-        for seed, top1 in enumerate(z):
-            run = tmp_path / f"{method}-10-s{seed}"
-            run.mkdir()
-            (run / "done").write_text(f"{1.5 + seed}\n")
-            for feats in ("z", "pool"):
-                (run / f"probe_{feats}_test.json").write_text(json.dumps({"top1": top1 + (feats == "pool")}))
-    for feats in ("z", "pool"):
-        (tmp_path / "identical-10-s0" / f"probe_{feats}_test_random.json").write_text(json.dumps({"top1": 39.0}))
-    ys.main(["--steps=10", "--seeds=0,1", "--recipes=identical", "--plot_only=True", f"--out={tmp_path}"])
+    calls = []
+
+    def fake_sh(cmd, log):  # what train.py, contrastive.py and probe.py would write
+        calls.append(cmd)
+        flags = dict(c[2:].split("=", 1) for c in cmd if c.startswith("--"))
+        if cmd[1] == "probe.py":
+            seed = int(flags["ckpt"].split("-s")[-1][0])
+            top1 = 39.0 if "random" in flags else 40.0 + seed + (flags["features"] == "pool")
+            open(flags["out"], "w").write(json.dumps({"top1": top1 + 5 * ("simclr-" in flags["ckpt"])}))
+        elif cmd[1] == "train.py":
+            seed, steps = int(flags["seed"]), int(flags["max_iters"])
+            last = steps if seed < 2 else steps // 2  # seed 2: stopped by a signal, exit 0
+            recs = [{"step": k, "loss": 1.0, "img_s": 64.0 / (1 + seed)} for k in range(20, last + 1, 20)]
+            open(os.path.join(flags["out_dir"], "log.jsonl"), "w").write("".join(json.dumps(r) + "\n" for r in recs))
+        else:
+            seconds = 60 * float(flags["minutes"]) + 0.5
+            open(os.path.join(flags["out_dir"], "log.jsonl"), "w").write(json.dumps({"step": 7, "seconds": seconds}))
+        return True
+
+    monkeypatch.setattr(ys, "sh", fake_sh)
+    ys.main(["--steps=40", "--seeds=0,1,2", "--recipes=identical", "--jobs=2", f"--out={tmp_path}"])
     table = capsys.readouterr().out
-    assert "| identical | 10 | 2.00 +- 0.71 | 41.00 +- 1.41 | 42.00 +- 1.41 | 2 |" in table
-    assert "| simclr | 10 | 2.00 +- 0.71 | 46.00 +- 1.41 | 47.00 +- 1.41 | 2 |" in table
+    # seed 0: 40 steps x 64 images at 64 img/s = 40 s; seed 1 at 32 img/s: 80 s
+    assert "| identical | 40 | 1.00 +- 0.47 | 40.50 +- 0.71 | 41.50 +- 0.71 | 2 |" in table, table
+    assert "| simclr | 40 | 1.01 +- 0.47 | 45.50 +- 0.71 | 46.50 +- 0.71 | 2 |" in table, table
     assert "| random init | - | - | 39.00 | 39.00 |" in table
+    assert "stopped at step 20 of 40" in table and "no SimCLR run beside" in table
+    budgets = sorted(float(dict(c[2:].split("=", 1) for c in cmd if c.startswith("--"))["minutes"])
+                     for cmd in calls if cmd[1] == "tools/contrastive.py")
+    assert [round(b, 4) for b in budgets] == [0.6667, 1.3333]  # the first recipe's minutes, seeds 0 and 1
+    assert not (tmp_path / "identical-40-s2" / "done").exists()
+    assert not list((tmp_path / "identical-40-s2").glob("probe_*"))
     saved = json.load(open(tmp_path / "yardstick.json"))
-    assert saved["table"]["simclr"]["10"]["z"] == [45.0, 47.0]
+    assert saved["table"]["simclr"]["40"]["z"] == [45.0, 46.0]
     assert (tmp_path / "yardstick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for bad in ("--recipes=nope", "--stepz=3"):
+    n = len(calls)  # a second call trains and probes nothing new but the stopped run
+    ys.main(["--steps=40", "--seeds=0,1,2", "--recipes=identical", f"--out={tmp_path}"])
+    assert [c[1] for c in calls[n:]] == ["train.py"]
+    ys.main(["--steps=40", "--seeds=0,1,2", "--recipes=identical", "--plot_only=True", f"--out={tmp_path}"])
+    assert len(calls) == n + 1
+    for bad in ("--recipes=nope", "--stepz=3", "--plot_only=true", "--steps=x"):
         with pytest.raises(SystemExit, match="usage: python tools/yardstick.py"):
             ys.main([bad])

@@ -11,10 +11,11 @@ table (mean +- sd over seeds) and one plot: linear top-1 against minutes of trai
 The budget is SODA's: `--steps` of configs/cifar10_cpu.py (64 images each); SimCLR then gets the
 minutes of training that the first recipe's run of the same steps and seed took (read from its
 log: the steps' images over their img/s), so its step count is whatever those minutes allow. All
-runs go through a queue of --jobs workers (default 2: on a 2-core CPU, every run trains beside one
-other, each at one thread; the figure is only as fair as the machine is otherwise quiet). The
-random-init row is probe.py --random=True (the encoder at probe.py's seed). Runs and probes
-already written under --out are not redone, so a stopped study goes on where it stopped.
+runs and probes go through one queue of --jobs workers (default 2: on a 2-core CPU each run trains
+at one thread beside another run or a probe; the figure is only as fair as the machine is otherwise
+quiet). The random-init row is probe.py --random=True (the encoder at probe.py's seed). Runs that
+reached their last step and probes already written under --out are not redone, so a stopped study
+goes on where it stopped.
 -> OUT/yardstick.json (every figure), OUT/yardstick.png, the table on stdout.
 """
 import concurrent.futures
@@ -23,6 +24,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/cifar10_cpu.py"
@@ -42,17 +44,23 @@ USAGE = ("usage: python tools/yardstick.py [--steps=500,1900] [--seeds=0,1,2] [-
 
 def parse(argv):
     a = dict(ARGS)
-    for arg in argv:
-        key, eq, value = arg.lstrip("-").partition("=")
-        if not arg.startswith("--") or not eq or key not in a:
-            sys.exit(f"yardstick: unknown argument {arg!r}\n{USAGE}")
-        a[key] = type(a[key])(value == "True") if isinstance(a[key], bool) else type(a[key])(value)
-    a["steps"] = [int(s) for s in a["steps"].split(",")]
-    a["seeds"] = [int(s) for s in a["seeds"].split(",")]
-    a["recipes"] = a["recipes"].split(",")
+    try:
+        for arg in argv:
+            key, eq, value = arg.lstrip("-").partition("=")
+            if not arg.startswith("--") or not eq or key not in a:
+                raise ValueError(f"unknown argument {arg!r}")
+            if isinstance(a[key], bool) and value not in ("True", "False"):
+                raise ValueError(f"{arg!r}: True or False")
+            a[key] = value == "True" if isinstance(a[key], bool) else type(a[key])(value)
+        unique = lambda items: list(dict.fromkeys(items))  # noqa: E731 (in order, each once)
+        a["steps"] = unique(int(v) for v in a["steps"].split(","))
+        a["seeds"] = unique(int(v) for v in a["seeds"].split(","))
+        a["recipes"] = unique(a["recipes"].split(","))
+    except ValueError as e:
+        sys.exit(f"yardstick: {e}\n{USAGE}")
     bad = [r for r in a["recipes"] if r not in RECIPES]
-    if bad or a["split"] not in ("test", "val") or a["jobs"] < 1:
-        sys.exit(f"yardstick: recipes are {sorted(RECIPES)}, split 'test' or 'val', jobs >= 1\n{USAGE}")
+    if bad or a["split"] not in ("test", "val") or a["jobs"] < 1 or min(a["steps"]) < 1:
+        sys.exit(f"yardstick: recipes are {sorted(RECIPES)}, split 'test' or 'val', jobs and steps >= 1\n{USAGE}")
     return a
 
 
@@ -66,81 +74,143 @@ def sh(cmd, log):
     return ok
 
 
+def log_records(out):
+    path = os.path.join(out, "log.jsonl")
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
 def train_minutes(out):
-    """Minutes of training of a train.py run: each log interval's images over its img/s (setup,
-    evaluation and checkpoints excepted, as tools/contrastive.py's --minutes counts them)."""
-    recs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    steps = [r for r in recs if "img_s" in r and "loss" in r]
+    """Minutes of training of a train.py run: each log interval's images over its img/s (setup and
+    evaluation excepted, as tools/contrastive.py's --minutes counts them)."""
     seconds, prev = 0.0, 0
-    for r in steps:
-        seconds += (r["step"] - prev) * BATCH / r["img_s"]
-        prev = r["step"]
+    for r in log_records(out):
+        if "img_s" in r and "loss" in r:
+            seconds += (r["step"] - prev) * BATCH / r["img_s"]
+            prev = r["step"]
     return seconds / 60
 
 
+def minutes_of(out):
+    """A finished run's minutes of training: SimCLR's own clock (its last log line), SODA's log."""
+    recs = log_records(out)
+    if os.path.basename(out).startswith("simclr-"):
+        return recs[-1]["seconds"] / 60
+    return train_minutes(out)
+
+
+def fresh(out):
+    """A run about to be (re)trained: its probes of an earlier training go."""
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(out):
+        if name.startswith("probe_") or name == "done":
+            os.remove(os.path.join(out, name))
+
+
 def soda(a, recipe, steps, seed):
+    """Train one SODA run unless done; 'done' only when it reached its last step (a run stopped by a
+    signal saves and exits 0 short of it)."""
     out = os.path.join(a["out"], f"{recipe}-{steps}-s{seed}")
     if not os.path.exists(os.path.join(out, "done")):
+        fresh(out)
         cmd = [sys.executable, "train.py", CONFIG, *RECIPES[recipe], f"--out_dir={out}", f"--max_iters={steps}",
-               f"--seed={seed}", "--threads=1", "--eval_interval=0", "--eval_at_start=False", "--overwrite=True"]
-        os.makedirs(out, exist_ok=True)
+               f"--seed={seed}", "--threads=1", "--eval_interval=0", "--eval_at_start=False",
+               f"--ckpt_interval={steps}", "--overwrite=True"]
         if sh(cmd, os.path.join(out, "train.out")):
-            open(os.path.join(out, "done"), "w").write(f"{train_minutes(out):.4f}\n")
+            last = max([r["step"] for r in log_records(out) if "loss" in r], default=0)
+            if last == steps:
+                open(os.path.join(out, "done"), "w").write(f"{train_minutes(out):.4f}\n")
+            else:
+                print(f"yardstick: {out} stopped at step {last} of {steps}; run the study again to redo it")
     return out
 
 
 def simclr(a, steps, seed):
+    """SimCLR for the minutes the first recipe's run of the same steps and seed trained."""
     out = os.path.join(a["out"], f"simclr-{steps}-s{seed}")
-    ref = os.path.join(a["out"], f"{a['recipes'][0]}-{steps}-s{seed}", "done")
-    if not os.path.exists(os.path.join(out, "done")) and os.path.exists(ref):
-        minutes = float(open(ref).read())
+    ref = os.path.join(a["out"], f"{a['recipes'][0]}-{steps}-s{seed}")
+    if not os.path.exists(os.path.join(ref, "done")):
+        print(f"yardstick: no SimCLR run beside {ref}: it did not finish")
+    elif not os.path.exists(os.path.join(out, "done")):
+        fresh(out)
+        minutes = train_minutes(ref)
         cmd = [sys.executable, "tools/contrastive.py", CONFIG, f"--out_dir={out}", f"--minutes={minutes:.4f}",
                f"--seed={seed}", "--threads=1", "--overwrite=True"]
-        os.makedirs(out, exist_ok=True)
         if sh(cmd, os.path.join(out, "train.out")):
-            open(os.path.join(out, "done"), "w").write(f"{minutes:.4f}\n")
+            open(os.path.join(out, "done"), "w").write(f"{minutes_of(out):.4f} (budget {minutes:.4f}, {ref})\n")
     return out
 
 
+def probe_path(a, out, features, random=False):
+    return os.path.join(out, f"probe_{features}_{a['split']}{'_random' if random else ''}.json")
+
+
 def probe(a, out, features, random=False):
-    name = f"probe_{features}_{a['split']}{'_random' if random else ''}.json"
-    path = os.path.join(out, name)
+    path = probe_path(a, out, features, random)
     if not os.path.exists(path) and os.path.exists(os.path.join(out, "done")):
         cmd = [sys.executable, "probe.py", f"--ckpt={os.path.join(out, 'ckpt.pt')}", f"--features={features}",
                f"--split={a['split']}", "--task=linear", "--solver=lbfgs", f"--out={path}"]
         sh(cmd + (["--random=True"] if random else []), path[:-5] + ".out")
-    return json.load(open(path))["top1"] if os.path.exists(path) else None
 
 
 def run_all(a):
+    """One queue of a['jobs'] workers: every SODA run, then (first in, first out) each SimCLR run as
+    its reference run finishes and each run's probes as it finishes. So a timed run trains beside
+    another run or a probe until the queue empties; only the study's last run may end alone."""
     pool = concurrent.futures.ThreadPoolExecutor(a["jobs"])
+    futures, lock = [], threading.Lock()
     runs = [(r, n, s) for n in a["steps"] for s in a["seeds"] for r in a["recipes"]]
-    list(pool.map(lambda job: soda(a, *job), runs))
-    list(pool.map(lambda job: simclr(a, *job), [(n, s) for n in a["steps"] for s in a["seeds"]]))
-    outs = [os.path.join(a["out"], f"{r}-{n}-s{s}") for r, n, s in runs]
-    outs += [os.path.join(a["out"], f"simclr-{n}-s{s}") for n in a["steps"] for s in a["seeds"]]
-    jobs = [(o, f, False) for o in outs for f in ("z", "pool")]
-    jobs += [(outs[0], f, True) for f in ("z", "pool")]
-    list(pool.map(lambda job: probe(a, *job), jobs))
+
+    def then(fn, *args):
+        with lock:
+            futures.append(pool.submit(fn, *args))
+
+    def probes(out, random=False):
+        for features in ("z", "pool"):
+            then(probe, a, out, features)
+            if random:  # the floor: the same encoder at random init (probe.py's seed)
+                then(probe, a, out, features, True)
+
+    def soda_job(recipe, n, s):
+        probes(soda(a, recipe, n, s), random=(recipe, n, s) == runs[0])
+        if recipe == a["recipes"][0]:
+            then(lambda: probes(simclr(a, n, s)))
+
+    for job in runs:
+        then(soda_job, *job)
+    while True:
+        with lock:
+            pending = [f for f in futures if not f.done()]
+        if not pending:
+            break
+        concurrent.futures.wait(pending)
+    for f in futures:
+        f.result()  # an exception in a job is raised here
+    pool.shutdown()
+
+
+def read_top1(a, out, features, random=False):
+    path = probe_path(a, out, features, random)
+    return json.load(open(path))["top1"] if os.path.exists(path) else None
 
 
 def gather(a):
-    """-> {method: {steps: {'minutes': [...], 'z': [...], 'pool': [...]}}}, and the random-init figures."""
+    """-> {method: {steps: {'minutes': [...], 'z': [...], 'pool': [...]}}}, and the random-init
+    figures; read only (a run or probe not there is left out)."""
     table = {}
     for method in a["recipes"] + ["simclr"]:
         for n in a["steps"]:
             row = table.setdefault(method, {}).setdefault(n, {"minutes": [], "z": [], "pool": [], "seeds": []})
             for s in a["seeds"]:
                 out = os.path.join(a["out"], f"{method}-{n}-s{s}")
-                z, pool = probe(a, out, "z"), probe(a, out, "pool")
-                if z is None or pool is None:
+                z, pool = read_top1(a, out, "z"), read_top1(a, out, "pool")
+                if z is None or pool is None or not os.path.exists(os.path.join(out, "done")):
                     continue
                 row["seeds"].append(s)
-                row["minutes"].append(float(open(os.path.join(out, "done")).read()))
+                row["minutes"].append(minutes_of(out))
                 row["z"].append(z)
                 row["pool"].append(pool)
     first = os.path.join(a["out"], f"{a['recipes'][0]}-{a['steps'][0]}-s{a['seeds'][0]}")
-    rand = {f: probe(a, first, f, random=True) for f in ("z", "pool")}
+    rand = {f: read_top1(a, first, f, random=True) for f in ("z", "pool")}
     return table, rand
 
 
@@ -154,7 +224,8 @@ def report(a, table, rand):
     for method, rows in table.items():
         for n, r in rows.items():
             print(f"| {method} | {n} | {ms(r['minutes'])} | {ms(r['z'])} | {ms(r['pool'])} | {len(r['z'])} |")
-    print(f"| random init | - | - | {rand['z']:.2f} | {rand['pool']:.2f} | probe.py's seed |")
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    print(f"| random init | - | - | {fmt(rand['z'])} | {fmt(rand['pool'])} | probe.py's seed |")
     json.dump({"split": a["split"], "table": table, "random": rand}, open(os.path.join(a["out"], "yardstick.json"),
                                                                           "w"), indent=1)
     import matplotlib
