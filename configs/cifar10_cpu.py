@@ -1,6 +1,6 @@
 # CIFAR-10 teaching run for a 2-core laptop CPU, <= 10 minutes:
 #   python train.py configs/cifar10_cpu.py
-# Tiny presets, a 10x higher learning rate than the GPU configs (twice that for the encoder, §3.4):
+# Tiny presets, a 5x higher learning rate than configs/cifar10.py, 10x the paper's (twice that for the encoder, §3.4):
 # twice 1e-3 won the validation screen of docs/yardstick.md.
 # Departs from the paper where the z-usage screens chose (docs/zusage.md): a v output with the v
 # loss weighting, z standardised over the batch and per section, and one augmented view as both
