@@ -243,8 +243,8 @@ def report(a, table, rand):
         if rand[feats] is not None:
             ax.axhline(rand[feats], color="grey", ls="--", label="random init")
         ax.set_xscale("log")
-        ticks = sorted({round(statistics.mean(r["minutes"]), 1) for rows in table.values() for r in rows.values()
-                        if r["minutes"]})
+        budgets = [[m for rows in table.values() for m in rows[n]["minutes"]] for n in a["steps"]]
+        ticks = sorted({round(statistics.mean(b), 1) for b in budgets if b})  # one a budget: its runs' mean
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.minorticks_off()
         ax.set_xlabel("minutes of training (one thread, beside another run)")
