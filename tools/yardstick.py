@@ -231,6 +231,8 @@ def report(a, table, rand):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    budgets = [[m for rows in table.values() for m in rows[n]["minutes"]] for n in a["steps"]]
+    ticks = sorted({round(statistics.mean(b), 1) for b in budgets if b})  # one a budget: its runs' mean
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, feats, title in zip(axes, ("z", "pool"), ("z (the bottleneck)", "pooled features")):
         for method, rows in table.items():
@@ -243,8 +245,6 @@ def report(a, table, rand):
         if rand[feats] is not None:
             ax.axhline(rand[feats], color="grey", ls="--", label="random init")
         ax.set_xscale("log")
-        budgets = [[m for rows in table.values() for m in rows[n]["minutes"]] for n in a["steps"]]
-        ticks = sorted({round(statistics.mean(b), 1) for b in budgets if b})  # one a budget: its runs' mean
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.minorticks_off()
         ax.set_xlabel("minutes of training (one thread, beside another run)")
